@@ -1,0 +1,160 @@
+"""Baseline benchmark: dense, magnitude, Wanda and SparseGPT on one model under one protocol.
+
+Each pruning run and each evaluation is a separate ``besa`` process, so the peak resident memory in each report is
+that run's own. Finished runs are kept in a JSON file and skipped when the script is rerun, and ``BENCHMARKS.md``
+is rewritten after every run, so a long benchmark can be interrupted and resumed.
+
+    BESA_DATA_DIR=../shared/data python benchmarks/baselines.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
+METHODS = ["magnitude", "wanda", "sparsegpt"]
+
+
+def _besa(*args: str) -> None:
+    cmd = [sys.executable, "-m", "besa.cli", *args, "--no-progress"]
+    print("+", shlex.join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, torch {torch.__version__}, CPU fp32"
+
+
+def run(args: argparse.Namespace) -> None:
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    common_eval = ["--ppl", "wikitext2", "--seqlen", str(args.eval_seqlen)]
+    if args.max_windows:
+        common_eval += ["--max-windows", str(args.max_windows)]
+
+    def save() -> None:
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_markdown(args, results)
+
+    if "dense" not in results:
+        with tempfile.TemporaryDirectory() as tmp:
+            _besa("eval", args.model, *common_eval, "--json", f"{tmp}/ppl.json")
+            results["dense"] = {"ppl": json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]}
+        save()
+    order = [(s, m) for s in args.settings.split(",") for m in args.methods.split(",")]
+    for setting, method in order:
+        key = f"{method}@{setting}"
+        if key in results:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            target = ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
+            start = time.perf_counter()
+            _besa(
+                "prune", args.model, "--method", method, *target, "--calib", args.calib,
+                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+                "--out", f"{tmp}/model",
+            )  # fmt: skip
+            wall = time.perf_counter() - start
+            report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
+            _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json")
+            ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]
+        results[key] = {
+            "method": method,
+            "setting": setting,
+            "ppl": ppl,
+            "prune_s": report["timings_s"]["prune"],
+            "process_s": wall,
+            "peak_rss_mib": report["memory"]["peak_rss_mib"],
+            "sparsity": report["sparsity"]["pruned_layers"],
+        }
+        save()
+
+
+def write_markdown(args: argparse.Namespace, results: dict) -> None:
+    dense = results.get("dense", {}).get("ppl", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "## Baselines: magnitude, Wanda, SparseGPT",
+        "",
+        f"Model `{args.model}`; calibration {args.nsamples} x {args.seqlen} tokens of `{args.calib}` (seed {args.seed});"
+        f" WikiText-2 test perplexity at seqlen {args.eval_seqlen}"
+        + (
+            f", first {args.max_windows} windows."
+            if args.max_windows
+            else f", all {dense.get('windows', '?')} windows."
+        ),
+        "C4 is not reachable offline, so calibration uses the Wikipedia articles of `shared/data` (none of them is a"
+        " WikiText-2 test article).",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+        "Command:",
+        "",
+        "```",
+        "BESA_DATA_DIR=../shared/data python benchmarks/baselines.py " + " ".join(sys.argv[1:]),
+        "```",
+        "",
+        "`prune s` is the pruning stage alone (calibration capture, every block's step and propagation, from",
+        "`besa_report.json`); `process s` is the whole `besa prune` process (model load and save included); peak RSS",
+        "is the pruning process's peak resident memory. Times are single runs on a shared 2-core machine: compare",
+        "them within this table, not across machines. Sparsity is counted zeros over all pruned linears.",
+        "",
+        "| sparsity | method | WikiText-2 ppl | counted sparsity | prune s | process s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    if dense:
+        lines.append(f"| 0 | dense | {dense['ppl']:.2f} | 0 | - | - | - |")
+    for setting in args.settings.split(","):
+        for method in args.methods.split(","):
+            r = results.get(f"{method}@{setting}")
+            if r is None:
+                lines.append(f"| {setting} | {method} | (not run yet) | | | | |")
+                continue
+            lines.append(
+                f"| {setting} | {method} | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} | {r['prune_s']:.0f} |"
+                f" {r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+            )
+    lines.append("")
+    Path(args.markdown).write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", default="enwiki-articles")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "baselines.json"))
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    run(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()

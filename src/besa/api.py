@@ -1,0 +1,295 @@
+"""The Python API: ``prune`` and ``evaluate``, and the atomic ``save_pruned``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from besa.config import EvalConfig, PruneConfig
+from besa.data import load_calibration_documents, load_eval_text, sample_windows
+from besa.errors import BesaError
+from besa.evaluation import PerplexityResult, perplexity
+from besa.loading import ModelSource, load_model, resolve_dtype, resolve_model
+from besa.modeling import find_blocks, find_linears, weight_matrix
+from besa.pipeline import run_sequential
+from besa.registry import get_method
+from besa.report import count_layer_sparsity, library_versions, model_sparsity, peak_memory
+
+__all__ = ["PruneResult", "prune", "evaluate", "save_pruned", "resolve_device", "check_output_dir"]
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "besa_report.json"
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (on the CPU), its tokenizer, the report, and the output folder if one was written."""
+
+    model: nn.Module
+    tokenizer: Any
+    report: dict[str, Any]
+    out: Path | None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None`` picks CUDA when available; an unavailable CUDA device is an error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BesaError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BesaError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty ``out`` unless ``overwrite``; refuse a file in its place."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BesaError(f"--out {str(out)!r} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise BesaError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
+    return path
+
+
+def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
+    nm = config.nm
+    if nm is None:
+        return
+    for block_name, block in find_blocks(model):
+        for name, layer in find_linears(block, model).items():
+            width = weight_matrix(layer).shape[1]
+            if width % nm.m:
+                raise BesaError(
+                    f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
+                )
+
+
+def _prepare_model(
+    model: str | nn.Module, tokenizer: Any, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[nn.Module, Any, ModelSource]:
+    if isinstance(model, str):
+        return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise BesaError("pass tokenizer= together with an already loaded model")
+    model.eval()
+    model.config.use_cache = False
+    return model.to(dtype), tokenizer, ModelSource("object", type(model).__name__, type(model).__name__)
+
+
+def prune(
+    model: str | nn.Module,
+    *,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    calib: str = "enwiki-articles",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    tokenizer: Any = None,
+    method_options: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    calib_ids: torch.Tensor | None = None,
+) -> PruneResult:
+    """Prune a causal LM block by block and optionally save it.
+
+    Args:
+        model: a model spec (local folder, hub id, ``.gguf`` file, ``smollm2-135m``) or a loaded model (then pass
+            ``tokenizer``).
+        method: a registered method name; ``method_options`` holds its own settings (e.g. SparseGPT ``blocksize``).
+        calib_ids: pre-tokenized calibration windows (N, T) instead of sampling from ``calib``.
+        out: folder to write the pruned model, tokenizer and ``besa_report.json`` to (atomically).
+
+    The other arguments are the fields of ``PruneConfig``. Returns a ``PruneResult``.
+
+    Example:
+        >>> result = besa.prune("smollm2-135m", method="wanda", sparsity=0.5, nsamples=16, seqlen=256, out="pruned")
+    """
+    t_start = time.perf_counter()
+    config = PruneConfig(
+        method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
+        seed=seed, device=device, dtype=dtype, batch_size=batch_size,
+    )  # fmt: skip
+    spec = get_method(config.method)
+    try:
+        method_config = spec.config_cls(**(method_options or {}))
+    except TypeError as exc:
+        raise BesaError(f"bad option for method {config.method!r}: {exc}") from None
+    out_path = check_output_dir(out, overwrite) if out is not None else None
+    if isinstance(model, str):
+        resolve_model(model)  # a missing path fails here, before anything is loaded
+    compute_device = resolve_device(config.device)
+    compute_dtype = resolve_dtype(config.dtype, compute_device)
+    timings: dict[str, Any] = {}
+
+    needs_data = spec.pruner_cls.needs_calibration
+    t = time.perf_counter()
+    documents = load_calibration_documents(config.calib) if needs_data and calib_ids is None else None
+    timings["read_calibration"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model, tokenizer, source = _prepare_model(model, tokenizer, compute_dtype, trust_remote_code)
+    timings["load_model"] = time.perf_counter() - t
+    _check_pattern_fits(model, config)
+
+    pruner = spec.pruner_cls(method_config, config)
+    t = time.perf_counter()
+    if needs_data:
+        if calib_ids is None:
+            assert documents is not None
+            calib_ids = sample_windows(
+                documents,
+                lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                config.nsamples,
+                config.seqlen,
+                config.seed,
+            )
+        timings["sample_calibration"] = time.perf_counter() - t
+        t = time.perf_counter()
+        engine = run_sequential(
+            model, calib_ids, pruner.prune_block, compute_device, config.batch_size, progress
+        )
+        timings["capture"] = engine.capture_seconds
+        timings["per_block"] = engine.block_seconds
+    else:
+        _prune_without_data(model, pruner)
+    timings["prune"] = time.perf_counter() - t
+
+    layers = count_layer_sparsity(model)
+    for name, info in layers.items():
+        info["target"] = pruner.layer_targets.get(name, config.sparsity)
+    report: dict[str, Any] = {
+        "model": dataclasses.asdict(source),
+        "config": config.to_dict(),
+        "method_options": method_config.to_dict(),
+        "sparsity": {"target": config.sparsity, "pattern": config.pattern, **model_sparsity(model, layers)},
+        "layers": layers,
+        "method": pruner.report_extra(),
+        "timings_s": timings,
+        "memory": peak_memory(),
+        "versions": library_versions(),
+    }
+    if out_path is not None:
+        t = time.perf_counter()
+        save_pruned(model, tokenizer, out_path, report, overwrite=overwrite)
+        timings["save"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    if out_path is not None:
+        _write_json_atomic(out_path / REPORT_NAME, report)
+    return PruneResult(model=model, tokenizer=tokenizer, report=report, out=out_path)
+
+
+def _prune_without_data(model: nn.Module, pruner: Any) -> None:
+    """Methods that need no calibration (magnitude) prune every block's linears directly."""
+    for block_name, block in find_blocks(model):
+        for name, layer in find_linears(block, model).items():
+            pruner.prune_layer(layer, None)
+            pruner.layer_targets[f"{block_name}.{name}"] = pruner.sparsity
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_pruned(
+    model: nn.Module, tokenizer: Any, out: str | Path, report: dict[str, Any], overwrite: bool
+) -> Path:
+    """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
+
+    An interrupted save leaves ``out`` untouched (absent, or the previous content when overwriting).
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise BesaError(f"cannot write into {str(out.parent)!r}: {exc.strerror}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _write_json_atomic(tmp / REPORT_NAME, report)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def evaluate(
+    model: str | nn.Module,
+    *,
+    datasets: tuple[str, ...] | list[str] = ("wikitext2",),
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str = "auto",
+    tokenizer: Any = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, float | int]]:
+    """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}``.
+
+    Example:
+        >>> besa.evaluate("smollm2-135m", datasets=["wikitext2"], seqlen=512)["wikitext2"]["ppl"]
+    """
+    config = EvalConfig(
+        datasets=tuple(datasets), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
+        dtype=dtype,
+    )  # fmt: skip
+    texts = {
+        name: load_eval_text(name) for name in config.datasets
+    }  # unknown names fail before loading a model
+    if isinstance(model, str):
+        resolve_model(model)
+    compute_device = resolve_device(config.device)
+    model, tokenizer, _ = _prepare_model(
+        model, tokenizer, resolve_dtype(config.dtype, compute_device), trust_remote_code
+    )
+    model.to(compute_device)
+    results: dict[str, dict[str, float | int]] = {}
+    try:
+        for name, text in texts.items():
+            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            try:
+                res: PerplexityResult = perplexity(
+                    model, ids, config.seqlen, config.max_windows, config.batch_size, compute_device, progress,
+                    desc=f"Perplexity {name}",
+                )  # fmt: skip
+            except ValueError as exc:
+                raise BesaError(f"{name}: {exc}") from None
+            results[name] = res.to_dict()
+    finally:
+        model.to("cpu")
+    return results

@@ -1,0 +1,209 @@
+"""Command-line interface: ``besa prune`` and ``besa eval``. Bad input prints one line and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from besa.config import PruneConfig
+from besa.errors import BesaError
+from besa.registry import available_methods, get_method
+
+__all__ = ["main", "build_parser"]
+
+PRUNE_EXAMPLES = """examples:
+  besa prune smollm2-135m --method wanda --sparsity 0.5 --calib enwiki-articles --out pruned/wanda50
+  besa prune smollm2-135m --method sparsegpt --pattern 2:4 --nsamples 64 --seqlen 512 --out pruned/sgpt24
+  besa prune ./my-llama --method magnitude --sparsity 0.6 --device cuda --out pruned/mag60 --overwrite
+
+Named calibration sources are read from $BESA_DATA_DIR when present there, else from the hub."""
+
+EVAL_EXAMPLES = """examples:
+  besa eval smollm2-135m --ppl wikitext2 --seqlen 512
+  besa eval pruned/wanda50 --ppl wikitext2,ptb --seqlen 512 --max-windows 40 --json ppl.json
+  besa eval smollm2-135m pruned/wanda50 pruned/sgpt24 --seqlen 512     (one table, a row per model)"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _field_type(f: dataclasses.Field) -> Any:
+    kind = str(f.type)
+    if "float" in kind:
+        return float
+    if "int" in kind:
+        return int
+    return str
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field, with the field's ``help`` metadata; defaults come from the dataclass."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=_field_type(f),
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper().replace("_", "-"),
+            help=f"{f.metadata['help']}" + ("" if default is None else f" (default: {default})"),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="besa", description="Prune Hugging Face causal LMs after training and measure them."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model block by block and save it",
+        epilog=PRUNE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="local folder, hub id (owner/name), .gguf file, or smollm2-135m")
+    p.add_argument(
+        "--method", default="wanda", help=f"one of: {', '.join(available_methods())} (default: wanda)"
+    )
+    _add_dataclass_flags(p, PruneConfig, skip=("method",))
+    for name in available_methods():
+        spec = get_method(name)
+        _add_dataclass_flags(p, spec.config_cls)
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    e = sub.add_parser(
+        "eval",
+        help="perplexity (SparseGPT/Wanda/BESA protocol)",
+        epilog=EVAL_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("model", nargs="+", help="one or more models (folder, hub id, .gguf, smollm2-135m)")
+    e.add_argument("--ppl", default="wikitext2", help="comma-separated datasets: wikitext2, ptb, c4")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: 2048)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first W windows")
+    e.add_argument(
+        "--batch-size", type=int, default=1, help="windows per forward (default: 1, fastest on CPU)"
+    )
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
+    e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
+    e.add_argument("--json", default=None, help="write the results to this JSON file")
+    e.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from besa.api import prune
+
+    spec = get_method(args.method)
+    common = {f.name for f in dataclasses.fields(PruneConfig)} - {"method"}
+    own = {f.name for f in dataclasses.fields(spec.config_cls)}
+    given = vars(args)
+    foreign = [
+        n
+        for m in available_methods()
+        for n in (f.name for f in dataclasses.fields(get_method(m).config_cls))
+        if n in given and n not in own
+    ]
+    if foreign:
+        raise BesaError(f"--{foreign[0].replace('_', '-')} does not apply to --method {args.method}")
+    result = prune(
+        args.model,
+        method=args.method,
+        out=args.out,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+        method_options={k: given[k] for k in own if k in given},
+        **{k: given[k] for k in common if k in given},
+    )
+    s = result.report["sparsity"]
+    print(
+        f"pruned {args.model} with {args.method}: {s['pruned_layers']:.4%} zeros in "
+        f"{len(result.report['layers'])} linears ({s['all_parameters']:.2%} of all parameters) -> {result.out}"
+    )
+    return 0
+
+
+def _format_table(rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str]) -> str:
+    name_w = max(len("model"), *(len(m) for m in rows))
+    header = f"{'model':<{name_w}}  " + "  ".join(f"{d:>12}" for d in datasets)
+    lines = [header, "-" * len(header)]
+    for model, res in rows.items():
+        lines.append(f"{model:<{name_w}}  " + "  ".join(f"{res[d]['ppl']:>12.3f}" for d in datasets))
+    first = next(iter(rows.values()))
+    lines.append(
+        "(perplexity; "
+        + ", ".join(f"{d}: {first[d]['windows']} x {first[d]['seqlen']} tokens" for d in datasets)
+        + ")"
+    )
+    return "\n".join(lines)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from besa.api import evaluate
+
+    datasets = [d.strip() for d in args.ppl.split(",") if d.strip()]
+    if args.json:
+        json_path = Path(args.json)
+        if json_path.is_dir() or not json_path.parent.exists() and str(json_path.parent) not in ("", "."):
+            raise BesaError(f"--json {args.json!r}: not a writable file path")
+    rows: dict[str, dict[str, Any]] = {}
+    for model in args.model:
+        rows[model] = evaluate(
+            model,
+            datasets=datasets,
+            seqlen=args.seqlen,
+            max_windows=args.max_windows,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            progress=not args.no_progress,
+        )
+    print(_format_table(rows, datasets))
+    if args.json:
+        payload = rows[args.model[0]] if len(args.model) == 1 else rows
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, json_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``besa`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else os.environ.get("BESA_LOG_LEVEL", "WARNING"),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handler = {"prune": _cmd_prune, "eval": _cmd_eval}[args.command]
+    try:
+        return handler(args)
+    except BesaError as exc:
+        print(f"besa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"besa {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

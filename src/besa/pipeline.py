@@ -1,0 +1,247 @@
+"""The sequential (blockwise) engine: embeddings -> block 0 -> ... -> block L-1, one block on the device at a time.
+
+Calibration activations live on the CPU between blocks. For every block the method's ``prune_block`` runs (it may
+run the block over the calibration inputs as often as it likes through ``BlockWork``), then the pruned block is
+re-run to produce the next block's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from besa.modeling import find_blocks, find_linears
+
+__all__ = ["BlockCall", "BlockWork", "capture_block_calls", "capture_first_inputs", "run_sequential"]
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's input is stored, to skip the rest of the model."""
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Broadcast a batch-1 tensor captured with the calibration call (mask, positions) to ``batch`` rows."""
+    if t.dim() >= 2 and t.shape[0] == 1 and batch != 1:
+        return t.expand(batch, *t.shape[1:])
+    return t
+
+
+@dataclass
+class BlockCall:
+    """Everything a block is called with besides its hidden states (captured from a batch-1 model forward)."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        batch = hidden.shape[0]
+        args = _map_tensors(self.args, lambda t: _expand_batch(t, batch))
+        kwargs = _map_tensors(self.kwargs, lambda t: _expand_batch(t, batch))
+        out = block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _move_outside_blocks(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a block (embeddings, rotary, norms, head) to ``device``."""
+    inside = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+    for module in model.modules():
+        for _name, param in module.named_parameters(recurse=False):
+            if id(param) not in inside:
+                param.data = param.data.to(device)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and id(buf) not in inside:
+                module._buffers[name] = buf.to(device)
+
+
+@torch.no_grad()
+def capture_first_inputs(
+    model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Run the model up to ``first_block`` for every batch of ``input_ids`` (N, T); return block 0's inputs (CPU)."""
+    stored: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        stored.append(hidden.detach().to("cpu"))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return stored
+
+
+@torch.no_grad()
+def capture_block_calls(
+    model: nn.Module, blocks: list[nn.Module], sample_ids: torch.Tensor
+) -> list[BlockCall]:
+    """Record what each block is called with besides its hidden states (masks, position embeddings, ...).
+
+    These may differ per block (sliding-window layers, per-layer rotary settings). The blocks are replaced by
+    pass-through stand-ins for one batch-1 forward of ``sample_ids`` (1, T), so this costs about one embedding
+    lookup; the forward stops at the last block.
+    """
+    calls: list[BlockCall] = []
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        calls.append(BlockCall(args=args[1:], kwargs=kwargs))
+        if len(calls) == len(blocks):
+            raise _StopForward
+        return hidden
+
+    for block in blocks:
+        block.forward = stand_in
+    try:
+        model(sample_ids[:1], use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for block in blocks:
+            del block.forward
+    if len(calls) != len(blocks):
+        raise RuntimeError(f"captured {len(calls)} block calls for {len(blocks)} blocks")
+    return calls
+
+
+@dataclass
+class BlockWork:
+    """One block on the compute device, with its calibration inputs (CPU batches) and call arguments.
+
+    This is what a method's ``prune_block`` receives. ``forward_all`` runs the block over every stored batch.
+    """
+
+    index: int
+    name: str
+    module: nn.Module
+    linears: dict[str, nn.Module]
+    inputs: list[torch.Tensor]
+    call: BlockCall
+    device: torch.device
+    num_blocks: int
+    progress: bool = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run the block on one batch of hidden states (moved to the device); returns the output on the device."""
+        return self.call(self.module, hidden.to(self.device, non_blocking=True))
+
+    def batches(self, desc: str) -> Iterator[torch.Tensor]:
+        """Iterate over the stored input batches with a progress bar labelled ``(i/L) desc``."""
+        label = f"({self.index + 1}/{self.num_blocks}) {desc}"
+        yield from tqdm(self.inputs, desc=label, leave=False, disable=None if self.progress else True)
+
+    @torch.no_grad()
+    def forward_all(self, desc: str = "Calibrating", keep_outputs: bool = False) -> list[torch.Tensor] | None:
+        """Run the block over all calibration batches; return the outputs (on the CPU) if ``keep_outputs``."""
+        outputs: list[torch.Tensor] = []
+        for hidden in self.batches(desc):
+            out = self.forward(hidden)
+            if keep_outputs:
+                outputs.append(out.to("cpu"))
+        return outputs if keep_outputs else None
+
+    @contextmanager
+    def input_hooks(self, fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """While active, ``fn(layer_name, input)`` is called with the input of every pruned linear on each forward."""
+
+        def make(name: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple) -> None:
+                fn(name, args[0].detach())
+
+            return hook
+
+        handles = [layer.register_forward_pre_hook(make(name)) for name, layer in self.linears.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+@dataclass
+class SequentialResult:
+    """What the engine measured: seconds per stage and per block."""
+
+    capture_seconds: float
+    block_seconds: list[float]
+
+
+def run_sequential(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prune_block: Callable[[BlockWork], None],
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+    block_class: str | None = None,
+) -> SequentialResult:
+    """Prune ``model`` in place block by block with ``prune_block``, calibrating on ``input_ids`` (N, T).
+
+    Only one block is on ``device`` at a time; everything else of the model is moved there only for the
+    embedding pass and returned to the CPU at the end.
+    """
+    named_blocks = find_blocks(model, block_class)
+    blocks = [b for _, b in named_blocks]
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    _move_outside_blocks(model, blocks, device)
+    try:
+        with torch.no_grad():
+            calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
+            inputs = capture_first_inputs(model, blocks[0], input_ids, batch_size, device)
+        capture_seconds = time.perf_counter() - t0
+        block_seconds: list[float] = []
+        bar = tqdm(named_blocks, desc="Pruning blocks", disable=None if progress else True)
+        for i, (name, block) in enumerate(bar):
+            tb = time.perf_counter()
+            block.to(device)
+            work = BlockWork(
+                index=i,
+                name=name,
+                module=block,
+                linears=find_linears(block, model),
+                inputs=inputs,
+                call=calls[i],
+                device=device,
+                num_blocks=len(blocks),
+                progress=progress,
+            )
+            prune_block(work)
+            if i + 1 < len(blocks):
+                inputs = work.forward_all("Propagating", keep_outputs=True)
+            block.to("cpu")
+            block_seconds.append(time.perf_counter() - tb)
+            log.debug("block %s pruned in %.2fs", name, block_seconds[-1])
+    finally:
+        _move_outside_blocks(model, blocks, torch.device("cpu"))
+        model.train(was_training)
+    return SequentialResult(capture_seconds=capture_seconds, block_seconds=block_seconds)

@@ -1,0 +1,65 @@
+"""Registry of pruning methods, keyed by name and by config type (no ``if method == ...`` chains)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from besa.errors import BesaError
+
+if TYPE_CHECKING:
+    from besa.config import MethodConfig
+    from besa.methods.base import Pruner
+
+__all__ = ["MethodSpec", "register_method", "get_method", "available_methods"]
+
+_P = TypeVar("_P", bound="type[Pruner]")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its CLI name, its config dataclass and the pruner class that runs it."""
+
+    name: str
+    config_cls: type[MethodConfig]
+    pruner_cls: type[Pruner]
+    summary: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_cls: type[MethodConfig], summary: str = "") -> Callable[[_P], _P]:
+    """Class decorator that registers a ``Pruner`` subclass under ``name`` with its config type."""
+
+    def deco(cls: _P) -> _P:
+        if name in _REGISTRY:
+            raise ValueError(f"pruning method {name!r} is already registered")
+        if any(spec.config_cls is config_cls for spec in _REGISTRY.values()):
+            raise ValueError(f"config type {config_cls.__name__} is already registered")
+        _REGISTRY[name] = MethodSpec(
+            name, config_cls, cls, summary or (cls.__doc__ or "").strip().split("\n")[0]
+        )
+        return cls
+
+    return deco
+
+
+def _ensure_builtin_methods() -> None:
+    import besa.methods  # noqa: F401  (importing registers the built-in methods)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look up a method by name, or raise a ``BesaError`` listing the known ones."""
+    _ensure_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BesaError(f"unknown method {name!r}: choose one of {', '.join(available_methods())}") from None
+
+
+def available_methods() -> list[str]:
+    """Names of all registered methods, in registration order."""
+    _ensure_builtin_methods()
+    return list(_REGISTRY)

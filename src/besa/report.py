@@ -1,0 +1,70 @@
+"""Counting sparsity and writing ``besa_report.json``."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from besa.modeling import find_blocks, find_linears
+
+__all__ = ["count_layer_sparsity", "model_sparsity", "library_versions", "peak_memory"]
+
+
+def count_layer_sparsity(model: nn.Module, block_class: str | None = None) -> dict[str, dict[str, Any]]:
+    """Zeros counted in every prunable linear of every decoder block, by qualified name."""
+    layers: dict[str, dict[str, Any]] = {}
+    for block_name, block in find_blocks(model, block_class):
+        for name, layer in find_linears(block, model).items():
+            w = layer.weight.data
+            zeros = int((w == 0).sum())
+            layers[f"{block_name}.{name}"] = {
+                "shape": list(w.shape),
+                "zeros": zeros,
+                "numel": w.numel(),
+                "sparsity": zeros / w.numel(),
+            }
+    return layers
+
+
+def model_sparsity(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sparsity over the pruned linears and over every parameter of the model (counted zeros)."""
+    zeros = sum(v["zeros"] for v in layers.values())
+    numel = sum(v["numel"] for v in layers.values())
+    params = {id(p): p for p in model.parameters()}.values()
+    all_zeros = sum(int((p.data == 0).sum()) for p in params)
+    all_numel = sum(p.numel() for p in params)
+    return {
+        "pruned_layers": zeros / max(numel, 1),
+        "pruned_layers_zeros": zeros,
+        "pruned_layers_numel": numel,
+        "all_parameters": all_zeros / max(all_numel, 1),
+        "all_parameters_numel": all_numel,
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide the numbers."""
+    import transformers
+
+    from besa import __version__
+
+    return {
+        "besa": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process and, where used, peak CUDA memory, in MiB."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

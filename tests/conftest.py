@@ -1,0 +1,127 @@
+"""Tiny randomly initialised models of several architectures and a byte-level tokenizer, built offline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+VOCAB = 260
+HIDDEN = 64
+FFN = 128
+
+ARCHS: dict[str, Callable[[], transformers.PreTrainedModel]] = {
+    "llama": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )
+    ),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )
+    ),
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=8,
+        )
+    ),
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+            sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+    ),
+    "opt": lambda: transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=HIDDEN, max_position_embeddings=128,
+        )
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128,
+        )
+    ),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128)
+    ),
+}  # fmt: skip
+
+
+def make_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny model of ``arch`` with deterministic random weights, in eval mode."""
+    torch.manual_seed(seed)
+    model = ARCHS[arch]()
+    model.config.use_cache = False
+    return model.eval()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: one token per byte, 256 + 2 special tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<unk>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
+
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights from a trained network, "
+    "and the best methods keep the outputs of every block close to the dense ones.\n\n"
+) * 6
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (6, 16), generator=g)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A tiny LLaMA and its tokenizer saved as a Hugging Face folder."""
+    path = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A BESA_DATA_DIR with tiny wikitext2, ptb and enwiki-articles files."""
+    import json
+
+    root = tmp_path / "data"
+    (root / "wikitext-2-raw-v1").mkdir(parents=True)
+    rows = [" = Title = \n", "", " first row of text \n", " second row \n"]
+    (root / "wikitext-2-raw-v1" / "test.jsonl").write_text(
+        "".join(json.dumps({"text": r}) + "\n" for r in rows)
+    )
+    (root / "ptb").mkdir()
+    (root / "ptb" / "test.txt").write_text(" a b c \n d e f \n")
+    (root / "calibration").mkdir()
+    docs = [{"title": f"doc{i}", "text": TEXT * (i + 1)} for i in range(3)]
+    (root / "calibration" / "enwiki-articles.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    monkeypatch.setenv("BESA_DATA_DIR", str(root))
+    return root
