@@ -268,11 +268,10 @@ def evaluate(
         datasets=tuple(datasets), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
         dtype=dtype,
     )  # fmt: skip
-    texts = {
-        name: load_eval_text(name) for name in config.datasets
-    }  # unknown names fail before loading a model
     if isinstance(model, str):
-        resolve_model(model)
+        resolve_model(model)  # a missing path fails before any data is read
+    # an unknown dataset fails before the model is loaded
+    texts = {name: load_eval_text(name) for name in config.datasets}
     compute_device = resolve_device(config.device)
     model, tokenizer, _ = _prepare_model(
         model, tokenizer, resolve_dtype(config.dtype, compute_device), trust_remote_code

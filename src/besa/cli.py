@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else os.environ.get("BESA_LOG_LEVEL", "WARNING"),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     handler = {"prune": _cmd_prune, "eval": _cmd_eval}[args.command]
     try:
         return handler(args)
