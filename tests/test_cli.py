@@ -45,17 +45,24 @@ BAD_PRUNE = [
     (["MODEL", "--pattern", "3:7", "--method", "magnitude"], "does not divide the input width"),
     (["MODEL", "--pattern", "2:4", "--sparsity", "0.6"], "contradicts"),
     (["MODEL", "--method", "wanda", "--blocksize", "64"], "--blocksize does not apply to --method wanda"),
-    (["MODEL", "--device", "cuda:0"] if not torch.cuda.is_available() else ["MODEL", "--device", "tpu"], "device"),
+    (
+        ["MODEL", "--device", "cuda:0"] if not torch.cuda.is_available() else ["MODEL", "--device", "tpu"],
+        "device",
+    ),
     (["MODEL", "--sparsity", "abc"], "invalid float value"),
 ]
 
 
 @pytest.mark.parametrize("argv,needle", BAD_PRUNE)
-def test_bad_prune_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, model_dir, calib_txt, argv, needle):
+def test_bad_prune_input_exits_2_with_one_line_and_writes_nothing(
+    capsys, tmp_path, model_dir, calib_txt, argv, needle
+):
     out = tmp_path / "out"
     argv = [str(model_dir) if a == "MODEL" else a for a in argv]
     code, _, err = _run(capsys, "prune", *argv, "--calib", str(calib_txt), "--out", str(out), "--no-progress")
-    if "--calib" in argv:  # the case's own --calib comes first and argparse keeps the last; re-run with it last
+    if (
+        "--calib" in argv
+    ):  # the case's own --calib comes first and argparse keeps the last; re-run with it last
         code, _, err = _run(capsys, "prune", *argv, "--out", str(out), "--no-progress")
     _assert_one_line_error(code, err, needle)
     assert not out.exists()
@@ -79,7 +86,9 @@ def test_jsonl_without_text_field(capsys, tmp_path, model_dir):
 
 
 def test_missing_calibration_file(capsys, tmp_path, model_dir):
-    code, _, err = _run(capsys, "prune", str(model_dir), "--calib", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o"))
+    code, _, err = _run(
+        capsys, "prune", str(model_dir), "--calib", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")
+    )
     _assert_one_line_error(code, err, "does not exist")
 
 
@@ -105,7 +114,16 @@ def test_prune_then_eval_end_to_end(capsys, tmp_path, model_dir, calib_txt, data
 
     js = tmp_path / "ppl.json"
     code, stdout, _ = _run(
-        capsys, "eval", str(out), "--ppl", "wikitext2,ptb", "--seqlen", "8", "--json", str(js), "--no-progress"
+        capsys,
+        "eval",
+        str(out),
+        "--ppl",
+        "wikitext2,ptb",
+        "--seqlen",
+        "8",
+        "--json",
+        str(js),
+        "--no-progress",
     )
     assert code == 0
     payload = json.loads(js.read_text())

@@ -20,7 +20,9 @@ def test_pattern_sets_the_sparsity_and_default_is_half():
         PruneConfig(pattern="2:4", sparsity=0.7)
 
 
-@pytest.mark.parametrize("field,value", [("sparsity", 1.0), ("sparsity", -0.01), ("nsamples", 0), ("seqlen", 0)])
+@pytest.mark.parametrize(
+    "field,value", [("sparsity", 1.0), ("sparsity", -0.01), ("nsamples", 0), ("seqlen", 0)]
+)
 def test_out_of_range_values_are_refused(field, value):
     with pytest.raises(BesaError):
         PruneConfig(**{field: value})

