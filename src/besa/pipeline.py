@@ -148,21 +148,26 @@ class BlockWork:
     device: torch.device
     num_blocks: int
     progress: bool = True
+    dense_outputs: list[torch.Tensor] | None = None
+    """Outputs of this (dense) block on the dense model's own stream; set when the method asks for that stream."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run the block on one batch of hidden states (moved to the device); returns the output on the device."""
         return self.call(self.module, hidden.to(self.device, non_blocking=True))
 
-    def batches(self, desc: str) -> Iterator[torch.Tensor]:
+    def batches(self, desc: str, inputs: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
         """Iterate over the stored input batches with a progress bar labelled ``(i/L) desc``."""
         label = f"({self.index + 1}/{self.num_blocks}) {desc}"
-        yield from tqdm(self.inputs, desc=label, leave=False, disable=None if self.progress else True)
+        batches = self.inputs if inputs is None else inputs
+        yield from tqdm(batches, desc=label, leave=False, disable=None if self.progress else True)
 
     @torch.no_grad()
-    def forward_all(self, desc: str = "Calibrating", keep_outputs: bool = False) -> list[torch.Tensor] | None:
-        """Run the block over all calibration batches; return the outputs (on the CPU) if ``keep_outputs``."""
+    def forward_all(
+        self, desc: str = "Calibrating", keep_outputs: bool = False, inputs: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor] | None:
+        """Run the block over all calibration batches (or ``inputs``); return the outputs (CPU) if ``keep_outputs``."""
         outputs: list[torch.Tensor] = []
-        for hidden in self.batches(desc):
+        for hidden in self.batches(desc, inputs):
             out = self.forward(hidden)
             if keep_outputs:
                 outputs.append(out.to("cpu"))
@@ -202,11 +207,13 @@ def run_sequential(
     batch_size: int = 8,
     progress: bool = True,
     block_class: str | None = None,
+    dense_stream: bool = False,
 ) -> SequentialResult:
     """Prune ``model`` in place block by block with ``prune_block``, calibrating on ``input_ids`` (N, T).
 
     Only one block is on ``device`` at a time; everything else of the model is moved there only for the
-    embedding pass and returned to the CPU at the end.
+    embedding pass and returned to the CPU at the end. With ``dense_stream`` the engine also carries the dense
+    model's own activations and hands each step the dense block's outputs on them (``BlockWork.dense_outputs``).
     """
     named_blocks = find_blocks(model, block_class)
     blocks = [b for _, b in named_blocks]
@@ -218,6 +225,7 @@ def run_sequential(
         with torch.no_grad():
             calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
             inputs = capture_first_inputs(model, blocks[0], input_ids, batch_size, device)
+        dense_inputs = inputs if dense_stream else None
         capture_seconds = time.perf_counter() - t0
         block_seconds: list[float] = []
         bar = tqdm(named_blocks, desc="Pruning blocks", disable=None if progress else True)
@@ -235,7 +243,10 @@ def run_sequential(
                 num_blocks=len(blocks),
                 progress=progress,
             )
+            if dense_inputs is not None:
+                work.dense_outputs = work.forward_all("Dense stream", keep_outputs=True, inputs=dense_inputs)
             prune_block(work)
+            dense_inputs = work.dense_outputs
             if i + 1 < len(blocks):
                 inputs = work.forward_all("Propagating", keep_outputs=True)
             block.to("cpu")

@@ -60,6 +60,6 @@ def get_method(name: str) -> MethodSpec:
 
 
 def available_methods() -> list[str]:
-    """Names of all registered methods, in registration order."""
+    """Names of all registered methods, sorted."""
     _ensure_builtin_methods()
-    return list(_REGISTRY)
+    return sorted(_REGISTRY)

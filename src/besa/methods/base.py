@@ -29,6 +29,12 @@ class Pruner(ABC):
     """
 
     needs_calibration: bool = True
+    default_batch_size: int = 8
+
+    @property
+    def needs_dense_stream(self) -> bool:
+        """Whether the engine must also carry the dense model's own activations (``BlockWork.dense_outputs``)."""
+        return False
 
     def __init__(self, method_config: MethodConfig, config: PruneConfig) -> None:
         self.method_config = method_config

@@ -1,0 +1,323 @@
+"""BESA (Xu et al., ICLR 2024): per block, learn each row's (or layer's) pruning rate by minimising the block's
+output reconstruction error, with the weights frozen; then prune to an exact budget."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from besa.config import MethodConfig
+from besa.errors import BesaError
+from besa.methods.base import LayerStats, Pruner
+from besa.methods.besa.allocation import (
+    candidate_rates,
+    expected_rates,
+    hard_keep_by_rank,
+    round_to_budget,
+    soft_keep_by_rank,
+    straight_through,
+    tilted_logits,
+    to_columns,
+)
+from besa.methods.magnitude import magnitude_scores
+from besa.methods.sparsegpt import HessianStats, inverse_hessian_factor
+from besa.methods.wanda import InputNormStats, wanda_scores
+from besa.modeling import weight_matrix
+from besa.pipeline import BlockWork
+from besa.registry import register_method
+
+__all__ = ["BesaConfig", "BesaPruner", "reconstruction_loss"]
+
+log = logging.getLogger(__name__)
+
+METRICS = ("wanda", "magnitude", "sparsegpt")
+
+
+@dataclass
+class BesaConfig(MethodConfig):
+    """BESA settings.
+
+    Args:
+        metric: importance used to rank the weights of each row once per block: wanda, magnitude, sparsegpt.
+        granularity: ``row`` (one learned rate per output row, the paper's setting) or ``layer``.
+        candidates: number of candidate pruning rates D.
+        rate_window: candidates span [target - w, target + w] (clipped to [0, max_rate]); bounds how far one
+            row's or layer's rate may move from the target, so no row is emptied.
+        max_rate: highest pruning rate any row may reach.
+        lam: weight of the sparsity penalty lam * (expected block sparsity - target)^2.
+        target: ``pruned-input`` (dense block on the pruned model's input, the paper's main setting) or
+            ``dense-stream`` (the dense model's own block output).
+        optimizer: ``prodigy`` (prodigyopt) or ``adamw``.
+        lr: learning rate (Prodigy: 1.0; AdamW: 0.01 when not given).
+        d_coef: Prodigy's coefficient on its estimated step size.
+        epochs: passes over the calibration windows per block.
+    """
+
+    metric: str = field(
+        default="wanda", metadata={"help": "BESA: importance ranking: wanda, magnitude, sparsegpt"}
+    )
+    granularity: str = field(default="row", metadata={"help": "BESA: learn a rate per row or per layer"})
+    candidates: int = field(default=100, metadata={"help": "BESA: number of candidate pruning rates"})
+    rate_window: float = field(default=0.2, metadata={"help": "BESA: candidate rates span target +- this"})
+    max_rate: float = field(default=0.99, metadata={"help": "BESA: highest pruning rate of any row"})
+    lam: float = field(default=20.0, metadata={"help": "BESA: weight of the sparsity penalty"})
+    target: str = field(default="pruned-input", metadata={"help": "BESA: pruned-input or dense-stream"})
+    optimizer: str = field(default="prodigy", metadata={"help": "BESA: prodigy or adamw"})
+    lr: float | None = field(default=None, metadata={"help": "BESA: learning rate (prodigy 1.0, adamw 0.01)"})
+    d_coef: float = field(default=5.0, metadata={"help": "BESA: Prodigy d_coef"})
+    epochs: int = field(default=1, metadata={"help": "BESA: epochs over the calibration set per block"})
+
+    def __post_init__(self) -> None:
+        choices = {
+            "metric": METRICS,
+            "granularity": ("row", "layer"),
+            "target": ("pruned-input", "dense-stream"),
+            "optimizer": ("prodigy", "adamw"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BesaError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.candidates < 2:
+            raise BesaError(f"--candidates must be at least 2, got {self.candidates}")
+        if not 0 < self.rate_window <= 1:
+            raise BesaError(f"--rate-window must be in (0, 1], got {self.rate_window}")
+        if not 0 < self.max_rate <= 1:
+            raise BesaError(f"--max-rate must be in (0, 1], got {self.max_rate}")
+        if self.epochs < 1:
+            raise BesaError(f"--epochs must be positive, got {self.epochs}")
+        if self.lam < 0:
+            raise BesaError(f"--lam must be non-negative, got {self.lam}")
+
+
+def reconstruction_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the squared error relative to the target's norm in that channel (B, T, H) -> ()."""
+    target = target.float()
+    scale = target.reshape(-1, target.shape[-1]).norm(dim=0).clamp_min(1e-6)  # (H,)
+    return ((target - output.float()) / scale).square().sum() / target.shape[-1]
+
+
+class _LayerAllocation:
+    """One linear's frozen ranking and its learnable logits over candidate rates."""
+
+    def __init__(
+        self, name: str, layer: nn.Module, order: torch.Tensor, rates: torch.Tensor, theta: torch.Tensor
+    ):
+        self.name = name
+        self.layer = layer
+        self.order = order  # (R, C) column index of each rank, ascending importance
+        self.rates = rates  # (D,)
+        self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
+        self.rows, self.cols = order.shape
+        self.current_mask: torch.Tensor | None = None  # set before each training forward
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def row_rates(self) -> torch.Tensor:
+        """Expected pruning rate of every row (R,), differentiable."""
+        return expected_rates(self.theta, self.rates).expand(self.rows)
+
+    def mask(self) -> torch.Tensor:
+        """Keep mask in column order (R, C): hard in the forward pass, soft in the backward pass."""
+        counts = (self.row_rates().detach() * self.cols).floor().long()
+        hard = hard_keep_by_rank(counts, self.cols)
+        soft = soft_keep_by_rank(self.theta, self.rates, self.cols, self.rows)
+        return to_columns(straight_through(hard, soft), self.order)
+
+
+def _masked_forward(layer: nn.Module, alloc: _LayerAllocation, x: torch.Tensor) -> torch.Tensor:
+    w = weight_matrix(layer).detach()
+    assert alloc.current_mask is not None
+    return F.linear(x, w * alloc.current_mask.to(w.dtype), layer.bias)
+
+
+@register_method(
+    "besa", BesaConfig, "learned per-row sparsity allocation by block reconstruction (Xu et al., 2024)"
+)
+class BesaPruner(Pruner):
+    """Blockwise Parameter-Efficient Sparsity Allocation."""
+
+    default_batch_size = 1
+
+    def __init__(self, method_config: MethodConfig, config: Any) -> None:
+        super().__init__(method_config, config)
+        if config.nm is not None:
+            raise BesaError(
+                "--method besa learns unstructured allocations; --pattern is not supported with it"
+            )
+        assert isinstance(method_config, BesaConfig)
+        self.cfg = method_config
+        self.blocks: dict[str, dict[str, Any]] = {}
+
+    @property
+    def needs_dense_stream(self) -> bool:
+        return self.cfg.target == "dense-stream"
+
+    # -- statistics and ranking -------------------------------------------------------------------------------
+    def _make_stats(self, layer: nn.Module) -> LayerStats | None:
+        width = weight_matrix(layer).shape[1]
+        device = weight_matrix(layer).device
+        if self.cfg.metric == "wanda":
+            return InputNormStats(width, device)
+        if self.cfg.metric == "sparsegpt":
+            return HessianStats(width, device)
+        return None
+
+    def _scores(self, layer: nn.Module, stats: LayerStats | None) -> torch.Tensor:
+        w = weight_matrix(layer)
+        if isinstance(stats, InputNormStats):
+            return wanda_scores(w, stats.norms)
+        if isinstance(stats, HessianStats):
+            factor = inverse_hessian_factor(stats.hessian, 0.01)
+            return w.float().square() / factor.diagonal().square().unsqueeze(0)
+        return magnitude_scores(w)
+
+    def _candidate_rates(self) -> torch.Tensor:
+        low = max(0.0, self.sparsity - self.cfg.rate_window)
+        high = min(self.cfg.max_rate, self.sparsity + self.cfg.rate_window)
+        return candidate_rates(self.cfg.candidates, low, high)
+
+    def _calibrate(self, work: BlockWork) -> tuple[dict[str, _LayerAllocation], list[torch.Tensor]]:
+        """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream."""
+        stats = {name: self._make_stats(layer) for name, layer in work.linears.items()}
+
+        def feed(name: str, x: torch.Tensor) -> None:
+            if stats[name] is not None:
+                stats[name].add(x)
+
+        with work.input_hooks(feed):
+            outputs = work.forward_all("Calibrating", keep_outputs=True)
+        assert outputs is not None
+        rates = self._candidate_rates().to(work.device)
+        init = tilted_logits(rates.cpu(), self.sparsity).to(work.device)
+        allocs = {}
+        for name, layer in work.linears.items():
+            scores = self._scores(layer, stats.pop(name))
+            order = torch.argsort(scores, dim=1, stable=True)  # (R, C) ascending importance
+            groups = order.shape[0] if self.cfg.granularity == "row" else 1
+            allocs[name] = _LayerAllocation(name, layer, order, rates, init.expand(groups, -1).clone())
+        return allocs, outputs
+
+    # -- training ---------------------------------------------------------------------------------------------
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.cfg.lr or 1e-2, weight_decay=0.0)
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=self.cfg.lr or 1.0, d_coef=self.cfg.d_coef, weight_decay=0.0)
+
+    def _block_rate(self, allocs: dict[str, _LayerAllocation]) -> torch.Tensor:
+        """Parameter-weighted mean of the layers' expected sparsity (differentiable)."""
+        total = sum(a.numel for a in allocs.values())
+        return sum(a.row_rates().mean() * (a.numel / total) for a in allocs.values())
+
+    @contextmanager
+    def _masked(self, allocs: dict[str, _LayerAllocation]) -> Iterator[None]:
+        for alloc in allocs.values():
+            alloc.layer.forward = lambda x, _l=alloc.layer, _a=alloc: _masked_forward(_l, _a, x)
+        try:
+            yield
+        finally:
+            for alloc in allocs.values():
+                del alloc.layer.forward
+
+    def _train(
+        self, work: BlockWork, allocs: dict[str, _LayerAllocation], targets: list[torch.Tensor]
+    ) -> list[float]:
+        params = [a.theta for a in allocs.values()]
+        opt = self._optimizer(params)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if work.device.type == "cuda" and next(work.module.parameters()).dtype != torch.float32
+            else torch.autocast("cpu", enabled=False)
+        )
+        losses: list[float] = []
+        steps = self.cfg.epochs * len(work.inputs)
+        bar = tqdm(
+            total=steps, desc=f"({work.index + 1}/{work.num_blocks}) Learning", leave=False,
+            disable=None if work.progress else True,
+        )  # fmt: skip
+        with torch.enable_grad(), self._masked(allocs):
+            for _ in range(self.cfg.epochs):
+                for hidden, target in zip(work.inputs, targets, strict=True):
+                    for alloc in allocs.values():
+                        alloc.current_mask = alloc.mask()
+                    with autocast:
+                        out = work.forward(hidden)
+                    rec = reconstruction_loss(target.to(work.device), out)
+                    block_rate = self._block_rate(allocs)
+                    loss = rec + self.cfg.lam * (block_rate - self.sparsity) ** 2
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                    bar.update()
+                    bar.set_postfix(loss=f"{float(rec):.4g}", sparsity=f"{float(block_rate):.4f}")
+        bar.close()
+        for alloc in allocs.values():
+            alloc.current_mask = None
+        return losses
+
+    # -- final masks ------------------------------------------------------------------------------------------
+    def _finalise(self, work: BlockWork, allocs: dict[str, _LayerAllocation]) -> dict[str, Any]:
+        """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks."""
+        with torch.no_grad():
+            rates = torch.cat([a.row_rates().detach().cpu() for a in allocs.values()])
+            widths = torch.cat([torch.full((a.rows,), a.cols) for a in allocs.values()])
+            budget = round(self.sparsity * int(widths.sum()))
+            counts, shift = round_to_budget(rates, widths, budget, self.cfg.max_rate)
+            info: dict[str, Any] = {"shift": shift, "layers": {}}
+            start = 0
+            for name, alloc in allocs.items():
+                layer_counts = counts[start : start + alloc.rows].to(alloc.order.device)
+                learned = rates[start : start + alloc.rows]
+                start += alloc.rows
+                keep = to_columns(hard_keep_by_rank(layer_counts, alloc.cols), alloc.order)
+                weight_matrix(alloc.layer).masked_fill_(~keep, 0)
+                final = layer_counts.float() / alloc.cols
+                self.layer_targets[f"{work.name}.{name}"] = float(layer_counts.sum()) / alloc.numel
+                info["layers"][name] = {
+                    "learned_rate": float(learned.mean()),
+                    "final_rate": float(final.mean()),
+                    "row_rates": [round(float(r), 4) for r in final.tolist()]
+                    if self.cfg.granularity == "row"
+                    else None,
+                }
+        return info
+
+    def prune_block(self, work: BlockWork) -> None:
+        requires = [p.requires_grad for p in work.module.parameters()]
+        work.module.requires_grad_(False)
+        try:
+            allocs, outputs = self._calibrate(work)
+            targets = work.dense_outputs if self.cfg.target == "dense-stream" else outputs
+            assert targets is not None
+            losses = self._train(work, allocs, targets)
+            info = self._finalise(work, allocs)
+        finally:
+            for p, r in zip(work.module.parameters(), requires, strict=True):
+                p.requires_grad_(r)
+        info["loss_first"] = losses[0] if losses else math.nan
+        info["loss_last"] = losses[-1] if losses else math.nan
+        self.blocks[work.name] = info
+
+    def report_extra(self) -> dict[str, Any]:
+        return {
+            "name": "besa",
+            "budget_rounding": (
+                "per block: all learned row rates shifted by one common amount, then floored, the remainder given "
+                "to the rows with the largest fractional parts, so each block holds exactly round(target * params) "
+                "zeros"
+            ),
+            "blocks": self.blocks,
+        }

@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+import besa
+from besa.config import PruneConfig
+from besa.errors import BesaError
+from besa.methods.besa import BesaConfig, BesaPruner
+from besa.methods.besa.pruner import reconstruction_loss
+from besa.modeling import find_blocks, find_linears, weight_matrix
+from besa.pipeline import run_sequential
+from conftest import make_model
+
+
+def _linears(model):
+    return {f"{b}.{n}": m for b, blk in find_blocks(model) for n, m in find_linears(blk, model).items()}
+
+
+def _block_sparsity(model):
+    out = {}
+    for b, blk in find_blocks(model):
+        ws = [weight_matrix(m) for m in find_linears(blk, model).values()]
+        out[b] = sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.9])
+def test_counted_block_sparsity_is_the_target_and_survivors_are_untouched(granularity, sparsity, tokenizer):
+    dense = make_model("llama")
+    original = {n: weight_matrix(m).clone() for n, m in _linears(dense).items()}
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = besa.prune(
+        dense, tokenizer=tokenizer, method="besa", sparsity=sparsity, calib_ids=ids, progress=False,
+        method_options={"granularity": granularity, "d_coef": 50.0},
+    )  # fmt: skip
+    for name, s in _block_sparsity(result.model).items():
+        assert s == pytest.approx(sparsity, abs=1e-3), name  # within 0.1 points
+    assert result.report["sparsity"]["pruned_layers"] == pytest.approx(sparsity, abs=1e-3)
+    for name, layer in _linears(result.model).items():
+        w = weight_matrix(layer)
+        kept = w != 0
+        assert torch.equal(w[kept], original[name][kept]), name  # bit-identical survivors
+    blocks = result.report["method"]["blocks"]
+    assert len(blocks) == 2
+    layer_info = next(iter(blocks.values()))["layers"]
+    assert set(layer_info) == set(find_linears(find_blocks(result.model)[0][1], result.model))
+    if granularity == "row":
+        assert all(len(v["row_rates"]) > 0 for v in layer_info.values())
+
+
+def _one_block_work(arch="llama", n=6):
+    model = make_model(arch)
+    ids = torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(0))
+    works = []
+    run_sequential(model, ids, works.append, torch.device("cpu"), batch_size=1, progress=False)
+    return model, works[0]
+
+
+def test_ste_forward_equals_the_hard_mask_and_theta_gets_gradient():
+    _, work = _one_block_work()
+    pruner = BesaPruner(BesaConfig(), PruneConfig(method="besa", sparsity=0.5))
+    allocs, outputs = pruner._calibrate(work)
+    for alloc in allocs.values():
+        with torch.no_grad():
+            alloc.theta.add_(torch.randn_like(alloc.theta))  # an uneven allocation
+        mask = alloc.mask()
+        counts = (alloc.row_rates().detach() * alloc.cols).floor().long()
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal((mask == 0).sum(1), counts)
+        alloc.current_mask = mask
+    with torch.enable_grad(), pruner._masked(allocs):
+        out = work.forward(work.inputs[0])
+        loss = reconstruction_loss(outputs[0], out)
+        loss.backward()
+    for alloc in allocs.values():
+        assert alloc.theta.grad is not None and alloc.theta.grad.abs().sum() > 0, alloc.name
+
+
+def test_masked_forward_matches_a_block_with_the_mask_applied():
+    _, work = _one_block_work()
+    pruner = BesaPruner(BesaConfig(), PruneConfig(method="besa", sparsity=0.5))
+    allocs, _ = pruner._calibrate(work)
+    for alloc in allocs.values():
+        alloc.current_mask = alloc.mask().detach()
+    with torch.no_grad(), pruner._masked(allocs):
+        masked_out = work.forward(work.inputs[0])
+    for alloc in allocs.values():
+        weight_matrix(alloc.layer).mul_(alloc.current_mask)
+    with torch.no_grad():
+        applied_out = work.forward(work.inputs[0])
+    torch.testing.assert_close(masked_out, applied_out)
+
+
+def test_loss_goes_down_when_the_target_is_the_blocks_input():
+    _, work = _one_block_work(n=40)
+    pruner = BesaPruner(BesaConfig(d_coef=50.0, lam=0.0), PruneConfig(method="besa", sparsity=0.5))
+    allocs, _ = pruner._calibrate(work)
+    losses = pruner._train(work, allocs, targets=work.inputs)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first
+
+
+def test_learning_beats_the_uniform_allocation_on_reconstruction():
+    """After training, the block output is closer to the dense target than with rates all at the target."""
+    _, work = _one_block_work(n=40)
+    pruner = BesaPruner(BesaConfig(d_coef=50.0), PruneConfig(method="besa", sparsity=0.6))
+    allocs, targets = pruner._calibrate(work)
+
+    def error():
+        for alloc in allocs.values():
+            alloc.current_mask = alloc.mask().detach()
+        with torch.no_grad(), pruner._masked(allocs):
+            return sum(
+                float(reconstruction_loss(t, work.forward(x)))
+                for x, t in zip(work.inputs, targets, strict=True)
+            )
+
+    before = error()
+    pruner._train(work, allocs, targets)
+    assert error() < before
+
+
+def test_dense_stream_target_uses_the_engines_dense_outputs(tokenizer):
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    result = besa.prune(
+        make_model("gpt2"), tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=ids, progress=False,
+        method_options={"target": "dense-stream", "metric": "sparsegpt"},
+    )  # fmt: skip
+    assert result.report["sparsity"]["pruned_layers"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_besa_refuses_nm_and_bad_options(tokenizer):
+    with pytest.raises(BesaError, match="not supported"):
+        besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", pattern="2:4", progress=False)
+    with pytest.raises(BesaError, match="--metric must be one of"):
+        besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", method_options={"metric": "x"})
