@@ -42,7 +42,10 @@ def _machine() -> str:
         pass
     import torch
 
-    return f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, torch {torch.__version__}, CPU fp32"
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, torch {torch.__version__}, "
+        f"CPU fp32, {torch.get_num_threads()} torch thread(s) per process"
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -135,3 +135,22 @@ def test_prune_then_eval_end_to_end(capsys, tmp_path, model_dir, calib_txt, data
 def test_help_has_examples(capsys):
     code, out, _ = _run(capsys, "prune", "--help")
     assert code == 0 and "examples:" in out and "--pattern" in out and "--percdamp" in out
+
+
+def test_report_draws_the_allocation(capsys, tmp_path, model_dir, calib_txt):
+    out = tmp_path / "pruned"
+    code, _, _ = _run(
+        capsys, "prune", str(model_dir), "--method", "besa", "--sparsity", "0.6", "--calib", str(calib_txt),
+        "--nsamples", "2", "--seqlen", "16", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert code == 0
+    png = out / "besa_allocation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the end of prune
+    png.unlink()
+    code, stdout, _ = _run(capsys, "report", str(out))
+    assert code == 0 and png.is_file() and "mlp.down_proj" in stdout and "besa at target 0.6" in stdout
+
+
+def test_report_on_a_folder_without_report(capsys, tmp_path):
+    code, _, err = _run(capsys, "report", str(tmp_path))
+    _assert_one_line_error(code, err, "holds no besa_report.json")

@@ -38,6 +38,10 @@ def test_named_sources_come_from_the_data_dir(data_dir):
     rows = [json.loads(line)["text"] for line in (data_dir / "wikitext-2-raw-v1" / "test.jsonl").open()]
     assert load_eval_text("wikitext2") == "\n\n".join(rows)  # rows kept byte for byte, empty ones included
     assert load_eval_text("ptb") == "a b c d e f"
+    (data_dir / "ptb" / "valid.txt").write_text(" g h \n")
+    assert load_eval_text("ptb:valid") == load_eval_text("ptb:validation") == "g h"
+    with pytest.raises(BesaError, match="unknown split"):
+        load_eval_text("ptb:dev")
 
 
 def test_file_sources(tmp_path):

@@ -23,6 +23,7 @@ from besa.evaluation import PerplexityResult, perplexity
 from besa.loading import ModelSource, load_model, resolve_dtype, resolve_model
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.pipeline import run_sequential
+from besa.plotting import PLOT_NAME, plot_allocation
 from besa.registry import get_method
 from besa.report import count_layer_sparsity, library_versions, model_sparsity, peak_memory
 
@@ -236,6 +237,7 @@ def save_pruned(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _write_json_atomic(tmp / REPORT_NAME, report)
+        plot_allocation(report, tmp / PLOT_NAME)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -106,7 +106,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     e.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r = sub.add_parser(
+        "report",
+        help="draw the sparsity allocation of a pruned model folder (heatmap PNG) and summarise it",
+        epilog="example:\n  besa report pruned/besa50      (writes pruned/besa50/besa_allocation.png)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("folder", help="a folder written by besa prune (holds besa_report.json)")
+    r.add_argument("--png", default=None, help="where to write the picture (default: inside the folder)")
     return parser
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from besa.api import REPORT_NAME
+    from besa.plotting import PLOT_NAME, allocation_table, plot_allocation
+
+    path = Path(args.folder) / REPORT_NAME
+    if not path.is_file():
+        raise BesaError(f"{args.folder!r} holds no {REPORT_NAME} (is it a folder written by besa prune?)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        blocks, layers, grid, per_block = allocation_table(report)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BesaError(f"{path} is not a besa report ({type(exc).__name__}: {exc})") from None
+    png = plot_allocation(report, args.png or Path(args.folder) / PLOT_NAME)
+    print(f"{report['config']['method']} at target {report['sparsity']['target']:g}: {len(blocks)} blocks")
+    for j, name in enumerate(layers):
+        column = [row[j] for row in grid if row[j] == row[j]]
+        print(
+            f"  {name:<24} mean {sum(column) / len(column):.4f}  min {min(column):.4f}  max {max(column):.4f}"
+        )
+    print(f"  {'block':<24} min {min(per_block):.4f}  max {max(per_block):.4f}")
+    print(f"wrote {png}")
+    return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    handler = {"prune": _cmd_prune, "eval": _cmd_eval}[args.command]
+    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except BesaError as exc:

@@ -161,9 +161,18 @@ def load_calibration_documents(source: str) -> list[str]:
 
 
 def load_eval_text(name: str, split: str = "test") -> str:
-    """The evaluation text of ``name`` joined as the SparseGPT/Wanda/BESA protocol does."""
+    """The evaluation text of ``name`` joined as the SparseGPT/Wanda/BESA protocol does.
+
+    ``name`` may carry its split, ``ptb:valid`` or ``wikitext2:validation`` (for tuning without the test set).
+    """
+    name, _, given_split = name.partition(":")
+    split = given_split or split
+    if split == "valid":
+        split = "validation"
     if name not in EVAL_SOURCES:
         raise BesaError(f"unknown evaluation dataset {name!r}: choose from {', '.join(EVAL_SOURCES)}")
+    if split not in ("train", "validation", "test"):
+        raise BesaError(f"unknown split {split!r} of {name}: choose train, validation (valid) or test")
     spec = EVAL_SOURCES[name]
     if name == "c4":
         return spec.joiner.join(spec.load("validation")[:1100])

@@ -23,6 +23,8 @@ def count_layer_sparsity(model: nn.Module, block_class: str | None = None) -> di
             w = layer.weight.data
             zeros = int((w == 0).sum())
             layers[f"{block_name}.{name}"] = {
+                "block": block_name,
+                "layer": name,
                 "shape": list(w.shape),
                 "zeros": zeros,
                 "numel": w.numel(),

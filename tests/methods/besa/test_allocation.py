@@ -2,14 +2,15 @@ import pytest
 import torch
 
 from besa.methods.besa.allocation import (
+    candidate_index,
     candidate_rates,
+    column_ranks,
     expected_rates,
-    hard_keep_by_rank,
+    hard_keep,
+    keep_probability,
     round_to_budget,
-    soft_keep_by_rank,
     straight_through,
     tilted_logits,
-    to_columns,
 )
 
 
@@ -26,41 +27,49 @@ def test_tilted_logits_hit_the_target_expectation(target):
     assert float(expected_rates(theta[None], rates)) == pytest.approx(target, abs=1e-4)
 
 
-def test_soft_keep_matches_the_definition():
+def _brute_force_keep(theta, rates, order):
+    """P[r, col] = 1 - sum_d beta_rd [rank(col) < floor(c_d * C)], straight from the definition."""
+    rows, cols = order.shape
+    beta = torch.softmax(theta, -1).expand(rows, -1)
+    cut = (rates * cols).floor()
+    keep = torch.empty(rows, cols)
+    for r in range(rows):
+        for j in range(cols):
+            keep[r, order[r, j]] = 1 - float((beta[r] * (j < cut)).sum())
+    return keep
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_keep_probability_matches_the_definition(shared):
     torch.manual_seed(0)
     rates = candidate_rates(7, 0.1, 0.9)
-    theta = torch.randn(3, 7)
-    cols = 10
-    got = soft_keep_by_rank(theta, rates, cols, rows=3)
-    beta = torch.softmax(theta, -1)
-    cut = (rates * cols).floor()
-    j = torch.arange(cols)
-    expected = 1 - (beta[:, :, None] * (j[None, None, :] < cut[None, :, None])).sum(1)
-    torch.testing.assert_close(got, expected)
-    assert (got.diff(dim=1) >= -1e-6).all()  # keep-probability grows with importance rank
+    order = torch.stack([torch.randperm(10) for _ in range(3)])
+    theta = torch.randn(1 if shared else 3, 7)
+    cand = candidate_index(rates, 10)[column_ranks(order)]
+    got = keep_probability(torch.softmax(theta, -1), cand)
+    torch.testing.assert_close(got, _brute_force_keep(theta, rates, order))
 
 
-def test_shared_layer_distribution_broadcasts_to_every_row():
-    rates = candidate_rates(5, 0.2, 0.8)
-    got = soft_keep_by_rank(torch.zeros(1, 5), rates, 8, rows=4)
-    assert got.shape == (4, 8) and torch.equal(got[0], got[3])
+def test_column_ranks_invert_the_order():
+    order = torch.tensor([[2, 0, 1], [0, 1, 2]])
+    assert column_ranks(order).tolist() == [[1, 2, 0], [0, 1, 2]]
+
+
+def test_hard_keep_prunes_the_lowest_ranks():
+    rank = column_ranks(torch.tensor([[2, 0, 1, 3]]))  # column 2 least important, then 0, 1, 3
+    assert hard_keep(rank, torch.tensor([2])).tolist() == [[False, True, False, True]]
 
 
 def test_straight_through_forward_is_hard_and_gradient_is_soft():
     theta = torch.zeros(2, 5, requires_grad=True)
     rates = candidate_rates(5, 0.2, 0.8)
-    hard = hard_keep_by_rank(torch.tensor([3, 1]), 6)
-    soft = soft_keep_by_rank(theta, rates, 6, rows=2)
+    order = torch.arange(6).expand(2, 6)
+    hard = hard_keep(column_ranks(order), torch.tensor([3, 1]))
+    soft = keep_probability(torch.softmax(theta, -1), candidate_index(rates, 6)[column_ranks(order)])
     mask = straight_through(hard, soft)
     assert torch.equal(mask, hard.float())
     (mask * torch.arange(6.0)).sum().backward()
     assert theta.grad is not None and theta.grad.abs().sum() > 0
-
-
-def test_to_columns_inverts_the_ranking():
-    order = torch.tensor([[2, 0, 1], [0, 1, 2]])
-    by_rank = torch.tensor([[10.0, 20.0, 30.0], [1.0, 2.0, 3.0]])
-    assert to_columns(by_rank, order).tolist() == [[20.0, 30.0, 10.0], [1.0, 2.0, 3.0]]
 
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.7, 0.9])

@@ -4,9 +4,14 @@ Every row (or layer) owns logits ``theta`` over D candidate pruning rates ``c`` 
 ``beta = softmax(theta)`` and its sparsity the expectation ``alpha = beta . c``. Weights of a row are ranked once by
 importance (rank 0 = least important). The forward pass prunes the ``floor(alpha * C)`` lowest ranks (hard mask); the
 backward pass sees the keep-probability ``P_j = 1 - sum_d beta_d [j < floor(c_d * C)]`` (straight-through).
+
+Everything that does not depend on ``theta`` (each weight's rank, and from it the first candidate that prunes it) is
+computed once per block, so a training step costs one softmax, one suffix sum and one gather per layer.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -14,10 +19,11 @@ __all__ = [
     "candidate_rates",
     "tilted_logits",
     "expected_rates",
-    "hard_keep_by_rank",
-    "soft_keep_by_rank",
+    "column_ranks",
+    "candidate_index",
+    "keep_probability",
+    "hard_keep",
     "straight_through",
-    "to_columns",
     "round_to_budget",
 ]
 
@@ -51,33 +57,54 @@ def expected_rates(theta: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
     return torch.softmax(theta, dim=-1) @ rates
 
 
-def hard_keep_by_rank(counts: torch.Tensor, cols: int) -> torch.Tensor:
-    """Keep mask in rank order: rank ``j`` of row ``r`` is kept iff ``j >= counts[r]``. Bool (R, C)."""
-    return torch.arange(cols, device=counts.device).unsqueeze(0) >= counts.unsqueeze(1)
+def column_ranks(order: torch.Tensor) -> torch.Tensor:
+    """Inverse of a per-row ranking: ``order[r, j]`` is the column of rank ``j``; returns the rank of every column."""
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ranks)
 
 
-def soft_keep_by_rank(theta: torch.Tensor, rates: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
-    """Keep-probability in rank order, (rows, C): ``1 - Pr_{d~beta}[rank < floor(c_d * C)]``.
+def candidate_index(rates: torch.Tensor, cols: int) -> torch.Tensor:
+    """For every rank ``j`` (C,), the first candidate ``d`` whose cut ``floor(c_d * C)`` exceeds ``j``.
 
-    ``theta`` is (rows, D) or (1, D) (one distribution shared by every row). Built with one scatter-add and one
-    cumulative sum, so the cost is O(rows * (D + C)).
+    Candidate ``d`` prunes the ranks below its cut, so rank ``j`` is pruned by exactly the candidates from this index on
+    (rates ascending). ``D`` means no candidate prunes it.
     """
-    beta = torch.softmax(theta, dim=-1)  # (G, D)
-    cut = (rates * cols).floor().long().clamp_(0, cols)  # (D,) ranks below cut_d are pruned by candidate d
-    mass_at_cut = beta.new_zeros(beta.shape[0], cols + 1).index_add_(1, cut, beta)  # (G, C+1)
-    # Pr[cut > j] = sum of the mass at cuts j+1..C: a suffix sum
-    prune_prob = mass_at_cut.flip(1).cumsum(1).flip(1)[:, 1:]  # (G, C)
-    return (1.0 - prune_prob).expand(rows, cols)
+    cut = (rates * cols).floor().long().clamp_(0, cols)  # (D,)
+    return torch.searchsorted(cut, torch.arange(cols, device=rates.device), right=True)
+
+
+def keep_probability(beta: torch.Tensor, cand_of_col: torch.Tensor) -> torch.Tensor:
+    """Soft keep mask (R, C): ``1 - Pr_{d~beta}[d prunes the weight]`` for each weight.
+
+    ``beta`` is (R, D), or (1, D) shared by all rows; ``cand_of_col`` (R, C) is ``candidate_index`` at each weight's
+    rank. One suffix sum over the D candidates and one gather: O(R * (D + C)).
+    """
+    suffix = torch.cat(
+        [beta.flip(-1).cumsum(-1).flip(-1), beta.new_zeros(beta.shape[0], 1)], dim=-1
+    )  # (G, D+1)
+    if beta.shape[0] == 1:
+        return 1.0 - suffix[0][cand_of_col]
+    return 1.0 - suffix.gather(1, cand_of_col)
+
+
+def hard_keep(col_rank: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Hard keep mask (R, C): a weight is pruned iff its rank in its row is below that row's count."""
+    return col_rank >= counts.unsqueeze(1).to(col_rank.device)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return hard.to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, grad
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """Forward value ``hard`` exactly, gradient of ``soft``."""
-    return hard.to(soft.dtype) - soft.detach() + soft
-
-
-def to_columns(by_rank: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Move a (R, C) tensor from rank order back to column order; ``order[r, j]`` = column of rank ``j``."""
-    return torch.empty_like(by_rank).scatter(1, order, by_rank)
+    """Forward value ``hard`` exactly, gradient of ``soft`` (the straight-through estimator)."""
+    return _StraightThrough.apply(hard, soft)
 
 
 def round_to_budget(

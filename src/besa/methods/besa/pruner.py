@@ -19,14 +19,14 @@ from besa.config import MethodConfig
 from besa.errors import BesaError
 from besa.methods.base import LayerStats, Pruner
 from besa.methods.besa.allocation import (
+    candidate_index,
     candidate_rates,
-    expected_rates,
-    hard_keep_by_rank,
+    column_ranks,
+    hard_keep,
+    keep_probability,
     round_to_budget,
-    soft_keep_by_rank,
     straight_through,
     tilted_logits,
-    to_columns,
 )
 from besa.methods.magnitude import magnitude_scores
 from besa.methods.sparsegpt import HessianStats, inverse_hessian_factor
@@ -113,26 +113,36 @@ class _LayerAllocation:
     ):
         self.name = name
         self.layer = layer
-        self.order = order  # (R, C) column index of each rank, ascending importance
-        self.rates = rates  # (D,)
-        self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
         self.rows, self.cols = order.shape
+        rank = column_ranks(order)  # (R, C) rank of every weight in its row
+        self.cand_of_col = candidate_index(rates, self.cols)[
+            rank
+        ]  # (R, C) first candidate pruning each weight
+        self.col_rank = rank.to(torch.int32)
+        self.rates = rates  # (D,) ascending
+        self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
         self.current_mask: torch.Tensor | None = None  # set before each training forward
 
     @property
     def numel(self) -> int:
         return self.rows * self.cols
 
-    def row_rates(self) -> torch.Tensor:
+    def row_rates(self, beta: torch.Tensor | None = None) -> torch.Tensor:
         """Expected pruning rate of every row (R,), differentiable."""
-        return expected_rates(self.theta, self.rates).expand(self.rows)
+        beta = torch.softmax(self.theta, dim=-1) if beta is None else beta
+        return (beta @ self.rates).expand(self.rows)
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training mask in column order (R, C), hard forward / soft backward, and the rows' expected rates."""
+        beta = torch.softmax(self.theta, dim=-1)
+        rates = self.row_rates(beta)
+        counts = (rates.detach() * self.cols).floor().long()
+        return straight_through(
+            hard_keep(self.col_rank, counts), keep_probability(beta, self.cand_of_col)
+        ), rates
 
     def mask(self) -> torch.Tensor:
-        """Keep mask in column order (R, C): hard in the forward pass, soft in the backward pass."""
-        counts = (self.row_rates().detach() * self.cols).floor().long()
-        hard = hard_keep_by_rank(counts, self.cols)
-        soft = soft_keep_by_rank(self.theta, self.rates, self.cols, self.rows)
-        return to_columns(straight_through(hard, soft), self.order)
+        return self.step()[0]
 
 
 def _masked_forward(layer: nn.Module, alloc: _LayerAllocation, x: torch.Tensor) -> torch.Tensor:
@@ -216,11 +226,6 @@ class BesaPruner(Pruner):
 
         return Prodigy(params, lr=self.cfg.lr or 1.0, d_coef=self.cfg.d_coef, weight_decay=0.0)
 
-    def _block_rate(self, allocs: dict[str, _LayerAllocation]) -> torch.Tensor:
-        """Parameter-weighted mean of the layers' expected sparsity (differentiable)."""
-        total = sum(a.numel for a in allocs.values())
-        return sum(a.row_rates().mean() * (a.numel / total) for a in allocs.values())
-
     @contextmanager
     def _masked(self, allocs: dict[str, _LayerAllocation]) -> Iterator[None]:
         for alloc in allocs.values():
@@ -235,6 +240,7 @@ class BesaPruner(Pruner):
         self, work: BlockWork, allocs: dict[str, _LayerAllocation], targets: list[torch.Tensor]
     ) -> list[float]:
         params = [a.theta for a in allocs.values()]
+        total = sum(a.numel for a in allocs.values())
         opt = self._optimizer(params)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -250,19 +256,22 @@ class BesaPruner(Pruner):
         with torch.enable_grad(), self._masked(allocs):
             for _ in range(self.cfg.epochs):
                 for hidden, target in zip(work.inputs, targets, strict=True):
+                    block_rate = 0.0
                     for alloc in allocs.values():
-                        alloc.current_mask = alloc.mask()
+                        alloc.current_mask, rates = alloc.step()
+                        block_rate = block_rate + rates.mean() * (alloc.numel / total)
                     with autocast:
                         out = work.forward(hidden)
                     rec = reconstruction_loss(target.to(work.device), out)
-                    block_rate = self._block_rate(allocs)
                     loss = rec + self.cfg.lam * (block_rate - self.sparsity) ** 2
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     losses.append(float(loss.detach()))
                     bar.update()
-                    bar.set_postfix(loss=f"{float(rec):.4g}", sparsity=f"{float(block_rate):.4f}")
+                    bar.set_postfix(
+                        loss=f"{float(rec.detach()):.4g}", sparsity=f"{float(block_rate.detach()):.4f}"
+                    )
         bar.close()
         for alloc in allocs.values():
             alloc.current_mask = None
@@ -279,10 +288,10 @@ class BesaPruner(Pruner):
             info: dict[str, Any] = {"shift": shift, "layers": {}}
             start = 0
             for name, alloc in allocs.items():
-                layer_counts = counts[start : start + alloc.rows].to(alloc.order.device)
+                layer_counts = counts[start : start + alloc.rows]
                 learned = rates[start : start + alloc.rows]
                 start += alloc.rows
-                keep = to_columns(hard_keep_by_rank(layer_counts, alloc.cols), alloc.order)
+                keep = hard_keep(alloc.col_rank, layer_counts)
                 weight_matrix(alloc.layer).masked_fill_(~keep, 0)
                 final = layer_counts.float() / alloc.cols
                 self.layer_targets[f"{work.name}.{name}"] = float(layer_counts.sum()) / alloc.numel
