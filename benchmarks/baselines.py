@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
+ALL_METHODS = ["magnitude", "wanda", "sparsegpt", "besa"]  # table order
+NO_NM = {"besa"}  # methods without N:M support
 
 
 def _besa(*args: str) -> None:
@@ -65,7 +67,12 @@ def run(args: argparse.Namespace) -> None:
             _besa("eval", args.model, *common_eval, "--json", f"{tmp}/ppl.json")
             results["dense"] = {"ppl": json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]}
         save()
-    order = [(s, m) for s in args.settings.split(",") for m in args.methods.split(",")]
+    order = [
+        (s, m)
+        for s in args.settings.split(",")
+        for m in args.methods.split(",")
+        if not (":" in s and m in NO_NM)
+    ]
     for setting, method in order:
         key = f"{method}@{setting}"
         if key in results:
@@ -140,11 +147,18 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
     ]
     if dense:
         lines.append(f"| 0 | dense | {dense['ppl']:.2f} | 0 | - | - | - |")
-    for setting in args.settings.split(","):
-        for method in args.methods.split(","):
+    settings = list(dict.fromkeys([*SETTINGS, *args.settings.split(",")]))
+    requested = set(args.methods.split(","))
+    for setting in settings:
+        for method in ALL_METHODS:
             r = results.get(f"{method}@{setting}")
             if r is None:
-                lines.append(f"| {setting} | {method} | (not run yet) | | | | |")
+                if (
+                    method in requested
+                    and setting in args.settings.split(",")
+                    and not (":" in setting and method in NO_NM)
+                ):
+                    lines.append(f"| {setting} | {method} | (not run yet) | | | | |")
                 continue
             lines.append(
                 f"| {setting} | {method} | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} | {r['prune_s']:.0f} |"

@@ -18,6 +18,7 @@ from besa.registry import available_methods, get_method
 __all__ = ["main", "build_parser"]
 
 PRUNE_EXAMPLES = """examples:
+  besa prune smollm2-135m --method besa --sparsity 0.6 --nsamples 64 --seqlen 512 --out pruned/besa60
   besa prune smollm2-135m --method wanda --sparsity 0.5 --calib enwiki-articles --out pruned/wanda50
   besa prune smollm2-135m --method sparsegpt --pattern 2:4 --nsamples 64 --seqlen 512 --out pruned/sgpt24
   besa prune ./my-llama --method magnitude --sparsity 0.6 --device cuda --out pruned/mag60 --overwrite
@@ -46,7 +47,7 @@ def _field_type(f: dataclasses.Field) -> Any:
     return str
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def _add_dataclass_flags(parser: argparse._ActionsContainer, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per dataclass field, with the field's ``help`` metadata; defaults come from the dataclass."""
     for f in dataclasses.fields(cls):
         if f.name in skip or "help" not in f.metadata:
@@ -82,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, PruneConfig, skip=("method",))
     for name in available_methods():
         spec = get_method(name)
-        _add_dataclass_flags(p, spec.config_cls)
+        if any("help" in f.metadata for f in dataclasses.fields(spec.config_cls)):
+            group = p.add_argument_group(f"--method {name}", spec.summary)
+            _add_dataclass_flags(group, spec.config_cls)
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")

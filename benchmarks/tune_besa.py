@@ -1,0 +1,91 @@
+"""Tune BESA's settings on PTB validation perplexity (never on the WikiText-2 test set).
+
+Every configuration prunes a fresh copy of the model with the same calibration windows and is scored on the first
+``--max-windows`` windows of PTB valid; Wanda and SparseGPT are scored the same way as references. Finished
+configurations are kept in a JSON file and skipped on a rerun.
+
+    BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py --sparsity 0.5 --nsamples 32 --seqlen 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import besa
+from besa.data import load_calibration_documents, sample_windows
+from besa.loading import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (method, method options); the sweep moves one setting at a time away from the defaults
+GRID: dict[str, tuple[str, dict]] = {
+    "wanda": ("wanda", {}),
+    "sparsegpt": ("sparsegpt", {}),
+    "besa-default": ("besa", {}),
+    "besa-dcoef20": ("besa", {"d_coef": 20.0}),
+    "besa-dcoef100": ("besa", {"d_coef": 100.0}),
+    "besa-dcoef500": ("besa", {"d_coef": 500.0}),
+    "besa-adamw-0.05": ("besa", {"optimizer": "adamw", "lr": 0.05}),
+    "besa-adamw-0.2": ("besa", {"optimizer": "adamw", "lr": 0.2}),
+    "besa-window0.1": ("besa", {"rate_window": 0.1}),
+    "besa-window0.35": ("besa", {"rate_window": 0.35}),
+    "besa-lam5": ("besa", {"lam": 5.0}),
+    "besa-densestream": ("besa", {"target": "dense-stream"}),
+    "besa-layer": ("besa", {"granularity": "layer"}),
+    "besa-metric-sparsegpt": ("besa", {"metric": "sparsegpt"}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", default="enwiki-articles")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--only", default=None, help="comma-separated configuration names (default: all)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "tune_besa.json"))
+    args = p.parse_args()
+
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    dense, tokenizer, _ = load_model(args.model)
+    docs = load_calibration_documents(args.calib)
+    ids = sample_windows(
+        docs, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], args.nsamples, args.seqlen, 0
+    )
+    setting = f"s{args.sparsity}-n{args.nsamples}x{args.seqlen}-ptbvalid{args.max_windows}x{args.eval_seqlen}"
+    names = args.only.split(",") if args.only else list(GRID)
+    for name in names:
+        key = f"{setting}/{name}"
+        if key in results:
+            continue
+        method, options = GRID[name]
+        start = time.perf_counter()
+        pruned = besa.prune(
+            copy.deepcopy(dense), tokenizer=tokenizer, method=method, sparsity=args.sparsity, calib_ids=ids,
+            method_options=options, progress=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        ppl = besa.evaluate(
+            pruned.model, tokenizer=tokenizer, datasets=["ptb:valid"], seqlen=args.eval_seqlen,
+            max_windows=args.max_windows, progress=False,
+        )["ptb:valid"]  # fmt: skip
+        results[key] = {"method": method, "options": options, "ptb_valid_ppl": ppl["ppl"], "prune_s": seconds}
+        if method == "besa":
+            blocks = pruned.report["method"]["blocks"].values()
+            results[key]["mean_abs_shift"] = sum(abs(b["shift"]) for b in blocks) / len(blocks)
+        print(f"{key}: ptb valid {ppl['ppl']:.3f} ({seconds:.0f}s)", flush=True)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        del pruned
+
+
+if __name__ == "__main__":
+    main()
