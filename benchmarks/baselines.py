@@ -17,7 +17,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +29,13 @@ ALL_METHODS = ["magnitude", "wanda", "sparsegpt", "besa"]  # table order
 NO_NM = {"besa"}  # methods without N:M support
 
 
-def _besa(*args: str) -> None:
+def _besa(*args: str, threads: int | None = None) -> None:
     cmd = [sys.executable, "-m", "besa.cli", *args, "--no-progress"]
     print("+", shlex.join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    subprocess.run(cmd, check=True, env=env)
 
 
 def _machine() -> str:
@@ -46,7 +51,7 @@ def _machine() -> str:
 
     return (
         f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.machine()}, torch {torch.__version__}, "
-        f"CPU fp32, {torch.get_num_threads()} torch thread(s) per process"
+        "CPU fp32"
     )
 
 
@@ -58,38 +63,34 @@ def run(args: argparse.Namespace) -> None:
     if args.max_windows:
         common_eval += ["--max-windows", str(args.max_windows)]
 
-    def save() -> None:
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
-        write_markdown(args, results)
+    lock = threading.Lock()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
-    if "dense" not in results:
+    def save() -> None:
+        with lock:
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
+            write_markdown(args, results)
+
+    def dense_job() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            _besa("eval", args.model, *common_eval, "--json", f"{tmp}/ppl.json")
+            _besa("eval", args.model, *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
             results["dense"] = {"ppl": json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]}
         save()
-    order = [
-        (s, m)
-        for s in args.settings.split(",")
-        for m in args.methods.split(",")
-        if not (":" in s and m in NO_NM)
-    ]
-    for setting, method in order:
-        key = f"{method}@{setting}"
-        if key in results:
-            continue
+
+    def prune_job(setting: str, method: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
             start = time.perf_counter()
             _besa(
                 "prune", args.model, "--method", method, *target, "--calib", args.calib,
                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-                "--out", f"{tmp}/model",
+                "--out", f"{tmp}/model", threads=threads,
             )  # fmt: skip
             wall = time.perf_counter() - start
             report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
-            _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json")
+            _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
             ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]
-        results[key] = {
+        results[f"{method}@{setting}"] = {
             "method": method,
             "setting": setting,
             "ppl": ppl,
@@ -97,8 +98,27 @@ def run(args: argparse.Namespace) -> None:
             "process_s": wall,
             "peak_rss_mib": report["memory"]["peak_rss_mib"],
             "sparsity": report["sparsity"]["pruned_layers"],
+            "threads": threads or torch_threads(),
+            "parallel_jobs": args.jobs,
         }
         save()
+
+    jobs = [dense_job] if "dense" not in results else []
+    jobs += [
+        (lambda s=s, m=m: prune_job(s, m))
+        for s in args.settings.split(",")
+        for m in args.methods.split(",")
+        if not (":" in s and m in NO_NM) and f"{m}@{s}" not in results
+    ]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _non_default_flags(args: argparse.Namespace) -> str:
@@ -139,8 +159,10 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "",
         "`prune s` is the pruning stage alone (calibration capture, every block's step and propagation, from",
         "`besa_report.json`); `process s` is the whole `besa prune` process (model load and save included); peak RSS",
-        "is the pruning process's peak resident memory. Times are single runs on a shared 2-core machine: compare",
-        "them within this table, not across machines. Sparsity is counted zeros over all pruned linears.",
+        "is the pruning process's peak resident memory. Sparsity is counted zeros over all pruned linears.",
+        f"Runs: {args.jobs} at a time, the cores split between them"
+        + (f" ({max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each)" if args.jobs > 1 else "")
+        + "; times are single runs on a shared machine: compare them within this table, not across machines.",
         "",
         "| sparsity | method | WikiText-2 ppl | counted sparsity | prune s | process s | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -177,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, the cores split between them")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "baselines.json"))
