@@ -57,7 +57,8 @@ def test_file_sources(tmp_path):
         load_calibration_documents(str(bad))
 
 
-def test_enwiki_without_data_dir_says_what_to_set(monkeypatch):
+def test_enwiki_without_data_dir_says_what_to_set(monkeypatch, tmp_path):
     monkeypatch.delenv("BESA_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data beside it
     with pytest.raises(BesaError, match="BESA_DATA_DIR"):
         load_calibration_documents("enwiki-articles")

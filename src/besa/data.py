@@ -1,6 +1,6 @@
 """Text sources for calibration and evaluation, resolved from a local data directory or else the hub.
 
-A data directory (``$BESA_DATA_DIR``) is laid out like this; any file present is used before the hub::
+A data directory (``$BESA_DATA_DIR``, else ``../shared/data`` when present) is laid out like this; any file present is used before the hub::
 
     wikitext-2-raw-v1/{train,validation,test}.jsonl   one {"text": row} per line, rows byte for byte
     ptb/{train,valid,test}.txt                        one sentence per line
@@ -34,9 +34,13 @@ __all__ = [
 
 
 def data_dir() -> Path | None:
-    """The local data directory from ``$BESA_DATA_DIR``, if set."""
+    """The local data directory: ``$BESA_DATA_DIR`` if set, else ``../shared/data`` if that folder exists (the
+    workspace layout this project is developed in), else none."""
     value = os.environ.get("BESA_DATA_DIR")
-    return Path(value).expanduser() if value else None
+    if value:
+        return Path(value).expanduser()
+    fallback = Path("..", "shared", "data")
+    return fallback if fallback.is_dir() else None
 
 
 def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
