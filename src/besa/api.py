@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +16,7 @@ from besa.config import EvalConfig, PruneConfig
 from besa.data import load_calibration_documents, load_eval_text, sample_windows
 from besa.errors import BesaError
 from besa.evaluation import PerplexityResult, perplexity
+from besa.fileio import atomic_folder, write_json_atomic
 from besa.loading import ModelSource, load_model, resolve_dtype, resolve_model
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.pipeline import run_sequential
@@ -199,7 +196,7 @@ def prune(
         timings["save"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     if out_path is not None:
-        _write_json_atomic(out_path / REPORT_NAME, report)
+        write_json_atomic(out_path / REPORT_NAME, report)
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=out_path)
 
 
@@ -211,12 +208,6 @@ def _prune_without_data(model: nn.Module, pruner: Any) -> None:
             pruner.layer_targets[f"{block_name}.{name}"] = pruner.sparsity
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_pruned(
     model: nn.Module, tokenizer: Any, out: str | Path, report: dict[str, Any], overwrite: bool
 ) -> Path:
@@ -225,29 +216,11 @@ def save_pruned(
     An interrupted save leaves ``out`` untouched (absent, or the previous content when overwriting).
     """
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as exc:
-        raise BesaError(f"cannot write into {str(out.parent)!r}: {exc.strerror}") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _write_json_atomic(tmp / REPORT_NAME, report)
+        write_json_atomic(tmp / REPORT_NAME, report)
         plot_allocation(report, tmp / PLOT_NAME)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

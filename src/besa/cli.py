@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from besa.config import PruneConfig
 from besa.errors import BesaError
+from besa.fileio import write_json_atomic
 from besa.registry import available_methods, get_method
 
 __all__ = ["main", "build_parser"]
@@ -215,10 +216,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
     print(_format_table(rows, datasets))
     if args.json:
-        payload = rows[args.model[0]] if len(args.model) == 1 else rows
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, json_path)
+        write_json_atomic(json_path, rows[args.model[0]] if len(args.model) == 1 else rows)
     return 0
 
 

@@ -7,14 +7,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from besa.errors import BesaError
+from besa.fileio import atomic_folder
 
 __all__ = ["BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype"]
 
@@ -126,15 +125,9 @@ def _dequantize_gguf(gguf_path: Path) -> Path:
         plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantized.state_dict(), assign=True)
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -1,0 +1,54 @@
+"""Writing files and folders so that an interrupted run never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from besa.errors import BesaError
+
+__all__ = ["atomic_folder", "write_json_atomic"]
+
+
+@contextmanager
+def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``target``; on success rename it to ``target``, on any error delete it.
+
+    An existing ``target`` is swapped out only with ``replace``; otherwise (another process made it meanwhile) the
+    new copy is dropped and the existing one kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise BesaError(f"cannot write into {str(target.parent)!r}: {exc.strerror}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+    try:
+        yield tmp
+        if not target.exists():
+            os.replace(tmp, target)
+        elif replace:
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
