@@ -34,7 +34,7 @@ def test_every_linear_hits_the_exact_target_and_the_rest_stays_dense(arch, metho
         method=method,
         sparsity=0.5,
         calib_ids=calib_ids,
-        batch_size=4,
+        forward_batch=4,
         progress=False,
     )
     linears = _pruned_linears(result.model)

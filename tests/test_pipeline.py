@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from besa.pipeline import BlockWork, run_sequential
+from besa.pipeline import BlockWork, rebatch, run_sequential
 from conftest import ARCHS, make_model
 
 
@@ -20,7 +20,7 @@ def test_engine_feeds_each_block_the_dense_models_hidden_states(arch, calib_ids)
         seen.append(torch.cat(work.inputs))
         outputs.append(torch.cat(work.forward_all(keep_outputs=True)))
 
-    run_sequential(model, calib_ids, step, torch.device("cpu"), batch_size=4, progress=False)
+    run_sequential(model, calib_ids, step, torch.device("cpu"), forward_batch=4, progress=False)
     assert len(seen) == model.config.num_hidden_layers
     for i, got in enumerate(seen):
         torch.testing.assert_close(got, expected[i], rtol=1e-4, atol=1e-5)
@@ -36,7 +36,7 @@ def test_engine_keeps_activations_on_cpu_and_blocks_back_on_cpu(calib_ids):
     def step(work: BlockWork) -> None:
         devices.extend(t.device.type for t in work.inputs)
 
-    run_sequential(model, calib_ids, step, torch.device("cpu"), batch_size=4, progress=False)
+    run_sequential(model, calib_ids, step, torch.device("cpu"), forward_batch=4, progress=False)
     assert set(devices) == {"cpu"}
     assert all(p.device.type == "cpu" for p in model.parameters())
 
@@ -54,6 +54,14 @@ def test_engine_uses_pruned_outputs_as_next_inputs(calib_ids):
             for layer in work.linears.values():
                 layer.weight.data.zero_()
 
-    run_sequential(model, calib_ids, step, torch.device("cpu"), batch_size=4, progress=False)
+    run_sequential(model, calib_ids, step, torch.device("cpu"), forward_batch=4, progress=False)
     # a block whose linears are all zero is the identity (residual only)
     torch.testing.assert_close(seen[1], dense[0])
+
+
+def test_rebatch_recuts_stored_batches_in_order():
+    chunks = [torch.arange(3), torch.arange(3, 8), torch.arange(8, 9)]
+    for size in (1, 2, 4, 9, 20):
+        out = list(rebatch(chunks, size))
+        assert torch.equal(torch.cat(out), torch.arange(9))
+        assert all(len(b) == size for b in out[:-1]) and 0 < len(out[-1]) <= size

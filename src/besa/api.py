@@ -100,7 +100,7 @@ def prune(
     seed: int = 0,
     device: str | None = None,
     dtype: str = "auto",
-    batch_size: int | None = None,
+    forward_batch: int = 8,
     out: str | Path | None = None,
     overwrite: bool = False,
     tokenizer: Any = None,
@@ -126,7 +126,7 @@ def prune(
     t_start = time.perf_counter()
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
-        seed=seed, device=device, dtype=dtype, batch_size=batch_size,
+        seed=seed, device=device, dtype=dtype, forward_batch=forward_batch,
     )  # fmt: skip
     spec = get_method(config.method)
     try:
@@ -134,8 +134,6 @@ def prune(
     except TypeError as exc:
         raise BesaError(f"bad option for method {config.method!r}: {exc}") from None
     pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
-    if config.batch_size is None:
-        config.batch_size = spec.pruner_cls.default_batch_size
     out_path = check_output_dir(out, overwrite) if out is not None else None
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
@@ -167,7 +165,7 @@ def prune(
         timings["sample_calibration"] = time.perf_counter() - t
         t = time.perf_counter()
         engine = run_sequential(
-            model, calib_ids, pruner.prune_block, compute_device, config.batch_size, progress,
+            model, calib_ids, pruner.prune_block, compute_device, config.forward_batch, progress,
             dense_stream=pruner.needs_dense_stream,
         )  # fmt: skip
         timings["capture"] = engine.capture_seconds

@@ -68,8 +68,7 @@ class PruneConfig:
         seed: seed of the calibration sampler (and of anything random in a method).
         device: compute device for one block at a time (``cpu``, ``cuda``, ``cuda:1``); ``None`` picks CUDA if present.
         dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
-        batch_size: calibration sequences per block forward (and per optimizer step for learned methods);
-            ``None`` takes the method's default.
+        forward_batch: calibration sequences per block forward (capture, statistics, propagation).
     """
 
     method: str = field(default="wanda", metadata={"help": "pruning method"})
@@ -96,10 +95,7 @@ class PruneConfig:
         default="auto",
         metadata={"help": "compute dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"},
     )
-    batch_size: int | None = field(
-        default=None,
-        metadata={"help": "calibration sequences per block forward and per BESA step (default: 8; besa: 1)"},
-    )
+    forward_batch: int = field(default=8, metadata={"help": "calibration sequences per block forward"})
 
     def __post_init__(self) -> None:
         nm = parse_pattern(self.pattern)
@@ -114,8 +110,8 @@ class PruneConfig:
             self.sparsity = 0.5
         if not 0.0 <= self.sparsity < 1.0:
             raise BesaError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        for name in ("nsamples", "seqlen", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+        for name in ("nsamples", "seqlen", "forward_batch"):
+            if getattr(self, name) < 1:
                 raise BesaError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise BesaError(f"unknown --dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")

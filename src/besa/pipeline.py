@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from besa.modeling import find_blocks, find_linears
 
-__all__ = ["BlockCall", "BlockWork", "capture_block_calls", "capture_first_inputs", "run_sequential"]
+__all__ = [
+    "BlockCall",
+    "BlockWork",
+    "capture_block_calls",
+    "capture_first_inputs",
+    "rebatch",
+    "run_sequential",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,27 @@ def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     if t.dim() >= 2 and t.shape[0] == 1 and batch != 1:
         return t.expand(batch, *t.shape[1:])
     return t
+
+
+def rebatch(chunks: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """Re-cut stored batches (each (B_i, ...)) into consecutive batches of ``size`` samples (the last may be smaller).
+
+    Slices are views where a batch lies inside one stored chunk; only batches that straddle chunks are copied.
+    """
+    pending: list[torch.Tensor] = []
+    have = 0
+    for chunk in chunks:
+        start = 0
+        while start < chunk.shape[0]:
+            take = min(size - have, chunk.shape[0] - start)
+            pending.append(chunk[start : start + take])
+            have += take
+            start += take
+            if have == size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, have = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
 @dataclass
@@ -204,7 +232,7 @@ def run_sequential(
     input_ids: torch.Tensor,
     prune_block: Callable[[BlockWork], None],
     device: torch.device,
-    batch_size: int = 8,
+    forward_batch: int = 8,
     progress: bool = True,
     block_class: str | None = None,
     dense_stream: bool = False,
@@ -224,7 +252,7 @@ def run_sequential(
     try:
         with torch.no_grad():
             calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
-            inputs = capture_first_inputs(model, blocks[0], input_ids, batch_size, device)
+            inputs = capture_first_inputs(model, blocks[0], input_ids, forward_batch, device)
         dense_inputs = inputs if dense_stream else None
         capture_seconds = time.perf_counter() - t0
         block_seconds: list[float] = []

@@ -29,7 +29,6 @@ class Pruner(ABC):
     """
 
     needs_calibration: bool = True
-    default_batch_size: int = 8
 
     @property
     def needs_dense_stream(self) -> bool:

@@ -52,7 +52,7 @@ def _one_block_work(arch="llama", n=6):
     model = make_model(arch)
     ids = torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(0))
     works = []
-    run_sequential(model, ids, works.append, torch.device("cpu"), batch_size=1, progress=False)
+    run_sequential(model, ids, works.append, torch.device("cpu"), forward_batch=1, progress=False)
     return model, works[0]
 
 
@@ -134,3 +134,13 @@ def test_besa_refuses_nm_and_bad_options(tokenizer):
         besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", pattern="2:4", progress=False)
     with pytest.raises(BesaError, match="--metric must be one of"):
         besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", method_options={"metric": "x"})
+
+
+def test_training_batch_is_independent_of_the_forward_batch(tokenizer):
+    ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
+    result = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=ids, forward_batch=2,
+        method_options={"batch_size": 3, "epochs": 2}, progress=False,
+    )  # fmt: skip
+    for info in result.report["method"]["blocks"].values():
+        assert info["steps"] == 2 * 2  # ceil(5 / 3) steps per epoch

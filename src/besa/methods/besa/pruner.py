@@ -32,7 +32,7 @@ from besa.methods.magnitude import magnitude_scores
 from besa.methods.sparsegpt import HessianStats, inverse_hessian_factor
 from besa.methods.wanda import InputNormStats, wanda_scores
 from besa.modeling import weight_matrix
-from besa.pipeline import BlockWork
+from besa.pipeline import BlockWork, rebatch
 from besa.registry import register_method
 
 __all__ = ["BesaConfig", "BesaPruner", "reconstruction_loss"]
@@ -60,6 +60,8 @@ class BesaConfig(MethodConfig):
         lr: learning rate (Prodigy: 1.0; AdamW: 0.01 when not given).
         d_coef: Prodigy's coefficient on its estimated step size.
         epochs: passes over the calibration windows per block.
+        batch_size: calibration sequences per optimizer step (the stored activations are re-cut to this size;
+            the calibration and propagation passes use the engine's ``forward_batch``).
     """
 
     metric: str = field(
@@ -75,6 +77,7 @@ class BesaConfig(MethodConfig):
     lr: float | None = field(default=None, metadata={"help": "BESA: learning rate (prodigy 1.0, adamw 0.01)"})
     d_coef: float = field(default=5.0, metadata={"help": "BESA: Prodigy d_coef"})
     epochs: int = field(default=1, metadata={"help": "BESA: epochs over the calibration set per block"})
+    batch_size: int = field(default=1, metadata={"help": "BESA: calibration sequences per optimizer step"})
 
     def __post_init__(self) -> None:
         choices = {
@@ -92,6 +95,8 @@ class BesaConfig(MethodConfig):
             raise BesaError(f"--rate-window must be in (0, 1], got {self.rate_window}")
         if not 0 < self.max_rate <= 1:
             raise BesaError(f"--max-rate must be in (0, 1], got {self.max_rate}")
+        if self.batch_size < 1:
+            raise BesaError(f"--batch-size must be positive, got {self.batch_size}")
         if self.epochs < 1:
             raise BesaError(f"--epochs must be positive, got {self.epochs}")
         if self.lam < 0:
@@ -156,8 +161,6 @@ def _masked_forward(layer: nn.Module, alloc: _LayerAllocation, x: torch.Tensor) 
 )
 class BesaPruner(Pruner):
     """Blockwise Parameter-Efficient Sparsity Allocation."""
-
-    default_batch_size = 1
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
@@ -248,14 +251,16 @@ class BesaPruner(Pruner):
             else torch.autocast("cpu", enabled=False)
         )
         losses: list[float] = []
-        steps = self.cfg.epochs * len(work.inputs)
+        samples = sum(x.shape[0] for x in work.inputs)
+        steps = self.cfg.epochs * -(-samples // self.cfg.batch_size)
         bar = tqdm(
             total=steps, desc=f"({work.index + 1}/{work.num_blocks}) Learning", leave=False,
             disable=None if work.progress else True,
         )  # fmt: skip
         with torch.enable_grad(), self._masked(allocs):
             for _ in range(self.cfg.epochs):
-                for hidden, target in zip(work.inputs, targets, strict=True):
+                size = self.cfg.batch_size
+                for hidden, target in zip(rebatch(work.inputs, size), rebatch(targets, size), strict=True):
                     block_rate = 0.0
                     for alloc in allocs.values():
                         alloc.current_mask, rates = alloc.step()
@@ -316,6 +321,7 @@ class BesaPruner(Pruner):
         finally:
             for p, r in zip(work.module.parameters(), requires, strict=True):
                 p.requires_grad_(r)
+        info["steps"] = len(losses)
         info["loss_first"] = losses[0] if losses else math.nan
         info["loss_last"] = losses[-1] if losses else math.nan
         self.blocks[work.name] = info
