@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _markdown import replace_section  # noqa: E402
+
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 ALL_METHODS = ["magnitude", "wanda", "sparsegpt", "besa"]  # table order
@@ -63,6 +66,9 @@ def run(args: argparse.Namespace) -> None:
     if args.max_windows:
         common_eval += ["--max-windows", str(args.max_windows)]
 
+    if args.render_only:
+        write_markdown(args, results)
+        return
     lock = threading.Lock()
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
 
@@ -127,7 +133,7 @@ def _non_default_flags(args: argparse.Namespace) -> str:
     flags = [
         f" --{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
-        if k not in ("results", "markdown") and v != defaults[k]
+        if k not in ("results", "markdown", "render_only") and v != defaults[k]
     ]
     return "".join(flags)
 
@@ -135,9 +141,7 @@ def _non_default_flags(args: argparse.Namespace) -> str:
 def write_markdown(args: argparse.Namespace, results: dict) -> None:
     dense = results.get("dense", {}).get("ppl", {})
     lines = [
-        "# Benchmarks",
-        "",
-        "## Baselines: magnitude, Wanda, SparseGPT",
+        "## Pruning methods on SmolLM2-135M: magnitude, Wanda, SparseGPT, BESA",
         "",
         f"Model `{args.model}`; calibration {args.nsamples} x {args.seqlen} tokens of `{args.calib}` (seed {args.seed});"
         f" WikiText-2 test perplexity at seqlen {args.eval_seqlen}"
@@ -186,8 +190,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
                 f"| {setting} | {method} | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} | {r['prune_s']:.0f} |"
                 f" {r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |"
             )
-    lines.append("")
-    Path(args.markdown).write_text("\n".join(lines) + "\n")
+    replace_section(Path(args.markdown), "baselines", "\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, the cores split between them")
+    p.add_argument(
+        "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
+    )
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "baselines.json"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from besa.data import load_calibration_documents, sample_windows
 from besa.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _markdown import replace_section  # noqa: E402
 
 # name -> (method, method options); the sweep moves one setting at a time away from the defaults
 GRID: dict[str, tuple[str, dict]] = {
@@ -40,6 +43,30 @@ GRID: dict[str, tuple[str, dict]] = {
 }
 
 
+def write_markdown(path: Path, results: dict, command: str) -> None:
+    """The tuning table, one row per configuration, grouped by setting, best first."""
+    lines = [
+        "## BESA settings, scored on PTB valid (not on the test set)",
+        "",
+        "Each row prunes SmolLM2-135M with the same calibration windows of `enwiki-articles` (seed 0) and scores",
+        "the first windows of PTB **valid** at seqlen 512, so settings are chosen without looking at WikiText-2",
+        "test. Wanda and SparseGPT are scored the same way for reference. One process, one thread.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| setting | configuration | options | PTB valid ppl | prune s |",
+        "|---|---|---|---:|---:|",
+    ]
+    rows = sorted(results.items(), key=lambda kv: (kv[0].split("/")[0], kv[1]["ptb_valid_ppl"]))
+    for key, r in rows:
+        setting, name = key.split("/", 1)
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+        lines.append(f"| {setting} | {name} | {options} | {r['ptb_valid_ppl']:.2f} | {r['prune_s']:.0f} |")
+    replace_section(path, "besa-tuning", "\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -51,11 +78,21 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--only", default=None, help="comma-separated configuration names (default: all)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "tune_besa.json"))
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument(
+        "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
+    )
     args = p.parse_args()
+    command = "BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--render-only"
+    )
 
     results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        write_markdown(Path(args.markdown), results, command)
+        return
     dense, tokenizer, _ = load_model(args.model)
     docs = load_calibration_documents(args.calib)
     ids = sample_windows(
@@ -84,6 +121,7 @@ def main() -> None:
             results[key]["mean_abs_shift"] = sum(abs(b["shift"]) for b in blocks) / len(blocks)
         print(f"{key}: ptb valid {ppl['ppl']:.3f} ({seconds:.0f}s)", flush=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_markdown(Path(args.markdown), results, command)
         del pruned
 
 
