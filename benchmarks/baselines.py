@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
             _besa(
                 "prune", args.model, "--method", method, *target, "--calib", args.calib,
                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-                "--out", f"{tmp}/model", threads=threads,
+                "--out", f"{tmp}/model", *(shlex.split(args.besa_flags) if method == "besa" else []), threads=threads,
             )  # fmt: skip
             wall = time.perf_counter() - start
             report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> None:
             "sparsity": report["sparsity"]["pruned_layers"],
             "threads": threads or torch_threads(),
             "parallel_jobs": args.jobs,
+            "flags": args.besa_flags if method == "besa" else "",
         }
         save()
 
@@ -133,7 +134,7 @@ def _non_default_flags(args: argparse.Namespace) -> str:
     flags = [
         f" --{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
-        if k not in ("results", "markdown", "render_only") and v != defaults[k]
+        if k not in ("results", "markdown", "render_only") and v != defaults[k] and not isinstance(v, bool)
     ]
     return "".join(flags)
 
@@ -186,8 +187,9 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
                 ):
                     lines.append(f"| {setting} | {method} | (not run yet) | | | | |")
                 continue
+            label = f"{method} `{r['flags']}`" if r.get("flags") else method
             lines.append(
-                f"| {setting} | {method} | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} | {r['prune_s']:.0f} |"
+                f"| {setting} | {label} | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} | {r['prune_s']:.0f} |"
                 f" {r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |"
             )
     replace_section(Path(args.markdown), "baselines", "\n".join(lines))
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, the cores split between them")
+    p.add_argument(
+        "--besa-flags", default="", help="extra flags for the besa runs, e.g. '--optimizer adamw --lr 0.05'"
+    )
     p.add_argument(
         "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
     )
