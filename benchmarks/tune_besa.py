@@ -85,8 +85,9 @@ def main() -> None:
         "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
     )
     args = p.parse_args()
-    command = "BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py " + " ".join(
-        a for a in sys.argv[1:] if a != "--render-only"
+    command = (
+        "BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py "
+        + " ".join(a for a in sys.argv[1:] if a != "--render-only").rstrip()
     )
 
     results_path = Path(args.results)
