@@ -151,6 +151,6 @@ def test_unknown_method_lists_the_known_ones():
         besa.prune("smollm2-135m", method="nope")
 
 
-def test_evaluate_matches_a_manual_nll(data_dir, model_dir):
+def test_evaluate_a_saved_folder_reports_the_protocol_fields(data_dir, model_dir):
     res = besa.evaluate(str(model_dir), datasets=["wikitext2"], seqlen=8, progress=False)["wikitext2"]
     assert res["seqlen"] == 8 and res["tokens"] == res["windows"] * 8 and res["ppl"] > 1
