@@ -50,6 +50,9 @@ BAD_PRUNE = [
         "device",
     ),
     (["MODEL", "--sparsity", "abc"], "invalid float value"),
+    (["MODEL", "--max-memory", "lots"], "invalid memory size"),
+    (["MODEL", "--resume"], "nothing to resume"),
+    (["MODEL", "--resume", "--no-checkpoint"], "resume needs checkpoints"),
 ]
 
 
@@ -65,7 +68,7 @@ def test_bad_prune_input_exits_2_with_one_line_and_writes_nothing(
     ):  # the case's own --calib comes first and argparse keeps the last; re-run with it last
         code, _, err = _run(capsys, "prune", *argv, "--out", str(out), "--no-progress")
     _assert_one_line_error(code, err, needle)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "out.run").exists()
 
 
 def test_out_not_empty_without_overwrite(capsys, tmp_path, model_dir, calib_txt):

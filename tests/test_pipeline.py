@@ -17,8 +17,8 @@ def test_engine_feeds_each_block_the_dense_models_hidden_states(arch, calib_ids)
     outputs: list[torch.Tensor] = []
 
     def step(work: BlockWork) -> None:
-        seen.append(torch.cat(work.inputs))
-        outputs.append(torch.cat(work.forward_all(keep_outputs=True)))
+        seen.append(torch.cat(list(work.inputs)))
+        outputs.append(torch.cat(list(work.forward_all(keep_outputs=True))))
 
     run_sequential(model, calib_ids, step, torch.device("cpu"), forward_batch=4, progress=False)
     assert len(seen) == model.config.num_hidden_layers
@@ -49,7 +49,7 @@ def test_engine_uses_pruned_outputs_as_next_inputs(calib_ids):
     seen = []
 
     def step(work: BlockWork) -> None:
-        seen.append(torch.cat(work.inputs))
+        seen.append(torch.cat(list(work.inputs)))
         if work.index == 0:
             for layer in work.linears.values():
                 layer.weight.data.zero_()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from besa.activations import MemoryBudget, parse_size
+from besa.checkpoint import RUN_FILE, RunFolder, model_digest, tensor_digest
 from besa.config import EvalConfig, PruneConfig
 from besa.data import load_calibration_documents, load_eval_text, sample_windows
 from besa.errors import BesaError
@@ -108,6 +113,11 @@ def prune(
     trust_remote_code: bool = False,
     progress: bool = True,
     calib_ids: torch.Tensor | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint: bool | None = None,
+    keep_run_dir: bool = False,
+    max_memory: str | int | None = None,
 ) -> PruneResult:
     """Prune a causal LM block by block and optionally save it.
 
@@ -117,6 +127,13 @@ def prune(
         method: a registered method name; ``method_options`` holds its own settings (e.g. SparseGPT ``blocksize``).
         calib_ids: pre-tokenized calibration windows (N, T) instead of sampling from ``calib``.
         out: folder to write the pruned model, tokenizer and ``besa_report.json`` to (atomically).
+        run_dir: folder for the per-block checkpoints (default: ``<out>.run`` beside ``out``). A run killed midway
+            continues from its first unfinished block when called again with the same arguments; a run folder of
+            another run is refused. It is deleted once ``out`` is written unless ``keep_run_dir``.
+        resume: insist on continuing: fail if ``run_dir`` holds no checkpoint.
+        checkpoint: write checkpoints (default: whenever there is a run folder, i.e. ``out`` or ``run_dir`` given).
+        max_memory: RAM budget for calibration activations (``"2GiB"``, bytes, ``None`` for no limit); batches
+            beyond it are spilled to disk (into the run folder when there is one).
 
     The other arguments are the fields of ``PruneConfig``. Returns a ``PruneResult``.
 
@@ -135,6 +152,8 @@ def prune(
         raise BesaError(f"bad option for method {config.method!r}: {exc}") from None
     pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
     out_path = check_output_dir(out, overwrite) if out is not None else None
+    run_path = _run_path(out_path, run_dir, checkpoint, resume) if spec.pruner_cls.needs_calibration else None
+    parse_size(max_memory)  # a bad size fails before anything is loaded
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
     compute_device = resolve_device(config.device)
@@ -152,6 +171,8 @@ def prune(
     _check_pattern_fits(model, config)
 
     t = time.perf_counter()
+    resumed = 0
+    budget = MemoryBudget(limit=parse_size(max_memory), spill_root=run_path / "spill" if run_path else None)
     if needs_data:
         if calib_ids is None:
             assert documents is not None
@@ -163,17 +184,25 @@ def prune(
                 config.seed,
             )
         timings["sample_calibration"] = time.perf_counter() - t
+        run = None
+        if run_path is not None:
+            run = RunFolder(
+                run_path, _fingerprint(model, config, method_config, calib_ids), pruner.block_record,
+                pruner.restore_block,
+            )  # fmt: skip
+            run.check(require=resume)
+        torch.manual_seed(config.seed)
         t = time.perf_counter()
         engine = run_sequential(
             model, calib_ids, pruner.prune_block, compute_device, config.forward_batch, progress,
-            dense_stream=pruner.needs_dense_stream,
+            dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
         )  # fmt: skip
+        resumed = engine.resumed_blocks
         timings["capture"] = engine.capture_seconds
         timings["per_block"] = engine.block_seconds
     else:
         _prune_without_data(model, pruner)
     timings["prune"] = time.perf_counter() - t
-
     layers = count_layer_sparsity(model)
     for name, info in layers.items():
         info["target"] = pruner.layer_targets.get(name, config.sparsity)
@@ -185,7 +214,12 @@ def prune(
         "layers": layers,
         "method": pruner.report_extra(),
         "timings_s": timings,
-        "memory": peak_memory(),
+        "memory": {**peak_memory(), "activations": budget.summary()},
+        "run": {
+            "run_dir": str(run_path) if run_path else None,
+            "resumed_blocks": resumed,
+            "note": "timings_s.per_block of resumed blocks are those of the run that pruned them",
+        },
         "versions": library_versions(),
     }
     if out_path is not None:
@@ -195,7 +229,56 @@ def prune(
     timings["total"] = time.perf_counter() - t_start
     if out_path is not None:
         write_json_atomic(out_path / REPORT_NAME, report)
+        if run_path is not None and not keep_run_dir:
+            RunFolder(run_path, {}).remove()
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=out_path)
+
+
+def _run_path(
+    out: Path | None, run_dir: str | Path | None, checkpoint: bool | None, resume: bool
+) -> Path | None:
+    """The run folder to checkpoint into, or ``None``; an unwritable place fails here, before any work."""
+    if checkpoint is False:
+        if resume:
+            raise BesaError("resume needs checkpoints: drop --no-checkpoint")
+        return None
+    if run_dir is not None:
+        path = Path(run_dir).expanduser()
+    elif out is not None:
+        path = out.parent / f"{out.name}.run"
+    elif checkpoint or resume:
+        raise BesaError("checkpoints need a run folder: pass run_dir= (or out=)")
+    else:
+        return None
+    if path.exists() and not path.is_dir():
+        raise BesaError(f"run folder {str(path)!r} exists and is not a folder")
+    if resume and not (path / RUN_FILE).is_file():
+        raise BesaError(f"nothing to resume: {str(path)!r} holds no checkpoint")
+    existing = path
+    while not existing.exists():  # nothing is created before the first checkpoint
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise BesaError(f"cannot write the run folder {str(path)!r}: {exc.strerror}") from None
+    return path
+
+
+def _fingerprint(
+    model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor
+) -> dict[str, Any]:
+    """What must match for a run folder to be continued: everything that decides the pruned weights."""
+    fields = config.to_dict()
+    fields.pop("device")  # where it runs does not change what it computes... up to kernel differences
+    payload: dict[str, Any] = {f"config.{k}": v for k, v in fields.items()}
+    payload.update({f"option.{k}": v for k, v in method_config.to_dict().items()})
+    payload["model.class"] = type(model).__name__
+    payload["model.weights"] = model_digest(model)
+    payload["model.dtype"] = str(next(model.parameters()).dtype)
+    payload["calibration.tokens"] = tensor_digest(calib_ids.to(torch.long))
+    return json.loads(json.dumps(payload))  # as it reads back from run.json (tuples -> lists)
 
 
 def _prune_without_data(model: nn.Module, pruner: Any) -> None:

@@ -23,6 +23,7 @@ PRUNE_EXAMPLES = """examples:
   besa prune smollm2-135m --method wanda --sparsity 0.5 --calib enwiki-articles --out pruned/wanda50
   besa prune smollm2-135m --method sparsegpt --pattern 2:4 --nsamples 64 --seqlen 512 --out pruned/sgpt24
   besa prune ./my-llama --method magnitude --sparsity 0.6 --device cuda --out pruned/mag60 --overwrite
+  besa prune ./big --method besa --out pruned/big --max-memory 8GiB   (killed? run it again: it resumes)
 
 Named calibration sources are read from $BESA_DATA_DIR when present there, else from the hub."""
 
@@ -91,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run = p.add_argument_group(
+        "checkpoints and memory",
+        "A checkpoint is written after every block; rerunning the same command continues a killed run.",
+    )
+    run.add_argument("--run-dir", default=None, help="checkpoint folder (default: OUT.run beside --out)")
+    run.add_argument(
+        "--resume", action="store_true", help="require a checkpoint in the run folder to continue"
+    )
+    run.add_argument("--keep-run-dir", action="store_true", help="keep the run folder after a successful run")
+    run.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
+    run.add_argument(
+        "--max-memory", default=None, metavar="SIZE",
+        help="RAM for calibration activations, e.g. 4GiB; the rest is spilled to disk (default: no limit)",
+    )  # fmt: skip
 
     e = sub.add_parser(
         "eval",
@@ -168,6 +183,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress,
         method_options={k: given[k] for k in own if k in given},
+        run_dir=args.run_dir,
+        resume=args.resume,
+        checkpoint=False if args.no_checkpoint else None,
+        keep_run_dir=args.keep_run_dir,
+        max_memory=args.max_memory,
         **{k: given[k] for k in common if k in given},
     )
     s = result.report["sparsity"]

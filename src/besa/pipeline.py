@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from besa.activations import ActivationStore, MemoryBudget
 from besa.modeling import find_blocks, find_linears
 
 __all__ = [
     "BlockCall",
     "BlockWork",
+    "Checkpointer",
     "capture_block_calls",
     "capture_first_inputs",
     "rebatch",
@@ -105,10 +107,15 @@ def _move_outside_blocks(model: nn.Module, blocks: list[nn.Module], device: torc
 
 @torch.no_grad()
 def capture_first_inputs(
-    model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device
-) -> list[torch.Tensor]:
+    model: nn.Module,
+    first_block: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    budget: MemoryBudget | None = None,
+) -> ActivationStore:
     """Run the model up to ``first_block`` for every batch of ``input_ids`` (N, T); return block 0's inputs (CPU)."""
-    stored: list[torch.Tensor] = []
+    stored = ActivationStore(budget)
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -171,19 +178,28 @@ class BlockWork:
     name: str
     module: nn.Module
     linears: dict[str, nn.Module]
-    inputs: list[torch.Tensor]
+    inputs: Sequence[torch.Tensor]
     call: BlockCall
     device: torch.device
     num_blocks: int
     progress: bool = True
-    dense_outputs: list[torch.Tensor] | None = None
+    dense_outputs: Sequence[torch.Tensor] | None = None
     """Outputs of this (dense) block on the dense model's own stream; set when the method asks for that stream."""
+    budget: MemoryBudget | None = None
+    """The run's activation memory budget: stores made by ``forward_all`` draw on it."""
+
+    @property
+    def num_samples(self) -> int:
+        """Calibration sequences over all input batches."""
+        if isinstance(self.inputs, ActivationStore):
+            return self.inputs.num_samples
+        return sum(int(x.shape[0]) for x in self.inputs)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Run the block on one batch of hidden states (moved to the device); returns the output on the device."""
         return self.call(self.module, hidden.to(self.device, non_blocking=True))
 
-    def batches(self, desc: str, inputs: list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    def batches(self, desc: str, inputs: Sequence[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
         """Iterate over the stored input batches with a progress bar labelled ``(i/L) desc``."""
         label = f"({self.index + 1}/{self.num_blocks}) {desc}"
         batches = self.inputs if inputs is None else inputs
@@ -191,15 +207,21 @@ class BlockWork:
 
     @torch.no_grad()
     def forward_all(
-        self, desc: str = "Calibrating", keep_outputs: bool = False, inputs: list[torch.Tensor] | None = None
-    ) -> list[torch.Tensor] | None:
-        """Run the block over all calibration batches (or ``inputs``); return the outputs (CPU) if ``keep_outputs``."""
-        outputs: list[torch.Tensor] = []
+        self,
+        desc: str = "Calibrating",
+        keep_outputs: bool = False,
+        inputs: Sequence[torch.Tensor] | None = None,
+    ) -> ActivationStore | None:
+        """Run the block over all calibration batches (or ``inputs``); return the outputs (CPU) if ``keep_outputs``.
+
+        The outputs are an ``ActivationStore`` on the run's memory budget (spilled to disk beyond it).
+        """
+        outputs = ActivationStore(self.budget) if keep_outputs else None
         for hidden in self.batches(desc, inputs):
             out = self.forward(hidden)
-            if keep_outputs:
-                outputs.append(out.to("cpu"))
-        return outputs if keep_outputs else None
+            if outputs is not None:
+                outputs.append(out)
+        return outputs
 
     @contextmanager
     def input_hooks(self, fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
@@ -225,6 +247,27 @@ class SequentialResult:
 
     capture_seconds: float
     block_seconds: list[float]
+    resumed_blocks: int = 0
+    """Blocks taken from a run folder's checkpoints instead of being pruned by this call."""
+
+
+class Checkpointer(Protocol):
+    """Where the engine saves each finished block and, on a rerun, picks the work up again (``RunFolder``)."""
+
+    def resume(
+        self, named_blocks: list[tuple[str, nn.Module]], budget: MemoryBudget
+    ) -> tuple[int, list[float], ActivationStore | None, ActivationStore | None]: ...
+
+    def commit(
+        self,
+        index: int,
+        name: str,
+        block: nn.Module,
+        num_blocks: int,
+        seconds: float,
+        inputs: ActivationStore | None,
+        dense_inputs: ActivationStore | None,
+    ) -> None: ...
 
 
 def run_sequential(
@@ -236,28 +279,40 @@ def run_sequential(
     progress: bool = True,
     block_class: str | None = None,
     dense_stream: bool = False,
+    budget: MemoryBudget | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> SequentialResult:
     """Prune ``model`` in place block by block with ``prune_block``, calibrating on ``input_ids`` (N, T).
 
     Only one block is on ``device`` at a time; everything else of the model is moved there only for the
     embedding pass and returned to the CPU at the end. With ``dense_stream`` the engine also carries the dense
     model's own activations and hands each step the dense block's outputs on them (``BlockWork.dense_outputs``).
+    Activations are kept within ``budget`` (spilled to disk beyond it). With ``checkpoint`` every finished block is
+    saved, and blocks finished by an earlier, interrupted run are loaded instead of pruned again.
     """
     named_blocks = find_blocks(model, block_class)
     blocks = [b for _, b in named_blocks]
+    budget = budget if budget is not None else MemoryBudget()
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    start, block_seconds, inputs, dense_inputs = 0, [], None, None
+    if checkpoint is not None:
+        start, block_seconds, inputs, dense_inputs = checkpoint.resume(named_blocks, budget)
     _move_outside_blocks(model, blocks, device)
     try:
         with torch.no_grad():
             calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
-            inputs = capture_first_inputs(model, blocks[0], input_ids, forward_batch, device)
-        dense_inputs = inputs if dense_stream else None
+            if inputs is None and start < len(blocks):
+                inputs = capture_first_inputs(model, blocks[0], input_ids, forward_batch, device, budget)
+                dense_inputs = inputs if dense_stream else None
         capture_seconds = time.perf_counter() - t0
-        block_seconds: list[float] = []
-        bar = tqdm(named_blocks, desc="Pruning blocks", disable=None if progress else True)
-        for i, (name, block) in enumerate(bar):
+        bar = tqdm(
+            named_blocks, desc="Pruning blocks", disable=None if progress else True, initial=start,
+            total=len(named_blocks),
+        )  # fmt: skip
+        for i, (name, block) in enumerate(named_blocks[start:], start=start):
+            assert inputs is not None
             tb = time.perf_counter()
             block.to(device)
             work = BlockWork(
@@ -270,17 +325,36 @@ def run_sequential(
                 device=device,
                 num_blocks=len(blocks),
                 progress=progress,
+                budget=budget,
             )
             if dense_inputs is not None:
                 work.dense_outputs = work.forward_all("Dense stream", keep_outputs=True, inputs=dense_inputs)
             prune_block(work)
-            dense_inputs = work.dense_outputs
-            if i + 1 < len(blocks):
-                inputs = work.forward_all("Propagating", keep_outputs=True)
+            next_dense = work.dense_outputs if isinstance(work.dense_outputs, ActivationStore) else None
+            next_inputs = work.forward_all("Propagating", keep_outputs=True) if i + 1 < len(blocks) else None
             block.to("cpu")
             block_seconds.append(time.perf_counter() - tb)
+            _release(inputs, dense_inputs, keep=(next_inputs, next_dense))
+            inputs, dense_inputs = next_inputs, next_dense
+            del work
+            if checkpoint is not None:
+                checkpoint.commit(i, name, block, len(blocks), block_seconds[-1], inputs, dense_inputs)
+            bar.update()
             log.debug("block %s pruned in %.2fs", name, block_seconds[-1])
+        bar.close()
     finally:
         _move_outside_blocks(model, blocks, torch.device("cpu"))
         model.train(was_training)
-    return SequentialResult(capture_seconds=capture_seconds, block_seconds=block_seconds)
+        _release(inputs, dense_inputs)
+        budget.cleanup()
+    return SequentialResult(
+        capture_seconds=capture_seconds, block_seconds=block_seconds, resumed_blocks=start
+    )
+
+
+def _release(*stores: Sequence[torch.Tensor] | None, keep: tuple = ()) -> None:
+    """Free the activation stores that are no longer needed (not the ones in ``keep``)."""
+    kept = {id(k) for k in keep if k is not None}
+    for store in stores:
+        if isinstance(store, ActivationStore) and id(store) not in kept:
+            store.release()

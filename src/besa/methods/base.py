@@ -57,6 +57,15 @@ class Pruner(ABC):
         """Method-specific facts for ``besa_report.json`` (learned allocations, fallbacks, ...)."""
         return {}
 
+    def block_record(self, block_name: str) -> dict:
+        """JSON-able facts about a finished block, kept in its checkpoint so a resumed run reports them too."""
+        prefix = f"{block_name}."
+        return {"layer_targets": {k: v for k, v in self.layer_targets.items() if k.startswith(prefix)}}
+
+    def restore_block(self, block_name: str, record: dict) -> None:
+        """Take back what ``block_record`` gave for a block loaded from a checkpoint."""
+        self.layer_targets.update(record.get("layer_targets", {}))
+
 
 class LayerwisePruner(Pruner):
     """A method that prunes each linear on its own from statistics of its inputs on the dense block.

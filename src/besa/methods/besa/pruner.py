@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from besa.activations import ActivationStore
 from besa.config import MethodConfig
 from besa.errors import BesaError
 from besa.methods.base import LayerStats, Pruner
@@ -35,7 +36,7 @@ from besa.modeling import weight_matrix
 from besa.pipeline import BlockWork, rebatch
 from besa.registry import register_method
 
-__all__ = ["BesaConfig", "BesaPruner", "reconstruction_loss"]
+__all__ = ["BesaConfig", "BesaPruner", "NonFiniteLoss", "reconstruction_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class BesaConfig(MethodConfig):
         epochs: passes over the calibration windows per block.
         batch_size: calibration sequences per optimizer step (the stored activations are re-cut to this size;
             the calibration and propagation passes use the engine's ``forward_batch``).
+        retries: after a NaN/inf loss the block is trained again from the start with a 10x smaller step, up to
+            this many times; then it falls back to the metric's uniform mask (recorded in the report).
     """
 
     metric: str = field(
@@ -78,6 +81,10 @@ class BesaConfig(MethodConfig):
     d_coef: float = field(default=5.0, metadata={"help": "BESA: Prodigy d_coef"})
     epochs: int = field(default=1, metadata={"help": "BESA: epochs over the calibration set per block"})
     batch_size: int = field(default=1, metadata={"help": "BESA: calibration sequences per optimizer step"})
+    retries: int = field(
+        default=1,
+        metadata={"help": "BESA: retries with a 10x smaller step after a NaN/inf loss, then uniform"},
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -99,8 +106,19 @@ class BesaConfig(MethodConfig):
             raise BesaError(f"--batch-size must be positive, got {self.batch_size}")
         if self.epochs < 1:
             raise BesaError(f"--epochs must be positive, got {self.epochs}")
+        if self.retries < 0:
+            raise BesaError(f"--retries must be non-negative, got {self.retries}")
         if self.lam < 0:
             raise BesaError(f"--lam must be non-negative, got {self.lam}")
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A BESA training step produced a NaN or infinite loss (or logits)."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"non-finite loss {loss} at step {step}")
+        self.step = step
+        self.loss = loss
 
 
 def reconstruction_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -126,7 +144,13 @@ class _LayerAllocation:
         self.col_rank = rank.to(torch.int32)
         self.rates = rates  # (D,) ascending
         self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
+        self.init = theta.detach().clone()
         self.current_mask: torch.Tensor | None = None  # set before each training forward
+
+    def reset(self) -> None:
+        """Back to the initial logits (before a retry)."""
+        with torch.no_grad():
+            self.theta.copy_(self.init)
 
     @property
     def numel(self) -> int:
@@ -200,7 +224,7 @@ class BesaPruner(Pruner):
         high = min(self.cfg.max_rate, self.sparsity + self.cfg.rate_window)
         return candidate_rates(self.cfg.candidates, low, high)
 
-    def _calibrate(self, work: BlockWork) -> tuple[dict[str, _LayerAllocation], list[torch.Tensor]]:
+    def _calibrate(self, work: BlockWork) -> tuple[dict[str, _LayerAllocation], ActivationStore | None]:
         """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream."""
         stats = {name: self._make_stats(layer) for name, layer in work.linears.items()}
 
@@ -209,8 +233,7 @@ class BesaPruner(Pruner):
                 stats[name].add(x)
 
         with work.input_hooks(feed):
-            outputs = work.forward_all("Calibrating", keep_outputs=True)
-        assert outputs is not None
+            outputs = work.forward_all("Calibrating", keep_outputs=self.cfg.target == "pruned-input")
         rates = self._candidate_rates().to(work.device)
         init = tilted_logits(rates.cpu(), self.sparsity).to(work.device)
         allocs = {}
@@ -222,12 +245,12 @@ class BesaPruner(Pruner):
         return allocs, outputs
 
     # -- training ---------------------------------------------------------------------------------------------
-    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def _optimizer(self, params: list[nn.Parameter], scale: float = 1.0) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=self.cfg.lr or 1e-2, weight_decay=0.0)
+            return torch.optim.AdamW(params, lr=(self.cfg.lr or 1e-2) * scale, weight_decay=0.0)
         from prodigyopt import Prodigy
 
-        return Prodigy(params, lr=self.cfg.lr or 1.0, d_coef=self.cfg.d_coef, weight_decay=0.0)
+        return Prodigy(params, lr=(self.cfg.lr or 1.0) * scale, d_coef=self.cfg.d_coef, weight_decay=0.0)
 
     @contextmanager
     def _masked(self, allocs: dict[str, _LayerAllocation]) -> Iterator[None]:
@@ -240,18 +263,23 @@ class BesaPruner(Pruner):
                 del alloc.layer.forward
 
     def _train(
-        self, work: BlockWork, allocs: dict[str, _LayerAllocation], targets: list[torch.Tensor]
+        self,
+        work: BlockWork,
+        allocs: dict[str, _LayerAllocation],
+        targets: Sequence[torch.Tensor],
+        scale: float = 1.0,
     ) -> list[float]:
+        """Train the allocation logits over the calibration set; raise ``NonFiniteLoss`` on a NaN/inf loss."""
         params = [a.theta for a in allocs.values()]
         total = sum(a.numel for a in allocs.values())
-        opt = self._optimizer(params)
+        opt = self._optimizer(params, scale)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if work.device.type == "cuda" and next(work.module.parameters()).dtype != torch.float32
             else torch.autocast("cpu", enabled=False)
         )
         losses: list[float] = []
-        samples = sum(x.shape[0] for x in work.inputs)
+        samples = work.num_samples
         steps = self.cfg.epochs * -(-samples // self.cfg.batch_size)
         bar = tqdm(
             total=steps, desc=f"({work.index + 1}/{work.num_blocks}) Learning", leave=False,
@@ -269,6 +297,9 @@ class BesaPruner(Pruner):
                         out = work.forward(hidden)
                     rec = reconstruction_loss(target.to(work.device), out)
                     loss = rec + self.cfg.lam * (block_rate - self.sparsity) ** 2
+                    if not torch.isfinite(loss):
+                        bar.close()
+                        raise NonFiniteLoss(len(losses), float(loss.detach()))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -280,13 +311,22 @@ class BesaPruner(Pruner):
         bar.close()
         for alloc in allocs.values():
             alloc.current_mask = None
+            if not torch.isfinite(alloc.theta).all():
+                raise NonFiniteLoss(len(losses), math.nan)
         return losses
 
     # -- final masks ------------------------------------------------------------------------------------------
-    def _finalise(self, work: BlockWork, allocs: dict[str, _LayerAllocation]) -> dict[str, Any]:
-        """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks."""
+    def _finalise(
+        self, work: BlockWork, allocs: dict[str, _LayerAllocation], uniform: bool = False
+    ) -> dict[str, Any]:
+        """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks.
+
+        ``uniform`` ignores what was learned: every row gets the target rate (the metric's own mask).
+        """
         with torch.no_grad():
             rates = torch.cat([a.row_rates().detach().cpu() for a in allocs.values()])
+            if uniform:
+                rates = torch.full_like(rates, self.sparsity)
             widths = torch.cat([torch.full((a.rows,), a.cols) for a in allocs.values()])
             budget = round(self.sparsity * int(widths.sum()))
             counts, shift = round_to_budget(rates, widths, budget, self.cfg.max_rate)
@@ -309,6 +349,24 @@ class BesaPruner(Pruner):
                 }
         return info
 
+    def _learn(
+        self, work: BlockWork, allocs: dict[str, _LayerAllocation], targets: Sequence[torch.Tensor]
+    ) -> tuple[list[float], list[dict[str, Any]]]:
+        """Train, retrying with a 10x smaller step after a non-finite loss; ([] , failures) if every try failed."""
+        failures: list[dict[str, Any]] = []
+        for attempt in range(self.cfg.retries + 1):
+            scale = 0.1**attempt
+            for alloc in allocs.values():
+                alloc.reset()
+            try:
+                return self._train(work, allocs, targets, scale), failures
+            except NonFiniteLoss as exc:
+                failures.append({"step_scale": scale, "at_step": exc.step, "loss": str(exc.loss)})
+                log.warning(
+                    "%s: non-finite BESA loss at step %d with step scale %g", work.name, exc.step, scale
+                )
+        return [], failures
+
     def prune_block(self, work: BlockWork) -> None:
         requires = [p.requires_grad for p in work.module.parameters()]
         work.module.requires_grad_(False)
@@ -316,15 +374,32 @@ class BesaPruner(Pruner):
             allocs, outputs = self._calibrate(work)
             targets = work.dense_outputs if self.cfg.target == "dense-stream" else outputs
             assert targets is not None
-            losses = self._train(work, allocs, targets)
-            info = self._finalise(work, allocs)
+            losses, failures = self._learn(work, allocs, targets)
+            if outputs is not None:
+                outputs.release()
+            fallback = bool(failures) and not losses
+            if fallback:
+                log.warning("%s: BESA training failed; falling back to the %s metric's uniform mask",
+                            work.name, self.cfg.metric)  # fmt: skip
+            info = self._finalise(work, allocs, uniform=fallback)
         finally:
             for p, r in zip(work.module.parameters(), requires, strict=True):
                 p.requires_grad_(r)
         info["steps"] = len(losses)
         info["loss_first"] = losses[0] if losses else math.nan
         info["loss_last"] = losses[-1] if losses else math.nan
+        if failures:
+            info["non_finite"] = failures
+            info["fallback"] = f"uniform {self.cfg.metric} mask" if fallback else None
         self.blocks[work.name] = info
+
+    def block_record(self, block_name: str) -> dict:
+        return {**super().block_record(block_name), "besa": self.blocks.get(block_name)}
+
+    def restore_block(self, block_name: str, record: dict) -> None:
+        super().restore_block(block_name, record)
+        if record.get("besa") is not None:
+            self.blocks[block_name] = record["besa"]
 
     def report_extra(self) -> dict[str, Any]:
         return {
@@ -334,5 +409,6 @@ class BesaPruner(Pruner):
                 "to the rows with the largest fractional parts, so each block holds exactly round(target * params) "
                 "zeros"
             ),
+            "fallback_blocks": [name for name, info in self.blocks.items() if info.get("fallback")],
             "blocks": self.blocks,
         }

@@ -1,0 +1,167 @@
+"""Calibration activations held in RAM up to a budget, spilled to disk beyond it.
+
+The sequential engine keeps a few lists of activation batches alive at once (a block's inputs, its outputs, the
+dense stream, BESA's reconstruction targets). ``ActivationStore`` is such a list; every store of one run draws
+on one ``MemoryBudget``. A batch that does not fit in what is left of the budget is written to a safetensors
+file in the spill folder and read back each time it is used.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from besa.errors import BesaError
+
+__all__ = ["ActivationStore", "MemoryBudget", "parse_size"]
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``"512MiB"``, ``"2G"``, ``"1.5gb"``, ``1048576`` -> bytes (binary units); ``None``/``"none"`` -> ``None``."""
+    if text is None or isinstance(text, int):
+        return text
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise BesaError(f"invalid memory size {text!r}: use a number with a unit, for example 512MiB or 4GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class MemoryBudget:
+    """Bytes of activations allowed in RAM (``limit=None``: no limit), and where the rest goes.
+
+    Also records what happened: the peak bytes held in RAM, and how many batches and bytes were spilled.
+    """
+
+    limit: int | None = None
+    spill_root: Path | None = None
+    used: int = 0
+    peak: int = 0
+    spilled_batches: int = 0
+    spilled_bytes: int = 0
+    _spill_dir: Path | None = field(default=None, repr=False)
+    _counter: int = field(default=0, repr=False)
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` of RAM if the budget allows it; ``False`` means: spill this batch."""
+        if self.limit is not None and self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give_back(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+    def spill_path(self) -> Path:
+        """A fresh file name in this run's spill folder (made on first use)."""
+        if self._spill_dir is None:
+            root = self.spill_root or Path(tempfile.gettempdir())
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                self._spill_dir = Path(tempfile.mkdtemp(prefix="besa-spill-", dir=root))
+            except OSError as exc:
+                raise BesaError(f"cannot create a spill folder in {str(root)!r}: {exc.strerror}") from None
+        self._counter += 1
+        return self._spill_dir / f"{self._counter:08d}.safetensors"
+
+    def cleanup(self) -> None:
+        """Delete the spill folder and everything in it."""
+        if self._spill_dir is not None:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {
+            "budget_mib": None if self.limit is None else self.limit / 2**20,
+            "peak_in_ram_mib": self.peak / 2**20,
+            "spilled_batches": self.spilled_batches,
+            "spilled_mib": self.spilled_bytes / 2**20,
+        }
+
+
+class ActivationStore(Sequence[torch.Tensor]):
+    """A list of activation batches (each (B, T, H) on the CPU), each either in RAM or in a file on disk.
+
+    Reading a spilled batch loads it from its file; the store deletes its files and returns its share of the
+    budget on ``release()`` (and when garbage collected).
+    """
+
+    def __init__(self, budget: MemoryBudget | None = None, batches: Iterable[torch.Tensor] = ()) -> None:
+        self.budget = budget if budget is not None else MemoryBudget()
+        self._items: list[torch.Tensor | Path] = []
+        self._sizes: list[int] = []
+        self._held = 0
+        for batch in batches:
+            self.append(batch)
+
+    def append(self, batch: torch.Tensor) -> None:
+        batch = batch.detach().to("cpu")
+        nbytes = _nbytes(batch)
+        if self.budget.take(nbytes):
+            self._items.append(batch)
+            self._held += nbytes
+        else:
+            path = self.budget.spill_path()
+            try:
+                save_file({"x": batch.contiguous()}, str(path))
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise BesaError(f"cannot spill activations to {str(path.parent)!r}: {exc.strerror}") from None
+            self._items.append(path)
+            self.budget.spilled_batches += 1
+            self.budget.spilled_bytes += nbytes
+        self._sizes.append(int(batch.shape[0]))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        item = self._items[index]
+        return load_file(str(item))["x"] if isinstance(item, Path) else item
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self._items)):
+            yield self[i]
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences over all batches, known without reading spilled files."""
+        return sum(self._sizes)
+
+    @property
+    def spilled(self) -> int:
+        """How many of the batches live on disk."""
+        return sum(isinstance(item, Path) for item in self._items)
+
+    def release(self) -> None:
+        """Drop every batch: return the RAM share to the budget and delete the spill files."""
+        for item in self._items:
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+        self.budget.give_back(self._held)
+        self._held = 0
+        self._items.clear()
+        self._sizes.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to clean
+            pass
