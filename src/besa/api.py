@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from besa.activations import MemoryBudget, parse_size
@@ -26,6 +27,7 @@ from besa.loading import ModelSource, load_model, resolve_dtype, resolve_model
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.pipeline import run_sequential
 from besa.plotting import PLOT_NAME, plot_allocation
+from besa.quant import QuantSpec, dequantize_codes, quantize_codes
 from besa.registry import get_method
 from besa.report import count_layer_sparsity, library_versions, model_sparsity, peak_memory
 
@@ -69,13 +71,15 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
-    nm = config.nm
-    if nm is None:
-        return
+    nm, quant = config.nm, config.quant
     for block_name, block in find_blocks(model):
         for name, layer in find_linears(block, model).items():
             width = weight_matrix(layer).shape[1]
-            if width % nm.m:
+            if quant is not None and quant.group_size and width % quant.group_size:
+                raise BesaError(
+                    f"--group-size {quant.group_size} does not divide the input width {width} of {block_name}.{name}"
+                )
+            if nm is not None and width % nm.m:
                 raise BesaError(
                     f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
                 )
@@ -118,6 +122,10 @@ def prune(
     checkpoint: bool | None = None,
     keep_run_dir: bool = False,
     max_memory: str | int | None = None,
+    wbits: int = 16,
+    group_size: int = 128,
+    quant_mode: str = "joint",
+    save_quantized: bool = False,
 ) -> PruneResult:
     """Prune a causal LM block by block and optionally save it.
 
@@ -134,6 +142,8 @@ def prune(
         checkpoint: write checkpoints (default: whenever there is a run folder, i.e. ``out`` or ``run_dir`` given).
         max_memory: RAM budget for calibration activations (``"2GiB"``, bytes, ``None`` for no limit); batches
             beyond it are spilled to disk (into the run folder when there is one).
+        save_quantized: with ``wbits < 16``, also write the integer codes, scales and zero points
+            (``quantized.safetensors``, layout in ``quantization.json``) beside the dequantized model.
 
     The other arguments are the fields of ``PruneConfig``. Returns a ``PruneResult``.
 
@@ -143,8 +153,11 @@ def prune(
     t_start = time.perf_counter()
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
-        seed=seed, device=device, dtype=dtype, forward_batch=forward_batch,
+        seed=seed, device=device, dtype=dtype, forward_batch=forward_batch, wbits=wbits, group_size=group_size,
+        quant_mode=quant_mode,
     )  # fmt: skip
+    if save_quantized and config.quant is None:
+        raise BesaError("--save-quantized needs --wbits between 2 and 8")
     spec = get_method(config.method)
     try:
         method_config = spec.config_cls(**(method_options or {}))
@@ -188,7 +201,7 @@ def prune(
         if run_path is not None:
             run = RunFolder(
                 run_path, _fingerprint(model, config, method_config, calib_ids), pruner.block_record,
-                pruner.restore_block,
+                pruner.restore_block, pruner.block_tensors, pruner.restore_block_tensors,
             )  # fmt: skip
             run.check(require=resume)
         torch.manual_seed(config.seed)
@@ -213,6 +226,7 @@ def prune(
         "sparsity": {"target": config.sparsity, "pattern": config.pattern, **model_sparsity(model, layers)},
         "layers": layers,
         "method": pruner.report_extra(),
+        "quantization": pruner.report_quantization(),
         "timings_s": timings,
         "memory": {**peak_memory(), "activations": budget.summary()},
         "run": {
@@ -224,7 +238,8 @@ def prune(
     }
     if out_path is not None:
         t = time.perf_counter()
-        save_pruned(model, tokenizer, out_path, report, overwrite=overwrite)
+        grids = pruner.quant_grids if save_quantized else None
+        save_pruned(model, tokenizer, out_path, report, overwrite=overwrite, quant_grids=grids)
         timings["save"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     if out_path is not None:
@@ -285,24 +300,74 @@ def _prune_without_data(model: nn.Module, pruner: Any) -> None:
     """Methods that need no calibration (magnitude) prune every block's linears directly."""
     for block_name, block in find_blocks(model):
         for name, layer in find_linears(block, model).items():
-            pruner.prune_layer(layer, None)
+            grids = pruner.prune_layer(layer, None)
             pruner.layer_targets[f"{block_name}.{name}"] = pruner.sparsity
+            pruner.finish_layer(f"{block_name}.{name}", layer, grids, f"{pruner.config.method} joint")
 
 
 def save_pruned(
-    model: nn.Module, tokenizer: Any, out: str | Path, report: dict[str, Any], overwrite: bool
+    model: nn.Module,
+    tokenizer: Any,
+    out: str | Path,
+    report: dict[str, Any],
+    overwrite: bool,
+    quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Path:
     """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
 
-    An interrupted save leaves ``out`` untouched (absent, or the previous content when overwriting).
+    With ``quant_grids`` (qualified linear name -> (scale, zero)) the integer codes are written too
+    (``save_quantized``). An interrupted save leaves ``out`` untouched (absent, or the previous content when
+    overwriting).
     """
     out = check_output_dir(out, overwrite)
     with atomic_folder(out, replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if quant_grids:
+            spec = report["quantization"]
+            save_quantized(model, quant_grids, QuantSpec(spec["bits"], spec["group_size"]), tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
         plot_allocation(report, tmp / PLOT_NAME)
     return out
+
+
+QUANT_LAYOUT = {
+    "file": "quantized.safetensors",
+    "tensors": {
+        "<linear>.codes": "uint8 (out_features, in_features): the integer code of every weight, in [0, 2^bits - 1]",
+        "<linear>.scales": "float32 (out_features, groups): the step of each (row, group)",
+        "<linear>.zeros": "uint8 (out_features, groups): the zero point of each (row, group)",
+    },
+    "dequantize": "w[r, c] = (codes[r, c] - zeros[r, c // group_size]) * scales[r, c // group_size]",
+    "group_size_0": "group_size 0 means one group per row (groups = 1)",
+    "pruned": "pruned weights have code == zero point, so they dequantize to exactly 0",
+    "linear_names": "qualified module names as in the model (e.g. model.layers.0.self_attn.q_proj); weights of "
+    "GPT-2 style Conv1D layers are stored as (out, in) too",
+}
+
+
+def save_quantized(
+    model: nn.Module, grids: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: QuantSpec, folder: Path
+) -> None:
+    """Write the integer codes, scales and zero points of every quantized linear (layout: ``QUANT_LAYOUT``)."""
+    modules = dict(model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (h, z) in grids.items():
+        w = weight_matrix(modules[name]).detach().float().cpu()
+        codes = quantize_codes(w, h, z, spec)
+        back = dequantize_codes(codes, h, z, spec)
+        if not torch.equal(back, w):
+            raise BesaError(f"{name}: the weights are not on their quantization grid; nothing was saved")
+        tensors[f"{name}.codes"] = codes
+        tensors[f"{name}.scales"] = h.float().contiguous()
+        tensors[f"{name}.zeros"] = z.to(torch.uint8).contiguous()
+    save_file(
+        tensors,
+        str(folder / QUANT_LAYOUT["file"]),
+        metadata={"bits": str(spec.bits), "group_size": str(spec.group_size)},
+    )
+    write_json_atomic(folder / "quantization.json", {"bits": spec.bits, "group_size": spec.group_size,
+                                                     "layout": QUANT_LAYOUT})  # fmt: skip
 
 
 def evaluate(

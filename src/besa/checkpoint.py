@@ -36,6 +36,7 @@ __all__ = ["RunFolder", "model_digest", "tensor_digest", "RUN_FILE"]
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+_EXTRA = "method::"
 FORMAT_VERSION = 1
 
 
@@ -117,6 +118,8 @@ class RunFolder:
             with another fingerprint is refused.
         record: ``record(block_name)`` gives the method's JSON-able facts about a finished block.
         restore: ``restore(block_name, facts)`` gives them back to the method on resume.
+        tensors, restore_tensors: the same for the method's tensors about a block (quantization grids), kept in
+            the block's safetensors file under keys starting with ``method::``.
     """
 
     def __init__(
@@ -125,11 +128,15 @@ class RunFolder:
         fingerprint: dict[str, Any],
         record: Callable[[str], dict[str, Any]] | None = None,
         restore: Callable[[str, dict[str, Any]], None] | None = None,
+        tensors: Callable[[str], dict[str, torch.Tensor]] | None = None,
+        restore_tensors: Callable[[str, dict[str, torch.Tensor]], None] | None = None,
     ) -> None:
         self.path = Path(path).expanduser()
         self.fingerprint = fingerprint
         self.record = record or (lambda _name: {})
         self.restore_record = restore or (lambda _name, _facts: None)
+        self.tensors = tensors or (lambda _name: {})
+        self.restore_tensors = restore_tensors or (lambda _name, _tensors: None)
         self.state: dict[str, Any] | None = None
 
     # -- opening ----------------------------------------------------------------------------------------------
@@ -192,7 +199,9 @@ class RunFolder:
                         f"run folder {str(self.path)!r}: block {i} is {entry['name']!r}, not {name!r}"
                     )
                 tensors = load_file(str(self.path / "blocks" / f"{i:05d}.safetensors"))
+                extra = {k[len(_EXTRA) :]: tensors.pop(k) for k in list(tensors) if k.startswith(_EXTRA)}
                 block.load_state_dict(tensors, strict=True)
+                self.restore_tensors(name, extra)
                 self.restore_record(name, entry["record"])
                 seconds.append(float(entry["seconds"]))
             inputs = dense = None
@@ -256,7 +265,8 @@ class RunFolder:
             "activations": None,
         }
         (self.path / "blocks").mkdir(parents=True, exist_ok=True)
-        _write_tensors(self.path / "blocks" / f"{index:05d}.safetensors", block.state_dict())
+        extra = {f"{_EXTRA}{k}": v for k, v in self.tensors(name).items()}
+        _write_tensors(self.path / "blocks" / f"{index:05d}.safetensors", {**block.state_dict(), **extra})
         old = state["activations"]
         new = None
         if inputs is not None:

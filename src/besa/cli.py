@@ -23,6 +23,7 @@ PRUNE_EXAMPLES = """examples:
   besa prune smollm2-135m --method wanda --sparsity 0.5 --calib enwiki-articles --out pruned/wanda50
   besa prune smollm2-135m --method sparsegpt --pattern 2:4 --nsamples 64 --seqlen 512 --out pruned/sgpt24
   besa prune ./my-llama --method magnitude --sparsity 0.6 --device cuda --out pruned/mag60 --overwrite
+  besa prune smollm2-135m --method besa --sparsity 0.5 --wbits 4 --group-size 128 --out pruned/besa50-w4
   besa prune ./big --method besa --out pruned/big --max-memory 8GiB   (killed? run it again: it resumes)
 
 Named calibration sources are read from $BESA_DATA_DIR when present there, else from the hub."""
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--save-quantized", action="store_true",
+        help="with --wbits: also write integer codes, scales and zero points (quantized.safetensors)",
+    )  # fmt: skip
     run = p.add_argument_group(
         "checkpoints and memory",
         "A checkpoint is written after every block; rerunning the same command continues a killed run.",
@@ -188,6 +193,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         checkpoint=False if args.no_checkpoint else None,
         keep_run_dir=args.keep_run_dir,
         max_memory=args.max_memory,
+        save_quantized=args.save_quantized,
         **{k: given[k] for k in common if k in given},
     )
     s = result.report["sparsity"]

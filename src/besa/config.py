@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from besa.errors import BesaError
+from besa.quant import QuantSpec
 
 __all__ = ["NMPattern", "PruneConfig", "EvalConfig", "MethodConfig", "parse_pattern"]
 
@@ -69,6 +70,13 @@ class PruneConfig:
         device: compute device for one block at a time (``cpu``, ``cuda``, ``cuda:1``); ``None`` picks CUDA if present.
         dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
         forward_batch: calibration sequences per block forward (capture, statistics, propagation).
+        wbits: weight bits (2-8) of asymmetric uniform fake quantization, applied block by block with the pruning
+            (each method's own way: round-to-nearest after pruning, SparseGPT while pruning, BESA learned jointly);
+            16 means no quantization.
+        group_size: input columns sharing one scale and zero point; 0 means one per output row.
+        quant_mode: ``joint``: methods that can quantize while they prune do so (SparseGPT inside its OBS sweep,
+            BESA by learning clipping with the masks); ``rtn``: every method prunes, then rounds to nearest. Methods
+            without a joint mode (magnitude, Wanda) always round to nearest after pruning.
     """
 
     method: str = field(default="wanda", metadata={"help": "pruning method"})
@@ -96,8 +104,22 @@ class PruneConfig:
         metadata={"help": "compute dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"},
     )
     forward_batch: int = field(default=8, metadata={"help": "calibration sequences per block forward"})
+    wbits: int = field(
+        default=16, metadata={"help": "weight bits, 2-8 for fake quantization after/with pruning; 16: none"}
+    )
+    group_size: int = field(
+        default=128, metadata={"help": "input columns per quantization scale; 0: one scale per output row"}
+    )
+    quant_mode: str = field(
+        default="joint",
+        metadata={"help": "with --wbits: joint (SparseGPT/BESA quantize while pruning) or rtn (round after)"},
+    )
 
     def __post_init__(self) -> None:
+        if self.wbits != 16:
+            QuantSpec(self.wbits, self.group_size)  # validates
+        if self.quant_mode not in ("joint", "rtn"):
+            raise BesaError(f"--quant-mode must be joint or rtn, got {self.quant_mode!r}")
         nm = parse_pattern(self.pattern)
         if nm is not None:
             if self.sparsity is not None and abs(self.sparsity - nm.sparsity) > 1e-9:
@@ -119,6 +141,11 @@ class PruneConfig:
     @property
     def nm(self) -> NMPattern | None:
         return parse_pattern(self.pattern)
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        """The weight quantization to apply, or ``None`` for full-precision weights (``wbits=16``)."""
+        return None if self.wbits == 16 else QuantSpec(self.wbits, self.group_size)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ def _problem(rows=32, cols=64, tokens=512, seed=0):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_sparsegpt_prunes_exactly_and_beats_wanda_on_output_error(sparsity):
     w, x, h = _problem()
-    new_w, mask = sparsegpt_prune(w, h, sparsity, blocksize=16)
+    new_w, mask, _ = sparsegpt_prune(w, h, sparsity, blocksize=16)
     assert int((new_w == 0).sum()) == round(sparsity * w.numel())
     assert torch.equal(new_w == 0, mask)
     norms = x.norm(dim=0)
@@ -32,13 +32,13 @@ def test_sparsegpt_prunes_exactly_and_beats_wanda_on_output_error(sparsity):
 
 def test_sparsegpt_nm_structure_holds():
     w, _, h = _problem()
-    new_w, _ = sparsegpt_prune(w, h, 0.5, NMPattern(2, 4), blocksize=16)
+    new_w, _, _ = sparsegpt_prune(w, h, 0.5, NMPattern(2, 4), blocksize=16)
     assert ((new_w == 0).reshape(32, 16, 4).sum(-1) == 2).all()
 
 
 def test_sparsegpt_at_zero_sparsity_leaves_weights_unchanged():
     w, _, h = _problem()
-    new_w, mask = sparsegpt_prune(w, h, 0.0)
+    new_w, mask, _ = sparsegpt_prune(w, h, 0.0)
     assert not mask.any()
     torch.testing.assert_close(new_w, w)
 
@@ -48,6 +48,6 @@ def test_sparsegpt_handles_dead_inputs():
     x[:, 3] = 0  # a feature that is never active
     stats = HessianStats(16, torch.device("cpu"))
     stats.add(x)
-    new_w, _ = sparsegpt_prune(w, stats.hessian, 0.5)
+    new_w, _, _ = sparsegpt_prune(w, stats.hessian, 0.5)
     assert (new_w[:, 3] == 0).all()
     assert int((new_w == 0).sum()) == w.numel() // 2

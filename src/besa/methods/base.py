@@ -8,10 +8,14 @@ import torch
 from torch import nn
 
 from besa.config import MethodConfig, NMPattern, PruneConfig
-from besa.modeling import weight_matrix
+from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
+from besa.quant import QuantSpec, fake_quantize, quant_params
 
-__all__ = ["Pruner", "LayerwisePruner", "LayerStats"]
+__all__ = ["Pruner", "LayerwisePruner", "LayerStats", "QuantGrids"]
+
+QuantGrids = tuple[torch.Tensor, torch.Tensor]
+"""(scale, zero point) of a quantized layer, each (out, groups)."""
 
 
 class LayerStats:
@@ -39,6 +43,39 @@ class Pruner(ABC):
         self.method_config = method_config
         self.config = config
         self.layer_targets: dict[str, float] = {}
+        self.quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """Per quantized linear (qualified name): its step and zero point, each (out, groups), on the CPU."""
+        self.quant_info: dict[str, dict] = {}
+        """Per quantized linear: JSON-able facts (learned clipping, mode) for the report."""
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        """The weight quantization of this run, or ``None`` (``wbits=16``)."""
+        return self.config.quant
+
+    def quantize_rtn(self, name: str, layer: nn.Module) -> None:
+        """Round-to-nearest onto grids fitted to the layer's (pruned) weights; pruned zeros stay exactly zero."""
+        spec = self.quant
+        assert spec is not None
+        w = weight_matrix(layer)
+        h, z = quant_params(w, spec)
+        set_weight_matrix(layer, fake_quantize(w, h, z, spec))
+        self.record_grids(name, (h, z), {"mode": "rtn after pruning"})
+
+    def record_grids(self, name: str, grids: QuantGrids, info: dict) -> None:
+        """Keep a quantized layer's (scale, zero) for the checkpoint, the report and ``--save-quantized``."""
+        h, z = grids
+        self.quant_grids[name] = (h.detach().float().cpu(), z.detach().float().cpu())
+        self.quant_info[name] = info
+
+    def finish_layer(self, name: str, layer: nn.Module, grids: QuantGrids | None, mode: str) -> None:
+        """After a layer is pruned: keep the grids it was quantized on, or round it to nearest now."""
+        if self.quant is None:
+            return
+        if grids is None:
+            self.quantize_rtn(name, layer)
+        else:
+            self.record_grids(name, grids, {"mode": mode})
 
     @property
     def sparsity(self) -> float:
@@ -60,17 +97,50 @@ class Pruner(ABC):
     def block_record(self, block_name: str) -> dict:
         """JSON-able facts about a finished block, kept in its checkpoint so a resumed run reports them too."""
         prefix = f"{block_name}."
-        return {"layer_targets": {k: v for k, v in self.layer_targets.items() if k.startswith(prefix)}}
+        return {
+            "layer_targets": {k: v for k, v in self.layer_targets.items() if k.startswith(prefix)},
+            "quant_info": {k: v for k, v in self.quant_info.items() if k.startswith(prefix)},
+        }
 
     def restore_block(self, block_name: str, record: dict) -> None:
         """Take back what ``block_record`` gave for a block loaded from a checkpoint."""
         self.layer_targets.update(record.get("layer_targets", {}))
+        self.quant_info.update(record.get("quant_info", {}))
+
+    def block_tensors(self, block_name: str) -> dict[str, torch.Tensor]:
+        """Tensors about a finished block (the quantization grids) that its checkpoint must keep."""
+        prefix = f"{block_name}."
+        out = {}
+        for name, (h, z) in self.quant_grids.items():
+            if name.startswith(prefix):
+                out[f"{name}::scale"], out[f"{name}::zero"] = h, z
+        return out
+
+    def restore_block_tensors(self, block_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what ``block_tensors`` gave."""
+        for key, value in tensors.items():
+            name, kind = key.rsplit("::", 1)
+            h, z = self.quant_grids.get(name, (None, None))
+            self.quant_grids[name] = (value, z) if kind == "scale" else (h, value)
+
+    def report_quantization(self) -> dict | None:
+        """The ``quantization`` section of the report, or ``None`` without quantization."""
+        spec = self.quant
+        if spec is None:
+            return None
+        return {
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "scheme": "asymmetric uniform, weight-only; w = (code - zero) * scale per (row, group); 0 is on every grid",
+            "layers": self.quant_info,
+        }
 
 
 class LayerwisePruner(Pruner):
     """A method that prunes each linear on its own from statistics of its inputs on the dense block.
 
-    One calibration pass over the block feeds every layer's ``LayerStats``; then ``prune_layer`` runs per layer.
+    One calibration pass over the block feeds every layer's ``LayerStats``; then ``prune_layer`` runs per layer,
+    followed by round-to-nearest quantization when the run quantizes and the method did not do it itself.
     """
 
     def make_stats(self, layer: nn.Module) -> LayerStats | None:
@@ -78,8 +148,12 @@ class LayerwisePruner(Pruner):
         return None
 
     @abstractmethod
-    def prune_layer(self, layer: nn.Module, stats: LayerStats | None) -> None:
-        """Zero the pruned weights of ``layer`` (and update the others, if the method does)."""
+    def prune_layer(self, layer: nn.Module, stats: LayerStats | None) -> QuantGrids | None:
+        """Zero the pruned weights of ``layer`` (and update the others, if the method does).
+
+        A method that also quantized the layer (``self.quant``) returns its (scale, zero) grids; ``None`` lets the
+        engine round the pruned weights to nearest.
+        """
 
     def prune_block(self, work: BlockWork) -> None:
         stats = {name: self.make_stats(layer) for name, layer in work.linears.items()}
@@ -92,8 +166,9 @@ class LayerwisePruner(Pruner):
             with work.input_hooks(feed):
                 work.forward_all("Calibrating")
         for name, layer in work.linears.items():
-            self.prune_layer(layer, stats[name])
+            grids = self.prune_layer(layer, stats[name])
             self.layer_targets[f"{work.name}.{name}"] = self.sparsity
+            self.finish_layer(f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
             del stats[name]
 
 

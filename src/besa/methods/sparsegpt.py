@@ -10,9 +10,10 @@ from torch import nn
 
 from besa.config import MethodConfig, NMPattern
 from besa.errors import BesaError
-from besa.methods.base import LayerStats, LayerwisePruner
+from besa.methods.base import LayerStats, LayerwisePruner, QuantGrids
 from besa.methods.masks import nm_prune_mask
 from besa.modeling import set_weight_matrix, weight_matrix
+from besa.quant import QuantSpec, fake_quantize, quant_params
 from besa.registry import register_method
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "HessianStats", "sparsegpt_prune", "inverse_hessian_factor"]
@@ -77,12 +78,18 @@ def sparsegpt_prune(
     pattern: NMPattern | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune weight ``w`` (out, in) given the input Hessian (in, in); return ``(new weight, prune mask)``.
+    quant: QuantSpec | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Prune weight ``w`` (out, in) given the input Hessian (in, in); return ``(new weight, prune mask, grids)``.
 
     Unstructured: each column block prunes, by rank of w^2 / [H^-1]_jj^2 over the whole block, its exact share of
     ``round(sparsity * out * in)`` weights, so the layer total is exact. N:M: the ``n`` lowest of every ``m`` columns
     in each row. The error of every pruned column is spread over the not-yet-processed columns (OBS update).
+
+    With ``quant`` the kept weights are also quantized column by column (GPTQ-style, joint with the pruning): a
+    group's grid is fitted when the sweep enters it, to the group's weights as updated so far (pruned ones counted
+    as zero), and each column's rounding error is spread like the pruning error. ``grids`` is then
+    ``(scale, zero)``, each (out, groups); ``None`` without ``quant``.
     """
     rows, cols = w.shape
     weight = w.float().clone()
@@ -94,6 +101,11 @@ def sparsegpt_prune(
     if pattern is not None:
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     prune = torch.zeros_like(weight, dtype=torch.bool)
+    if quant is not None:
+        groups = quant.groups(cols)
+        width = cols // groups
+        scale = torch.zeros(rows, groups, device=weight.device)
+        zero = torch.zeros(rows, groups, device=weight.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         w1 = weight[:, i1:i2].clone()
@@ -115,6 +127,19 @@ def sparsegpt_prune(
                 mask1[:, group] = nm_prune_mask(w1[:, group].square() / d[group].square(), pattern)
             col = w1[:, i]
             q = col.masked_fill(mask1[:, i], 0)
+            if quant is not None:
+                c = i1 + i
+                g = c // width
+                if c % width == 0:  # entering group g: fit its grid to the current weights, pruned ones as 0
+                    ahead = torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), weight[:, i2:]], dim=1)[
+                        :, :width
+                    ]
+                    h, z = quant_params(ahead, QuantSpec(quant.bits, 0))
+                    scale[:, g], zero[:, g] = h[:, 0], z[:, 0]
+                q = fake_quantize(
+                    q.unsqueeze(1), scale[:, g : g + 1], zero[:, g : g + 1], QuantSpec(quant.bits, 0)
+                )
+                q = q.squeeze(1)
             q1[:, i] = q
             err = (col - q) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
@@ -123,7 +148,7 @@ def sparsegpt_prune(
         prune[:, i1:i2] = mask1
         weight[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     weight.masked_fill_(prune, 0)
-    return weight, prune
+    return weight, prune, (scale, zero) if quant is not None else None
 
 
 @register_method("sparsegpt", SparseGPTConfig, "OBS with the inverse Hessian, surviving weights updated")
@@ -134,11 +159,19 @@ class SparseGPTPruner(LayerwisePruner):
         w = weight_matrix(layer)
         return HessianStats(w.shape[1], w.device)
 
-    def prune_layer(self, layer: nn.Module, stats: LayerStats | None) -> None:
+    def prune_layer(self, layer: nn.Module, stats: LayerStats | None) -> QuantGrids | None:
         assert isinstance(stats, HessianStats)
         cfg = self.method_config
         assert isinstance(cfg, SparseGPTConfig)
-        new_w, _ = sparsegpt_prune(
-            weight_matrix(layer), stats.hessian, self.sparsity, self.pattern, cfg.blocksize, cfg.percdamp
+        joint = self.quant if self.config.quant_mode == "joint" else None  # the OBS sweep quantizes too
+        new_w, _, grids = sparsegpt_prune(
+            weight_matrix(layer),
+            stats.hessian,
+            self.sparsity,
+            self.pattern,
+            cfg.blocksize,
+            cfg.percdamp,
+            joint,
         )
         set_weight_matrix(layer, new_w)
+        return grids

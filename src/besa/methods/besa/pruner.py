@@ -32,8 +32,9 @@ from besa.methods.besa.allocation import (
 from besa.methods.magnitude import magnitude_scores
 from besa.methods.sparsegpt import HessianStats, inverse_hessian_factor
 from besa.methods.wanda import InputNormStats, wanda_scores
-from besa.modeling import weight_matrix
+from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork, rebatch
+from besa.quant import CLIP_INIT_LOGIT, QuantSpec, fake_quantize, grid_from_range, group_range
 from besa.registry import register_method
 
 __all__ = ["BesaConfig", "BesaPruner", "NonFiniteLoss", "reconstruction_loss"]
@@ -132,7 +133,14 @@ class _LayerAllocation:
     """One linear's frozen ranking and its learnable logits over candidate rates."""
 
     def __init__(
-        self, name: str, layer: nn.Module, order: torch.Tensor, rates: torch.Tensor, theta: torch.Tensor
+        self,
+        name: str,
+        layer: nn.Module,
+        order: torch.Tensor,
+        rates: torch.Tensor,
+        theta: torch.Tensor,
+        quant: QuantSpec | None = None,
+        learn_clip: bool = False,
     ):
         self.name = name
         self.layer = layer
@@ -146,11 +154,37 @@ class _LayerAllocation:
         self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
         self.init = theta.detach().clone()
         self.current_mask: torch.Tensor | None = None  # set before each training forward
+        self.quant = quant
+        self.clip: nn.Parameter | None = (
+            None  # (2, R, groups) logits of gamma_hi, gamma_lo when learning jointly
+        )
+        if quant is not None and learn_clip:
+            self.range = group_range(weight_matrix(layer).detach(), quant)
+            self.clip = nn.Parameter(
+                torch.full((2, *self.range[0].shape), CLIP_INIT_LOGIT, device=order.device)
+            )
+            self.clip_init = self.clip.detach().clone()
+
+    def grids(self, ste: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of the dense weight's groups under the current clipping."""
+        assert self.quant is not None and self.clip is not None
+        gamma = torch.sigmoid(self.clip)
+        return grid_from_range(*self.range, self.quant, gamma[0], gamma[1], ste=ste)
+
+    def quantized(self, w: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        """The dense weight on its learned grids (float32), differentiable in the clipping with ``ste``."""
+        assert self.quant is not None
+        return fake_quantize(w, *self.grids(ste), self.quant, ste=ste)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.theta] if self.clip is None else [self.theta, self.clip]
 
     def reset(self) -> None:
         """Back to the initial logits (before a retry)."""
         with torch.no_grad():
             self.theta.copy_(self.init)
+            if self.clip is not None:
+                self.clip.copy_(self.clip_init)
 
     @property
     def numel(self) -> int:
@@ -177,6 +211,8 @@ class _LayerAllocation:
 def _masked_forward(layer: nn.Module, alloc: _LayerAllocation, x: torch.Tensor) -> torch.Tensor:
     w = weight_matrix(layer).detach()
     assert alloc.current_mask is not None
+    if alloc.clip is not None:  # joint: learned clipping, rounding passed straight through
+        w = alloc.quantized(w, ste=True).to(w.dtype)
     return F.linear(x, w * alloc.current_mask.to(w.dtype), layer.bias)
 
 
@@ -184,7 +220,13 @@ def _masked_forward(layer: nn.Module, alloc: _LayerAllocation, x: torch.Tensor) 
     "besa", BesaConfig, "learned per-row sparsity allocation by block reconstruction (Xu et al., 2024)"
 )
 class BesaPruner(Pruner):
-    """Blockwise Parameter-Efficient Sparsity Allocation."""
+    """Blockwise Parameter-Efficient Sparsity Allocation.
+
+    With ``--wbits`` and ``--quant-mode joint`` it also learns per-(row, group) clipping strengths (OmniQuant's
+    learnable weight clipping, sigmoid of a logit initialised at 4) together with the sparsity logits, under the
+    same block loss, the rounding passed straight through; ``rtn`` learns the masks at full precision and rounds
+    to nearest after.
+    """
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
@@ -241,7 +283,10 @@ class BesaPruner(Pruner):
             scores = self._scores(layer, stats.pop(name))
             order = torch.argsort(scores, dim=1, stable=True)  # (R, C) ascending importance
             groups = order.shape[0] if self.cfg.granularity == "row" else 1
-            allocs[name] = _LayerAllocation(name, layer, order, rates, init.expand(groups, -1).clone())
+            allocs[name] = _LayerAllocation(
+                name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
+                learn_clip=self.config.quant_mode == "joint",
+            )  # fmt: skip
         return allocs, outputs
 
     # -- training ---------------------------------------------------------------------------------------------
@@ -270,7 +315,7 @@ class BesaPruner(Pruner):
         scale: float = 1.0,
     ) -> list[float]:
         """Train the allocation logits over the calibration set; raise ``NonFiniteLoss`` on a NaN/inf loss."""
-        params = [a.theta for a in allocs.values()]
+        params = [p for a in allocs.values() for p in a.parameters()]
         total = sum(a.numel for a in allocs.values())
         opt = self._optimizer(params, scale)
         autocast = (
@@ -311,7 +356,7 @@ class BesaPruner(Pruner):
         bar.close()
         for alloc in allocs.values():
             alloc.current_mask = None
-            if not torch.isfinite(alloc.theta).all():
+            if not all(torch.isfinite(p).all() for p in alloc.parameters()):
                 raise NonFiniteLoss(len(losses), math.nan)
         return losses
 
@@ -337,9 +382,24 @@ class BesaPruner(Pruner):
                 learned = rates[start : start + alloc.rows]
                 start += alloc.rows
                 keep = hard_keep(alloc.col_rank, layer_counts)
-                weight_matrix(alloc.layer).masked_fill_(~keep, 0)
+                full_name = f"{work.name}.{name}"
+                if alloc.clip is not None and not uniform:  # joint: the learned grids, then the mask
+                    grids = alloc.grids()
+                    set_weight_matrix(
+                        alloc.layer, alloc.quantized(weight_matrix(alloc.layer)).masked_fill(~keep, 0)
+                    )
+                    gamma = torch.sigmoid(alloc.clip.detach())
+                    self.record_grids(full_name, grids, {
+                        "mode": "besa joint (learned clipping)",
+                        **{f"clip_{side}_{stat}": round(float(getattr(gamma[j], stat)()), 4)
+                           for j, side in enumerate(("hi", "lo")) for stat in ("mean", "min", "max")},
+                    })  # fmt: skip
+                else:
+                    weight_matrix(alloc.layer).masked_fill_(~keep, 0)
+                    if self.quant is not None:
+                        self.quantize_rtn(full_name, alloc.layer)
                 final = layer_counts.float() / alloc.cols
-                self.layer_targets[f"{work.name}.{name}"] = float(layer_counts.sum()) / alloc.numel
+                self.layer_targets[full_name] = float(layer_counts.sum()) / alloc.numel
                 info["layers"][name] = {
                     "learned_rate": float(learned.mean()),
                     "final_rate": float(final.mean()),

@@ -1,0 +1,138 @@
+"""Weight-only, asymmetric, uniform fake quantization by groups of input columns, with learnable clipping.
+
+For a weight (out, in) cut into groups of ``group_size`` consecutive input columns (or one group per row), each
+(row, group) gets a step ``h`` and an integer zero point ``z`` from its (clipped) range:
+
+    max' = gamma_hi * max(W_g, 0),  min' = gamma_lo * min(W_g, 0)
+    h = (max' - min') / (2^B - 1),  z = round(-min' / h)
+    Q(W) = (clamp(round(W / h) + z, 0, 2^B - 1) - z) * h
+
+The range always contains 0, so 0 is on every grid (code ``z``) and pruned weights stay exactly zero. The clipping
+strengths ``gamma = sigmoid(logit)`` are OmniQuant's learnable weight clipping; ``round`` passes gradients straight
+through where learning needs it. All functions are pure: (tensors in) -> (tensors out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from besa.errors import BesaError
+
+__all__ = [
+    "QuantSpec",
+    "group_view",
+    "quant_params",
+    "group_range",
+    "grid_from_range",
+    "fake_quantize",
+    "quantize_codes",
+    "dequantize_codes",
+    "round_ste",
+    "CLIP_INIT_LOGIT",
+]
+
+CLIP_INIT_LOGIT = 4.0
+"""Initial clipping logit: sigmoid(4) = 0.982, OmniQuant's start just inside the full range."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """``bits`` per weight and ``group_size`` input columns per scale (``0``: one scale per output row)."""
+
+    bits: int
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise BesaError(f"--wbits must be between 2 and 8 (or 16 for no quantization), got {self.bits}")
+        if self.group_size < 0:
+            raise BesaError(
+                f"--group-size must be positive, or 0 for one group per row, got {self.group_size}"
+            )
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def groups(self, cols: int) -> int:
+        """Number of groups of a row of ``cols`` input weights (refuses a group size that does not divide it)."""
+        if self.group_size == 0:
+            return 1
+        if cols % self.group_size:
+            raise BesaError(f"--group-size {self.group_size} does not divide the input width {cols}")
+        return cols // self.group_size
+
+
+def group_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """(out, in) -> (out, groups, group_size) without copying."""
+    rows, cols = w.shape
+    return w.reshape(rows, spec.groups(cols), -1)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round`` forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quant_params(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    gamma_hi: torch.Tensor | float = 1.0,
+    gamma_lo: torch.Tensor | float = 1.0,
+    ste: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step ``h`` and zero point ``z`` (float, integral values) of every (row, group): each (out, groups).
+
+    ``gamma_*`` scale the group maximum / minimum (broadcast to (out, groups)); with ``ste`` the rounding of ``z``
+    passes gradients through, so ``h`` and ``z`` are differentiable in the gammas.
+    """
+    hi, lo = group_range(w, spec)
+    return grid_from_range(hi, lo, spec, gamma_hi, gamma_lo, ste)
+
+
+def group_range(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """max(W_g, 0) and min(W_g, 0) of every (row, group), each (out, groups), float32."""
+    g = group_view(w.float(), spec)
+    return g.amax(dim=-1).clamp_min(0), g.amin(dim=-1).clamp_max(0)
+
+
+def grid_from_range(
+    hi: torch.Tensor,
+    lo: torch.Tensor,
+    spec: QuantSpec,
+    gamma_hi: torch.Tensor | float = 1.0,
+    gamma_lo: torch.Tensor | float = 1.0,
+    ste: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point from a group range clipped by ``gamma``: see ``quant_params``."""
+    hi = hi * gamma_hi
+    lo = lo * gamma_lo
+    h = ((hi - lo) / spec.qmax).clamp(min=1e-8)
+    z = -lo / h
+    z = round_ste(z) if ste else torch.round(z)
+    return h, z.clamp(0, spec.qmax)
+
+
+def fake_quantize(
+    w: torch.Tensor, h: torch.Tensor, z: torch.Tensor, spec: QuantSpec, ste: bool = False
+) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (out, in) on the grids (h, z) (out, groups); float32 result of ``w``'s shape."""
+    g = group_view(w.float(), spec)
+    rounded = round_ste(g / h.unsqueeze(-1)) if ste else torch.round(g / h.unsqueeze(-1))
+    q = torch.clamp(rounded + z.unsqueeze(-1), 0, spec.qmax)
+    return ((q - z.unsqueeze(-1)) * h.unsqueeze(-1)).reshape(w.shape)
+
+
+def quantize_codes(w: torch.Tensor, h: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (uint8, (out, in)) of a weight that already lies on its grids: ``w = (codes - z) * h``."""
+    g = group_view(w.float(), spec)
+    q = torch.round(g / h.unsqueeze(-1)) + z.unsqueeze(-1)
+    return q.clamp(0, spec.qmax).to(torch.uint8).reshape(w.shape)
+
+
+def dequantize_codes(codes: torch.Tensor, h: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``(codes - z) * h`` by groups, float32 (out, in): the inverse of ``quantize_codes``."""
+    g = group_view(codes.float(), spec)
+    return ((g - z.unsqueeze(-1)) * h.unsqueeze(-1)).reshape(codes.shape)
