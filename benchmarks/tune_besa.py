@@ -40,6 +40,11 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-densestream": ("besa", {"target": "dense-stream"}),
     "besa-layer": ("besa", {"granularity": "layer"}),
     "besa-metric-sparsegpt": ("besa", {"metric": "sparsegpt"}),
+    "besa-adamw-0.1": ("besa", {"optimizer": "adamw", "lr": 0.1}),
+    "besa-adamw-0.02": ("besa", {"optimizer": "adamw", "lr": 0.02}),
+    "besa-adamw-0.05-sgptmetric": ("besa", {"optimizer": "adamw", "lr": 0.05, "metric": "sparsegpt"}),
+    "besa-adamw-0.05-window0.3": ("besa", {"optimizer": "adamw", "lr": 0.05, "rate_window": 0.3}),
+    "besa-adamw-0.05-epochs2": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 2}),
 }
 
 

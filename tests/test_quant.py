@@ -62,5 +62,18 @@ def test_round_ste_passes_gradients_and_clipping_is_learnable():
 def test_bad_specs_are_refused():
     with pytest.raises(BesaError, match="between 2 and 8"):
         QuantSpec(9)
-    with pytest.raises(BesaError, match="does not divide"):
-        QuantSpec(4, 48).groups(64)
+    with pytest.raises(BesaError, match="group-size"):
+        QuantSpec(4, -1)
+
+
+def test_a_narrower_last_group_has_its_own_grid():
+    spec = QuantSpec(4, 32)  # 72 = 32 + 32 + 8 columns (SmolLM2's 576 = 4 x 128 + 64 is such a case)
+    w = _w(6, 72)
+    w[:, 64:] *= 0.01  # the last 8 columns: a much smaller range
+    h, z = quant_params(w, spec)
+    assert h.shape == (6, 3)
+    q = fake_quantize(w, h, z, spec)
+    assert q.shape == w.shape
+    assert torch.equal(dequantize_codes(quantize_codes(q, h, z, spec), h, z, spec), q)
+    last = quant_params(w[:, 64:], QuantSpec(4, 0))
+    assert torch.equal(h[:, 2:], last[0]) and torch.equal(z[:, 2:], last[1])

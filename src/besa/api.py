@@ -71,15 +71,13 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
 
 
 def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
-    nm, quant = config.nm, config.quant
+    nm = config.nm
+    if nm is None:
+        return
     for block_name, block in find_blocks(model):
         for name, layer in find_linears(block, model).items():
             width = weight_matrix(layer).shape[1]
-            if quant is not None and quant.group_size and width % quant.group_size:
-                raise BesaError(
-                    f"--group-size {quant.group_size} does not divide the input width {width} of {block_name}.{name}"
-                )
-            if nm is not None and width % nm.m:
+            if width % nm.m:
                 raise BesaError(
                     f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
                 )
@@ -335,7 +333,8 @@ QUANT_LAYOUT = {
     "file": "quantized.safetensors",
     "tensors": {
         "<linear>.codes": "uint8 (out_features, in_features): the integer code of every weight, in [0, 2^bits - 1]",
-        "<linear>.scales": "float32 (out_features, groups): the step of each (row, group)",
+        "<linear>.scales": "float32 (out_features, groups): the step of each (row, group); groups = "
+        "ceil(in_features / group_size), the last group narrower when group_size does not divide in_features",
         "<linear>.zeros": "uint8 (out_features, groups): the zero point of each (row, group)",
     },
     "dequantize": "w[r, c] = (codes[r, c] - zeros[r, c // group_size]) * scales[r, c // group_size]",
@@ -358,7 +357,7 @@ def save_quantized(
         back = dequantize_codes(codes, h, z, spec)
         if not torch.equal(back, w):
             raise BesaError(f"{name}: the weights are not on their quantization grid; nothing was saved")
-        tensors[f"{name}.codes"] = codes
+        tensors[f"{name}.codes"] = codes.contiguous()
         tensors[f"{name}.scales"] = h.float().contiguous()
         tensors[f"{name}.zeros"] = z.to(torch.uint8).contiguous()
     save_file(

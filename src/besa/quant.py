@@ -1,6 +1,7 @@
 """Weight-only, asymmetric, uniform fake quantization by groups of input columns, with learnable clipping.
 
-For a weight (out, in) cut into groups of ``group_size`` consecutive input columns (or one group per row), each
+For a weight (out, in) cut into groups of ``group_size`` consecutive input columns (the last group narrower when
+they do not divide ``in``; or one group per row), each
 (row, group) gets a step ``h`` and an integer zero point ``z`` from its (clipped) range:
 
     max' = gamma_hi * max(W_g, 0),  min' = gamma_lo * min(W_g, 0)
@@ -57,18 +58,28 @@ class QuantSpec:
         return 2**self.bits - 1
 
     def groups(self, cols: int) -> int:
-        """Number of groups of a row of ``cols`` input weights (refuses a group size that does not divide it)."""
+        """Number of groups of a row of ``cols`` input weights; the last one may be narrower."""
         if self.group_size == 0:
             return 1
-        if cols % self.group_size:
-            raise BesaError(f"--group-size {self.group_size} does not divide the input width {cols}")
-        return cols // self.group_size
+        return -(-cols // self.group_size)
 
 
 def group_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """(out, in) -> (out, groups, group_size) without copying."""
+    """(out, in) -> (out, groups, group_size), zero-padded on the right when the groups do not divide ``in``.
+
+    Padding with zeros changes no group's range, as every range contains 0 anyway.
+    """
     rows, cols = w.shape
-    return w.reshape(rows, spec.groups(cols), -1)
+    groups = spec.groups(cols)
+    width = -(-cols // groups) if spec.group_size == 0 else spec.group_size
+    if groups * width != cols:
+        w = torch.nn.functional.pad(w, (0, groups * width - cols))
+    return w.reshape(rows, groups, width)
+
+
+def _ungroup(g: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of ``group_view``: (out, groups, group_size) -> (out, in), padding dropped."""
+    return g.reshape(g.shape[0], -1)[:, :cols]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -122,17 +133,17 @@ def fake_quantize(
     g = group_view(w.float(), spec)
     rounded = round_ste(g / h.unsqueeze(-1)) if ste else torch.round(g / h.unsqueeze(-1))
     q = torch.clamp(rounded + z.unsqueeze(-1), 0, spec.qmax)
-    return ((q - z.unsqueeze(-1)) * h.unsqueeze(-1)).reshape(w.shape)
+    return _ungroup((q - z.unsqueeze(-1)) * h.unsqueeze(-1), w.shape[1])
 
 
 def quantize_codes(w: torch.Tensor, h: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes (uint8, (out, in)) of a weight that already lies on its grids: ``w = (codes - z) * h``."""
     g = group_view(w.float(), spec)
     q = torch.round(g / h.unsqueeze(-1)) + z.unsqueeze(-1)
-    return q.clamp(0, spec.qmax).to(torch.uint8).reshape(w.shape)
+    return _ungroup(q.clamp(0, spec.qmax).to(torch.uint8), w.shape[1])
 
 
 def dequantize_codes(codes: torch.Tensor, h: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``(codes - z) * h`` by groups, float32 (out, in): the inverse of ``quantize_codes``."""
     g = group_view(codes.float(), spec)
-    return ((g - z.unsqueeze(-1)) * h.unsqueeze(-1)).reshape(codes.shape)
+    return _ungroup((g - z.unsqueeze(-1)) * h.unsqueeze(-1), codes.shape[1])

@@ -103,7 +103,7 @@ def sparsegpt_prune(
     prune = torch.zeros_like(weight, dtype=torch.bool)
     if quant is not None:
         groups = quant.groups(cols)
-        width = cols // groups
+        width = quant.group_size or cols
         scale = torch.zeros(rows, groups, device=weight.device)
         zero = torch.zeros(rows, groups, device=weight.device)
     for i1 in range(0, cols, blocksize):
