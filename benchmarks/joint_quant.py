@@ -1,0 +1,145 @@
+"""Joint pruning and quantization benchmark: 50% sparsity with 4- and 3-bit weights (group 128) on SmolLM2-135M.
+
+Rows: Wanda then round-to-nearest, SparseGPT quantizing inside its OBS sweep, BESA then round-to-nearest, and
+BESA learning its clipping jointly with the masks. Same protocol as ``baselines.py`` (64 x 512 calibration tokens
+of enwiki-articles, seed 0; WikiText-2 test at seqlen 512, all windows). Each run is its own ``besa prune`` and
+``besa eval`` process; finished runs are kept in a JSON file and skipped on a rerun.
+
+    BESA_DATA_DIR=../shared/data python benchmarks/joint_quant.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _markdown import replace_section  # noqa: E402
+from baselines import _machine  # noqa: E402
+
+BESA_FLAGS = ["--optimizer", "adamw", "--lr", "0.05"]
+ROWS = {
+    "wanda+rtn": ("Wanda, then RTN", ["--method", "wanda"]),
+    "sparsegpt-joint": ("SparseGPT, quantizing while pruning", ["--method", "sparsegpt"]),
+    "besa+rtn": ("BESA, then RTN", ["--method", "besa", "--quant-mode", "rtn", *BESA_FLAGS]),
+    "besa-joint": ("BESA with learned clipping (joint)", ["--method", "besa", *BESA_FLAGS]),
+}
+
+
+def _cli(args: list[str], threads: int | None) -> None:
+    cmd = [sys.executable, "-m", "besa.cli", *args, "--no-progress"]
+    print("+", shlex.join(cmd[2:]), flush=True)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def one_run(args: argparse.Namespace, row: str, bits: int, threads: int | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        _cli(
+            ["prune", args.model, "--sparsity", "0.5", "--wbits", str(bits), "--group-size", str(args.group_size),
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--calib", args.calib,
+             "--no-checkpoint", "--out", f"{tmp}/model", *ROWS[row][1]],
+            threads,
+        )  # fmt: skip
+        report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
+        _cli(
+            ["eval", f"{tmp}/model", "--ppl", "wikitext2", "--seqlen", "512", "--json", f"{tmp}/ppl.json"]
+            + (["--max-windows", str(args.max_windows)] if args.max_windows else []),
+            threads,
+        )
+        ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]
+    return {
+        "ppl": ppl,
+        "prune_s": report["timings_s"]["prune"],
+        "peak_rss_mib": report["memory"]["peak_rss_mib"],
+        "sparsity": report["sparsity"]["pruned_layers"],
+        "threads": threads,
+    }
+
+
+def write_markdown(args: argparse.Namespace, results: dict) -> None:
+    lines = [
+        f"## Joint pruning and quantization (50% sparsity, group {args.group_size})",
+        "",
+        f"SmolLM2-135M, calibration {args.nsamples} x {args.seqlen} tokens of `{args.calib}` (seed 0), WikiText-2 "
+        "test perplexity at seqlen 512"
+        + (f", first {args.max_windows} windows." if args.max_windows else ", all windows."),
+        "Weight-only asymmetric uniform quantization; the saved weights are the dequantized ones (exact zeros kept).",
+        "SmolLM2's input widths 576 and 1536 are not all multiples of 128: a row's last group is then 64 wide.",
+        "Counted sparsity can exceed 50% slightly: survivors that round to 0 count as zeros.",
+        "",
+        f"Machine: {_machine()}.",
+        "",
+        "```",
+        "BESA_DATA_DIR=../shared/data python benchmarks/joint_quant.py"
+        + (f" --jobs {args.jobs}" if args.jobs != 1 else ""),
+        "```",
+        "",
+        "| bits | method | WikiText-2 ppl | counted sparsity | prune s | peak RSS MiB |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for bits in args.bits:
+        for row, (label, flags) in ROWS.items():
+            r = results.get(f"{row}@w{bits}")
+            if r is None:
+                lines.append(f"| {bits} | {label} | (not run yet) | | | |")
+                continue
+            lines.append(
+                f"| {bits} | {label} (`{' '.join(flags)}`) | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} |"
+                f" {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+            )
+    replace_section(Path(args.markdown), "joint-quant", "\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", default="enwiki-articles")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--bits", type=lambda s: [int(b) for b in s.split(",")], default=[4, 3])
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, the cores split between them")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "joint_quant.json"))
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--render-only", action="store_true")
+    args = p.parse_args()
+    path = Path(args.results)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+    def job(row: str, bits: int) -> None:
+        key = f"{row}@w{bits}"
+        if key in results:
+            return
+        result = one_run(args, row, bits, threads)
+        with lock:
+            results[key] = result
+            path.write_text(json.dumps(results, indent=2) + "\n")
+            write_markdown(args, results)
+
+    if not args.render_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(job, row, bits) for bits in args.bits for row in args.rows.split(",")]
+            for f in futures:
+                f.result()
+    write_markdown(args, results)
+
+
+if __name__ == "__main__":
+    main()
