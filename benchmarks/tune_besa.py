@@ -45,6 +45,7 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-adamw-0.05-sgptmetric": ("besa", {"optimizer": "adamw", "lr": 0.05, "metric": "sparsegpt"}),
     "besa-adamw-0.05-window0.3": ("besa", {"optimizer": "adamw", "lr": 0.05, "rate_window": 0.3}),
     "besa-adamw-0.05-epochs2": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 2}),
+    "besa-adamw-0.05-obs": ("besa", {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs"}),
 }
 
 

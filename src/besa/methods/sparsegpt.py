@@ -11,7 +11,7 @@ from torch import nn
 from besa.config import MethodConfig, NMPattern
 from besa.errors import BesaError
 from besa.methods.base import LayerStats, LayerwisePruner, QuantGrids
-from besa.methods.masks import nm_prune_mask
+from besa.methods.masks import nm_prune_mask, prune_mask_by_rank
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.quant import QuantSpec, fake_quantize, quant_params
 from besa.registry import register_method
@@ -79,12 +79,16 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     quant: QuantSpec | None = None,
+    row_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Prune weight ``w`` (out, in) given the input Hessian (in, in); return ``(new weight, prune mask, grids)``.
 
     Unstructured: each column block prunes, by rank of w^2 / [H^-1]_jj^2 over the whole block, its exact share of
     ``round(sparsity * out * in)`` weights, so the layer total is exact. N:M: the ``n`` lowest of every ``m`` columns
     in each row. The error of every pruned column is spread over the not-yet-processed columns (OBS update).
+
+    ``row_counts`` (R,) fixes how many weights each row loses instead (an allocation learned elsewhere, e.g. by
+    BESA): each column block prunes its proportional share of every row's count, lowest saliency first.
 
     With ``quant`` the kept weights are also quantized column by column (GPTQ-style, joint with the pruning): a
     group's grid is fitted when the sweep enters it, to the group's weights as updated so far (pruned ones counted
@@ -113,7 +117,12 @@ def sparsegpt_prune(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d = hinv1.diagonal()
-        if pattern is None:
+        if row_counts is not None:
+            share = (row_counts.to(w1.device) * i2 + cols // 2) // cols - (
+                row_counts.to(w1.device) * i1 + cols // 2
+            ) // cols
+            mask1 = prune_mask_by_rank(w1.square() / d.square(), share)
+        elif pattern is None:
             k = round(sparsity * rows * i2) - round(sparsity * rows * i1)
             order = torch.argsort((w1.square() / d.square()).flatten(), stable=True)
             mask1 = torch.zeros(w1.numel(), dtype=torch.bool, device=w1.device)

@@ -211,3 +211,38 @@ def test_one_nan_step_is_retried_with_a_smaller_step(tokenizer, monkeypatch):
     assert blocks[0]["non_finite"] == [{"step_scale": 1.0, "at_step": 1, "loss": "nan"}]
     assert blocks[0]["fallback"] is None and blocks[0]["steps"] == 4
     assert "non_finite" not in blocks[1]
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_obs_weight_update_keeps_the_learned_row_counts_and_reconstructs_better(sparsity, tokenizer):
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
+    dense = make_model("llama")
+    runs = {
+        update: besa.prune(
+            make_model("llama"),
+            tokenizer=tokenizer,
+            method="besa",
+            sparsity=sparsity,
+            calib_ids=ids,
+            progress=False,
+            method_options={"optimizer": "adamw", "lr": 0.05, "weight_update": update},
+        )  # fmt: skip
+        for update in ("none", "obs")
+    }
+    obs = runs["obs"]
+    for name, s in _block_sparsity(obs.model).items():
+        assert s == pytest.approx(sparsity, abs=1e-3), name
+    info = obs.report["method"]["blocks"]
+    for block_name, block in find_blocks(obs.model):
+        for name, layer in find_linears(block, obs.model).items():
+            w = weight_matrix(layer)
+            learned = torch.tensor(info[block_name]["layers"][name]["row_rates"]) * w.shape[1]
+            assert torch.equal((w == 0).sum(1), learned.round().long()), (
+                name
+            )  # each row keeps its learned count
+
+    def output_error(model):
+        with torch.no_grad():
+            return float((model(ids).logits - dense(ids).logits).square().mean())
+
+    assert output_error(obs.model) < output_error(runs["none"].model)

@@ -30,7 +30,7 @@ from besa.methods.besa.allocation import (
     tilted_logits,
 )
 from besa.methods.magnitude import magnitude_scores
-from besa.methods.sparsegpt import HessianStats, inverse_hessian_factor
+from besa.methods.sparsegpt import HessianStats, inverse_hessian_factor, sparsegpt_prune
 from besa.methods.wanda import InputNormStats, wanda_scores
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork, rebatch
@@ -64,6 +64,9 @@ class BesaConfig(MethodConfig):
         epochs: passes over the calibration windows per block.
         batch_size: calibration sequences per optimizer step (the stored activations are re-cut to this size;
             the calibration and propagation passes use the engine's ``forward_batch``).
+        weight_update: ``none`` keeps the surviving weights as they are (the paper). ``obs`` keeps the learned
+            number of pruned weights of every row but lets SparseGPT's OBS sweep choose them within the row and
+            update the survivors to compensate (an extension, not in the paper).
         retries: after a NaN/inf loss the block is trained again from the start with a 10x smaller step, up to
             this many times; then it falls back to the metric's uniform mask (recorded in the report).
     """
@@ -82,6 +85,12 @@ class BesaConfig(MethodConfig):
     d_coef: float = field(default=5.0, metadata={"help": "BESA: Prodigy d_coef"})
     epochs: int = field(default=1, metadata={"help": "BESA: epochs over the calibration set per block"})
     batch_size: int = field(default=1, metadata={"help": "BESA: calibration sequences per optimizer step"})
+    weight_update: str = field(
+        default="none",
+        metadata={
+            "help": "BESA: none (the paper: weights frozen) or obs (SparseGPT update, learned row counts)"
+        },
+    )
     retries: int = field(
         default=1,
         metadata={"help": "BESA: retries with a 10x smaller step after a NaN/inf loss, then uniform"},
@@ -93,6 +102,7 @@ class BesaConfig(MethodConfig):
             "granularity": ("row", "layer"),
             "target": ("pruned-input", "dense-stream"),
             "optimizer": ("prodigy", "adamw"),
+            "weight_update": ("none", "obs"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -154,6 +164,7 @@ class _LayerAllocation:
         self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
         self.init = theta.detach().clone()
         self.current_mask: torch.Tensor | None = None  # set before each training forward
+        self.hessian: torch.Tensor | None = None  # inputs' Hessian, kept for the OBS weight update
         self.quant = quant
         self.clip: nn.Parameter | None = (
             None  # (2, R, groups) logits of gamma_hi, gamma_lo when learning jointly
@@ -269,10 +280,18 @@ class BesaPruner(Pruner):
     def _calibrate(self, work: BlockWork) -> tuple[dict[str, _LayerAllocation], ActivationStore | None]:
         """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream."""
         stats = {name: self._make_stats(layer) for name, layer in work.linears.items()}
+        obs = self.cfg.weight_update == "obs"
+        hessians = {
+            name: stats[name] if isinstance(stats[name], HessianStats)
+            else HessianStats(weight_matrix(layer).shape[1], weight_matrix(layer).device)
+            for name, layer in work.linears.items()
+        } if obs else {}  # fmt: skip
 
         def feed(name: str, x: torch.Tensor) -> None:
             if stats[name] is not None:
                 stats[name].add(x)
+            if obs and hessians[name] is not stats[name]:
+                hessians[name].add(x)
 
         with work.input_hooks(feed):
             outputs = work.forward_all("Calibrating", keep_outputs=self.cfg.target == "pruned-input")
@@ -285,8 +304,10 @@ class BesaPruner(Pruner):
             groups = order.shape[0] if self.cfg.granularity == "row" else 1
             allocs[name] = _LayerAllocation(
                 name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
-                learn_clip=self.config.quant_mode == "joint",
+                learn_clip=self.config.quant_mode == "joint" and not obs,
             )  # fmt: skip
+            if obs:
+                allocs[name].hessian = hessians.pop(name).hessian
         return allocs, outputs
 
     # -- training ---------------------------------------------------------------------------------------------
@@ -383,7 +404,19 @@ class BesaPruner(Pruner):
                 start += alloc.rows
                 keep = hard_keep(alloc.col_rank, layer_counts)
                 full_name = f"{work.name}.{name}"
-                if alloc.clip is not None and not uniform:  # joint: the learned grids, then the mask
+                if alloc.hessian is not None:  # OBS: the learned row counts, SparseGPT's choice and update
+                    joint = self.quant if self.config.quant_mode == "joint" else None
+                    new_w, _, grids = sparsegpt_prune(
+                        weight_matrix(alloc.layer),
+                        alloc.hessian,
+                        self.sparsity,
+                        quant=joint,
+                        row_counts=layer_counts,
+                    )
+                    set_weight_matrix(alloc.layer, new_w)
+                    alloc.hessian = None
+                    self.finish_layer(full_name, alloc.layer, grids, "besa + sparsegpt joint")
+                elif alloc.clip is not None and not uniform:  # joint: the learned grids, then the mask
                     grids = alloc.grids()
                     set_weight_matrix(
                         alloc.layer, alloc.quantized(weight_matrix(alloc.layer)).masked_fill(~keep, 0)
