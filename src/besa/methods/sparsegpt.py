@@ -80,6 +80,7 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     quant: QuantSpec | None = None,
     row_counts: torch.Tensor | None = None,
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Prune weight ``w`` (out, in) given the input Hessian (in, in); return ``(new weight, prune mask, grids)``.
 
@@ -93,7 +94,8 @@ def sparsegpt_prune(
     With ``quant`` the kept weights are also quantized column by column (GPTQ-style, joint with the pruning): a
     group's grid is fitted when the sweep enters it, to the group's weights as updated so far (pruned ones counted
     as zero), and each column's rounding error is spread like the pruning error. ``grids`` is then
-    ``(scale, zero)``, each (out, groups); ``None`` without ``quant``.
+    ``(scale, zero)``, each (out, groups); ``None`` without ``quant``. ``clip`` (gamma_hi, gamma_lo), each
+    (out, groups), shrinks each group's range before its grid is fitted (clipping learned elsewhere, e.g. by BESA).
     """
     rows, cols = w.shape
     weight = w.float().clone()
@@ -143,7 +145,10 @@ def sparsegpt_prune(
                     ahead = torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), weight[:, i2:]], dim=1)[
                         :, :width
                     ]
-                    h, z = quant_params(ahead, QuantSpec(quant.bits, 0))
+                    gammas = (
+                        (clip[0][:, g : g + 1], clip[1][:, g : g + 1]) if clip is not None else (1.0, 1.0)
+                    )
+                    h, z = quant_params(ahead, QuantSpec(quant.bits, 0), *gammas)
                     scale[:, g], zero[:, g] = h[:, 0], z[:, 0]
                 q = fake_quantize(
                     q.unsqueeze(1), scale[:, g : g + 1], zero[:, g : g + 1], QuantSpec(quant.bits, 0)

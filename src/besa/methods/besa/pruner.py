@@ -66,7 +66,9 @@ class BesaConfig(MethodConfig):
             the calibration and propagation passes use the engine's ``forward_batch``).
         weight_update: ``none`` keeps the surviving weights as they are (the paper). ``obs`` keeps the learned
             number of pruned weights of every row but lets SparseGPT's OBS sweep choose them within the row and
-            update the survivors to compensate (an extension, not in the paper).
+            update the survivors to compensate (an extension, not in the paper). With ``--wbits`` and
+            ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
+            on grids clipped by it.
         retries: after a NaN/inf loss the block is trained again from the start with a 10x smaller step, up to
             this many times; then it falls back to the metric's uniform mask (recorded in the report).
     """
@@ -304,7 +306,7 @@ class BesaPruner(Pruner):
             groups = order.shape[0] if self.cfg.granularity == "row" else 1
             allocs[name] = _LayerAllocation(
                 name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
-                learn_clip=self.config.quant_mode == "joint" and not obs,
+                learn_clip=self.config.quant_mode == "joint",
             )  # fmt: skip
             if obs:
                 allocs[name].hessian = hessians.pop(name).hessian
@@ -406,16 +408,18 @@ class BesaPruner(Pruner):
                 full_name = f"{work.name}.{name}"
                 if alloc.hessian is not None:  # OBS: the learned row counts, SparseGPT's choice and update
                     joint = self.quant if self.config.quant_mode == "joint" else None
+                    clip = None
+                    if alloc.clip is not None and not uniform:
+                        gamma = torch.sigmoid(alloc.clip.detach())
+                        clip = (gamma[0], gamma[1])
                     new_w, _, grids = sparsegpt_prune(
-                        weight_matrix(alloc.layer),
-                        alloc.hessian,
-                        self.sparsity,
-                        quant=joint,
-                        row_counts=layer_counts,
-                    )
+                        weight_matrix(alloc.layer), alloc.hessian, self.sparsity, quant=joint,
+                        row_counts=layer_counts, clip=clip,
+                    )  # fmt: skip
                     set_weight_matrix(alloc.layer, new_w)
                     alloc.hessian = None
-                    self.finish_layer(full_name, alloc.layer, grids, "besa + sparsegpt joint")
+                    mode = "besa + sparsegpt joint" + (" (learned clipping)" if clip is not None else "")
+                    self.finish_layer(full_name, alloc.layer, grids, mode)
                 elif alloc.clip is not None and not uniform:  # joint: the learned grids, then the mask
                     grids = alloc.grids()
                     set_weight_matrix(
