@@ -32,6 +32,10 @@ ROWS = {
     "sparsegpt-joint": ("SparseGPT, quantizing while pruning", ["--method", "sparsegpt"]),
     "besa+rtn": ("BESA, then RTN", ["--method", "besa", "--quant-mode", "rtn", *BESA_FLAGS]),
     "besa-joint": ("BESA with learned clipping (joint)", ["--method", "besa", *BESA_FLAGS]),
+    "besa-obs-joint": (
+        "BESA with learned clipping + OBS update (joint)",
+        ["--method", "besa", "--weight-update", "obs", *BESA_FLAGS],
+    ),
 }
 
 
