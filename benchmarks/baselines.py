@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
             report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
             _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
             ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]
-        results[f"{method}@{setting}"] = {
+        results[_key(method, setting, args)] = {
             "method": method,
             "setting": setting,
             "ppl": ppl,
@@ -115,11 +115,18 @@ def run(args: argparse.Namespace) -> None:
         (lambda s=s, m=m: prune_job(s, m))
         for s in args.settings.split(",")
         for m in args.methods.split(",")
-        if not (":" in s and m in NO_NM) and f"{m}@{s}" not in results
+        if not (":" in s and m in NO_NM) and _key(m, s, args) not in results
     ]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(job) for job in jobs]:
             future.result()
+
+
+def _key(method: str, setting: str, args: argparse.Namespace) -> str:
+    """Results key: ``method@setting``; a labelled BESA variant is ``besa:label@setting``."""
+    if method == "besa" and args.besa_label:
+        return f"besa:{args.besa_label}@{setting}"
+    return f"{method}@{setting}"
 
 
 def torch_threads() -> int:
@@ -177,7 +184,10 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
     settings = list(dict.fromkeys([*SETTINGS, *args.settings.split(",")]))
     requested = set(args.methods.split(","))
     for setting in settings:
-        for method in ALL_METHODS:
+        variants = sorted(
+            k.split("@")[0] for k in results if k.startswith("besa:") and k.endswith(f"@{setting}")
+        )
+        for method in [*ALL_METHODS, *variants]:
             r = results.get(f"{method}@{setting}")
             if r is None:
                 if (
@@ -207,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, the cores split between them")
     p.add_argument(
         "--besa-flags", default="", help="extra flags for the besa runs, e.g. '--optimizer adamw --lr 0.05'"
+    )
+    p.add_argument(
+        "--besa-label", default="", help="keep these besa runs as a separate variant row (besa:LABEL)"
     )
     p.add_argument(
         "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
