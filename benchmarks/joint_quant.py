@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import replace_section  # noqa: E402
+from baselines import _besa as _cli  # noqa: E402
 from baselines import _machine  # noqa: E402
 
 BESA_FLAGS = ["--optimizer", "adamw", "--lr", "0.05"]
@@ -39,29 +38,20 @@ ROWS = {
 }
 
 
-def _cli(args: list[str], threads: int | None) -> None:
-    cmd = [sys.executable, "-m", "besa.cli", *args, "--no-progress"]
-    print("+", shlex.join(cmd[2:]), flush=True)
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    subprocess.run(cmd, check=True, env=env)
-
-
 def one_run(args: argparse.Namespace, row: str, bits: int, threads: int | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         _cli(
-            ["prune", args.model, "--sparsity", "0.5", "--wbits", str(bits), "--group-size", str(args.group_size),
+            "prune", args.model, "--sparsity", "0.5", "--wbits", str(bits), "--group-size", str(args.group_size),
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--calib", args.calib,
-             "--no-checkpoint", "--out", f"{tmp}/model", *ROWS[row][1]],
-            threads,
+             "--no-checkpoint", "--out", f"{tmp}/model", *ROWS[row][1],
+            threads=threads,
         )  # fmt: skip
         report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
+        windows = ["--max-windows", str(args.max_windows)] if args.max_windows else []
         _cli(
-            ["eval", f"{tmp}/model", "--ppl", "wikitext2", "--seqlen", "512", "--json", f"{tmp}/ppl.json"]
-            + (["--max-windows", str(args.max_windows)] if args.max_windows else []),
-            threads,
-        )
+            "eval", f"{tmp}/model", "--ppl", "wikitext2", "--seqlen", "512", "--json", f"{tmp}/ppl.json", *windows,
+            threads=threads,
+        )  # fmt: skip
         ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]
     return {
         "ppl": ppl,

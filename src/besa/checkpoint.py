@@ -238,7 +238,7 @@ class RunFolder:
     ) -> None:
         """Checkpoint pruned block ``index`` and the activations the next block needs (``None`` after the last)."""
         try:
-            self._commit(index, name, block, num_blocks, seconds, inputs, dense_inputs)
+            self._write(index, name, block, num_blocks, seconds, inputs, dense_inputs)
         except OSError as exc:
             reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             last = f"block {index - 1} is the last good checkpoint" if index else "no block was checkpointed"
@@ -246,16 +246,8 @@ class RunFolder:
                 f"cannot write the checkpoint of block {index} to {str(self.path)!r}: {reason}; {last}"
             ) from None
 
-    def _commit(
-        self,
-        index: int,
-        name: str,
-        block: nn.Module,
-        num_blocks: int,
-        seconds: float,
-        inputs: ActivationStore | None,
-        dense_inputs: ActivationStore | None,
-    ) -> None:
+    def _write(self, index, name, block, num_blocks, seconds, inputs, dense_inputs) -> None:
+        """The body of ``commit`` (same arguments), raising ``OSError`` as it comes."""
         state = self.state or {
             "format": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
