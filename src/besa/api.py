@@ -164,7 +164,7 @@ def prune(
     pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
     out_path = check_output_dir(out, overwrite) if out is not None else None
     run_path = _run_path(out_path, run_dir, checkpoint, resume) if spec.pruner_cls.needs_calibration else None
-    parse_size(max_memory)  # a bad size fails before anything is loaded
+    memory_limit = parse_size(max_memory)  # a bad size fails before anything is loaded
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
     compute_device = resolve_device(config.device)
@@ -183,7 +183,8 @@ def prune(
 
     t = time.perf_counter()
     resumed = 0
-    budget = MemoryBudget(limit=parse_size(max_memory), spill_root=run_path / "spill" if run_path else None)
+    run: RunFolder | None = None
+    budget = MemoryBudget(limit=memory_limit, spill_root=run_path / "spill" if run_path else None)
     if needs_data:
         if calib_ids is None:
             assert documents is not None
@@ -195,7 +196,6 @@ def prune(
                 config.seed,
             )
         timings["sample_calibration"] = time.perf_counter() - t
-        run = None
         if run_path is not None:
             run = RunFolder(
                 run_path, _fingerprint(model, config, method_config, calib_ids), pruner.block_record,
@@ -242,8 +242,8 @@ def prune(
     timings["total"] = time.perf_counter() - t_start
     if out_path is not None:
         write_json_atomic(out_path / REPORT_NAME, report)
-        if run_path is not None and not keep_run_dir:
-            RunFolder(run_path, {}).remove()
+        if run is not None and not keep_run_dir:
+            run.remove()
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=out_path)
 
 
