@@ -86,12 +86,12 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize(
     ("method", "where", "seed"),
-    [("besa", "prune", 11), ("besa", "commit", 12), ("sparsegpt", "prune", 13), ("sparsegpt", "commit", 14)],
-)
+    [("besa", "prune", 11), ("besa", "commit", 12), ("sparsegpt", "prune", 13), ("sparsegpt", "commit", 14),
+     ("sparsegpt", "commit", None)],
+)  # fmt: skip
 def test_a_killed_run_resumes_to_bit_identical_weights(method, where, seed, deep_model_dir, ids, tmp_path):
-    kill_at = random.Random(seed).randint(
-        1, LAYERS - 1
-    )  # a random block, fixed per case so failures reproduce
+    # a random block, fixed per case so failures reproduce; None: inside the very first checkpoint
+    kill_at = 0 if seed is None else random.Random(seed).randint(1, LAYERS - 1)
     ids_path = tmp_path / "ids.safetensors"
     save_file({"ids": ids}, str(ids_path))
     out = tmp_path / "resumed"
@@ -102,10 +102,13 @@ def test_a_killed_run_resumes_to_bit_identical_weights(method, where, seed, deep
     )  # fmt: skip
     assert child.returncode == -signal.SIGKILL, child.stderr
     run_dir = tmp_path / "resumed.run"
-    state = json.loads((run_dir / RUN_FILE).read_text())
-    assert state["completed"] == kill_at and not out.exists()
+    if kill_at:
+        state = json.loads((run_dir / RUN_FILE).read_text())
+        assert state["completed"] == kill_at and not out.exists()
+    else:  # block 0's files are there, but no run.json: a rerun starts afresh in the same folder
+        assert (run_dir / "blocks").is_dir() and not (run_dir / RUN_FILE).exists()
 
-    resumed = _prune(deep_model_dir, method, ids, out, resume=True)
+    resumed = _prune(deep_model_dir, method, ids, out, resume=kill_at > 0)
     reference = _prune(deep_model_dir, method, ids, tmp_path / "reference")
     assert resumed.report["run"]["resumed_blocks"] == kill_at
     assert reference.report["run"]["resumed_blocks"] == 0
@@ -146,6 +149,15 @@ def test_a_run_folder_of_another_run_is_refused(deep_model_dir, ids, tmp_path):
     make_tokenizer().save_pretrained(other)
     with pytest.raises(BesaError, match="belongs to another run.*model.weights"):
         _prune(other, "wanda", ids, None, run_dir=run_dir)
+
+
+def test_a_foreign_folder_is_not_taken_as_a_run_folder(deep_model_dir, ids, tmp_path):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / "thesis.tex").write_text("precious")
+    with pytest.raises(BesaError, match="holds 'thesis.tex' and no run.json"):
+        _prune(deep_model_dir, "wanda", ids, None, run_dir=run_dir)
+    assert (run_dir / "thesis.tex").read_text() == "precious"
 
 
 def test_resume_without_a_checkpoint_and_unwritable_places_are_refused(deep_model_dir, ids, tmp_path):

@@ -100,6 +100,15 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
+def _is_run_artifact(name: str) -> bool:
+    """Whether a file or folder name is one this module writes into a run folder."""
+    return (
+        name in ("blocks", "spill")
+        or name.startswith("acts-")
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
+
+
 def _differences(here: dict[str, Any], there: dict[str, Any]) -> list[str]:
     keys = sorted(set(here) | set(there))
     return [
@@ -151,10 +160,14 @@ class RunFolder:
         if not run_file.exists():
             if require:
                 raise BesaError(f"nothing to resume: {str(self.path)!r} holds no checkpoint")
-            if self.path.is_dir() and any(p.name != "spill" for p in self.path.iterdir()):
-                raise BesaError(
-                    f"run folder {str(self.path)!r} is not empty and holds no {RUN_FILE}: pass another --run-dir"
-                )
+            if self.path.is_dir():
+                foreign = [p.name for p in self.path.iterdir() if not _is_run_artifact(p.name)]
+                if foreign:
+                    raise BesaError(
+                        f"run folder {str(self.path)!r} holds {foreign[0]!r} and no {RUN_FILE}: pass another --run-dir"
+                    )
+                for p in self.path.iterdir():  # left by a run killed before its first checkpoint
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
             self.state = None
             return 0
         try:
