@@ -137,3 +137,19 @@ def test_save_quantized_needs_wbits(tokenizer, calib_ids, tmp_path):
             out=tmp_path / "o",
             save_quantized=True,
         )
+
+
+def test_clip_lr_sets_the_clipping_step_apart(tokenizer, calib_ids):
+    def clip_range(clip_lr):
+        r = besa.prune(
+            make_model("llama"), tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=calib_ids,
+            progress=False, wbits=3, group_size=32,
+            method_options={"optimizer": "adamw", "lr": 0.1, "clip_lr": clip_lr},
+        )  # fmt: skip
+        layers = r.report["quantization"]["layers"].values()
+        return min(v["clip_hi_min"] for v in layers), max(v["clip_hi_max"] for v in layers)
+
+    frozen = clip_range(1e-12)
+    assert frozen == (pytest.approx(0.982, abs=1e-3), pytest.approx(0.982, abs=1e-3))  # sigmoid(4), unmoved
+    moved = clip_range(0.1)
+    assert moved[0] < 0.98 or moved[1] > 0.985

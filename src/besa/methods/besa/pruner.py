@@ -64,6 +64,8 @@ class BesaConfig(MethodConfig):
         epochs: passes over the calibration windows per block.
         batch_size: calibration sequences per optimizer step (the stored activations are re-cut to this size;
             the calibration and propagation passes use the engine's ``forward_batch``).
+        clip_lr: learning rate of the clipping logits when they are learned (``--wbits`` with joint mode);
+            ``None`` uses ``lr``.
         weight_update: ``none`` keeps the surviving weights as they are (the paper). ``obs`` keeps the learned
             number of pruned weights of every row but lets SparseGPT's OBS sweep choose them within the row and
             update the survivors to compensate (an extension, not in the paper). With ``--wbits`` and
@@ -87,6 +89,10 @@ class BesaConfig(MethodConfig):
     d_coef: float = field(default=5.0, metadata={"help": "BESA: Prodigy d_coef"})
     epochs: int = field(default=1, metadata={"help": "BESA: epochs over the calibration set per block"})
     batch_size: int = field(default=1, metadata={"help": "BESA: calibration sequences per optimizer step"})
+    clip_lr: float | None = field(
+        default=None,
+        metadata={"help": "BESA with --wbits: learning rate of the clipping logits (default: --lr)"},
+    )
     weight_update: str = field(
         default="none",
         metadata={
@@ -313,12 +319,18 @@ class BesaPruner(Pruner):
         return allocs, outputs
 
     # -- training ---------------------------------------------------------------------------------------------
-    def _optimizer(self, params: list[nn.Parameter], scale: float = 1.0) -> torch.optim.Optimizer:
+    def _optimizer(self, allocs: dict[str, _LayerAllocation], scale: float = 1.0) -> torch.optim.Optimizer:
+        """A fresh optimizer over the block's sparsity logits and, when learned, its clipping logits."""
+        lr = (self.cfg.lr or (1e-2 if self.cfg.optimizer == "adamw" else 1.0)) * scale
+        groups: list[dict[str, Any]] = [{"params": [a.theta for a in allocs.values()]}]
+        clips = [a.clip for a in allocs.values() if a.clip is not None]
+        if clips:
+            groups.append({"params": clips, "lr": self.cfg.clip_lr * scale if self.cfg.clip_lr else lr})
         if self.cfg.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=(self.cfg.lr or 1e-2) * scale, weight_decay=0.0)
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
         from prodigyopt import Prodigy
 
-        return Prodigy(params, lr=(self.cfg.lr or 1.0) * scale, d_coef=self.cfg.d_coef, weight_decay=0.0)
+        return Prodigy(groups, lr=lr, d_coef=self.cfg.d_coef, weight_decay=0.0)
 
     @contextmanager
     def _masked(self, allocs: dict[str, _LayerAllocation]) -> Iterator[None]:
@@ -338,9 +350,8 @@ class BesaPruner(Pruner):
         scale: float = 1.0,
     ) -> list[float]:
         """Train the allocation logits over the calibration set; raise ``NonFiniteLoss`` on a NaN/inf loss."""
-        params = [p for a in allocs.values() for p in a.parameters()]
         total = sum(a.numel for a in allocs.values())
-        opt = self._optimizer(params, scale)
+        opt = self._optimizer(allocs, scale)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if work.device.type == "cuda" and next(work.module.parameters()).dtype != torch.float32
