@@ -46,6 +46,16 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-adamw-0.05-window0.3": ("besa", {"optimizer": "adamw", "lr": 0.05, "rate_window": 0.3}),
     "besa-adamw-0.05-epochs2": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 2}),
     "besa-adamw-0.05-obs": ("besa", {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs"}),
+    # with --wbits: "quant_mode" is passed to besa.prune, not to the method
+    "wanda-rtn": ("wanda", {"quant_mode": "rtn"}),
+    "besa-adamw-0.05-rtn": ("besa", {"optimizer": "adamw", "lr": 0.05, "quant_mode": "rtn"}),
+    "besa-adamw-0.05-clip0.01": ("besa", {"optimizer": "adamw", "lr": 0.05, "clip_lr": 0.01}),
+    "besa-adamw-0.05-clip0.002": ("besa", {"optimizer": "adamw", "lr": 0.05, "clip_lr": 0.002}),
+    "besa-adamw-0.05-clip0.0005": ("besa", {"optimizer": "adamw", "lr": 0.05, "clip_lr": 0.0005}),
+    "besa-adamw-0.05-obs-clip0.01": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 0.01},
+    ),
 }
 
 
@@ -84,6 +94,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--wbits", type=int, default=16, help="weight bits (16: no quantization)")
+    p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--only", default=None, help="comma-separated configuration names (default: all)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "tune_besa.json"))
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
@@ -108,16 +120,21 @@ def main() -> None:
         docs, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], args.nsamples, args.seqlen, 0
     )
     setting = f"s{args.sparsity}-n{args.nsamples}x{args.seqlen}-ptbvalid{args.max_windows}x{args.eval_seqlen}"
+    if args.wbits < 16:
+        setting += f"-w{args.wbits}g{args.group_size}"
     names = args.only.split(",") if args.only else list(GRID)
     for name in names:
         key = f"{setting}/{name}"
         if key in results:
             continue
         method, options = GRID[name]
+        method_options = {k: v for k, v in options.items() if k != "quant_mode"}
+        quant_mode = options.get("quant_mode", "joint")
         start = time.perf_counter()
         pruned = besa.prune(
             copy.deepcopy(dense), tokenizer=tokenizer, method=method, sparsity=args.sparsity, calib_ids=ids,
-            method_options=options, progress=False,
+            method_options=method_options, progress=False, wbits=args.wbits, group_size=args.group_size,
+            quant_mode=quant_mode, checkpoint=False,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         ppl = besa.evaluate(
