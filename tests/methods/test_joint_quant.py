@@ -17,9 +17,9 @@ CASES = [
     ("wanda", {}),
     ("sparsegpt", {"quant_mode": "joint"}),
     ("sparsegpt", {"quant_mode": "rtn"}),
-    ("besa", {"quant_mode": "joint", "optimizer": "adamw", "lr": 0.05}),
+    ("besa", {"quant_mode": "joint", "optimizer": "adamw", "lr": 0.05, "weight_update": "none"}),
     ("besa", {"quant_mode": "rtn", "optimizer": "adamw", "lr": 0.05}),
-    ("besa", {"quant_mode": "joint", "optimizer": "adamw", "lr": 0.05, "weight_update": "obs"}),
+    ("besa", {"quant_mode": "joint", "optimizer": "adamw", "lr": 0.05}),  # auto: the OBS update
 ]
 
 
@@ -58,12 +58,30 @@ def test_saved_weights_lie_on_their_grids_and_pruned_ones_are_zero(
         assert target - 1e-3 <= (w == 0).float().mean().item() < target + 0.1, name
     report = result.report["quantization"]
     assert report["bits"] == bits and set(report["layers"]) == set(names)
-    if method == "besa" and mode == "joint" and "weight_update" not in options:
-        info = next(iter(report["layers"].values()))
-        assert info["mode"].startswith("besa joint") and 0 < info["clip_hi_min"] <= info["clip_hi_max"] <= 1
+    if method == "besa" and mode == "joint":  # the learned clipping is reported with either weight update
+        for info in report["layers"].values():
+            assert info["mode"].startswith("besa joint (learned clipping)")
+            assert 0 < info["clip_hi_min"] <= info["clip_hi_mean"] <= info["clip_hi_max"] <= 1
+            assert 0 < info["clip_lo_min"] <= info["clip_lo_mean"] <= info["clip_lo_max"] <= 1
+        update = result.report["method"]["weight_update"]
+        assert update == options.get("weight_update", "obs")
+        assert info["mode"].endswith("sparsegpt update") == (update == "obs")
 
 
-@pytest.mark.parametrize(("method", "options"), CASES[1:5:2] + [CASES[4]])
+@pytest.mark.parametrize(
+    ("wbits", "mode", "expected"), [(16, "joint", "none"), (4, "rtn", "none"), (4, "joint", "obs")]
+)
+def test_besa_weight_update_auto_is_obs_only_when_quantizing_jointly(
+    wbits, mode, expected, tokenizer, calib_ids
+):
+    result = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=calib_ids, progress=False,
+        method_options={"optimizer": "adamw", "lr": 0.05}, wbits=wbits, group_size=32, quant_mode=mode,
+    )  # fmt: skip
+    assert result.report["method"]["weight_update"] == expected
+
+
+@pytest.mark.parametrize(("method", "options"), [CASES[1], CASES[3], CASES[6]])
 def test_wbits_16_is_plain_pruning(method, options, tokenizer, calib_ids):
     options = {k: v for k, v in options.items() if k != "quant_mode"}
     runs = [

@@ -70,7 +70,8 @@ class BesaConfig(MethodConfig):
             number of pruned weights of every row but lets SparseGPT's OBS sweep choose them within the row and
             update the survivors to compensate (an extension, not in the paper). With ``--wbits`` and
             ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
-            on grids clipped by it.
+            on grids clipped by it. ``auto`` (default): ``obs`` when quantizing jointly (measured better at 4 and 3
+            bits on PTB valid, see BENCHMARKS.md), else ``none``.
         retries: after a NaN/inf loss the block is trained again from the start with a 10x smaller step, up to
             this many times; then it falls back to the metric's uniform mask (recorded in the report).
     """
@@ -94,9 +95,10 @@ class BesaConfig(MethodConfig):
         metadata={"help": "BESA with --wbits: learning rate of the clipping logits (default: --lr)"},
     )
     weight_update: str = field(
-        default="none",
+        default="auto",
         metadata={
-            "help": "BESA: none (the paper: weights frozen) or obs (SparseGPT update, learned row counts)"
+            "help": "BESA: none (the paper: weights frozen), obs (SparseGPT update, learned row counts) or auto "
+            "(obs with --wbits joint, else none)"
         },
     )
     retries: int = field(
@@ -110,7 +112,7 @@ class BesaConfig(MethodConfig):
             "granularity": ("row", "layer"),
             "target": ("pruned-input", "dense-stream"),
             "optimizer": ("prodigy", "adamw"),
-            "weight_update": ("none", "obs"),
+            "weight_update": ("auto", "none", "obs"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -227,6 +229,17 @@ class _LayerAllocation:
         return self.step()[0]
 
 
+def _clip_stats(alloc: _LayerAllocation) -> dict[str, float]:
+    """Mean / min / max of a layer's learned clipping strengths, upper and lower, for the report."""
+    assert alloc.clip is not None
+    gamma = torch.sigmoid(alloc.clip.detach())
+    return {
+        f"clip_{side}_{stat}": round(float(getattr(gamma[j], stat)()), 4)
+        for j, side in enumerate(("hi", "lo"))
+        for stat in ("mean", "min", "max")
+    }
+
+
 def _masked_forward(layer: nn.Module, alloc: _LayerAllocation, x: torch.Tensor) -> torch.Tensor:
     w = weight_matrix(layer).detach()
     assert alloc.current_mask is not None
@@ -261,6 +274,13 @@ class BesaPruner(Pruner):
     def needs_dense_stream(self) -> bool:
         return self.cfg.target == "dense-stream"
 
+    @property
+    def weight_update(self) -> str:
+        """``--weight-update`` with ``auto`` resolved: OBS when quantizing jointly, the paper's frozen weights else."""
+        if self.cfg.weight_update != "auto":
+            return self.cfg.weight_update
+        return "obs" if self.quant is not None and self.config.quant_mode == "joint" else "none"
+
     # -- statistics and ranking -------------------------------------------------------------------------------
     def _make_stats(self, layer: nn.Module) -> LayerStats | None:
         width = weight_matrix(layer).shape[1]
@@ -288,7 +308,7 @@ class BesaPruner(Pruner):
     def _calibrate(self, work: BlockWork) -> tuple[dict[str, _LayerAllocation], ActivationStore | None]:
         """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream."""
         stats = {name: self._make_stats(layer) for name, layer in work.linears.items()}
-        obs = self.cfg.weight_update == "obs"
+        obs = self.weight_update == "obs"
         hessians = {
             name: stats[name] if isinstance(stats[name], HessianStats)
             else HessianStats(weight_matrix(layer).shape[1], weight_matrix(layer).device)
@@ -429,19 +449,21 @@ class BesaPruner(Pruner):
                     )  # fmt: skip
                     set_weight_matrix(alloc.layer, new_w)
                     alloc.hessian = None
-                    mode = "besa + sparsegpt joint" + (" (learned clipping)" if clip is not None else "")
-                    self.finish_layer(full_name, alloc.layer, grids, mode)
+                    if clip is not None:
+                        assert grids is not None
+                        self.record_grids(full_name, grids, {
+                            "mode": "besa joint (learned clipping) + sparsegpt update", **_clip_stats(alloc)
+                        })  # fmt: skip
+                    else:
+                        self.finish_layer(full_name, alloc.layer, grids, "besa + sparsegpt joint")
                 elif alloc.clip is not None and not uniform:  # joint: the learned grids, then the mask
                     grids = alloc.grids()
                     set_weight_matrix(
                         alloc.layer, alloc.quantized(weight_matrix(alloc.layer)).masked_fill(~keep, 0)
                     )
-                    gamma = torch.sigmoid(alloc.clip.detach())
-                    self.record_grids(full_name, grids, {
-                        "mode": "besa joint (learned clipping)",
-                        **{f"clip_{side}_{stat}": round(float(getattr(gamma[j], stat)()), 4)
-                           for j, side in enumerate(("hi", "lo")) for stat in ("mean", "min", "max")},
-                    })  # fmt: skip
+                    self.record_grids(
+                        full_name, grids, {"mode": "besa joint (learned clipping)", **_clip_stats(alloc)}
+                    )
                 else:
                     weight_matrix(alloc.layer).masked_fill_(~keep, 0)
                     if self.quant is not None:
@@ -517,6 +539,7 @@ class BesaPruner(Pruner):
                 "to the rows with the largest fractional parts, so each block holds exactly round(target * params) "
                 "zeros"
             ),
+            "weight_update": self.weight_update,
             "fallback_blocks": [name for name, info in self.blocks.items() if info.get("fallback")],
             "blocks": self.blocks,
         }
