@@ -49,9 +49,19 @@ GRID: dict[str, tuple[str, dict]] = {
     # with --wbits: "quant_mode" is passed to besa.prune, not to the method
     "wanda-rtn": ("wanda", {"quant_mode": "rtn"}),
     "besa-adamw-0.05-rtn": ("besa", {"optimizer": "adamw", "lr": 0.05, "quant_mode": "rtn"}),
-    "besa-adamw-0.05-clip0.01": ("besa", {"optimizer": "adamw", "lr": 0.05, "clip_lr": 0.01}),
-    "besa-adamw-0.05-clip0.002": ("besa", {"optimizer": "adamw", "lr": 0.05, "clip_lr": 0.002}),
-    "besa-adamw-0.05-clip0.0005": ("besa", {"optimizer": "adamw", "lr": 0.05, "clip_lr": 0.0005}),
+    "besa-adamw-0.05-frozen": ("besa", {"optimizer": "adamw", "lr": 0.05, "weight_update": "none"}),
+    "besa-adamw-0.05-clip0.01": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "none", "clip_lr": 0.01},
+    ),
+    "besa-adamw-0.05-clip0.002": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "none", "clip_lr": 0.002},
+    ),
+    "besa-adamw-0.05-clip0.0005": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "none", "clip_lr": 0.0005},
+    ),
     "besa-adamw-0.05-obs-clip0.01": (
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 0.01},
@@ -73,6 +83,11 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
         "```",
         command,
         "```",
+        "",
+        "The setting names the run: `s<sparsity>-n<calibration windows>x<tokens>-ptbvalid<windows>x<seqlen>`, and",
+        "`-w<bits>g<group size>` when the weights are quantized (`--wbits`; `rtn` rows round after pruning, the",
+        "others quantize jointly: SparseGPT inside its sweep, BESA with learned clipping at `clip_lr`, or at",
+        "`lr` when none is given).",
         "",
         "| setting | configuration | options | PTB valid ppl | prune s |",
         "|---|---|---|---:|---:|",
@@ -104,8 +119,8 @@ def main() -> None:
     )
     args = p.parse_args()
     command = (
-        "BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py "
-        + " ".join(a for a in sys.argv[1:] if a != "--render-only").rstrip()
+        "BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py [--sparsity 0.5] [--wbits 16] "
+        "[--only NAME,...]"
     )
 
     results_path = Path(args.results)
