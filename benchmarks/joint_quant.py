@@ -75,6 +75,48 @@ def one_run(args: argparse.Namespace, row: str, bits: int, threads: int | None) 
     }
 
 
+SHORT = {
+    "wanda+rtn": "Wanda+RTN",
+    "sparsegpt-joint": "SparseGPT joint",
+    "besa+rtn": "BESA then RTN",
+    "besa-joint": "joint BESA\n(frozen weights)",
+    "besa-obs-joint": "joint BESA\n+ OBS update",
+}
+
+
+def draw_chart(args: argparse.Namespace, results: dict, path: Path) -> bool:
+    """Grouped bars of the default rows' perplexity, one group per bit width (log scale); False if none ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in DEFAULT_ROWS if any(f"{r}@w{b}" in results for b in args.bits)]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        xs, ys = [], []
+        for j, bits in enumerate(args.bits):
+            r = results.get(f"{row}@w{bits}")
+            if r is not None:
+                xs.append(j + (i - (len(rows) - 1) / 2) * width)
+                ys.append(r["ppl"]["ppl"])
+        bars = ax.bar(xs, ys, width, label=SHORT.get(row, row).replace("\n", " "))
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(args.bits)), [f"{b}-bit weights" for b in args.bits])
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title(f"SmolLM2-135M, 50% sparsity, group {args.group_size}: lower is better", fontsize=10)
+    ax.legend(fontsize=7, ncol=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_markdown(args: argparse.Namespace, results: dict) -> None:
     lines = [
         f"## Joint pruning and quantization (50% sparsity, group {args.group_size})",
@@ -108,6 +150,13 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
                 f"| {bits} | {label} (`{' '.join(flags)}`) | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} |"
                 f" {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} |"
             )
+    chart = Path(args.results).with_suffix(".png")
+    if draw_chart(args, results, chart):
+        try:
+            where = chart.resolve().relative_to(Path(args.markdown).resolve().parent)
+        except ValueError:
+            where = chart
+        lines += ["", f"![perplexity by method and bit width]({where.as_posix()})"]
     replace_section(Path(args.markdown), "joint-quant", "\n".join(lines))
 
 
