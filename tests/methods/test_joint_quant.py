@@ -171,3 +171,12 @@ def test_clip_lr_sets_the_clipping_step_apart(tokenizer, calib_ids):
     assert frozen == (pytest.approx(0.982, abs=1e-3), pytest.approx(0.982, abs=1e-3))  # sigmoid(4), unmoved
     moved = clip_range(0.1)
     assert moved[0] < 0.98 or moved[1] > 0.985
+
+
+@pytest.mark.parametrize("clip_lr", [0.0, -0.01])
+def test_clip_lr_must_be_positive(clip_lr):
+    from besa.errors import BesaError
+    from besa.methods.besa import BesaConfig
+
+    with pytest.raises(BesaError, match="--clip-lr must be positive"):
+        BesaConfig(clip_lr=clip_lr)

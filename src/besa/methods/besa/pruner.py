@@ -129,6 +129,8 @@ class BesaConfig(MethodConfig):
             raise BesaError(f"--epochs must be positive, got {self.epochs}")
         if self.retries < 0:
             raise BesaError(f"--retries must be non-negative, got {self.retries}")
+        if self.clip_lr is not None and not self.clip_lr > 0:
+            raise BesaError(f"--clip-lr must be positive, got {self.clip_lr}")
         if self.lam < 0:
             raise BesaError(f"--lam must be non-negative, got {self.lam}")
 
@@ -345,7 +347,9 @@ class BesaPruner(Pruner):
         groups: list[dict[str, Any]] = [{"params": [a.theta for a in allocs.values()]}]
         clips = [a.clip for a in allocs.values() if a.clip is not None]
         if clips:
-            groups.append({"params": clips, "lr": self.cfg.clip_lr * scale if self.cfg.clip_lr else lr})
+            groups.append(
+                {"params": clips, "lr": lr if self.cfg.clip_lr is None else self.cfg.clip_lr * scale}
+            )
         if self.cfg.optimizer == "adamw":
             return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
         from prodigyopt import Prodigy
