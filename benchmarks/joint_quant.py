@@ -26,6 +26,9 @@ from baselines import _besa as _cli  # noqa: E402
 from baselines import _machine  # noqa: E402
 
 BESA_FLAGS = ["--optimizer", "adamw", "--lr", "0.05"]
+# the clipping's step for the OBS rows by weight width, chosen on PTB valid (BENCHMARKS.md, tuning table's
+# -w4g128 / -w3g128 rows); the frozen-weight rows use the 4-bit choice at both widths
+OBS_CLIP_LR = {4: "0.01", 3: "0.05"}
 ROWS = {
     "wanda+rtn": ("Wanda, then RTN", ["--method", "wanda"]),
     "sparsegpt-joint": ("SparseGPT, quantizing while pruning", ["--method", "sparsegpt"]),
@@ -36,19 +39,28 @@ ROWS = {
     ),
     "besa-obs-joint": (
         "**joint BESA** + OBS update (the default with --wbits)",
-        ["--method", "besa", "--weight-update", "obs", *BESA_FLAGS, "--clip-lr", "0.01"],
+        ["--method", "besa", "--weight-update", "obs", *BESA_FLAGS, "--clip-lr", "{obs_clip_lr}"],
     ),
-    # the first joint runs, clipping learned at the allocation's lr; kept for the record, not run by default
+    # other clipping steps, kept for the record, not run by default
     "besa-joint-cliplr0.05": (
-        "joint BESA, frozen weights, clip lr = lr (untuned)",
-        ["--method", "besa", "--weight-update", "none", *BESA_FLAGS],
+        "joint BESA, frozen weights, clip lr 0.05",
+        ["--method", "besa", "--weight-update", "none", *BESA_FLAGS, "--clip-lr", "0.05"],
     ),
     "besa-obs-joint-cliplr0.05": (
-        "joint BESA + OBS update, clip lr = lr (untuned)",
-        ["--method", "besa", "--weight-update", "obs", *BESA_FLAGS],
+        "joint BESA + OBS update, clip lr 0.05",
+        ["--method", "besa", "--weight-update", "obs", *BESA_FLAGS, "--clip-lr", "0.05"],
+    ),
+    "besa-obs-joint-cliplr0.01": (
+        "joint BESA + OBS update, clip lr 0.01",
+        ["--method", "besa", "--weight-update", "obs", *BESA_FLAGS, "--clip-lr", "0.01"],
     ),
 }
-DEFAULT_ROWS = [r for r in ROWS if not r.endswith("-cliplr0.05")]
+DEFAULT_ROWS = [r for r in ROWS if "-cliplr" not in r]
+
+
+def row_flags(row: str, bits: int) -> list[str]:
+    """A row's ``besa prune`` flags at ``bits`` (the OBS rows' clip lr depends on the width)."""
+    return [OBS_CLIP_LR.get(bits, "0.01") if f == "{obs_clip_lr}" else f for f in ROWS[row][1]]
 
 
 def one_run(args: argparse.Namespace, row: str, bits: int, threads: int | None) -> dict:
@@ -56,7 +68,7 @@ def one_run(args: argparse.Namespace, row: str, bits: int, threads: int | None) 
         _cli(
             "prune", args.model, "--sparsity", "0.5", "--wbits", str(bits), "--group-size", str(args.group_size),
              "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0", "--calib", args.calib,
-             "--no-checkpoint", "--out", f"{tmp}/model", *ROWS[row][1],
+             "--no-checkpoint", "--out", f"{tmp}/model", *row_flags(row, bits),
             threads=threads,
         )  # fmt: skip
         report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
@@ -139,7 +151,8 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "|---:|---|---:|---:|---:|---:|",
     ]
     for bits in args.bits:
-        for row, (label, flags) in ROWS.items():
+        for row, (label, _) in ROWS.items():
+            flags = row_flags(row, bits)
             r = results.get(f"{row}@w{bits}")
             if r is None and row not in DEFAULT_ROWS:
                 continue

@@ -62,6 +62,10 @@ GRID: dict[str, tuple[str, dict]] = {
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "none", "clip_lr": 0.0005},
     ),
+    "besa-adamw-0.05-obs-fixedclip": (  # clipping left at its start, sigmoid(4) = 0.982
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 1e-9},
+    ),
     "besa-adamw-0.05-obs-clip0.01": (
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 0.01},
