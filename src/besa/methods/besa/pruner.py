@@ -258,8 +258,9 @@ class BesaPruner(Pruner):
 
     With ``--wbits`` and ``--quant-mode joint`` it also learns per-(row, group) clipping strengths (OmniQuant's
     learnable weight clipping, sigmoid of a logit initialised at 4) together with the sparsity logits, under the
-    same block loss, the rounding passed straight through; ``rtn`` learns the masks at full precision and rounds
-    to nearest after.
+    same block loss, the rounding passed straight through; by default (``--weight-update auto``) SparseGPT's OBS
+    sweep then quantizes on the learned grids with the learned row counts. ``rtn`` learns the masks at full
+    precision and rounds to nearest after.
     """
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
