@@ -49,7 +49,14 @@ GRID: dict[str, tuple[str, dict]] = {
     # with --wbits: "quant_mode" is passed to besa.prune, not to the method
     "wanda-rtn": ("wanda", {"quant_mode": "rtn"}),
     "besa-adamw-0.05-rtn": ("besa", {"optimizer": "adamw", "lr": 0.05, "quant_mode": "rtn"}),
-    "besa-adamw-0.05-frozen": ("besa", {"optimizer": "adamw", "lr": 0.05, "weight_update": "none"}),
+    "besa-adamw-0.05-clip0.05": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "none", "clip_lr": 0.05},
+    ),
+    "besa-adamw-0.05-obs-clip0.05": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 0.05},
+    ),
     "besa-adamw-0.05-clip0.01": (
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "none", "clip_lr": 0.01},
@@ -66,6 +73,9 @@ GRID: dict[str, tuple[str, dict]] = {
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 1e-9},
     ),
+    "besa-default-clip0.1": ("besa", {"clip_lr": 0.1}),
+    "besa-default-clip0.01": ("besa", {"clip_lr": 0.01}),
+    "besa-default-fixedclip": ("besa", {"clip_lr": 1e-9}),
     "besa-adamw-0.05-obs-clip0.01": (
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 0.01},
@@ -90,8 +100,7 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
         "",
         "The setting names the run: `s<sparsity>-n<calibration windows>x<tokens>-ptbvalid<windows>x<seqlen>`, and",
         "`-w<bits>g<group size>` when the weights are quantized (`--wbits`; `rtn` rows round after pruning, the",
-        "others quantize jointly: SparseGPT inside its sweep, BESA with learned clipping at `clip_lr`, or at",
-        "`lr` when none is given).",
+        "others quantize jointly: SparseGPT inside its sweep, BESA with learned clipping, AdamW at `clip_lr`).",
         "",
         "| setting | configuration | options | PTB valid ppl | prune s |",
         "|---|---|---|---:|---:|",

@@ -122,7 +122,7 @@ def test_sparsegpt_joint_quantization_reconstructs_better_than_rtn_after_pruning
 def test_joint_besa_learns_clipping_and_resumed_runs_keep_the_grids(tokenizer, calib_ids, tmp_path):
     kwargs = dict(
         tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=calib_ids, progress=False, wbits=3,
-        group_size=32, method_options={"optimizer": "adamw", "lr": 0.1}, run_dir=tmp_path / "run",
+        group_size=32, method_options={"optimizer": "adamw", "lr": 0.1, "clip_lr": 0.1}, run_dir=tmp_path / "run",
     )  # fmt: skip
     first = besa.prune(
         make_model("llama"), **kwargs
@@ -157,12 +157,13 @@ def test_save_quantized_needs_wbits(tokenizer, calib_ids, tmp_path):
         )
 
 
-def test_clip_lr_sets_the_clipping_step_apart(tokenizer, calib_ids):
+@pytest.mark.parametrize("allocation", [{"optimizer": "adamw", "lr": 0.1}, {"optimizer": "prodigy"}])
+def test_clip_lr_sets_the_clipping_step_apart(allocation, tokenizer, calib_ids):
+    # Prodigy refuses parameter groups with different learning rates: the clipping has its own AdamW
     def clip_range(clip_lr):
         r = besa.prune(
             make_model("llama"), tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=calib_ids,
-            progress=False, wbits=3, group_size=32,
-            method_options={"optimizer": "adamw", "lr": 0.1, "clip_lr": clip_lr},
+            progress=False, wbits=3, group_size=32, method_options={**allocation, "clip_lr": clip_lr},
         )  # fmt: skip
         layers = r.report["quantization"]["layers"].values()
         return min(v["clip_hi_min"] for v in layers), max(v["clip_hi_max"] for v in layers)
