@@ -165,8 +165,10 @@ def test_resume_without_a_checkpoint_and_unwritable_places_are_refused(deep_mode
         _prune(deep_model_dir, "wanda", ids, tmp_path / "out", resume=True)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(BesaError, match="cannot write the run folder"):
+    with pytest.raises(BesaError, match="cannot write --out .*is a file, not a folder"):
         _prune(deep_model_dir, "wanda", ids, blocker / "out")
+    with pytest.raises(BesaError, match="cannot write the run folder"):
+        _prune(deep_model_dir, "wanda", ids, tmp_path / "out", run_dir=blocker / "run")
     with pytest.raises(BesaError, match="exists and is not a folder"):
         _prune(deep_model_dir, "wanda", ids, tmp_path / "out", run_dir=blocker)
 

@@ -157,3 +157,60 @@ def test_report_draws_the_allocation(capsys, tmp_path, model_dir, calib_txt):
 def test_report_on_a_folder_without_report(capsys, tmp_path):
     code, _, err = _run(capsys, "report", str(tmp_path))
     _assert_one_line_error(code, err, "holds no besa_report.json")
+
+
+def test_two_methods_may_declare_a_flag_of_the_same_name(monkeypatch):
+    """A second method with ``lr`` (as BESA has) neither breaks the parser nor steals BESA's value."""
+    from dataclasses import dataclass, field
+
+    from besa import registry
+    from besa.cli import _cmd_prune, build_parser
+    from besa.config import MethodConfig
+    from besa.methods.wanda import WandaPruner
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    @dataclass
+    class OtherConfig(MethodConfig):
+        lr: float | None = field(default=0.5, metadata={"help": "other: its own learning rate"})
+
+    registry.register_method("other-lr", OtherConfig, "a test method")(
+        type("OtherPruner", (WandaPruner,), {})
+    )
+    parser = build_parser()  # used to raise argparse.ArgumentError (conflicting option string --lr)
+    args = parser.parse_args(["prune", "m", "--method", "other-lr", "--lr", "0.25", "--out", "o"])
+    seen = {}
+
+    class Called(Exception):
+        pass
+
+    def fake_prune(model, **kw):
+        seen.update(kw)
+        raise Called
+
+    monkeypatch.setattr("besa.api.prune", fake_prune)
+    with pytest.raises(Called):
+        _cmd_prune(args)
+    assert seen["method_options"] == {"lr": 0.25}
+    besa_args = parser.parse_args(["prune", "m", "--method", "besa", "--lr", "0.05", "--out", "o"])
+    with pytest.raises(Called):
+        _cmd_prune(besa_args)
+    assert seen["method_options"] == {"lr": 0.05}
+
+
+@pytest.mark.parametrize("extra", [["--method", "magnitude"], ["--method", "wanda", "--no-checkpoint"]])
+@pytest.mark.parametrize("place", ["under-a-file", "proc"])
+def test_an_unwritable_out_is_refused_before_the_model_is_loaded(
+    capsys, tmp_path, model_dir, calib_txt, monkeypatch, extra, place
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep")
+    out = blocker / "sub" if place == "under-a-file" else "/proc/besa-out"
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr("besa.api.load_model", no_loading)
+    code, _, err = _run(capsys, "prune", str(model_dir), *extra, "--calib", str(calib_txt), "--out", str(out))
+    _assert_one_line_error(code, err, "cannot write --out")
+    assert blocker.read_text() == "keep"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from besa.activations import MemoryBudget, parse_size
-from besa.checkpoint import RUN_FILE, RunFolder, model_digest, tensor_digest
+from besa.activations import MemoryBudget
+from besa.checkpoint import RunFolder, model_digest, tensor_digest
 from besa.config import EvalConfig, PruneConfig
 from besa.data import load_calibration_documents, load_eval_text, sample_windows
 from besa.errors import BesaError
@@ -25,13 +23,22 @@ from besa.evaluation import PerplexityResult, perplexity
 from besa.fileio import atomic_folder, write_json_atomic
 from besa.loading import ModelSource, load_model, resolve_dtype, resolve_model
 from besa.modeling import find_blocks, find_linears, weight_matrix
+from besa.options import RunOptions, check_output_dir
 from besa.pipeline import run_sequential
 from besa.plotting import PLOT_NAME, plot_allocation
 from besa.quant import QuantSpec, dequantize_codes, quantize_codes
 from besa.registry import get_method
 from besa.report import count_layer_sparsity, library_versions, model_sparsity, peak_memory
 
-__all__ = ["PruneResult", "prune", "evaluate", "save_pruned", "resolve_device", "check_output_dir"]
+__all__ = [
+    "PruneResult",
+    "prune",
+    "prune_with",
+    "split_keywords",
+    "evaluate",
+    "save_pruned",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "besa_report.json"
@@ -60,16 +67,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty ``out`` unless ``overwrite``; refuse a file in its place."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise BesaError(f"--out {str(out)!r} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise BesaError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
-    return path
-
-
 def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
     nm = config.nm
     if nm is None:
@@ -95,117 +92,120 @@ def _prepare_model(
     return model.to(dtype), tokenizer, ModelSource("object", type(model).__name__, type(model).__name__)
 
 
+def split_keywords(method: str, keywords: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Sort ``prune``'s keywords into ``PruneConfig``, ``RunOptions`` and the method's own config fields.
+
+    A keyword that belongs to none of them (or to another method only) is a ``BesaError`` naming it.
+    """
+    spec = get_method(method)
+    own = {f.name for f in dataclasses.fields(PruneConfig)}
+    run = {f.name for f in dataclasses.fields(RunOptions)}
+    mine = {f.name for f in dataclasses.fields(spec.config_cls)}
+    sorted_kw: tuple[dict, dict, dict] = ({}, {}, {})
+    for key, value in keywords.items():
+        slot = 0 if key in own else 1 if key in run else 2 if key in mine else None
+        if slot is None:
+            raise BesaError(f"unknown setting {key!r} for method {method!r}")
+        sorted_kw[slot][key] = value
+    return sorted_kw
+
+
 def prune(
     model: str | nn.Module,
     *,
-    method: str = "wanda",
-    sparsity: float | None = None,
-    pattern: str | None = None,
-    calib: str = "enwiki-articles",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
-    device: str | None = None,
-    dtype: str = "auto",
-    forward_batch: int = 8,
-    out: str | Path | None = None,
-    overwrite: bool = False,
+    method: str = PruneConfig.method,
     tokenizer: Any = None,
-    method_options: dict[str, Any] | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
     calib_ids: torch.Tensor | None = None,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    checkpoint: bool | None = None,
-    keep_run_dir: bool = False,
-    max_memory: str | int | None = None,
-    wbits: int = 16,
-    group_size: int = 128,
-    quant_mode: str = "joint",
-    save_quantized: bool = False,
+    method_options: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> PruneResult:
     """Prune a causal LM block by block and optionally save it.
 
     Args:
         model: a model spec (local folder, hub id, ``.gguf`` file, ``smollm2-135m``) or a loaded model (then pass
             ``tokenizer``).
-        method: a registered method name; ``method_options`` holds its own settings (e.g. SparseGPT ``blocksize``).
+        method: a registered method name.
         calib_ids: pre-tokenized calibration windows (N, T) instead of sampling from ``calib``.
-        out: folder to write the pruned model, tokenizer and ``besa_report.json`` to (atomically).
-        run_dir: folder for the per-block checkpoints (default: ``<out>.run`` beside ``out``). A run killed midway
-            continues from its first unfinished block when called again with the same arguments; a run folder of
-            another run is refused. It is deleted once ``out`` is written unless ``keep_run_dir``.
-        resume: insist on continuing: fail if ``run_dir`` holds no checkpoint.
-        checkpoint: write checkpoints (default: whenever there is a run folder, i.e. ``out`` or ``run_dir`` given).
-        max_memory: RAM budget for calibration activations (``"2GiB"``, bytes, ``None`` for no limit); batches
-            beyond it are spilled to disk (into the run folder when there is one).
-        save_quantized: with ``wbits < 16``, also write the integer codes, scales and zero points
-            (``quantized.safetensors``, layout in ``quantization.json``) beside the dequantized model.
+        method_options: the method's own settings (e.g. SparseGPT ``blocksize``); they may also be given as
+            keywords.
+        settings: the fields of ``PruneConfig`` (``sparsity``, ``pattern``, ``calib``, ``nsamples``, ``seqlen``,
+            ``wbits``, ...), of ``RunOptions`` (``out``, ``overwrite``, ``run_dir``, ``resume``, ``checkpoint``,
+            ``max_memory``, ``save_quantized``, ``progress``, ...) and of the method's config, each with its
+            dataclass's default.
 
-    The other arguments are the fields of ``PruneConfig``. Returns a ``PruneResult``.
+    Returns a ``PruneResult``; see ``prune_with`` for the same call with the dataclasses built.
 
     Example:
         >>> result = besa.prune("smollm2-135m", method="wanda", sparsity=0.5, nsamples=16, seqlen=256, out="pruned")
     """
-    t_start = time.perf_counter()
-    config = PruneConfig(
-        method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen,
-        seed=seed, device=device, dtype=dtype, forward_batch=forward_batch, wbits=wbits, group_size=group_size,
-        quant_mode=quant_mode,
-    )  # fmt: skip
-    if save_quantized and config.quant is None:
-        raise BesaError("--save-quantized needs --wbits between 2 and 8")
+    config_kw, run_kw, option_kw = split_keywords(method, settings)
+    config = PruneConfig(method=method, **config_kw)
     spec = get_method(config.method)
     try:
-        method_config = spec.config_cls(**(method_options or {}))
+        method_config = spec.config_cls(**{**(method_options or {}), **option_kw})
     except TypeError as exc:
         raise BesaError(f"bad option for method {config.method!r}: {exc}") from None
+    return prune_with(
+        model, config, method_config, RunOptions(**run_kw), tokenizer=tokenizer, calib_ids=calib_ids
+    )
+
+
+def prune_with(
+    model: str | nn.Module,
+    config: PruneConfig,
+    method_config: Any,
+    run_options: RunOptions | None = None,
+    *,
+    tokenizer: Any = None,
+    calib_ids: torch.Tensor | None = None,
+) -> PruneResult:
+    """The core of ``prune``: every setting already in its dataclass. Checks everything it will write first."""
+    t_start = time.perf_counter()
+    options = run_options or RunOptions()
+    if options.save_quantized and config.quant is None:
+        raise BesaError("--save-quantized needs --wbits between 2 and 8")
+    spec = get_method(config.method)
     pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
-    out_path = check_output_dir(out, overwrite) if out is not None else None
-    run_path = _run_path(out_path, run_dir, checkpoint, resume) if spec.pruner_cls.needs_calibration else None
-    memory_limit = parse_size(max_memory)  # a bad size fails before anything is loaded
+    needs_data = spec.pruner_cls.needs_calibration
+    where = options.resolve(needs_data)
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
     compute_device = resolve_device(config.device)
-    compute_dtype = resolve_dtype(config.dtype, compute_device)
     timings: dict[str, Any] = {}
 
-    needs_data = spec.pruner_cls.needs_calibration
     t = time.perf_counter()
     documents = load_calibration_documents(config.calib) if needs_data and calib_ids is None else None
     timings["read_calibration"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    model, tokenizer, source = _prepare_model(model, tokenizer, compute_dtype, trust_remote_code)
+    model, tokenizer, source = _prepare_model(
+        model, tokenizer, resolve_dtype(config.dtype, compute_device), options.trust_remote_code
+    )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
 
     t = time.perf_counter()
-    resumed = 0
-    run: RunFolder | None = None
-    budget = MemoryBudget(limit=memory_limit, spill_root=run_path / "spill" if run_path else None)
+    resumed, run = 0, None
+    budget = MemoryBudget(
+        limit=where.memory_limit, spill_root=where.run_dir / "spill" if where.run_dir else None
+    )
     if needs_data:
         if calib_ids is None:
             assert documents is not None
             calib_ids = sample_windows(
-                documents,
-                lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-                config.nsamples,
-                config.seqlen,
-                config.seed,
-            )
+                documents, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], config.nsamples,
+                config.seqlen, config.seed,
+            )  # fmt: skip
         timings["sample_calibration"] = time.perf_counter() - t
-        if run_path is not None:
+        if where.run_dir is not None:
             run = RunFolder(
-                run_path, _fingerprint(model, config, method_config, calib_ids), pruner.block_record,
+                where.run_dir, _fingerprint(model, config, method_config, calib_ids), pruner.block_record,
                 pruner.restore_block, pruner.block_tensors, pruner.restore_block_tensors,
             )  # fmt: skip
-            run.check(require=resume)
+            run.check(require=options.resume)
         torch.manual_seed(config.seed)
         t = time.perf_counter()
         engine = run_sequential(
-            model, calib_ids, pruner.prune_block, compute_device, config.forward_batch, progress,
+            model, calib_ids, pruner.prune_block, compute_device, config.forward_batch, options.progress,
             dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
         )  # fmt: skip
         resumed = engine.resumed_blocks
@@ -214,10 +214,29 @@ def prune(
     else:
         _prune_without_data(model, pruner)
     timings["prune"] = time.perf_counter() - t
+    report = _report(model, source, config, method_config, pruner, timings, budget, where.run_dir, resumed)
+    if where.out is not None:
+        t = time.perf_counter()
+        grids = pruner.quant_grids if options.save_quantized else None
+        save_pruned(model, tokenizer, where.out, report, overwrite=options.overwrite, quant_grids=grids)
+        timings["save"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    if where.out is not None:
+        write_json_atomic(where.out / REPORT_NAME, report)
+        if run is not None and not options.keep_run_dir:
+            run.remove()
+    return PruneResult(model=model, tokenizer=tokenizer, report=report, out=where.out)
+
+
+def _report(
+    model: nn.Module, source: ModelSource, config: PruneConfig, method_config: Any, pruner: Any,
+    timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end)."""
     layers = count_layer_sparsity(model)
     for name, info in layers.items():
         info["target"] = pruner.layer_targets.get(name, config.sparsity)
-    report: dict[str, Any] = {
+    return {
         "model": dataclasses.asdict(source),
         "config": config.to_dict(),
         "method_options": method_config.to_dict(),
@@ -228,55 +247,12 @@ def prune(
         "timings_s": timings,
         "memory": {**peak_memory(), "activations": budget.summary()},
         "run": {
-            "run_dir": str(run_path) if run_path else None,
+            "run_dir": str(run_dir) if run_dir else None,
             "resumed_blocks": resumed,
             "note": "timings_s.per_block of resumed blocks are those of the run that pruned them",
         },
         "versions": library_versions(),
     }
-    if out_path is not None:
-        t = time.perf_counter()
-        grids = pruner.quant_grids if save_quantized else None
-        save_pruned(model, tokenizer, out_path, report, overwrite=overwrite, quant_grids=grids)
-        timings["save"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
-    if out_path is not None:
-        write_json_atomic(out_path / REPORT_NAME, report)
-        if run is not None and not keep_run_dir:
-            run.remove()
-    return PruneResult(model=model, tokenizer=tokenizer, report=report, out=out_path)
-
-
-def _run_path(
-    out: Path | None, run_dir: str | Path | None, checkpoint: bool | None, resume: bool
-) -> Path | None:
-    """The run folder to checkpoint into, or ``None``; an unwritable place fails here, before any work."""
-    if checkpoint is False:
-        if resume:
-            raise BesaError("resume needs checkpoints: drop --no-checkpoint")
-        return None
-    if run_dir is not None:
-        path = Path(run_dir).expanduser()
-    elif out is not None:
-        path = out.parent / f"{out.name}.run"
-    elif checkpoint or resume:
-        raise BesaError("checkpoints need a run folder: pass run_dir= (or out=)")
-    else:
-        return None
-    if path.exists() and not path.is_dir():
-        raise BesaError(f"run folder {str(path)!r} exists and is not a folder")
-    if resume and not (path / RUN_FILE).is_file():
-        raise BesaError(f"nothing to resume: {str(path)!r} holds no checkpoint")
-    existing = path
-    while not existing.exists():  # nothing is created before the first checkpoint
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way")
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as exc:
-        raise BesaError(f"cannot write the run folder {str(path)!r}: {exc.strerror}") from None
-    return path
 
 
 def _fingerprint(

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from besa.config import PruneConfig
+from besa.config import EvalConfig, PruneConfig
 from besa.errors import BesaError
 from besa.fileio import write_json_atomic
+from besa.options import RunOptions
 from besa.registry import available_methods, get_method
 
 __all__ = ["main", "build_parser"]
@@ -34,6 +35,10 @@ EVAL_EXAMPLES = """examples:
   besa eval smollm2-135m pruned/wanda50 pruned/sgpt24 --seqlen 512     (one table, a row per model)"""
 
 
+_RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions))
+_EVAL_RUN_FIELDS = ("progress", "trust_remote_code")
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are a single line and exit status 2."""
 
@@ -42,28 +47,54 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _field_type(f: dataclasses.Field) -> Any:
-    kind = str(f.type)
-    if "float" in kind:
-        return float
-    if "int" in kind:
-        return int
-    return str
+    """The CLI type of a field: its metadata's ``type``, else the first member of its annotation's union."""
+    if "type" in f.metadata:
+        return f.metadata["type"]
+    first = str(f.type).split("|")[0].strip()
+    return {"float": float, "int": int, "bool": bool}.get(first, str)
 
 
-def _add_dataclass_flags(parser: argparse._ActionsContainer, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field, with the field's ``help`` metadata; defaults come from the dataclass."""
+def _add_dataclass_flags(
+    parser: argparse._ActionsContainer,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    seen: dict[str, Any] | None = None,
+    groups: dict[str, argparse._ActionsContainer] | None = None,
+) -> None:
+    """One ``--flag`` per dataclass field that has ``help`` metadata; defaults and help are written once, there.
+
+    A field's metadata may also give ``flag`` (e.g. ``--no-checkpoint`` for a boolean whose flag turns it off),
+    ``type``, ``required`` and ``group`` (a key of ``groups``). Flags not given are left out of the namespace, so
+    the dataclass's own default applies.
+
+    ``seen`` (flag name -> field type) lets several method configs share a field name: the flag is defined once,
+    by the first method that has it, and each method reads it into its own config with its own default. Two
+    methods that give one name different types are a programming error, reported at start-up.
+    """
     for f in dataclasses.fields(cls):
         if f.name in skip or "help" not in f.metadata:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=_field_type(f),
-            default=argparse.SUPPRESS,
-            metavar=f.name.upper().replace("_", "-"),
-            help=f"{f.metadata['help']}" + ("" if default is None else f" (default: {default})"),
-        )
+        if seen is not None:
+            if f.name in seen:
+                if seen[f.name] is not _field_type(f):
+                    raise TypeError(f"--{f.name} is declared with two different types by two methods")
+                continue
+            seen[f.name] = _field_type(f)
+        meta = f.metadata
+        flag = meta.get("flag", f"--{f.name.replace('_', '-')}")
+        target = (groups or {}).get(meta.get("group"), parser)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta["help"]}
+        if _field_type(f) is bool:
+            kwargs.update(action="store_const", const=not flag.startswith("--no-"))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            kwargs.update(type=_field_type(f), metavar=f.name.upper().replace("_", "-"))
+            kwargs["help"] += "" if default is None else f" (default: {default})"
+        if meta.get("required"):
+            kwargs["required"] = True
+        target.add_argument(flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,33 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="wanda", help=f"one of: {', '.join(available_methods())} (default: wanda)"
     )
     _add_dataclass_flags(p, PruneConfig, skip=("method",))
+    seen: dict[str, Any] = {}
     for name in available_methods():
         spec = get_method(name)
         if any("help" in f.metadata for f in dataclasses.fields(spec.config_cls)):
             group = p.add_argument_group(f"--method {name}", spec.summary)
-            _add_dataclass_flags(group, spec.config_cls)
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument(
-        "--save-quantized", action="store_true",
-        help="with --wbits: also write integer codes, scales and zero points (quantized.safetensors)",
-    )  # fmt: skip
+            _add_dataclass_flags(group, spec.config_cls, seen=seen)
     run = p.add_argument_group(
         "checkpoints and memory",
         "A checkpoint is written after every block; rerunning the same command continues a killed run.",
     )
-    run.add_argument("--run-dir", default=None, help="checkpoint folder (default: OUT.run beside --out)")
-    run.add_argument(
-        "--resume", action="store_true", help="require a checkpoint in the run folder to continue"
-    )
-    run.add_argument("--keep-run-dir", action="store_true", help="keep the run folder after a successful run")
-    run.add_argument("--no-checkpoint", action="store_true", help="write no checkpoints")
-    run.add_argument(
-        "--max-memory", default=None, metavar="SIZE",
-        help="RAM for calibration activations, e.g. 4GiB; the rest is spilled to disk (default: no limit)",
-    )  # fmt: skip
+    _add_dataclass_flags(p, RunOptions, groups={"checkpoints and memory": run})
 
     e = sub.add_parser(
         "eval",
@@ -119,17 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("model", nargs="+", help="one or more models (folder, hub id, .gguf, smollm2-135m)")
-    e.add_argument("--ppl", default="wikitext2", help="comma-separated datasets: wikitext2, ptb, c4")
-    e.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default: 2048)")
-    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first W windows")
-    e.add_argument(
-        "--batch-size", type=int, default=1, help="windows per forward (default: 1, fastest on CPU)"
-    )
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
-    e.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
+    _add_dataclass_flags(e, EvalConfig)
     e.add_argument("--json", default=None, help="write the results to this JSON file")
-    e.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
-    e.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_dataclass_flags(e, RunOptions, skip=tuple(n for n in _RUN_FIELDS if n not in _EVAL_RUN_FIELDS))
     r = sub.add_parser(
         "report",
         help="draw the sparsity allocation of a pruned model folder (heatmap PNG) and summarise it",
@@ -183,18 +190,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     result = prune(
         args.model,
         method=args.method,
-        out=args.out,
-        overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress,
         method_options={k: given[k] for k in own if k in given},
-        run_dir=args.run_dir,
-        resume=args.resume,
-        checkpoint=False if args.no_checkpoint else None,
-        keep_run_dir=args.keep_run_dir,
-        max_memory=args.max_memory,
-        save_quantized=args.save_quantized,
-        **{k: given[k] for k in common if k in given},
+        **{k: given[k] for k in (*common, *_RUN_FIELDS) if k in given},
     )
     s = result.report["sparsity"]
     print(
@@ -222,24 +219,15 @@ def _format_table(rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str
 def _cmd_eval(args: argparse.Namespace) -> int:
     from besa.api import evaluate
 
-    datasets = [d.strip() for d in args.ppl.split(",") if d.strip()]
+    given = vars(args)
+    settings = {f.name: given[f.name] for f in dataclasses.fields(EvalConfig) if f.name in given}
+    settings.update({k: given[k] for k in _EVAL_RUN_FIELDS if k in given})
+    datasets = list(settings.get("datasets", EvalConfig.datasets))
     if args.json:
         json_path = Path(args.json)
         if json_path.is_dir() or not json_path.parent.exists() and str(json_path.parent) not in ("", "."):
             raise BesaError(f"--json {args.json!r}: not a writable file path")
-    rows: dict[str, dict[str, Any]] = {}
-    for model in args.model:
-        rows[model] = evaluate(
-            model,
-            datasets=datasets,
-            seqlen=args.seqlen,
-            max_windows=args.max_windows,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-            progress=not args.no_progress,
-        )
+    rows: dict[str, dict[str, Any]] = {model: evaluate(model, **settings) for model in args.model}
     print(_format_table(rows, datasets))
     if args.json:
         write_json_atomic(json_path, rows[args.model[0]] if len(args.model) == 1 else rows)
@@ -253,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else os.environ.get("BESA_LOG_LEVEL", "WARNING"),
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if getattr(args, "no_progress", False):
+    if getattr(args, "progress", True) is False:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

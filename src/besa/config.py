@@ -151,6 +151,11 @@ class PruneConfig:
         return dataclasses.asdict(self)
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    """``"wikitext2, ptb"`` -> ``("wikitext2", "ptb")``."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 @dataclass
 class EvalConfig:
     """Perplexity evaluation settings (SparseGPT/Wanda/BESA protocol).
@@ -164,12 +169,23 @@ class EvalConfig:
         dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
     """
 
-    datasets: tuple[str, ...] = ("wikitext2",)
-    seqlen: int = 2048
-    max_windows: int | None = None
-    batch_size: int = 1
-    device: str | None = None
-    dtype: str = "auto"
+    datasets: tuple[str, ...] = field(
+        default=("wikitext2",),
+        metadata={
+            "help": "comma-separated datasets: wikitext2, ptb, c4, each optionally NAME:SPLIT (ptb:valid)",
+            "flag": "--ppl",
+            "type": _comma_list,
+        },
+    )
+    seqlen: int = field(default=2048, metadata={"help": "window length in tokens"})
+    max_windows: int | None = field(default=None, metadata={"help": "evaluate only the first W windows"})
+    batch_size: int = field(default=1, metadata={"help": "windows per forward (1 is fastest on CPU)"})
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:N (default: CUDA if available)"}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"}
+    )
 
     def __post_init__(self) -> None:
         if self.seqlen < 2:

@@ -1,0 +1,147 @@
+"""How a pruning run is carried out, as opposed to what it computes: where it writes, checkpoints and memory.
+
+``RunOptions`` holds these settings once (the Python API's keywords and the CLI's flags are made from its fields)
+and checks every place the run will write before any work is done.
+"""
+
+from __future__ import annotations
+
+import errno
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from besa.activations import parse_size
+from besa.checkpoint import RUN_FILE
+from besa.errors import BesaError
+
+__all__ = ["RunOptions", "ResolvedRun", "check_output_dir", "check_writable"]
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail unless ``path`` (a folder that may not exist yet) can be created and written: its nearest existing
+    ancestor must be a folder we can create files in. ``what`` names the setting in the message."""
+    existing = path
+    while not existing.exists():  # nothing is created before the first write
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{str(existing)!r} is a file, not a folder")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as exc:
+        raise BesaError(f"cannot write {what} {str(path)!r}: {exc.strerror}") from None
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty ``out`` unless ``overwrite``, a file in its place, or a place we cannot write."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BesaError(f"--out {str(out)!r} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise BesaError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
+    check_writable(path, "--out")
+    return path
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """``RunOptions`` checked against the file system: the folders to write (or ``None``) and the memory limit."""
+
+    out: Path | None
+    run_dir: Path | None
+    memory_limit: int | None
+
+
+@dataclass
+class RunOptions:
+    """Where and how a pruning run writes; none of these change the pruned weights.
+
+    Args:
+        out: folder to write the pruned model, tokenizer and ``besa_report.json`` to (atomically).
+        overwrite: replace ``out`` if it exists and is not empty.
+        run_dir: folder for the per-block checkpoints (default: ``<out>.run`` beside ``out``). A run killed midway
+            continues from its first unfinished block when called again with the same settings; a run folder of
+            another run is refused. It is deleted once ``out`` is written unless ``keep_run_dir``.
+        resume: insist on continuing: fail if ``run_dir`` holds no checkpoint.
+        checkpoint: write checkpoints (default ``None``: whenever there is a run folder, i.e. ``out`` or
+            ``run_dir`` given); ``False`` writes none.
+        keep_run_dir: keep the run folder after a successful run.
+        max_memory: RAM budget for calibration activations (``"2GiB"``, bytes, ``None`` for no limit); batches
+            beyond it are spilled to disk (into the run folder when there is one).
+        save_quantized: with ``wbits < 16``, also write the integer codes, scales and zero points
+            (``quantized.safetensors``, layout in ``quantization.json``) beside the dequantized model.
+        progress: show progress bars.
+        trust_remote_code: allow model code from the hub.
+    """
+
+    out: str | Path | None = field(
+        default=None, metadata={"help": "output folder (written atomically)", "required": True}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace --out if it exists and is not empty"})
+    run_dir: str | Path | None = field(
+        default=None,
+        metadata={
+            "help": "checkpoint folder (default: OUT.run beside --out)",
+            "group": "checkpoints and memory",
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "require a checkpoint in the run folder to continue",
+            "group": "checkpoints and memory",
+        },
+    )
+    checkpoint: bool | None = field(
+        default=None,
+        metadata={
+            "help": "write no checkpoints",
+            "flag": "--no-checkpoint",
+            "group": "checkpoints and memory",
+        },
+    )
+    keep_run_dir: bool = field(
+        default=False,
+        metadata={"help": "keep the run folder after a successful run", "group": "checkpoints and memory"},
+    )
+    max_memory: str | int | None = field(
+        default=None,
+        metadata={
+            "help": "RAM for calibration activations, e.g. 4GiB; the rest is spilled to disk (default: no limit)",
+            "group": "checkpoints and memory",
+        },
+    )
+    save_quantized: bool = field(
+        default=False,
+        metadata={
+            "help": "with --wbits: also write integer codes, scales and zero points (quantized.safetensors)"
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "hide progress bars", "flag": "--no-progress"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
+
+    def resolve(self, needs_calibration: bool = True) -> ResolvedRun:
+        """Check every place this run will write, and the memory size, before any work; raise ``BesaError``."""
+        out = check_output_dir(self.out, self.overwrite) if self.out is not None else None
+        run_dir = self._run_dir(out) if needs_calibration else None
+        return ResolvedRun(out=out, run_dir=run_dir, memory_limit=parse_size(self.max_memory))
+
+    def _run_dir(self, out: Path | None) -> Path | None:
+        if self.checkpoint is False:
+            if self.resume:
+                raise BesaError("resume needs checkpoints: drop --no-checkpoint")
+            return None
+        if self.run_dir is not None:
+            path = Path(self.run_dir).expanduser()
+        elif out is not None:
+            path = out.parent / f"{out.name}.run"
+        elif self.checkpoint or self.resume:
+            raise BesaError("checkpoints need a run folder: pass run_dir= (or out=)")
+        else:
+            return None
+        if path.exists() and not path.is_dir():
+            raise BesaError(f"run folder {str(path)!r} exists and is not a folder")
+        if self.resume and not (path / RUN_FILE).is_file():
+            raise BesaError(f"nothing to resume: {str(path)!r} holds no checkpoint")
+        check_writable(path, "the run folder")
+        return path
