@@ -27,6 +27,7 @@ from besa.options import RunOptions, check_output_dir
 from besa.pipeline import run_sequential
 from besa.plotting import PLOT_NAME, plot_allocation
 from besa.quant import QuantSpec, dequantize_codes, quantize_codes
+from besa.recipe import RECIPE_NAME, Recipe, load_recipe, recipe_text
 from besa.registry import get_method
 from besa.report import count_layer_sparsity, library_versions, model_sparsity, peak_memory
 
@@ -113,10 +114,11 @@ def split_keywords(method: str, keywords: dict[str, Any]) -> tuple[dict, dict, d
 def prune(
     model: str | nn.Module,
     *,
-    method: str = PruneConfig.method,
+    method: str | None = None,
     tokenizer: Any = None,
     calib_ids: torch.Tensor | None = None,
     method_options: dict[str, Any] | None = None,
+    recipe: str | Path | Recipe | None = None,
     **settings: Any,
 ) -> PruneResult:
     """Prune a causal LM block by block and optionally save it.
@@ -124,7 +126,7 @@ def prune(
     Args:
         model: a model spec (local folder, hub id, ``.gguf`` file, ``smollm2-135m``) or a loaded model (then pass
             ``tokenizer``).
-        method: a registered method name.
+        method: a registered method name (default: the recipe's, else ``wanda``).
         calib_ids: pre-tokenized calibration windows (N, T) instead of sampling from ``calib``.
         method_options: the method's own settings (e.g. SparseGPT ``blocksize``); they may also be given as
             keywords.
@@ -132,13 +134,28 @@ def prune(
             ``wbits``, ...), of ``RunOptions`` (``out``, ``overwrite``, ``run_dir``, ``resume``, ``checkpoint``,
             ``max_memory``, ``save_quantized``, ``progress``, ...) and of the method's config, each with its
             dataclass's default.
+        recipe: a recipe file (or a loaded ``Recipe``): its settings replace the defaults; the keywords given
+            here replace the recipe's. Every saved run writes its resolved recipe (``besa_recipe.yaml``).
 
     Returns a ``PruneResult``; see ``prune_with`` for the same call with the dataclasses built.
 
     Example:
         >>> result = besa.prune("smollm2-135m", method="wanda", sparsity=0.5, nsamples=16, seqlen=256, out="pruned")
     """
+    base = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
+    method = method or (base.method if base else PruneConfig.method)
     config_kw, run_kw, option_kw = split_keywords(method, settings)
+    if base is not None:
+        if base.calibration_ids is not None and (
+            calib_ids is None or _ids_digest(calib_ids) != base.calibration_ids
+        ):
+            raise BesaError(
+                "the recipe's run was calibrated on token ids given to the Python API (calibration_ids "
+                f"{base.calibration_ids[:19]}...): pass the same calib_ids"
+            )
+        config_kw = {**base.prune, **config_kw}
+        if method == base.method:
+            option_kw = {**base.options, **option_kw}
     config = PruneConfig(method=method, **config_kw)
     spec = get_method(config.method)
     try:
@@ -162,6 +179,7 @@ def prune_with(
     """The core of ``prune``: every setting already in its dataclass. Checks everything it will write first."""
     t_start = time.perf_counter()
     options = run_options or RunOptions()
+    given_ids = calib_ids is not None
     if options.save_quantized and config.quant is None:
         raise BesaError("--save-quantized needs --wbits between 2 and 8")
     spec = get_method(config.method)
@@ -218,7 +236,9 @@ def prune_with(
     if where.out is not None:
         t = time.perf_counter()
         grids = pruner.quant_grids if options.save_quantized else None
-        save_pruned(model, tokenizer, where.out, report, overwrite=options.overwrite, quant_grids=grids)
+        ids_digest = _ids_digest(calib_ids) if given_ids and calib_ids is not None else None
+        recipe = recipe_text(config, method_config, ids_digest)
+        save_pruned(model, tokenizer, where.out, report, options.overwrite, quant_grids=grids, recipe=recipe)
         timings["save"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     if where.out is not None:
@@ -270,6 +290,10 @@ def _fingerprint(
     return json.loads(json.dumps(payload))  # as it reads back from run.json (tuples -> lists)
 
 
+def _ids_digest(calib_ids: torch.Tensor) -> str:
+    return "sha256:" + tensor_digest(calib_ids.to(torch.long))
+
+
 def _prune_without_data(model: nn.Module, pruner: Any) -> None:
     """Methods that need no calibration (magnitude) prune every block's linears directly."""
     for block_name, block in find_blocks(model):
@@ -286,6 +310,7 @@ def save_pruned(
     report: dict[str, Any],
     overwrite: bool,
     quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    recipe: str | None = None,
 ) -> Path:
     """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
 
@@ -301,6 +326,8 @@ def save_pruned(
             spec = report["quantization"]
             save_quantized(model, quant_grids, QuantSpec(spec["bits"], spec["group_size"]), tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
+        if recipe is not None:
+            (tmp / RECIPE_NAME).write_text(recipe, encoding="utf-8")
         plot_allocation(report, tmp / PLOT_NAME)
     return out
 

@@ -112,8 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="local folder, hub id (owner/name), .gguf file, or smollm2-135m")
     p.add_argument(
-        "--method", default="wanda", help=f"one of: {', '.join(available_methods())} (default: wanda)"
+        "--method",
+        default=None,
+        help=f"one of: {', '.join(available_methods())} (default: the recipe's, else wanda)",
     )
+    p.add_argument(
+        "--recipe", default=None, metavar="YAML",
+        help="read the settings from a recipe file (a run's besa_recipe.yaml); flags given here override it",
+    )  # fmt: skip
     _add_dataclass_flags(p, PruneConfig, skip=("method",))
     seen: dict[str, Any] = {}
     for name in available_methods():
@@ -174,8 +180,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from besa.api import prune
+    from besa.recipe import load_recipe
 
-    spec = get_method(args.method)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    if recipe is not None and recipe.calibration_ids is not None:
+        raise BesaError(
+            f"recipe {args.recipe!r} was calibrated on token ids given to the Python API; rerun it with "
+            "besa.prune(..., recipe=..., calib_ids=...)"
+        )
+    method = args.method or (recipe.method if recipe else PruneConfig.method)
+    spec = get_method(method)
     common = {f.name for f in dataclasses.fields(PruneConfig)} - {"method"}
     own = {f.name for f in dataclasses.fields(spec.config_cls)}
     given = vars(args)
@@ -186,16 +200,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if n in given and n not in own
     ]
     if foreign:
-        raise BesaError(f"--{foreign[0].replace('_', '-')} does not apply to --method {args.method}")
+        raise BesaError(f"--{foreign[0].replace('_', '-')} does not apply to --method {method}")
     result = prune(
         args.model,
-        method=args.method,
+        method=method,
+        recipe=recipe,
         method_options={k: given[k] for k in own if k in given},
         **{k: given[k] for k in (*common, *_RUN_FIELDS) if k in given},
     )
     s = result.report["sparsity"]
     print(
-        f"pruned {args.model} with {args.method}: {s['pruned_layers']:.4%} zeros in "
+        f"pruned {args.model} with {method}: {s['pruned_layers']:.4%} zeros in "
         f"{len(result.report['layers'])} linears ({s['all_parameters']:.2%} of all parameters) -> {result.out}"
     )
     return 0

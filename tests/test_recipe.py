@@ -1,0 +1,144 @@
+"""Recipe files: every run writes its resolved recipe, and running that recipe again gives the same bits."""
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from besa.cli import main
+from besa.errors import BesaError
+from besa.recipe import RECIPE_NAME, load_recipe
+
+
+@pytest.fixture
+def calib_txt(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("Some calibration text about many things, sentences and numbers 1 2 3. " * 40)
+    return path
+
+
+def _tensors(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "sparsegpt", "--pattern", "2:4", "--blocksize", "32"],
+        [
+            "--method",
+            "besa",
+            "--sparsity",
+            "0.6",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.05",
+            "--granularity",
+            "layer",
+        ],
+        ["--method", "wanda", "--sparsity", "0.5", "--wbits", "4", "--group-size", "32"],
+    ],
+)
+def test_a_saved_recipe_reruns_the_run_bit_for_bit(tmp_path, model_dir, calib_txt, flags):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--calib", str(calib_txt), "--nsamples", "4", "--seqlen", "16", "--no-progress"]
+    assert main(["prune", str(model_dir), *flags, *common, "--out", str(first)]) == 0
+    recipe = yaml.safe_load((first / RECIPE_NAME).read_text())
+    assert recipe["method"] == flags[1] and recipe["prune"]["nsamples"] == 4
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--recipe",
+                str(first / RECIPE_NAME),
+                "--out",
+                str(second),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    a, b = _tensors(first), _tensors(second)
+    assert a.keys() == b.keys()
+    assert all(a[k].equal(b[k]) for k in a)
+    assert (second / RECIPE_NAME).read_text() == (first / RECIPE_NAME).read_text()
+
+
+def test_flags_given_with_a_recipe_override_it(tmp_path, model_dir, calib_txt):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"besa_recipe: 1\nmethod: wanda\nprune: {{sparsity: 0.5, calib: {calib_txt}, nsamples: 2, seqlen: 16}}\n"
+    )
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "prune",
+                str(model_dir),
+                "--recipe",
+                str(path),
+                "--sparsity",
+                "0.25",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert yaml.safe_load((out / RECIPE_NAME).read_text())["prune"]["sparsity"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("besa_recipe: 1\nprune: {sparsty: 0.5}\n", "unknown recipe key 'prune.sparsty'"),
+        (
+            "besa_recipe: 1\nmethod: besa\noptions: {blocksize: 64}\n",
+            "unknown recipe key 'options.blocksize'",
+        ),
+        ("besa_recipe: 1\nstages: {}\n", "unknown recipe key 'stages'"),
+        ("besa_recipe: 1\nprune: {sparsity: lots}\n", "'prune.sparsity' must be of type float"),
+        ("besa_recipe: 1\nprune: {nsamples: 2.5}\n", "'prune.nsamples' must be of type int"),
+        ("besa_recipe: 1\nmethod: nope\n", "unknown method 'nope'"),
+        ("method: wanda\n", "'besa_recipe: 1' is missing"),
+        ("besa_recipe: 1\nprune: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_recipes_are_one_line_errors_naming_the_key(tmp_path, model_dir, capsys, text, needle):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(BesaError, match=needle.replace("[", r"\[")):
+        load_recipe(path)
+    out = tmp_path / "out"
+    assert main(["prune", str(model_dir), "--recipe", str(path), "--out", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and needle in err[0]
+    assert not out.exists()
+
+
+def test_a_run_on_given_token_ids_records_them_and_needs_them_back(tmp_path, tokenizer, calib_ids, capsys):
+    import besa
+    from conftest import make_model
+
+    first = tmp_path / "first"
+    besa.prune(
+        make_model("llama"),
+        tokenizer=tokenizer,
+        method="sparsegpt",
+        calib_ids=calib_ids,
+        out=first,
+        progress=False,
+    )
+    recipe = load_recipe(first / RECIPE_NAME)
+    assert recipe.calibration_ids.startswith("sha256:")
+    with pytest.raises(BesaError, match="pass the same calib_ids"):
+        besa.prune(
+            make_model("llama"), tokenizer=tokenizer, recipe=recipe, calib_ids=calib_ids[:3], progress=False
+        )
+    again = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, recipe=recipe, calib_ids=calib_ids, progress=False
+    )
+    saved = _tensors(first)
+    assert all(saved[k].equal(v) for k, v in again.model.state_dict().items() if k in saved)
