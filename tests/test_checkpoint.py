@@ -71,12 +71,12 @@ CHILD = textwrap.dedent(
             return original(self, work)
         cls.prune_block = prune_block
     else:  # killed inside the checkpoint of block `kill_at`, after its files, before run.json
-        original = besa.checkpoint._write_json
-        def write_json(path, payload):
+        original = besa.checkpoint.write_json_atomic
+        def write_json(path, payload, **kwargs):
             if payload["completed"] == kill_at + 1:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original(path, payload)
-        besa.checkpoint._write_json = write_json
+            return original(path, payload, **kwargs)
+        besa.checkpoint.write_json_atomic = write_json
     import json
     besa.prune(model_dir, method=method, sparsity=0.5, calib_ids=load_file(sys.argv[7])["ids"], out=out,
                progress=False, forward_batch=2, method_options=json.loads(options))

@@ -30,6 +30,7 @@ from torch import nn
 
 from besa.activations import ActivationStore, MemoryBudget
 from besa.errors import BesaError
+from besa.fileio import fsync_dir, write_json_atomic
 
 __all__ = ["RunFolder", "model_digest", "tensor_digest", "RUN_FILE"]
 
@@ -60,19 +61,6 @@ def model_digest(model: nn.Module, sample: int = 4096) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` to ``path`` as safetensors through a temporary file, fsync and rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -84,20 +72,6 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(payload, indent=2, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _is_run_artifact(name: str) -> bool:
@@ -283,8 +257,8 @@ class RunFolder:
                 for j, batch in enumerate(store or ()):
                     _write_tensors(folder / f"{prefix}-{j:05d}.safetensors", {"x": batch})
             _write_tensors(folder / "rng.safetensors", {"cpu": torch.get_rng_state()})
-            _fsync_dir(folder)
-        _fsync_dir(self.path / "blocks")
+            fsync_dir(folder)
+        fsync_dir(self.path / "blocks")
         state = {
             **state,
             "completed": index + 1,
@@ -296,7 +270,7 @@ class RunFolder:
                 {"name": name, "seconds": seconds, "record": self.record(name)},
             ],
         }
-        _write_json(self.path / RUN_FILE, state)  # the commit point
+        write_json_atomic(self.path / RUN_FILE, state, durable=True)  # the commit point
         self.state = state
         if old and old != new:
             shutil.rmtree(self.path / old, ignore_errors=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from besa.errors import BesaError
 
-__all__ = ["atomic_folder", "write_json_atomic"]
+__all__ = ["atomic_folder", "fsync_dir", "write_json_atomic"]
 
 
 @contextmanager
@@ -47,8 +47,36 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename."""
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames into it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any], durable: bool = False) -> None:
+    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename.
+
+    ``durable`` also fsyncs the file before the rename and the folder after it, so a power cut cannot leave an
+    empty or stale file in its place (checkpoints' commit point). A failed write leaves no temporary file behind.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(payload, indent=2, default=str) + "\n")
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
