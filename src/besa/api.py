@@ -184,7 +184,7 @@ def prune_with(
         raise BesaError("--save-quantized needs --wbits between 2 and 8")
     spec = get_method(config.method)
     pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
-    needs_data = spec.pruner_cls.needs_calibration
+    needs_data = pruner.needs_calibration
     where = options.resolve(needs_data)
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
@@ -206,31 +206,34 @@ def prune_with(
     budget = MemoryBudget(
         limit=where.memory_limit, spill_root=where.run_dir / "spill" if where.run_dir else None
     )
-    if needs_data:
-        if calib_ids is None:
-            assert documents is not None
-            calib_ids = sample_windows(
-                documents, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], config.nsamples,
-                config.seqlen, config.seed,
-            )  # fmt: skip
-        timings["sample_calibration"] = time.perf_counter() - t
-        if where.run_dir is not None:
-            run = RunFolder(
-                where.run_dir, _fingerprint(model, config, method_config, calib_ids), pruner.block_record,
-                pruner.restore_block, pruner.block_tensors, pruner.restore_block_tensors,
-            )  # fmt: skip
-            run.check(require=options.resume)
-        torch.manual_seed(config.seed)
-        t = time.perf_counter()
-        engine = run_sequential(
-            model, calib_ids, pruner.prune_block, compute_device, config.forward_batch, options.progress,
-            dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
+    if needs_data and calib_ids is None:
+        assert documents is not None
+        calib_ids = sample_windows(
+            documents, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], config.nsamples,
+            config.seqlen, config.seed,
         )  # fmt: skip
-        resumed = engine.resumed_blocks
-        timings["capture"] = engine.capture_seconds
-        timings["per_block"] = engine.block_seconds
-    else:
-        _prune_without_data(model, pruner)
+    timings["sample_calibration"] = time.perf_counter() - t
+    engine_ids = (
+        calib_ids if pruner.uses_data else None
+    )  # data-free methods run through the engine without data
+    if where.run_dir is not None and engine_ids is not None:
+        run = RunFolder(
+            where.run_dir, _fingerprint(model, config, method_config, engine_ids), pruner.block_record,
+            pruner.restore_block, pruner.block_tensors, pruner.restore_block_tensors,
+        )  # fmt: skip
+        run.check(require=options.resume)
+    t = time.perf_counter()
+    pruner.prepare(model, calib_ids, compute_device, config.forward_batch, options.progress)
+    timings["allocation"] = time.perf_counter() - t
+    torch.manual_seed(config.seed)
+    t = time.perf_counter()
+    engine = run_sequential(
+        model, engine_ids, pruner.prune_block, compute_device, config.forward_batch, options.progress,
+        dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
+    )  # fmt: skip
+    resumed = engine.resumed_blocks
+    timings["capture"] = engine.capture_seconds
+    timings["per_block"] = engine.block_seconds
     timings["prune"] = time.perf_counter() - t
     report = _report(model, source, config, method_config, pruner, timings, budget, where.run_dir, resumed)
     if where.out is not None:
@@ -262,6 +265,7 @@ def _report(
         "method_options": method_config.to_dict(),
         "sparsity": {"target": config.sparsity, "pattern": config.pattern, **model_sparsity(model, layers)},
         "layers": layers,
+        "allocation": pruner.report_allocation(),
         "method": pruner.report_extra(),
         "quantization": pruner.report_quantization(),
         "timings_s": timings,
@@ -292,15 +296,6 @@ def _fingerprint(
 
 def _ids_digest(calib_ids: torch.Tensor) -> str:
     return "sha256:" + tensor_digest(calib_ids.to(torch.long))
-
-
-def _prune_without_data(model: nn.Module, pruner: Any) -> None:
-    """Methods that need no calibration (magnitude) prune every block's linears directly."""
-    for block_name, block in find_blocks(model):
-        for name, layer in find_linears(block, model).items():
-            grids = pruner.prune_layer(layer, None)
-            pruner.layer_targets[f"{block_name}.{name}"] = pruner.sparsity
-            pruner.finish_layer(f"{block_name}.{name}", layer, grids, f"{pruner.config.method} joint")
 
 
 def save_pruned(

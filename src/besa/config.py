@@ -74,6 +74,10 @@ class PruneConfig:
             (each method's own way: round-to-nearest after pruning, SparseGPT while pruning, BESA learned jointly);
             16 means no quantization.
         group_size: input columns sharing one scale and zero point; 0 means one per output row.
+        allocation: ``uniform`` (every block gets ``sparsity``) or ``owl`` (block rates from the dense model's
+            outlier ratios, within ``sparsity +- owl_lambda``; see ``besa.stages.allocation``).
+        owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
+        owl_lambda: OWL's largest deviation of a block's rate from ``sparsity``.
         quant_mode: ``joint``: methods that can quantize while they prune do so (SparseGPT inside its OBS sweep,
             BESA by learning clipping with the masks); ``rtn``: every method prunes, then rounds to nearest. Methods
             without a joint mode (magnitude, Wanda) always round to nearest after pruning.
@@ -114,6 +118,18 @@ class PruneConfig:
         default="joint",
         metadata={"help": "with --wbits: joint (SparseGPT/BESA quantize while pruning) or rtn (round after)"},
     )
+    allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "how the target is spread over the blocks: uniform, or owl (outlier-weighted, Yin et al.)"
+        },
+    )
+    owl_m: float = field(
+        default=5.0, metadata={"help": "OWL: a score above M times its block's mean is an outlier"}
+    )
+    owl_lambda: float = field(
+        default=0.08, metadata={"help": "OWL: block rates stay within target +- lambda"}
+    )
 
     def __post_init__(self) -> None:
         if self.wbits != 16:
@@ -135,6 +151,17 @@ class PruneConfig:
         for name in ("nsamples", "seqlen", "forward_batch"):
             if getattr(self, name) < 1:
                 raise BesaError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.allocation not in ("uniform", "owl"):
+            raise BesaError(f"unknown --allocation {self.allocation!r}: choose uniform or owl")
+        if self.allocation == "owl":
+            if nm is not None:
+                raise BesaError("--allocation owl varies the rate per block; an N:M --pattern fixes it")
+            if not 0 <= self.owl_lambda <= min(self.sparsity, 1 - self.sparsity):
+                raise BesaError(
+                    f"--owl-lambda must keep every block's rate in [0, 1]: 0 <= it <= {min(self.sparsity, 1 - self.sparsity):g}"
+                )
+            if self.owl_m <= 0:
+                raise BesaError(f"--owl-m must be positive, got {self.owl_m}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise BesaError(f"unknown --dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
 

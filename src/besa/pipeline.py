@@ -272,7 +272,7 @@ class Checkpointer(Protocol):
 
 def run_sequential(
     model: nn.Module,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     prune_block: Callable[[BlockWork], None],
     device: torch.device,
     forward_batch: int = 8,
@@ -288,7 +288,8 @@ def run_sequential(
     embedding pass and returned to the CPU at the end. With ``dense_stream`` the engine also carries the dense
     model's own activations and hands each step the dense block's outputs on them (``BlockWork.dense_outputs``).
     Activations are kept within ``budget`` (spilled to disk beyond it). With ``checkpoint`` every finished block is
-    saved, and blocks finished by an earlier, interrupted run are loaded instead of pruned again.
+    saved, and blocks finished by an earlier, interrupted run are loaded instead of pruned again. Without
+    ``input_ids`` (a data-free method) every block is still handed to ``prune_block`` in turn, with no inputs.
     """
     named_blocks = find_blocks(model, block_class)
     blocks = [b for _, b in named_blocks]
@@ -299,11 +300,17 @@ def run_sequential(
     start, block_seconds, inputs, dense_inputs = 0, [], None, None
     if checkpoint is not None:
         start, block_seconds, inputs, dense_inputs = checkpoint.resume(named_blocks, budget)
-    _move_outside_blocks(model, blocks, device)
+    data_free = input_ids is None
+    if not data_free:
+        _move_outside_blocks(model, blocks, device)
     try:
         with torch.no_grad():
-            calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
+            if data_free:  # each block is handed over on its own; nothing runs through it
+                calls, inputs = [BlockCall() for _ in blocks], []
+            else:
+                calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
             if inputs is None and start < len(blocks):
+                assert input_ids is not None
                 inputs = capture_first_inputs(model, blocks[0], input_ids, forward_batch, device, budget)
                 dense_inputs = inputs if dense_stream else None
         capture_seconds = time.perf_counter() - t0
@@ -331,7 +338,9 @@ def run_sequential(
                 work.dense_outputs = work.forward_all("Dense stream", keep_outputs=True, inputs=dense_inputs)
             prune_block(work)
             next_dense = work.dense_outputs if isinstance(work.dense_outputs, ActivationStore) else None
-            next_inputs = work.forward_all("Propagating", keep_outputs=True) if i + 1 < len(blocks) else None
+            last = i + 1 == len(blocks)
+            next_inputs = None if last or data_free else work.forward_all("Propagating", keep_outputs=True)
+            next_inputs = [] if data_free else next_inputs
             block.to("cpu")
             block_seconds.append(time.perf_counter() - tb)
             _release(inputs, dense_inputs, keep=(next_inputs, next_dense))

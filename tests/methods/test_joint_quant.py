@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 import besa
-from besa.methods.sparsegpt import HessianStats, sparsegpt_prune
+from besa.methods.sparsegpt import sparsegpt_prune
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.quant import QuantSpec, dequantize_codes, fake_quantize, quant_params
+from besa.stages.selection import HessianStats
 from conftest import make_model
 
 CASES = [

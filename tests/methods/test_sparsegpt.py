@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from besa.config import NMPattern
-from besa.methods.masks import select_prune_mask
-from besa.methods.sparsegpt import HessianStats, sparsegpt_prune
-from besa.methods.wanda import wanda_scores
+from besa.methods.sparsegpt import sparsegpt_prune
+from besa.stages.masks import select_prune_mask
+from besa.stages.selection import HessianStats, wanda_scores
 
 
 def _problem(rows=32, cols=64, tokens=512, seed=0):

@@ -11,28 +11,29 @@ from besa.config import MethodConfig, NMPattern, PruneConfig
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.quant import QuantSpec, fake_quantize, quant_params
+from besa.stages.allocation import Allocation, make_allocation
+from besa.stages.selection import LayerStats
 
-__all__ = ["Pruner", "LayerwisePruner", "LayerStats", "QuantGrids"]
+__all__ = ["Pruner", "LayerwisePruner", "LayerStats", "QuantGrids", "apply_prune_mask"]
 
 QuantGrids = tuple[torch.Tensor, torch.Tensor]
 """(scale, zero point) of a quantized layer, each (out, groups)."""
 
 
-class LayerStats:
-    """Running statistics of one linear's inputs, fed batch by batch during the calibration pass."""
-
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate one batch of inputs ``x`` of shape (..., in_features)."""
-        raise NotImplementedError
-
-
 class Pruner(ABC):
     """Base class of every pruning method; subclasses are registered with ``besa.registry.register_method``.
 
-    ``needs_calibration = False`` lets the engine skip the calibration data and the block forwards entirely.
+    A method prunes each block to the rate its ``allocation`` (``--allocation``) gives that block.
+    ``uses_data = False`` (and an allocation that needs none) lets the engine skip the calibration data and the
+    block forwards entirely.
     """
 
-    needs_calibration: bool = True
+    uses_data: bool = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run needs calibration windows (the method's statistics or the allocation's)."""
+        return self.uses_data or self.allocation.needs_data
 
     @property
     def needs_dense_stream(self) -> bool:
@@ -42,6 +43,9 @@ class Pruner(ABC):
     def __init__(self, method_config: MethodConfig, config: PruneConfig) -> None:
         self.method_config = method_config
         self.config = config
+        self.allocation: Allocation = make_allocation(
+            config.allocation, self.sparsity, owl_m=config.owl_m, owl_lambda=config.owl_lambda
+        )
         self.layer_targets: dict[str, float] = {}
         self.quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         """Per quantized linear (qualified name): its step and zero point, each (out, groups), on the CPU."""
@@ -86,6 +90,13 @@ class Pruner(ABC):
     def pattern(self) -> NMPattern | None:
         return self.config.nm
 
+    def prepare(self, model: nn.Module, calib_ids: torch.Tensor | None, device: torch.device, forward_batch: int,
+                progress: bool) -> None:  # fmt: skip
+        """Before the first block: let the allocation look at the dense model (OWL's statistics pass)."""
+        if self.allocation.needs_data:
+            assert calib_ids is not None
+            self.allocation.prepare(model, calib_ids, device, forward_batch, progress)
+
     @abstractmethod
     def prune_block(self, work: BlockWork) -> None:
         """Prune the linears of ``work.module`` in place (weights of pruned positions set to exactly zero)."""
@@ -93,6 +104,10 @@ class Pruner(ABC):
     def report_extra(self) -> dict:
         """Method-specific facts for ``besa_report.json`` (learned allocations, fallbacks, ...)."""
         return {}
+
+    def report_allocation(self) -> dict:
+        """The ``allocation`` section of the report: the allocation's name, options and block rates."""
+        return self.allocation.report()
 
     def block_record(self, block_name: str) -> dict:
         """JSON-able facts about a finished block, kept in its checkpoint so a resumed run reports them too."""
@@ -148,14 +163,15 @@ class LayerwisePruner(Pruner):
         return None
 
     @abstractmethod
-    def prune_layer(self, layer: nn.Module, stats: LayerStats | None) -> QuantGrids | None:
-        """Zero the pruned weights of ``layer`` (and update the others, if the method does).
+    def prune_layer(self, layer: nn.Module, stats: LayerStats | None, rate: float) -> QuantGrids | None:
+        """Zero a ``rate`` share of the weights of ``layer`` (and update the others, if the method does).
 
         A method that also quantized the layer (``self.quant``) returns its (scale, zero) grids; ``None`` lets the
         engine round the pruned weights to nearest.
         """
 
     def prune_block(self, work: BlockWork) -> None:
+        rate = self.allocation.block_rate(work.name)
         stats = {name: self.make_stats(layer) for name, layer in work.linears.items()}
         if any(s is not None for s in stats.values()):
 
@@ -166,10 +182,9 @@ class LayerwisePruner(Pruner):
             with work.input_hooks(feed):
                 work.forward_all("Calibrating")
         for name, layer in work.linears.items():
-            grids = self.prune_layer(layer, stats[name])
-            self.layer_targets[f"{work.name}.{name}"] = self.sparsity
+            grids = self.prune_layer(layer, stats.pop(name), rate)
+            self.layer_targets[f"{work.name}.{name}"] = rate
             self.finish_layer(f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
-            del stats[name]
 
 
 def apply_prune_mask(layer: nn.Module, prune: torch.Tensor) -> None:

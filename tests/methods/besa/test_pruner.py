@@ -5,7 +5,7 @@ import besa
 from besa.config import PruneConfig
 from besa.errors import BesaError
 from besa.methods.besa import BesaConfig, BesaPruner
-from besa.methods.besa.pruner import reconstruction_loss
+from besa.methods.besa.layer import reconstruction_loss
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.pipeline import run_sequential
 from conftest import make_model

@@ -1,5 +1,6 @@
 """BESA: learned, blockwise sparsity allocation."""
 
-from besa.methods.besa.pruner import BesaConfig, BesaPruner
+from besa.methods.besa.config import BesaConfig
+from besa.methods.besa.pruner import BesaPruner
 
 __all__ = ["BesaConfig", "BesaPruner"]

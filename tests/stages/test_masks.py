@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from besa.config import NMPattern
-from besa.methods.masks import (
+from besa.stages.masks import (
     nm_prune_mask,
     prune_mask_by_rank,
     row_prune_counts,

@@ -1,6 +1,6 @@
 import torch
 
-from besa.methods.wanda import InputNormStats, wanda_scores
+from besa.stages.selection import InputNormStats, wanda_scores
 
 
 def test_input_norm_stats_accumulate_the_column_norms_over_batches():

@@ -1,0 +1,103 @@
+"""BESA's settings (``--method besa``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from besa.config import MethodConfig
+from besa.errors import BesaError
+
+__all__ = ["BesaConfig", "METRICS"]
+
+METRICS = ("wanda", "magnitude", "sparsegpt")
+
+
+@dataclass
+class BesaConfig(MethodConfig):
+    """BESA settings.
+
+    Args:
+        metric: importance used to rank the weights of each row once per block: wanda, magnitude, sparsegpt.
+        granularity: ``row`` (one learned rate per output row, the paper's setting) or ``layer``.
+        candidates: number of candidate pruning rates D.
+        rate_window: candidates span [target - w, target + w] (clipped to [0, max_rate]); bounds how far one
+            row's or layer's rate may move from the target, so no row is emptied.
+        max_rate: highest pruning rate any row may reach.
+        lam: weight of the sparsity penalty lam * (expected block sparsity - target)^2.
+        target: ``pruned-input`` (dense block on the pruned model's input, the paper's main setting) or
+            ``dense-stream`` (the dense model's own block output).
+        optimizer: ``prodigy`` (prodigyopt) or ``adamw``.
+        lr: learning rate (Prodigy: 1.0; AdamW: 0.01 when not given).
+        d_coef: Prodigy's coefficient on its estimated step size.
+        epochs: passes over the calibration windows per block.
+        batch_size: calibration sequences per optimizer step (the stored activations are re-cut to this size;
+            the calibration and propagation passes use the engine's ``forward_batch``).
+        clip_lr: AdamW learning rate of the clipping logits when they are learned (``--wbits`` with joint mode),
+            whatever ``optimizer`` trains the sparsity logits (0.01 chosen on PTB valid at 4 bits).
+        weight_update: ``none`` keeps the surviving weights as they are (the paper). ``obs`` keeps the learned
+            number of pruned weights of every row but lets SparseGPT's OBS sweep choose them within the row and
+            update the survivors to compensate (an extension, not in the paper). With ``--wbits`` and
+            ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
+            on grids clipped by it. ``auto`` (default): ``obs`` when quantizing jointly (measured better at 4 and 3
+            bits on PTB valid, see BENCHMARKS.md), else ``none``.
+        retries: after a NaN/inf loss the block is trained again from the start with a 10x smaller step, up to
+            this many times; then it falls back to the metric's uniform mask (recorded in the report).
+    """
+
+    metric: str = field(
+        default="wanda", metadata={"help": "BESA: importance ranking: wanda, magnitude, sparsegpt"}
+    )
+    granularity: str = field(default="row", metadata={"help": "BESA: learn a rate per row or per layer"})
+    candidates: int = field(default=100, metadata={"help": "BESA: number of candidate pruning rates"})
+    rate_window: float = field(default=0.2, metadata={"help": "BESA: candidate rates span target +- this"})
+    max_rate: float = field(default=0.99, metadata={"help": "BESA: highest pruning rate of any row"})
+    lam: float = field(default=20.0, metadata={"help": "BESA: weight of the sparsity penalty"})
+    target: str = field(default="pruned-input", metadata={"help": "BESA: pruned-input or dense-stream"})
+    optimizer: str = field(default="prodigy", metadata={"help": "BESA: prodigy or adamw"})
+    lr: float | None = field(default=None, metadata={"help": "BESA: learning rate (prodigy 1.0, adamw 0.01)"})
+    d_coef: float = field(default=5.0, metadata={"help": "BESA: Prodigy d_coef"})
+    epochs: int = field(default=1, metadata={"help": "BESA: epochs over the calibration set per block"})
+    batch_size: int = field(default=1, metadata={"help": "BESA: calibration sequences per optimizer step"})
+    clip_lr: float = field(
+        default=0.01,
+        metadata={"help": "BESA with --wbits: AdamW learning rate of the clipping logits"},
+    )
+    weight_update: str = field(
+        default="auto",
+        metadata={
+            "help": "BESA: none (the paper: weights frozen), obs (SparseGPT update, learned row counts) or auto "
+            "(obs with --wbits joint, else none)"
+        },
+    )
+    retries: int = field(
+        default=1,
+        metadata={"help": "BESA: retries with a 10x smaller step after a NaN/inf loss, then uniform"},
+    )
+
+    def __post_init__(self) -> None:
+        choices = {
+            "metric": METRICS,
+            "granularity": ("row", "layer"),
+            "target": ("pruned-input", "dense-stream"),
+            "optimizer": ("prodigy", "adamw"),
+            "weight_update": ("auto", "none", "obs"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BesaError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.candidates < 2:
+            raise BesaError(f"--candidates must be at least 2, got {self.candidates}")
+        if not 0 < self.rate_window <= 1:
+            raise BesaError(f"--rate-window must be in (0, 1], got {self.rate_window}")
+        if not 0 < self.max_rate <= 1:
+            raise BesaError(f"--max-rate must be in (0, 1], got {self.max_rate}")
+        if self.batch_size < 1:
+            raise BesaError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.epochs < 1:
+            raise BesaError(f"--epochs must be positive, got {self.epochs}")
+        if self.retries < 0:
+            raise BesaError(f"--retries must be non-negative, got {self.retries}")
+        if not self.clip_lr > 0:
+            raise BesaError(f"--clip-lr must be positive, got {self.clip_lr}")
+        if self.lam < 0:
+            raise BesaError(f"--lam must be non-negative, got {self.lam}")

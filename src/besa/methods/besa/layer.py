@@ -1,0 +1,135 @@
+"""One linear under BESA: its frozen ranking, its learnable logits over candidate rates (and clipping), the
+masked forward used while learning, and the block loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from besa.methods.besa.allocation import (
+    candidate_index,
+    column_ranks,
+    hard_keep,
+    keep_probability,
+    straight_through,
+)
+from besa.modeling import weight_matrix
+from besa.quant import CLIP_INIT_LOGIT, QuantSpec, fake_quantize, grid_from_range, group_range
+
+__all__ = ["NonFiniteLoss", "reconstruction_loss", "LayerAllocation", "clip_stats", "masked_forward"]
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A BESA training step produced a NaN or infinite loss (or logits)."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"non-finite loss {loss} at step {step}")
+        self.step = step
+        self.loss = loss
+
+
+def reconstruction_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of the squared error relative to the target's norm in that channel (B, T, H) -> ()."""
+    target = target.float()
+    scale = target.reshape(-1, target.shape[-1]).norm(dim=0).clamp_min(1e-6)  # (H,)
+    return ((target - output.float()) / scale).square().sum() / target.shape[-1]
+
+
+class LayerAllocation:
+    """One linear's frozen ranking and its learnable logits over candidate rates."""
+
+    def __init__(
+        self,
+        name: str,
+        layer: nn.Module,
+        order: torch.Tensor,
+        rates: torch.Tensor,
+        theta: torch.Tensor,
+        quant: QuantSpec | None = None,
+        learn_clip: bool = False,
+    ):
+        self.name = name
+        self.layer = layer
+        self.rows, self.cols = order.shape
+        rank = column_ranks(order)  # (R, C) rank of every weight in its row
+        self.cand_of_col = candidate_index(rates, self.cols)[
+            rank
+        ]  # (R, C) first candidate pruning each weight
+        self.col_rank = rank.to(torch.int32)
+        self.rates = rates  # (D,) ascending
+        self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
+        self.init = theta.detach().clone()
+        self.current_mask: torch.Tensor | None = None  # set before each training forward
+        self.hessian: torch.Tensor | None = None  # inputs' Hessian, kept for the OBS weight update
+        self.quant = quant
+        self.clip: nn.Parameter | None = (
+            None  # (2, R, groups) logits of gamma_hi, gamma_lo when learning jointly
+        )
+        if quant is not None and learn_clip:
+            self.range = group_range(weight_matrix(layer).detach(), quant)
+            self.clip = nn.Parameter(
+                torch.full((2, *self.range[0].shape), CLIP_INIT_LOGIT, device=order.device)
+            )
+            self.clip_init = self.clip.detach().clone()
+
+    def grids(self, ste: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of the dense weight's groups under the current clipping."""
+        assert self.quant is not None and self.clip is not None
+        gamma = torch.sigmoid(self.clip)
+        return grid_from_range(*self.range, self.quant, gamma[0], gamma[1], ste=ste)
+
+    def quantized(self, w: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        """The dense weight on its learned grids (float32), differentiable in the clipping with ``ste``."""
+        assert self.quant is not None
+        return fake_quantize(w, *self.grids(ste), self.quant, ste=ste)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.theta] if self.clip is None else [self.theta, self.clip]
+
+    def reset(self) -> None:
+        """Back to the initial logits (before a retry)."""
+        with torch.no_grad():
+            self.theta.copy_(self.init)
+            if self.clip is not None:
+                self.clip.copy_(self.clip_init)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def row_rates(self, beta: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected pruning rate of every row (R,), differentiable."""
+        beta = torch.softmax(self.theta, dim=-1) if beta is None else beta
+        return (beta @ self.rates).expand(self.rows)
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training mask in column order (R, C), hard forward / soft backward, and the rows' expected rates."""
+        beta = torch.softmax(self.theta, dim=-1)
+        rates = self.row_rates(beta)
+        counts = (rates.detach() * self.cols).floor().long()
+        return straight_through(
+            hard_keep(self.col_rank, counts), keep_probability(beta, self.cand_of_col)
+        ), rates
+
+    def mask(self) -> torch.Tensor:
+        return self.step()[0]
+
+
+def clip_stats(alloc: LayerAllocation) -> dict[str, float]:
+    """Mean / min / max of a layer's learned clipping strengths, upper and lower, for the report."""
+    assert alloc.clip is not None
+    gamma = torch.sigmoid(alloc.clip.detach())
+    return {
+        f"clip_{side}_{stat}": round(float(getattr(gamma[j], stat)()), 4)
+        for j, side in enumerate(("hi", "lo"))
+        for stat in ("mean", "min", "max")
+    }
+
+
+def masked_forward(layer: nn.Module, alloc: LayerAllocation, x: torch.Tensor) -> torch.Tensor:
+    w = weight_matrix(layer).detach()
+    assert alloc.current_mask is not None
+    if alloc.clip is not None:  # joint: learned clipping, rounding passed straight through
+        w = alloc.quantized(w, ste=True).to(w.dtype)
+    return F.linear(x, w * alloc.current_mask.to(w.dtype), layer.bias)

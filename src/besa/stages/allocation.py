@@ -1,0 +1,115 @@
+"""Allocation: where the sparsity budget goes across the model's blocks.
+
+An ``Allocation`` gives every block its target rate; inside the block a method may spread that rate further
+(BESA learns it per row). ``uniform`` gives every block the target. ``owl`` (Outlier-Weighted Layerwise sparsity,
+Yin et al., 2023) gives blocks with more outlier features less sparsity: from one pass of the calibration windows
+through the dense model, block l's outlier ratio D_l is the share of its Wanda scores |W|*||X|| above M times
+their mean; the ratios are scaled to [0, 2*lambda] and block l gets target - (D_l - mean(D)), so the rates stay
+within target +- lambda and average to the target (every decoder block has the same parameter count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from besa.errors import BesaError
+
+__all__ = ["Allocation", "UniformAllocation", "OwlAllocation", "ALLOCATIONS", "make_allocation", "outlier_ratio",
+           "owl_rates"]  # fmt: skip
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """Share of all entries of ``scores`` (one block's Wanda scores, any shapes) above ``m`` times their mean."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    return float((flat > m * flat.mean()).sum()) / flat.numel()
+
+
+def owl_rates(ratios: list[float], target: float, lam: float) -> list[float]:
+    """OWL's block rates: outlier ratios min-max scaled to [0, 2*lam], centred, subtracted from ``target``."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    spread = float(r.max() - r.min())
+    if spread == 0:
+        return [target] * len(ratios)
+    r = (r - r.min()) / spread * (2 * lam)
+    return [float(target - x) for x in (r - r.mean())]
+
+
+class Allocation:
+    """Uniform: every block gets the run's target. Subclasses may look at the model first (``prepare``)."""
+
+    name = "uniform"
+    needs_data = False
+
+    def __init__(self, target: float, **_options: Any) -> None:
+        self.target = target
+        self.rates: dict[str, float] = {}
+
+    def prepare(self, model: nn.Module, calib_ids: torch.Tensor, device: torch.device, forward_batch: int,
+                progress: bool) -> None:  # fmt: skip
+        """Look at the dense model before any block is pruned (OWL's statistics pass); nothing by default."""
+
+    def block_rate(self, block: str) -> float:
+        """The target sparsity of block ``block`` (its qualified name)."""
+        return self.rates.get(block, self.target)
+
+    def report(self) -> dict[str, Any]:
+        return {"name": self.name, "block_rates": self.rates or None}
+
+
+UniformAllocation = Allocation
+
+
+class OwlAllocation(Allocation):
+    """OWL's block rates, from one pass of the calibration windows through the dense model."""
+
+    name = "owl"
+    needs_data = True
+
+    def __init__(self, target: float, owl_m: float = 5.0, owl_lambda: float = 0.08, **_options: Any) -> None:
+        super().__init__(target)
+        self.m, self.lam = owl_m, owl_lambda
+        self.ratios: dict[str, float] = {}
+
+    def prepare(self, model: nn.Module, calib_ids: torch.Tensor, device: torch.device, forward_batch: int,
+                progress: bool) -> None:  # fmt: skip
+        from besa.modeling import weight_matrix
+        from besa.pipeline import run_sequential
+        from besa.stages.selection import SCORERS
+
+        wanda = SCORERS["wanda"]
+
+        def measure(
+            work: Any,
+        ) -> None:  # statistics only: the block stays dense, so the stream is the dense one
+            stats = {name: wanda.stats_for(layer) for name, layer in work.linears.items()}
+            with work.input_hooks(lambda name, x: stats[name].add(x)):
+                work.forward_all("OWL statistics")
+            scores = [
+                wanda.scores(weight_matrix(layer).detach(), stats[n]) for n, layer in work.linears.items()
+            ]
+            self.ratios[work.name] = outlier_ratio(scores, self.m)
+
+        run_sequential(model, calib_ids, measure, device, forward_batch, progress)
+        names = list(self.ratios)
+        self.rates = dict(
+            zip(names, owl_rates([self.ratios[n] for n in names], self.target, self.lam), strict=True)
+        )
+
+    def report(self) -> dict[str, Any]:
+        return {"name": self.name, "m": self.m, "lambda": self.lam, "outlier_ratios": self.ratios,
+                "block_rates": self.rates}  # fmt: skip
+
+
+ALLOCATIONS: dict[str, Callable[..., Allocation]] = {"uniform": Allocation, "owl": OwlAllocation}
+"""The allocations every method can take (``--allocation``)."""
+
+
+def make_allocation(name: str, target: float, **options: Any) -> Allocation:
+    try:
+        return ALLOCATIONS[name](target, **options)
+    except KeyError:
+        raise BesaError(f"unknown --allocation {name!r}: choose one of {', '.join(ALLOCATIONS)}") from None

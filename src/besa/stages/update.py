@@ -1,0 +1,190 @@
+"""Weight update: what happens to the surviving weights of a layer once it is decided how many go.
+
+``none`` keeps them as they are (magnitude, Wanda, the BESA paper). ``obs`` is SparseGPT's sweep (Frantar &
+Alistarh, 2023): columns left to right in blocks with lazy updates, each pruned (and, with a quantizer, rounded)
+column's error spread over the columns not yet processed through the inverse Hessian. The sweep is told *which*
+weights to drop by a ``MaskChoice`` and *how* to round the kept ones by an optional ``SweepQuantizer``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from besa.config import NMPattern
+from besa.quant import QuantSpec, fake_quantize, quant_params
+from besa.stages.masks import nm_prune_mask, prune_mask_by_rank
+
+__all__ = [
+    "WEIGHT_UPDATES",
+    "MaskChoice",
+    "BlockShare",
+    "RowShares",
+    "NMGroups",
+    "SweepQuantizer",
+    "inverse_hessian_factor",
+    "obs_sweep",
+]
+
+WEIGHT_UPDATES = ("none", "obs")
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the inverse of the dampened Hessian (C, C); more damping if it is not PD."""
+    diag = torch.arange(hessian.shape[0], device=hessian.device)
+    damp = percdamp * hessian.diagonal().mean()
+    for _ in range(4):
+        h = hessian.clone()
+        h[diag, diag] += damp
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+        damp = damp * 10
+    raise RuntimeError("SparseGPT: the Hessian is not positive definite even with 1000x the dampening")
+
+
+class MaskChoice:
+    """Which weights of a column block the sweep prunes, chosen when the sweep enters the block (by the OBS
+    saliency w^2 / [H^-1]_jj^2 of the weights as updated so far)."""
+
+    group: int | None = None
+    """N:M: the width M of groups chosen column group by column group inside the block instead."""
+
+    def block_mask(self, saliency: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+        """Prune mask (rows, i2 - i1) of columns ``i1:i2`` given their saliency."""
+        return torch.zeros_like(saliency, dtype=torch.bool)
+
+    def group_mask(self, saliency: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class BlockShare(MaskChoice):
+    """SparseGPT's choice: each block prunes its exact share of ``round(sparsity * rows * cols)`` weights, the
+    lowest saliency over the whole block (rows may end up with different counts)."""
+
+    sparsity: float
+
+    def block_mask(self, saliency: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+        rows = saliency.shape[0]
+        k = round(self.sparsity * rows * i2) - round(self.sparsity * rows * i1)
+        order = torch.argsort(saliency.flatten(), stable=True)
+        mask = torch.zeros(saliency.numel(), dtype=torch.bool, device=saliency.device)
+        mask[order[:k]] = True
+        return mask.reshape(saliency.shape)
+
+
+@dataclass
+class RowShares(MaskChoice):
+    """A fixed number of pruned weights per row (an allocation learned elsewhere, e.g. by BESA): each block prunes
+    its proportional share of every row's count, lowest saliency first."""
+
+    counts: torch.Tensor
+    cols: int
+
+    def block_mask(self, saliency: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+        counts, cols = self.counts.to(saliency.device), self.cols
+        share = (counts * i2 + cols // 2) // cols - (counts * i1 + cols // 2) // cols
+        return prune_mask_by_rank(saliency, share)
+
+
+@dataclass
+class NMGroups(MaskChoice):
+    """N:M: the ``n`` lowest-saliency weights of every group of ``m`` columns, chosen when the sweep reaches it."""
+
+    pattern: NMPattern
+
+    def __post_init__(self) -> None:
+        self.group = self.pattern.m
+
+    def group_mask(self, saliency: torch.Tensor) -> torch.Tensor:
+        return nm_prune_mask(saliency, self.pattern)
+
+
+@dataclass
+class SweepQuantizer:
+    """GPTQ-style quantization inside the sweep: a group's grid is fitted when the sweep enters it, to the group's
+    weights as updated so far (pruned ones counted as zero), and each column's rounding error is spread like the
+    pruning error. ``clip`` (gamma_hi, gamma_lo), each (out, groups), shrinks each group's range first."""
+
+    spec: QuantSpec
+    clip: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def start(self, weight: torch.Tensor) -> None:
+        rows, cols = weight.shape
+        self.width = self.spec.group_size or cols
+        self.scale = torch.zeros(rows, self.spec.groups(cols), device=weight.device)
+        self.zero = torch.zeros(rows, self.spec.groups(cols), device=weight.device)
+
+    def enter_group(self, g: int, ahead: torch.Tensor) -> None:
+        """Fit group ``g``'s grid to ``ahead`` (rows, >= width): the group's current weights, pruned ones as 0."""
+        gammas = (
+            (self.clip[0][:, g : g + 1], self.clip[1][:, g : g + 1]) if self.clip is not None else (1.0, 1.0)
+        )
+        h, z = quant_params(ahead[:, : self.width], QuantSpec(self.spec.bits, 0), *gammas)
+        self.scale[:, g], self.zero[:, g] = h[:, 0], z[:, 0]
+
+    def round(self, q: torch.Tensor, g: int) -> torch.Tensor:
+        one = QuantSpec(self.spec.bits, 0)
+        return fake_quantize(q.unsqueeze(1), self.scale[:, g : g + 1], self.zero[:, g : g + 1], one).squeeze(
+            1
+        )
+
+
+def obs_sweep(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    choice: MaskChoice,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    quantizer: SweepQuantizer | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune (and quantize) weight ``w`` (out, in) given its inputs' Hessian (in, in); return (new weight, mask).
+
+    The error of every pruned or rounded column is spread over the not-yet-processed columns (OBS update).
+    Pruned weights are exactly zero in the result. With a quantizer its grids are in ``quantizer.scale/.zero``.
+    """
+    rows, cols = w.shape
+    weight = w.float().clone()
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    weight[:, dead] = 0
+    hinv = inverse_hessian_factor(h, percdamp)
+    if choice.group is not None:
+        blocksize = max(choice.group, blocksize - blocksize % choice.group)
+    prune = torch.zeros_like(weight, dtype=torch.bool)
+    if quantizer is not None:
+        quantizer.start(weight)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = weight[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d = hinv1.diagonal()
+        mask1 = choice.block_mask(w1.square() / d.square(), i1, i2)
+        for i in range(i2 - i1):
+            if choice.group is not None and i % choice.group == 0:
+                cut = slice(i, i + choice.group)
+                mask1[:, cut] = choice.group_mask(w1[:, cut].square() / d[cut].square())
+            col = w1[:, i]
+            q = col.masked_fill(mask1[:, i], 0)
+            if quantizer is not None:
+                c = i1 + i
+                g = c // quantizer.width
+                if c % quantizer.width == 0:  # entering group g
+                    quantizer.enter_group(
+                        g, torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), weight[:, i2:]], 1)
+                    )
+                q = quantizer.round(q, g)
+            q1[:, i] = q
+            err = (col - q) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        weight[:, i1:i2] = q1
+        prune[:, i1:i2] = mask1
+        weight[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    weight.masked_fill_(prune, 0)
+    return weight, prune
