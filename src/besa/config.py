@@ -75,9 +75,9 @@ class PruneConfig:
             16 means no quantization.
         group_size: input columns sharing one scale and zero point; 0 means one per output row.
         allocation: ``uniform`` (every block gets ``sparsity``) or ``owl`` (block rates from the dense model's
-            outlier ratios, within ``sparsity +- owl_lambda``; see ``besa.stages.allocation``).
+            outlier ratios, spread over ``2 * owl_lambda`` around ``sparsity``; see ``besa.stages.allocation``).
         owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
-        owl_lambda: OWL's largest deviation of a block's rate from ``sparsity``.
+        owl_lambda: OWL's spread: the block rates span ``2 * owl_lambda`` and average to ``sparsity``.
         quant_mode: ``joint``: methods that can quantize while they prune do so (SparseGPT inside its OBS sweep,
             BESA by learning clipping with the masks); ``rtn``: every method prunes, then rounds to nearest. Methods
             without a joint mode (magnitude, Wanda) always round to nearest after pruning.
@@ -128,7 +128,7 @@ class PruneConfig:
         default=5.0, metadata={"help": "OWL: a score above M times its block's mean is an outlier"}
     )
     owl_lambda: float = field(
-        default=0.08, metadata={"help": "OWL: block rates stay within target +- lambda"}
+        default=0.08, metadata={"help": "OWL: the block rates span 2*lambda around the target"}
     )
 
     def __post_init__(self) -> None:
@@ -156,9 +156,10 @@ class PruneConfig:
         if self.allocation == "owl":
             if nm is not None:
                 raise BesaError("--allocation owl varies the rate per block; an N:M --pattern fixes it")
-            if not 0 <= self.owl_lambda <= min(self.sparsity, 1 - self.sparsity):
+            room = min(self.sparsity, 1 - self.sparsity) / 2  # the rates stay within target +- 2 lambda
+            if not 0 <= self.owl_lambda <= room:
                 raise BesaError(
-                    f"--owl-lambda must keep every block's rate in [0, 1]: 0 <= it <= {min(self.sparsity, 1 - self.sparsity):g}"
+                    f"--owl-lambda must be in [0, {room:.4g}] so every block's rate stays in [0, 1]"
                 )
             if self.owl_m <= 0:
                 raise BesaError(f"--owl-m must be positive, got {self.owl_m}")

@@ -4,8 +4,10 @@ An ``Allocation`` gives every block its target rate; inside the block a method m
 (BESA learns it per row). ``uniform`` gives every block the target. ``owl`` (Outlier-Weighted Layerwise sparsity,
 Yin et al., 2023) gives blocks with more outlier features less sparsity: from one pass of the calibration windows
 through the dense model, block l's outlier ratio D_l is the share of its Wanda scores |W|*||X|| above M times
-their mean; the ratios are scaled to [0, 2*lambda] and block l gets target - (D_l - mean(D)), so the rates stay
-within target +- lambda and average to the target (every decoder block has the same parameter count).
+their mean; the ratios are scaled to [0, 2*lambda] and block l gets target - (D_l - mean(D)), so the rates span
+exactly 2*lambda and average to the target (every decoder block has the same parameter count, so the model holds
+the target overall); with evenly spread ratios each block stays within target +- lambda, and always within
+target +- 2*lambda.
 """
 
 from __future__ import annotations
