@@ -210,7 +210,7 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr("besa.api.load_model", no_loading)
+    monkeypatch.setattr("besa.loading.load_model", no_loading)
     code, _, err = _run(capsys, "prune", str(model_dir), *extra, "--calib", str(calib_txt), "--out", str(out))
     _assert_one_line_error(code, err, "cannot write --out")
     assert blocker.read_text() == "keep"

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from besa.activations import MemoryBudget
@@ -20,16 +19,15 @@ from besa.config import EvalConfig, PruneConfig
 from besa.data import load_calibration_documents, load_eval_text, sample_windows
 from besa.errors import BesaError
 from besa.evaluation import PerplexityResult, perplexity
-from besa.fileio import atomic_folder, write_json_atomic
-from besa.loading import ModelSource, load_model, resolve_dtype, resolve_model
+from besa.fileio import write_json_atomic
+from besa.loading import prepare_model, resolve_device, resolve_dtype, resolve_model
 from besa.modeling import find_blocks, find_linears, weight_matrix
-from besa.options import RunOptions, check_output_dir
+from besa.options import RunOptions
 from besa.pipeline import run_sequential
-from besa.plotting import PLOT_NAME, plot_allocation
-from besa.quant import QuantSpec, dequantize_codes, quantize_codes
-from besa.recipe import RECIPE_NAME, Recipe, load_recipe, recipe_text
+from besa.recipe import Recipe, load_recipe, recipe_text
 from besa.registry import get_method
-from besa.report import count_layer_sparsity, library_versions, model_sparsity, peak_memory
+from besa.report import build_report
+from besa.saving import REPORT_NAME, save_pruned
 
 __all__ = [
     "PruneResult",
@@ -42,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-REPORT_NAME = "besa_report.json"
 
 
 @dataclass
@@ -53,19 +50,6 @@ class PruneResult:
     tokenizer: Any
     report: dict[str, Any]
     out: Path | None
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``None`` picks CUDA when available; an unavailable CUDA device is an error."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BesaError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BesaError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
@@ -79,18 +63,6 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
                 raise BesaError(
                     f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
                 )
-
-
-def _prepare_model(
-    model: str | nn.Module, tokenizer: Any, dtype: torch.dtype, trust_remote_code: bool
-) -> tuple[nn.Module, Any, ModelSource]:
-    if isinstance(model, str):
-        return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
-    if tokenizer is None:
-        raise BesaError("pass tokenizer= together with an already loaded model")
-    model.eval()
-    model.config.use_cache = False
-    return model.to(dtype), tokenizer, ModelSource("object", type(model).__name__, type(model).__name__)
 
 
 def split_keywords(method: str, keywords: dict[str, Any]) -> tuple[dict, dict, dict]:
@@ -195,7 +167,7 @@ def prune_with(
     documents = load_calibration_documents(config.calib) if needs_data and calib_ids is None else None
     timings["read_calibration"] = time.perf_counter() - t
     t = time.perf_counter()
-    model, tokenizer, source = _prepare_model(
+    model, tokenizer, source = prepare_model(
         model, tokenizer, resolve_dtype(config.dtype, compute_device), options.trust_remote_code
     )
     timings["load_model"] = time.perf_counter() - t
@@ -208,20 +180,13 @@ def prune_with(
     )
     if needs_data and calib_ids is None:
         assert documents is not None
-        calib_ids = sample_windows(
-            documents, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], config.nsamples,
-            config.seqlen, config.seed,
-        )  # fmt: skip
+        calib_ids = _sample(documents, tokenizer, config)
     timings["sample_calibration"] = time.perf_counter() - t
     engine_ids = (
         calib_ids if pruner.uses_data else None
     )  # data-free methods run through the engine without data
     if where.run_dir is not None and engine_ids is not None:
-        run = RunFolder(
-            where.run_dir, _fingerprint(model, config, method_config, engine_ids), pruner.block_record,
-            pruner.restore_block, pruner.block_tensors, pruner.restore_block_tensors,
-        )  # fmt: skip
-        run.check(require=options.resume)
+        run = _open_run(where.run_dir, model, config, method_config, engine_ids, pruner, options.resume)
     t = time.perf_counter()
     pruner.prepare(model, calib_ids, compute_device, config.forward_batch, options.progress)
     timings["allocation"] = time.perf_counter() - t
@@ -235,7 +200,9 @@ def prune_with(
     timings["capture"] = engine.capture_seconds
     timings["per_block"] = engine.block_seconds
     timings["prune"] = time.perf_counter() - t
-    report = _report(model, source, config, method_config, pruner, timings, budget, where.run_dir, resumed)
+    report = build_report(
+        model, source, config, method_config, pruner, timings, budget, where.run_dir, resumed
+    )
     if where.out is not None:
         t = time.perf_counter()
         grids = pruner.quant_grids if options.save_quantized else None
@@ -249,34 +216,6 @@ def prune_with(
         if run is not None and not options.keep_run_dir:
             run.remove()
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=where.out)
-
-
-def _report(
-    model: nn.Module, source: ModelSource, config: PruneConfig, method_config: Any, pruner: Any,
-    timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
-) -> dict[str, Any]:  # fmt: skip
-    """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end)."""
-    layers = count_layer_sparsity(model)
-    for name, info in layers.items():
-        info["target"] = pruner.layer_targets.get(name, config.sparsity)
-    return {
-        "model": dataclasses.asdict(source),
-        "config": config.to_dict(),
-        "method_options": method_config.to_dict(),
-        "sparsity": {"target": config.sparsity, "pattern": config.pattern, **model_sparsity(model, layers)},
-        "layers": layers,
-        "allocation": pruner.report_allocation(),
-        "method": pruner.report_extra(),
-        "quantization": pruner.report_quantization(),
-        "timings_s": timings,
-        "memory": {**peak_memory(), "activations": budget.summary()},
-        "run": {
-            "run_dir": str(run_dir) if run_dir else None,
-            "resumed_blocks": resumed,
-            "note": "timings_s.per_block of resumed blocks are those of the run that pruned them",
-        },
-        "versions": library_versions(),
-    }
 
 
 def _fingerprint(
@@ -294,77 +233,30 @@ def _fingerprint(
     return json.loads(json.dumps(payload))  # as it reads back from run.json (tuples -> lists)
 
 
+def _sample(documents: list[str], tokenizer: Any, config: PruneConfig) -> torch.Tensor:
+    """The run's calibration windows (N, T), drawn from ``documents`` as ``config`` says."""
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return sample_windows(documents, tokenize, config.nsamples, config.seqlen, config.seed)
+
+
+def _open_run(
+    path: Path, model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor, pruner: Any,
+    resume: bool,
+) -> RunFolder:  # fmt: skip
+    """The run folder of these settings, model and windows; one of another run is refused."""
+    run = RunFolder(
+        path, _fingerprint(model, config, method_config, calib_ids), pruner.block_record, pruner.restore_block,
+        pruner.block_tensors, pruner.restore_block_tensors,
+    )  # fmt: skip
+    run.check(require=resume)
+    return run
+
+
 def _ids_digest(calib_ids: torch.Tensor) -> str:
     return "sha256:" + tensor_digest(calib_ids.to(torch.long))
-
-
-def save_pruned(
-    model: nn.Module,
-    tokenizer: Any,
-    out: str | Path,
-    report: dict[str, Any],
-    overwrite: bool,
-    quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    recipe: str | None = None,
-) -> Path:
-    """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
-
-    With ``quant_grids`` (qualified linear name -> (scale, zero)) the integer codes are written too
-    (``save_quantized``). An interrupted save leaves ``out`` untouched (absent, or the previous content when
-    overwriting).
-    """
-    out = check_output_dir(out, overwrite)
-    with atomic_folder(out, replace=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if quant_grids:
-            spec = report["quantization"]
-            save_quantized(model, quant_grids, QuantSpec(spec["bits"], spec["group_size"]), tmp)
-        write_json_atomic(tmp / REPORT_NAME, report)
-        if recipe is not None:
-            (tmp / RECIPE_NAME).write_text(recipe, encoding="utf-8")
-        plot_allocation(report, tmp / PLOT_NAME)
-    return out
-
-
-QUANT_LAYOUT = {
-    "file": "quantized.safetensors",
-    "tensors": {
-        "<linear>.codes": "uint8 (out_features, in_features): the integer code of every weight, in [0, 2^bits - 1]",
-        "<linear>.scales": "float32 (out_features, groups): the step of each (row, group); groups = "
-        "ceil(in_features / group_size), the last group narrower when group_size does not divide in_features",
-        "<linear>.zeros": "uint8 (out_features, groups): the zero point of each (row, group)",
-    },
-    "dequantize": "w[r, c] = (codes[r, c] - zeros[r, c // group_size]) * scales[r, c // group_size]",
-    "group_size_0": "group_size 0 means one group per row (groups = 1)",
-    "pruned": "pruned weights have code == zero point, so they dequantize to exactly 0",
-    "linear_names": "qualified module names as in the model (e.g. model.layers.0.self_attn.q_proj); weights of "
-    "GPT-2 style Conv1D layers are stored as (out, in) too",
-}
-
-
-def save_quantized(
-    model: nn.Module, grids: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: QuantSpec, folder: Path
-) -> None:
-    """Write the integer codes, scales and zero points of every quantized linear (layout: ``QUANT_LAYOUT``)."""
-    modules = dict(model.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    for name, (h, z) in grids.items():
-        w = weight_matrix(modules[name]).detach().float().cpu()
-        codes = quantize_codes(w, h, z, spec)
-        back = dequantize_codes(codes, h, z, spec)
-        if not torch.equal(back, w):
-            raise BesaError(f"{name}: the weights are not on their quantization grid; nothing was saved")
-        tensors[f"{name}.codes"] = codes.contiguous()
-        tensors[f"{name}.scales"] = h.float().contiguous()
-        tensors[f"{name}.zeros"] = z.to(torch.uint8).contiguous()
-    save_file(
-        tensors,
-        str(folder / QUANT_LAYOUT["file"]),
-        metadata={"bits": str(spec.bits), "group_size": str(spec.group_size)},
-    )
-    write_json_atomic(folder / "quantization.json", {"bits": spec.bits, "group_size": spec.group_size,
-                                                     "layout": QUANT_LAYOUT})  # fmt: skip
 
 
 def evaluate(
@@ -394,7 +286,7 @@ def evaluate(
     # an unknown dataset fails before the model is loaded
     texts = {name: load_eval_text(name) for name in config.datasets}
     compute_device = resolve_device(config.device)
-    model, tokenizer, _ = _prepare_model(
+    model, tokenizer, _ = prepare_model(
         model, tokenizer, resolve_dtype(config.dtype, compute_device), trust_remote_code
     )
     model.to(compute_device)

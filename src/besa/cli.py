@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from besa.api import REPORT_NAME
     from besa.plotting import PLOT_NAME, allocation_table, plot_allocation
+    from besa.saving import REPORT_NAME
 
     path = Path(args.folder) / REPORT_NAME
     if not path.is_file():

@@ -9,13 +9,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from besa.errors import BesaError
 from besa.fileio import atomic_folder
 
-__all__ = ["BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype"]
+__all__ = [
+    "BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype", "resolve_device",
+    "prepare_model",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +155,28 @@ def load_model(
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, source
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None`` picks CUDA when available; an unavailable CUDA device is an error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BesaError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BesaError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def prepare_model(
+    model: str | nn.Module, tokenizer: Any, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[nn.Module, Any, ModelSource]:
+    if isinstance(model, str):
+        return load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise BesaError("pass tokenizer= together with an already loaded model")
+    model.eval()
+    model.config.use_cache = False
+    return model.to(dtype), tokenizer, ModelSource("object", type(model).__name__, type(model).__name__)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from besa.activations import ActivationStore, MemoryBudget
 from besa.modeling import find_blocks, find_linears
+from besa.work import BlockCall, BlockWork
 
 __all__ = [
     "BlockCall",
@@ -36,25 +36,6 @@ log = logging.getLogger(__name__)
 
 class _StopForward(Exception):
     """Raised by the capture hook once block 0's input is stored, to skip the rest of the model."""
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
-def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """Broadcast a batch-1 tensor captured with the calibration call (mask, positions) to ``batch`` rows."""
-    if t.dim() >= 2 and t.shape[0] == 1 and batch != 1:
-        return t.expand(batch, *t.shape[1:])
-    return t
 
 
 def rebatch(chunks: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
@@ -76,21 +57,6 @@ def rebatch(chunks: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
                 pending, have = [], 0
     if pending:
         yield pending[0] if len(pending) == 1 else torch.cat(pending)
-
-
-@dataclass
-class BlockCall:
-    """Everything a block is called with besides its hidden states (captured from a batch-1 model forward)."""
-
-    args: tuple = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        batch = hidden.shape[0]
-        args = _map_tensors(self.args, lambda t: _expand_batch(t, batch))
-        kwargs = _map_tensors(self.kwargs, lambda t: _expand_batch(t, batch))
-        out = block(hidden, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
 
 
 def _move_outside_blocks(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
@@ -165,80 +131,6 @@ def capture_block_calls(
     if len(calls) != len(blocks):
         raise RuntimeError(f"captured {len(calls)} block calls for {len(blocks)} blocks")
     return calls
-
-
-@dataclass
-class BlockWork:
-    """One block on the compute device, with its calibration inputs (CPU batches) and call arguments.
-
-    This is what a method's ``prune_block`` receives. ``forward_all`` runs the block over every stored batch.
-    """
-
-    index: int
-    name: str
-    module: nn.Module
-    linears: dict[str, nn.Module]
-    inputs: Sequence[torch.Tensor]
-    call: BlockCall
-    device: torch.device
-    num_blocks: int
-    progress: bool = True
-    dense_outputs: Sequence[torch.Tensor] | None = None
-    """Outputs of this (dense) block on the dense model's own stream; set when the method asks for that stream."""
-    budget: MemoryBudget | None = None
-    """The run's activation memory budget: stores made by ``forward_all`` draw on it."""
-
-    @property
-    def num_samples(self) -> int:
-        """Calibration sequences over all input batches."""
-        if isinstance(self.inputs, ActivationStore):
-            return self.inputs.num_samples
-        return sum(int(x.shape[0]) for x in self.inputs)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Run the block on one batch of hidden states (moved to the device); returns the output on the device."""
-        return self.call(self.module, hidden.to(self.device, non_blocking=True))
-
-    def batches(self, desc: str, inputs: Sequence[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
-        """Iterate over the stored input batches with a progress bar labelled ``(i/L) desc``."""
-        label = f"({self.index + 1}/{self.num_blocks}) {desc}"
-        batches = self.inputs if inputs is None else inputs
-        yield from tqdm(batches, desc=label, leave=False, disable=None if self.progress else True)
-
-    @torch.no_grad()
-    def forward_all(
-        self,
-        desc: str = "Calibrating",
-        keep_outputs: bool = False,
-        inputs: Sequence[torch.Tensor] | None = None,
-    ) -> ActivationStore | None:
-        """Run the block over all calibration batches (or ``inputs``); return the outputs (CPU) if ``keep_outputs``.
-
-        The outputs are an ``ActivationStore`` on the run's memory budget (spilled to disk beyond it).
-        """
-        outputs = ActivationStore(self.budget) if keep_outputs else None
-        for hidden in self.batches(desc, inputs):
-            out = self.forward(hidden)
-            if outputs is not None:
-                outputs.append(out)
-        return outputs
-
-    @contextmanager
-    def input_hooks(self, fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-        """While active, ``fn(layer_name, input)`` is called with the input of every pruned linear on each forward."""
-
-        def make(name: str) -> Callable[..., None]:
-            def hook(_module: nn.Module, args: tuple) -> None:
-                fn(name, args[0].detach())
-
-            return hook
-
-        handles = [layer.register_forward_pre_hook(make(name)) for name, layer in self.linears.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
 
 @dataclass
@@ -321,26 +213,11 @@ def run_sequential(
         for i, (name, block) in enumerate(named_blocks[start:], start=start):
             assert inputs is not None
             tb = time.perf_counter()
-            block.to(device)
             work = BlockWork(
-                index=i,
-                name=name,
-                module=block,
-                linears=find_linears(block, model),
-                inputs=inputs,
-                call=calls[i],
-                device=device,
-                num_blocks=len(blocks),
-                progress=progress,
-                budget=budget,
-            )
-            if dense_inputs is not None:
-                work.dense_outputs = work.forward_all("Dense stream", keep_outputs=True, inputs=dense_inputs)
-            prune_block(work)
-            next_dense = work.dense_outputs if isinstance(work.dense_outputs, ActivationStore) else None
-            last = i + 1 == len(blocks)
-            next_inputs = None if last or data_free else work.forward_all("Propagating", keep_outputs=True)
-            next_inputs = [] if data_free else next_inputs
+                index=i, name=name, module=block.to(device), linears=find_linears(block, model), inputs=inputs,
+                call=calls[i], device=device, num_blocks=len(blocks), progress=progress, budget=budget,
+            )  # fmt: skip
+            next_inputs, next_dense = _prune_and_propagate(work, prune_block, dense_inputs, data_free)
             block.to("cpu")
             block_seconds.append(time.perf_counter() - tb)
             _release(inputs, dense_inputs, keep=(next_inputs, next_dense))
@@ -359,6 +236,23 @@ def run_sequential(
     return SequentialResult(
         capture_seconds=capture_seconds, block_seconds=block_seconds, resumed_blocks=start
     )
+
+
+def _prune_and_propagate(
+    work: BlockWork,
+    prune_block: Callable[[BlockWork], None],
+    dense_inputs: Sequence[torch.Tensor] | None,
+    data_free: bool,
+) -> tuple[Sequence[torch.Tensor] | None, ActivationStore | None]:
+    """Prune one block, then run the pruned block to make the next block's inputs (and carry the dense stream)."""
+    if dense_inputs is not None:
+        work.dense_outputs = work.forward_all("Dense stream", keep_outputs=True, inputs=dense_inputs)
+    prune_block(work)
+    next_dense = work.dense_outputs if isinstance(work.dense_outputs, ActivationStore) else None
+    if data_free:
+        return [], None
+    last = work.index + 1 == work.num_blocks
+    return (None if last else work.forward_all("Propagating", keep_outputs=True)), next_dense
 
 
 def _release(*stores: Sequence[torch.Tensor] | None, keep: tuple = ()) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import resource
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from besa.activations import MemoryBudget
+from besa.config import PruneConfig
+from besa.loading import ModelSource
 from besa.modeling import find_blocks, find_linears
 
-__all__ = ["count_layer_sparsity", "model_sparsity", "library_versions", "peak_memory"]
+__all__ = ["count_layer_sparsity", "model_sparsity", "library_versions", "peak_memory", "build_report"]
 
 
 def count_layer_sparsity(model: nn.Module, block_class: str | None = None) -> dict[str, dict[str, Any]]:
@@ -70,3 +75,31 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def build_report(
+    model: nn.Module, source: ModelSource, config: PruneConfig, method_config: Any, pruner: Any,
+    timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end)."""
+    layers = count_layer_sparsity(model)
+    for name, info in layers.items():
+        info["target"] = pruner.layer_targets.get(name, config.sparsity)
+    return {
+        "model": dataclasses.asdict(source),
+        "config": config.to_dict(),
+        "method_options": method_config.to_dict(),
+        "sparsity": {"target": config.sparsity, "pattern": config.pattern, **model_sparsity(model, layers)},
+        "layers": layers,
+        "allocation": pruner.report_allocation(),
+        "method": pruner.report_extra(),
+        "quantization": pruner.report_quantization(),
+        "timings_s": timings,
+        "memory": {**peak_memory(), "activations": budget.summary()},
+        "run": {
+            "run_dir": str(run_dir) if run_dir else None,
+            "resumed_blocks": resumed,
+            "note": "timings_s.per_block of resumed blocks are those of the run that pruned them",
+        },
+        "versions": library_versions(),
+    }

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from besa.methods.besa.allocation import (
+from besa.methods.besa.rates import (
     candidate_index,
     column_ranks,
     hard_keep,

@@ -16,7 +16,7 @@ from besa.activations import ActivationStore
 from besa.config import MethodConfig
 from besa.errors import BesaError
 from besa.methods.base import Pruner
-from besa.methods.besa.allocation import candidate_rates, hard_keep, round_to_budget, tilted_logits
+from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget, tilted_logits
 from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import (
     LayerAllocation,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from besa.methods.besa.allocation import (
+from besa.methods.besa.rates import (
     candidate_index,
     candidate_rates,
     column_ranks,

@@ -1,0 +1,125 @@
+"""What a method's per-block step receives: one block on the compute device, its calibration inputs (CPU batches)
+and the arguments it is called with besides its hidden states."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from besa.activations import ActivationStore, MemoryBudget
+
+__all__ = ["BlockCall", "BlockWork"]
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Broadcast a batch-1 tensor captured with the calibration call (mask, positions) to ``batch`` rows."""
+    if t.dim() >= 2 and t.shape[0] == 1 and batch != 1:
+        return t.expand(batch, *t.shape[1:])
+    return t
+
+
+@dataclass
+class BlockCall:
+    """Everything a block is called with besides its hidden states (captured from a batch-1 model forward)."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        batch = hidden.shape[0]
+        args = _map_tensors(self.args, lambda t: _expand_batch(t, batch))
+        kwargs = _map_tensors(self.kwargs, lambda t: _expand_batch(t, batch))
+        out = block(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockWork:
+    """One block on the compute device, with its calibration inputs (CPU batches) and call arguments.
+
+    This is what a method's ``prune_block`` receives. ``forward_all`` runs the block over every stored batch.
+    """
+
+    index: int
+    name: str
+    module: nn.Module
+    linears: dict[str, nn.Module]
+    inputs: Sequence[torch.Tensor]
+    call: BlockCall
+    device: torch.device
+    num_blocks: int
+    progress: bool = True
+    dense_outputs: Sequence[torch.Tensor] | None = None
+    """Outputs of this (dense) block on the dense model's own stream; set when the method asks for that stream."""
+    budget: MemoryBudget | None = None
+    """The run's activation memory budget: stores made by ``forward_all`` draw on it."""
+
+    @property
+    def num_samples(self) -> int:
+        """Calibration sequences over all input batches."""
+        if isinstance(self.inputs, ActivationStore):
+            return self.inputs.num_samples
+        return sum(int(x.shape[0]) for x in self.inputs)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Run the block on one batch of hidden states (moved to the device); returns the output on the device."""
+        return self.call(self.module, hidden.to(self.device, non_blocking=True))
+
+    def batches(self, desc: str, inputs: Sequence[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+        """Iterate over the stored input batches with a progress bar labelled ``(i/L) desc``."""
+        label = f"({self.index + 1}/{self.num_blocks}) {desc}"
+        batches = self.inputs if inputs is None else inputs
+        yield from tqdm(batches, desc=label, leave=False, disable=None if self.progress else True)
+
+    @torch.no_grad()
+    def forward_all(
+        self,
+        desc: str = "Calibrating",
+        keep_outputs: bool = False,
+        inputs: Sequence[torch.Tensor] | None = None,
+    ) -> ActivationStore | None:
+        """Run the block over all calibration batches (or ``inputs``); return the outputs (CPU) if ``keep_outputs``.
+
+        The outputs are an ``ActivationStore`` on the run's memory budget (spilled to disk beyond it).
+        """
+        outputs = ActivationStore(self.budget) if keep_outputs else None
+        for hidden in self.batches(desc, inputs):
+            out = self.forward(hidden)
+            if outputs is not None:
+                outputs.append(out)
+        return outputs
+
+    @contextmanager
+    def input_hooks(self, fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """While active, ``fn(layer_name, input)`` is called with the input of every pruned linear on each forward."""
+
+        def make(name: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple) -> None:
+                fn(name, args[0].detach())
+
+            return hook
+
+        handles = [layer.register_forward_pre_hook(make(name)) for name, layer in self.linears.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
