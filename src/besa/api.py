@@ -1,4 +1,4 @@
-"""The Python API: ``prune`` and ``evaluate``, and the atomic ``save_pruned``."""
+"""The Python API: ``prune`` (keywords) around ``prune_with`` (dataclasses); ``evaluate`` lives in ``evaluation``."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from torch import nn
 
 from besa.activations import MemoryBudget
 from besa.checkpoint import RunFolder, model_digest, tensor_digest
-from besa.config import EvalConfig, PruneConfig
-from besa.data import load_calibration_documents, load_eval_text, sample_windows
+from besa.config import PruneConfig
+from besa.data import load_calibration_documents, sample_windows
 from besa.errors import BesaError
-from besa.evaluation import PerplexityResult, perplexity
+from besa.evaluation import evaluate
 from besa.fileio import write_json_atomic
 from besa.loading import prepare_model, resolve_device, resolve_dtype, resolve_model
 from besa.modeling import find_blocks, find_linears, weight_matrix
@@ -162,7 +162,6 @@ def prune_with(
         resolve_model(model)  # a missing path fails here, before anything is loaded
     compute_device = resolve_device(config.device)
     timings: dict[str, Any] = {}
-
     t = time.perf_counter()
     documents = load_calibration_documents(config.calib) if needs_data and calib_ids is None else None
     timings["read_calibration"] = time.perf_counter() - t
@@ -172,49 +171,34 @@ def prune_with(
     )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
-
     t = time.perf_counter()
-    resumed, run = 0, None
+    run = None
     budget = MemoryBudget(
         limit=where.memory_limit, spill_root=where.run_dir / "spill" if where.run_dir else None
     )
-    if needs_data and calib_ids is None:
-        assert documents is not None
+    if documents is not None:
         calib_ids = _sample(documents, tokenizer, config)
     timings["sample_calibration"] = time.perf_counter() - t
-    engine_ids = (
-        calib_ids if pruner.uses_data else None
-    )  # data-free methods run through the engine without data
+    engine_ids = calib_ids if pruner.uses_data else None  # data-free methods run through the engine, no data
     if where.run_dir is not None and engine_ids is not None:
         run = _open_run(where.run_dir, model, config, method_config, engine_ids, pruner, options.resume)
-    t = time.perf_counter()
-    pruner.prepare(model, calib_ids, compute_device, config.forward_batch, options.progress)
-    timings["allocation"] = time.perf_counter() - t
-    torch.manual_seed(config.seed)
-    t = time.perf_counter()
-    engine = run_sequential(
-        model, engine_ids, pruner.prune_block, compute_device, config.forward_batch, options.progress,
-        dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
-    )  # fmt: skip
-    resumed = engine.resumed_blocks
-    timings["capture"] = engine.capture_seconds
-    timings["per_block"] = engine.block_seconds
-    timings["prune"] = time.perf_counter() - t
+    resumed = _run_stages(
+        model, pruner, config, calib_ids, engine_ids, compute_device, options, budget, run, timings
+    )
     report = build_report(
         model, source, config, method_config, pruner, timings, budget, where.run_dir, resumed
     )
     if where.out is not None:
         t = time.perf_counter()
         grids = pruner.quant_grids if options.save_quantized else None
-        ids_digest = _ids_digest(calib_ids) if given_ids and calib_ids is not None else None
-        recipe = recipe_text(config, method_config, ids_digest)
+        recipe = recipe_text(config, method_config, _ids_digest(calib_ids) if given_ids else None)
         save_pruned(model, tokenizer, where.out, report, options.overwrite, quant_grids=grids, recipe=recipe)
         timings["save"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
-    if where.out is not None:
-        write_json_atomic(where.out / REPORT_NAME, report)
+        timings["total"] = time.perf_counter() - t_start
+        write_json_atomic(where.out / REPORT_NAME, report)  # again, with the saving time
         if run is not None and not options.keep_run_dir:
             run.remove()
+    timings["total"] = time.perf_counter() - t_start
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=where.out)
 
 
@@ -231,6 +215,29 @@ def _fingerprint(
     payload["model.dtype"] = str(next(model.parameters()).dtype)
     payload["calibration.tokens"] = tensor_digest(calib_ids.to(torch.long))
     return json.loads(json.dumps(payload))  # as it reads back from run.json (tuples -> lists)
+
+
+def _run_stages(
+    model: nn.Module, pruner: Any, config: PruneConfig, calib_ids: torch.Tensor | None,
+    engine_ids: torch.Tensor | None, device: torch.device, options: RunOptions, budget: MemoryBudget,
+    run: RunFolder | None, timings: dict[str, Any],
+) -> int:  # fmt: skip
+    """The allocation's look at the dense model, then the engine, block by block; return the resumed blocks.
+
+    ``timings["prune"]`` covers both (OWL's statistics pass is part of pruning with OWL).
+    """
+    t = time.perf_counter()
+    pruner.prepare(model, calib_ids, device, config.forward_batch, options.progress)
+    timings["allocation"] = time.perf_counter() - t
+    torch.manual_seed(config.seed)
+    engine = run_sequential(
+        model, engine_ids, pruner.prune_block, device, config.forward_batch, options.progress,
+        dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
+    )  # fmt: skip
+    timings["capture"] = engine.capture_seconds
+    timings["per_block"] = engine.block_seconds
+    timings["prune"] = time.perf_counter() - t
+    return engine.resumed_blocks
 
 
 def _sample(documents: list[str], tokenizer: Any, config: PruneConfig) -> torch.Tensor:
@@ -257,51 +264,3 @@ def _open_run(
 
 def _ids_digest(calib_ids: torch.Tensor) -> str:
     return "sha256:" + tensor_digest(calib_ids.to(torch.long))
-
-
-def evaluate(
-    model: str | nn.Module,
-    *,
-    datasets: tuple[str, ...] | list[str] = ("wikitext2",),
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    device: str | None = None,
-    dtype: str = "auto",
-    tokenizer: Any = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-) -> dict[str, dict[str, float | int]]:
-    """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}``.
-
-    Example:
-        >>> besa.evaluate("smollm2-135m", datasets=["wikitext2"], seqlen=512)["wikitext2"]["ppl"]
-    """
-    config = EvalConfig(
-        datasets=tuple(datasets), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
-        dtype=dtype,
-    )  # fmt: skip
-    if isinstance(model, str):
-        resolve_model(model)  # a missing path fails before any data is read
-    # an unknown dataset fails before the model is loaded
-    texts = {name: load_eval_text(name) for name in config.datasets}
-    compute_device = resolve_device(config.device)
-    model, tokenizer, _ = prepare_model(
-        model, tokenizer, resolve_dtype(config.dtype, compute_device), trust_remote_code
-    )
-    model.to(compute_device)
-    results: dict[str, dict[str, float | int]] = {}
-    try:
-        for name, text in texts.items():
-            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-            try:
-                res: PerplexityResult = perplexity(
-                    model, ids, config.seqlen, config.max_windows, config.batch_size, compute_device, progress,
-                    desc=f"Perplexity {name}",
-                )  # fmt: skip
-            except ValueError as exc:
-                raise BesaError(f"{name}: {exc}") from None
-            results[name] = res.to_dict()
-    finally:
-        model.to("cpu")
-    return results

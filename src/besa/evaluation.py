@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "perplexity", "windows_of"]
+from besa.config import EvalConfig
+from besa.data import load_eval_text
+from besa.errors import BesaError
+from besa.loading import prepare_model, resolve_device, resolve_dtype, resolve_model
+
+__all__ = ["PerplexityResult", "perplexity", "windows_of", "evaluate"]
 
 
 @dataclass
@@ -66,3 +72,51 @@ def perplexity(
     return PerplexityResult(
         ppl=math.exp(mean_nll), tokens=windows.numel(), seqlen=seqlen, windows=windows.shape[0], nll=mean_nll
     )
+
+
+def evaluate(
+    model: str | nn.Module,
+    *,
+    datasets: tuple[str, ...] | list[str] = ("wikitext2",),
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str = "auto",
+    tokenizer: Any = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, float | int]]:
+    """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}``.
+
+    Example:
+        >>> besa.evaluate("smollm2-135m", datasets=["wikitext2"], seqlen=512)["wikitext2"]["ppl"]
+    """
+    config = EvalConfig(
+        datasets=tuple(datasets), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
+        dtype=dtype,
+    )  # fmt: skip
+    if isinstance(model, str):
+        resolve_model(model)  # a missing path fails before any data is read
+    # an unknown dataset fails before the model is loaded
+    texts = {name: load_eval_text(name) for name in config.datasets}
+    compute_device = resolve_device(config.device)
+    model, tokenizer, _ = prepare_model(
+        model, tokenizer, resolve_dtype(config.dtype, compute_device), trust_remote_code
+    )
+    model.to(compute_device)
+    results: dict[str, dict[str, float | int]] = {}
+    try:
+        for name, text in texts.items():
+            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            try:
+                res: PerplexityResult = perplexity(
+                    model, ids, config.seqlen, config.max_windows, config.batch_size, compute_device, progress,
+                    desc=f"Perplexity {name}",
+                )  # fmt: skip
+            except ValueError as exc:
+                raise BesaError(f"{name}: {exc}") from None
+            results[name] = res.to_dict()
+    finally:
+        model.to("cpu")
+    return results

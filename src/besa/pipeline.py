@@ -196,38 +196,17 @@ def run_sequential(
     if not data_free:
         _move_outside_blocks(model, blocks, device)
     try:
-        with torch.no_grad():
-            if data_free:  # each block is handed over on its own; nothing runs through it
-                calls, inputs = [BlockCall() for _ in blocks], []
-            else:
-                calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
-            if inputs is None and start < len(blocks):
-                assert input_ids is not None
-                inputs = capture_first_inputs(model, blocks[0], input_ids, forward_batch, device, budget)
-                dense_inputs = inputs if dense_stream else None
+        if data_free:  # each block is handed over on its own; nothing runs through it
+            calls, inputs = [BlockCall() for _ in blocks], []
+        else:
+            assert input_ids is not None
+            calls, inputs, dense_inputs = _capture(model, blocks, input_ids, forward_batch, device, budget,
+                                                   inputs, dense_inputs, dense_stream, start)  # fmt: skip
         capture_seconds = time.perf_counter() - t0
-        bar = tqdm(
-            named_blocks, desc="Pruning blocks", disable=None if progress else True, initial=start,
-            total=len(named_blocks),
+        inputs, dense_inputs = _prune_blocks(
+            model, named_blocks, start, calls, inputs, dense_inputs, prune_block, device, progress, budget,
+            checkpoint, block_seconds, data_free,
         )  # fmt: skip
-        for i, (name, block) in enumerate(named_blocks[start:], start=start):
-            assert inputs is not None
-            tb = time.perf_counter()
-            work = BlockWork(
-                index=i, name=name, module=block.to(device), linears=find_linears(block, model), inputs=inputs,
-                call=calls[i], device=device, num_blocks=len(blocks), progress=progress, budget=budget,
-            )  # fmt: skip
-            next_inputs, next_dense = _prune_and_propagate(work, prune_block, dense_inputs, data_free)
-            block.to("cpu")
-            block_seconds.append(time.perf_counter() - tb)
-            _release(inputs, dense_inputs, keep=(next_inputs, next_dense))
-            inputs, dense_inputs = next_inputs, next_dense
-            del work
-            if checkpoint is not None:
-                checkpoint.commit(i, name, block, len(blocks), block_seconds[-1], inputs, dense_inputs)
-            bar.update()
-            log.debug("block %s pruned in %.2fs", name, block_seconds[-1])
-        bar.close()
     finally:
         _move_outside_blocks(model, blocks, torch.device("cpu"))
         model.train(was_training)
@@ -236,6 +215,51 @@ def run_sequential(
     return SequentialResult(
         capture_seconds=capture_seconds, block_seconds=block_seconds, resumed_blocks=start
     )
+
+
+def _prune_blocks(
+    model: nn.Module, named_blocks: list[tuple[str, nn.Module]], start: int, calls: list[BlockCall],
+    inputs: Sequence[torch.Tensor] | None, dense_inputs: Sequence[torch.Tensor] | None,
+    prune_block: Callable[[BlockWork], None], device: torch.device, progress: bool, budget: MemoryBudget,
+    checkpoint: Checkpointer | None, block_seconds: list[float], data_free: bool,
+) -> tuple[Sequence[torch.Tensor] | None, Sequence[torch.Tensor] | None]:  # fmt: skip
+    """Blocks ``start`` onwards, one on the device at a time: prune, propagate, checkpoint; return what is left."""
+    bar = tqdm(
+        named_blocks, desc="Pruning blocks", disable=None if progress else True, initial=start,
+        total=len(named_blocks),
+    )  # fmt: skip
+    for i, (name, block) in enumerate(named_blocks[start:], start=start):
+        tb = time.perf_counter()
+        work = BlockWork(
+            index=i, name=name, module=block.to(device), linears=find_linears(block, model), inputs=inputs,
+            call=calls[i], device=device, num_blocks=len(named_blocks), progress=progress, budget=budget,
+        )  # fmt: skip
+        next_inputs, next_dense = _prune_and_propagate(work, prune_block, dense_inputs, data_free)
+        block.to("cpu")
+        block_seconds.append(time.perf_counter() - tb)
+        _release(inputs, dense_inputs, keep=(next_inputs, next_dense))
+        inputs, dense_inputs = next_inputs, next_dense
+        del work
+        if checkpoint is not None:
+            checkpoint.commit(i, name, block, len(named_blocks), block_seconds[-1], inputs, dense_inputs)
+        bar.update()
+        log.debug("block %s pruned in %.2fs", name, block_seconds[-1])
+    bar.close()
+    return inputs, dense_inputs
+
+
+@torch.no_grad()
+def _capture(
+    model: nn.Module, blocks: list[nn.Module], input_ids: torch.Tensor, forward_batch: int, device: torch.device,
+    budget: MemoryBudget, inputs: ActivationStore | None, dense_inputs: ActivationStore | None, dense_stream: bool,
+    start: int,
+) -> tuple[list[BlockCall], ActivationStore | None, ActivationStore | None]:  # fmt: skip
+    """Every block's call arguments, and block 0's inputs unless a resumed run brought the inputs it needs."""
+    calls = capture_block_calls(model, blocks, input_ids[:1].to(device))
+    if inputs is None and start < len(blocks):
+        inputs = capture_first_inputs(model, blocks[0], input_ids, forward_batch, device, budget)
+        dense_inputs = inputs if dense_stream else None
+    return calls, inputs, dense_inputs
 
 
 def _prune_and_propagate(

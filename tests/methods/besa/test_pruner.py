@@ -6,6 +6,7 @@ from besa.config import PruneConfig
 from besa.errors import BesaError
 from besa.methods.besa import BesaConfig, BesaPruner
 from besa.methods.besa.layer import reconstruction_loss
+from besa.methods.besa.training import masked, train_block
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.pipeline import run_sequential
 from conftest import make_model
@@ -73,7 +74,7 @@ def test_ste_forward_equals_the_hard_mask_and_theta_gets_gradient():
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         assert torch.equal((mask == 0).sum(1), counts)
         alloc.current_mask = mask
-    with torch.enable_grad(), pruner._masked(allocs):
+    with torch.enable_grad(), masked(allocs):
         out = work.forward(work.inputs[0])
         loss = reconstruction_loss(outputs[0], out)
         loss.backward()
@@ -87,7 +88,7 @@ def test_masked_forward_matches_a_block_with_the_mask_applied():
     allocs, _ = pruner._calibrate(work)
     for alloc in allocs.values():
         alloc.current_mask = alloc.mask().detach()
-    with torch.no_grad(), pruner._masked(allocs):
+    with torch.no_grad(), masked(allocs):
         masked_out = work.forward(work.inputs[0])
     for alloc in allocs.values():
         weight_matrix(alloc.layer).mul_(alloc.current_mask)
@@ -100,7 +101,7 @@ def test_loss_goes_down_when_the_target_is_the_blocks_input():
     _, work = _one_block_work(n=40)
     pruner = BesaPruner(BesaConfig(d_coef=50.0, lam=0.0), PruneConfig(method="besa", sparsity=0.5))
     allocs, _ = pruner._calibrate(work)
-    losses = pruner._train(work, allocs, targets=work.inputs)
+    losses = train_block(pruner.cfg, work, allocs, work.inputs, pruner.target)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first
 
@@ -114,14 +115,14 @@ def test_learning_beats_the_uniform_allocation_on_reconstruction():
     def error():
         for alloc in allocs.values():
             alloc.current_mask = alloc.mask().detach()
-        with torch.no_grad(), pruner._masked(allocs):
+        with torch.no_grad(), masked(allocs):
             return sum(
                 float(reconstruction_loss(t, work.forward(x)))
                 for x, t in zip(work.inputs, targets, strict=True)
             )
 
     before = error()
-    pruner._train(work, allocs, targets)
+    train_block(pruner.cfg, work, allocs, targets, pruner.target)
     assert error() < before
 
 
@@ -166,7 +167,7 @@ def _nan_after(calls_before_nan: int | None):
 
 
 def test_nan_loss_retries_then_falls_back_to_the_uniform_metric_mask(tokenizer, monkeypatch):
-    import besa.methods.besa.pruner as pruner_module
+    import besa.methods.besa.training as pruner_module
 
     monkeypatch.setattr(pruner_module, "reconstruction_loss", _nan_after(None))
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -199,7 +200,7 @@ def test_nan_loss_retries_then_falls_back_to_the_uniform_metric_mask(tokenizer, 
 
 
 def test_one_nan_step_is_retried_with_a_smaller_step(tokenizer, monkeypatch):
-    import besa.methods.besa.pruner as pruner_module
+    import besa.methods.besa.training as pruner_module
 
     monkeypatch.setattr(pruner_module, "reconstruction_loss", _nan_after(2))
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))

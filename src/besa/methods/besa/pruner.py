@@ -5,28 +5,25 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from besa.activations import ActivationStore
 from besa.config import MethodConfig
 from besa.errors import BesaError
 from besa.methods.base import Pruner
-from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget, tilted_logits
 from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import (
     LayerAllocation,
     NonFiniteLoss,
     clip_stats,
-    masked_forward,
-    reconstruction_loss,
 )
+from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget, tilted_logits
+from besa.methods.besa.training import train_block
 from besa.modeling import set_weight_matrix, weight_matrix
-from besa.pipeline import BlockWork, rebatch
+from besa.pipeline import BlockWork
 from besa.registry import register_method
 from besa.stages.selection import HessianStats, get_scorer
 from besa.stages.update import RowShares, SweepQuantizer, obs_sweep
@@ -116,90 +113,6 @@ class BesaPruner(Pruner):
                 allocs[name].hessian = hessians.pop(name).hessian
         return allocs, outputs
 
-    # -- training ---------------------------------------------------------------------------------------------
-    def _optimizers(
-        self, allocs: dict[str, LayerAllocation], scale: float = 1.0
-    ) -> list[torch.optim.Optimizer]:
-        """Fresh optimizers for one block: ``--optimizer`` over the sparsity logits and, when the clipping is
-        learned, AdamW at ``--clip-lr`` over the clipping logits (its own optimizer, so the step is its own under
-        Prodigy too, which refuses groups with different learning rates)."""
-        lr = (self.cfg.lr or (1e-2 if self.cfg.optimizer == "adamw" else 1.0)) * scale
-        thetas = [a.theta for a in allocs.values()]
-        if self.cfg.optimizer == "adamw":
-            opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(thetas, lr=lr, weight_decay=0.0)]
-        else:
-            from prodigyopt import Prodigy
-
-            opts = [Prodigy(thetas, lr=lr, d_coef=self.cfg.d_coef, weight_decay=0.0)]
-        clips = [a.clip for a in allocs.values() if a.clip is not None]
-        if clips:
-            opts.append(torch.optim.AdamW(clips, lr=self.cfg.clip_lr * scale, weight_decay=0.0))
-        return opts
-
-    @contextmanager
-    def _masked(self, allocs: dict[str, LayerAllocation]) -> Iterator[None]:
-        for alloc in allocs.values():
-            alloc.layer.forward = lambda x, _l=alloc.layer, _a=alloc: masked_forward(_l, _a, x)
-        try:
-            yield
-        finally:
-            for alloc in allocs.values():
-                del alloc.layer.forward
-
-    def _train(
-        self,
-        work: BlockWork,
-        allocs: dict[str, LayerAllocation],
-        targets: Sequence[torch.Tensor],
-        scale: float = 1.0,
-    ) -> list[float]:
-        """Train the allocation logits over the calibration set; raise ``NonFiniteLoss`` on a NaN/inf loss."""
-        total = sum(a.numel for a in allocs.values())
-        opts = self._optimizers(allocs, scale)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if work.device.type == "cuda" and next(work.module.parameters()).dtype != torch.float32
-            else torch.autocast("cpu", enabled=False)
-        )
-        losses: list[float] = []
-        samples = work.num_samples
-        steps = self.cfg.epochs * -(-samples // self.cfg.batch_size)
-        bar = tqdm(
-            total=steps, desc=f"({work.index + 1}/{work.num_blocks}) Learning", leave=False,
-            disable=None if work.progress else True,
-        )  # fmt: skip
-        with torch.enable_grad(), self._masked(allocs):
-            for _ in range(self.cfg.epochs):
-                size = self.cfg.batch_size
-                for hidden, target in zip(rebatch(work.inputs, size), rebatch(targets, size), strict=True):
-                    block_rate = 0.0
-                    for alloc in allocs.values():
-                        alloc.current_mask, rates = alloc.step()
-                        block_rate = block_rate + rates.mean() * (alloc.numel / total)
-                    with autocast:
-                        out = work.forward(hidden)
-                    rec = reconstruction_loss(target.to(work.device), out)
-                    loss = rec + self.cfg.lam * (block_rate - self.target) ** 2
-                    if not torch.isfinite(loss):
-                        bar.close()
-                        raise NonFiniteLoss(len(losses), float(loss.detach()))
-                    for opt in opts:
-                        opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for opt in opts:
-                        opt.step()
-                    losses.append(float(loss.detach()))
-                    bar.update()
-                    bar.set_postfix(
-                        loss=f"{float(rec.detach()):.4g}", sparsity=f"{float(block_rate.detach()):.4f}"
-                    )
-        bar.close()
-        for alloc in allocs.values():
-            alloc.current_mask = None
-            if not all(torch.isfinite(p).all() for p in alloc.parameters()):
-                raise NonFiniteLoss(len(losses), math.nan)
-        return losses
-
     # -- final masks ------------------------------------------------------------------------------------------
     def _finalise(
         self, work: BlockWork, allocs: dict[str, LayerAllocation], uniform: bool = False
@@ -282,7 +195,7 @@ class BesaPruner(Pruner):
             for alloc in allocs.values():
                 alloc.reset()
             try:
-                return self._train(work, allocs, targets, scale), failures
+                return train_block(self.cfg, work, allocs, targets, self.target, scale), failures
             except NonFiniteLoss as exc:
                 failures.append({"step_scale": scale, "at_step": exc.step, "loss": str(exc.loss)})
                 log.warning(
