@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+import besa.methods  # noqa: E402, F401  (registers the built-in methods)
 from besa.api import PruneResult, evaluate, prune, prune_with  # noqa: E402
 from besa.config import EvalConfig, NMPattern, PruneConfig  # noqa: E402
 from besa.errors import BesaError  # noqa: E402

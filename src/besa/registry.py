@@ -1,4 +1,7 @@
-"""Registry of pruning methods, keyed by name and by config type (no ``if method == ...`` chains)."""
+"""Registry of pruning methods, keyed by name and by config type (no ``if method == ...`` chains).
+
+The built-in methods are registered in ``besa.methods``, which ``besa`` imports; this module imports no method.
+"""
 
 from __future__ import annotations
 
@@ -46,13 +49,8 @@ def register_method(name: str, config_cls: type[MethodConfig], summary: str = ""
     return deco
 
 
-def _ensure_builtin_methods() -> None:
-    import besa.methods  # noqa: F401  (importing registers the built-in methods)
-
-
 def get_method(name: str) -> MethodSpec:
     """Look up a method by name, or raise a ``BesaError`` listing the known ones."""
-    _ensure_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -61,5 +59,4 @@ def get_method(name: str) -> MethodSpec:
 
 def available_methods() -> list[str]:
     """Names of all registered methods, sorted."""
-    _ensure_builtin_methods()
     return sorted(_REGISTRY)

@@ -9,7 +9,6 @@ from torch import nn
 from besa.config import MethodConfig
 from besa.methods.base import LayerwisePruner, apply_prune_mask
 from besa.modeling import weight_matrix
-from besa.registry import register_method
 from besa.stages.masks import select_prune_mask
 from besa.stages.selection import LayerStats, magnitude_scores
 
@@ -21,7 +20,6 @@ class MagnitudeConfig(MethodConfig):
     """Magnitude pruning has no settings of its own."""
 
 
-@register_method("magnitude", MagnitudeConfig, "smallest |W| per output row; needs no calibration data")
 class MagnitudePruner(LayerwisePruner):
     """Prune the smallest-magnitude weights of every output row."""
 

@@ -13,7 +13,6 @@ from besa.errors import BesaError
 from besa.methods.base import LayerwisePruner, QuantGrids
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.quant import QuantSpec
-from besa.registry import register_method
 from besa.stages.selection import HessianStats, LayerStats
 from besa.stages.update import BlockShare, NMGroups, SweepQuantizer, obs_sweep
 
@@ -62,7 +61,6 @@ def sparsegpt_prune(
     return new_w, prune, (quantizer.scale, quantizer.zero) if quantizer is not None else None
 
 
-@register_method("sparsegpt", SparseGPTConfig, "OBS with the inverse Hessian, surviving weights updated")
 class SparseGPTPruner(LayerwisePruner):
     """Prune with SparseGPT's second-order update of the remaining weights."""
 

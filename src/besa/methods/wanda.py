@@ -9,7 +9,6 @@ from torch import nn
 from besa.config import MethodConfig
 from besa.methods.base import LayerwisePruner, apply_prune_mask
 from besa.modeling import weight_matrix
-from besa.registry import register_method
 from besa.stages.masks import select_prune_mask
 from besa.stages.selection import InputNormStats, LayerStats, wanda_scores
 
@@ -21,7 +20,6 @@ class WandaConfig(MethodConfig):
     """Wanda has no settings of its own (the comparison group is the output row)."""
 
 
-@register_method("wanda", WandaConfig, "|W|*||X|| per output row (Sun et al., 2023)")
 class WandaPruner(LayerwisePruner):
     """Prune the weights with the smallest |W|*||X|| in every output row."""
 

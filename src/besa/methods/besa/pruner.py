@@ -24,7 +24,6 @@ from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget,
 from besa.methods.besa.training import train_block
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
-from besa.registry import register_method
 from besa.stages.selection import HessianStats, get_scorer
 from besa.stages.update import RowShares, SweepQuantizer, obs_sweep
 
@@ -33,9 +32,6 @@ __all__ = ["BesaPruner"]
 log = logging.getLogger(__name__)
 
 
-@register_method(
-    "besa", BesaConfig, "learned per-row sparsity allocation by block reconstruction (Xu et al., 2024)"
-)
 class BesaPruner(Pruner):
     """Blockwise Parameter-Efficient Sparsity Allocation.
 
