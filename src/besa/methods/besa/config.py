@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from besa.config import MethodConfig
 from besa.errors import BesaError
+from besa.stages.selection import SCORERS
 
 __all__ = ["BesaConfig", "METRICS"]
 
-METRICS = ("wanda", "magnitude", "sparsegpt")
+METRICS = tuple(SCORERS)  # every importance of the selection stage
 
 
 @dataclass
