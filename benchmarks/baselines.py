@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
             _besa(
                 "prune", args.model, "--method", method, *target, "--calib", args.calib,
                 "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-                "--out", f"{tmp}/model", *(shlex.split(args.besa_flags) if method == "besa" else []), threads=threads,
+                "--out", f"{tmp}/model", *_flags(method, args), threads=threads,
             )  # fmt: skip
             wall = time.perf_counter() - start
             report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
@@ -106,11 +106,11 @@ def run(args: argparse.Namespace) -> None:
             "sparsity": report["sparsity"]["pruned_layers"],
             "threads": threads or torch_threads(),
             "parallel_jobs": args.jobs,
-            "flags": args.besa_flags if method == "besa" else "",
+            "flags": " ".join(_flags(method, args)),
         }
         save()
 
-    jobs = [dense_job] if "dense" not in results else []
+    jobs = [dense_job] if "dense" not in results and not args.no_dense else []
     jobs += [
         (lambda s=s, m=m: prune_job(s, m))
         for s in args.settings.split(",")
@@ -122,11 +122,16 @@ def run(args: argparse.Namespace) -> None:
             future.result()
 
 
+def _flags(method: str, args: argparse.Namespace) -> list[str]:
+    """The extra ``besa prune`` flags of a run: ``--flags`` for every method, ``--besa-flags`` for BESA."""
+    return shlex.split(args.flags) + (shlex.split(args.besa_flags) if method == "besa" else [])
+
+
 def _key(method: str, setting: str, args: argparse.Namespace) -> str:
-    """Results key: ``method@setting``; a labelled BESA variant is ``besa:label@setting``."""
-    if method == "besa" and args.besa_label:
-        return f"besa:{args.besa_label}@{setting}"
-    return f"{method}@{setting}"
+    """Results key: ``method@setting``; a labelled variant is ``method:label@setting`` (``--label``, or
+    ``--besa-label`` for BESA runs)."""
+    label = args.label or (args.besa_label if method == "besa" else "")
+    return f"{method}:{label}@{setting}" if label else f"{method}@{setting}"
 
 
 def torch_threads() -> int:
@@ -138,25 +143,26 @@ def torch_threads() -> int:
 def _non_default_flags(args: argparse.Namespace) -> str:
     """The flags that differ from the defaults (output paths left out), to print a command anyone can rerun."""
     defaults = vars(build_parser().parse_args([]))
-    flags = [
-        f" --{k.replace('_', '-')} {v}"
-        for k, v in vars(args).items()
-        if k not in ("results", "markdown", "render_only") and v != defaults[k] and not isinstance(v, bool)
-    ]
+    flags = []
+    for k, v in vars(args).items():
+        if k in ("results", "markdown", "render_only", "title") or v == defaults[k]:
+            continue
+        flag = f" --{k.replace('_', '-')}"
+        flags.append(flag if isinstance(v, bool) else f"{flag} {shlex.quote(str(v))}")
     return "".join(flags)
 
 
 def write_markdown(args: argparse.Namespace, results: dict) -> None:
     dense = results.get("dense", {}).get("ppl", {})
     lines = [
-        "## Pruning methods on SmolLM2-135M: magnitude, Wanda, SparseGPT, BESA",
+        args.title,
         "",
         f"Model `{args.model}`; calibration {args.nsamples} x {args.seqlen} tokens of `{args.calib}` (seed {args.seed});"
         f" WikiText-2 test perplexity at seqlen {args.eval_seqlen}"
         + (
             f", first {args.max_windows} windows."
             if args.max_windows
-            else f", all {dense.get('windows', '?')} windows."
+            else (f", all {dense['windows']} windows." if dense else ", all windows.")
         ),
         "C4 is not reachable offline, so calibration uses the Wikipedia articles of `shared/data` (none of them is a"
         " WikiText-2 test article).",
@@ -185,7 +191,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
     requested = set(args.methods.split(","))
     for setting in settings:
         variants = sorted(
-            k.split("@")[0] for k in results if k.startswith("besa:") and k.endswith(f"@{setting}")
+            k.split("@")[0] for k in results if ":" in k.split("@")[0] and k.endswith(f"@{setting}")
         )
         for method in [*ALL_METHODS, *variants]:
             r = results.get(f"{method}@{setting}")
@@ -202,7 +208,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
                 f"| {setting} | {label} | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} | {r['prune_s']:.0f} |"
                 f" {r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |"
             )
-    replace_section(Path(args.markdown), "baselines", "\n".join(lines))
+    replace_section(Path(args.markdown), args.section, "\n".join(lines))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--besa-label", default="", help="keep these besa runs as a separate variant row (besa:LABEL)"
     )
+    p.add_argument("--flags", default="", help="extra flags for every run, e.g. '--allocation owl'")
+    p.add_argument("--section", default="baselines", help="the BENCHMARKS.md section these results own")
+    p.add_argument("--title", default="## Pruning methods on SmolLM2-135M: magnitude, Wanda, SparseGPT, BESA")
+    p.add_argument(
+        "--no-dense", action="store_true", help="skip the dense model's row (it is in another table)"
+    )
+    p.add_argument("--label", default="", help="keep these runs as variant rows (METHOD:LABEL)")
     p.add_argument(
         "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
     )

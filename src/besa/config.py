@@ -175,6 +175,12 @@ class PruneConfig:
         """The weight quantization to apply, or ``None`` for full-precision weights (``wbits=16``)."""
         return None if self.wbits == 16 else QuantSpec(self.wbits, self.group_size)
 
+    @property
+    def joint_quant(self) -> QuantSpec | None:
+        """The quantization a method that can quantize while it prunes does so with (``--quant-mode joint``), or
+        ``None``: no quantization, or round to nearest after pruning. Decided here, once."""
+        return self.quant if self.quant_mode == "joint" else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

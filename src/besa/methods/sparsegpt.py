@@ -72,7 +72,7 @@ class SparseGPTPruner(LayerwisePruner):
         assert isinstance(stats, HessianStats)
         cfg = self.method_config
         assert isinstance(cfg, SparseGPTConfig)
-        joint = self.quant if self.config.quant_mode == "joint" else None  # the OBS sweep quantizes too
+        joint = self.config.joint_quant  # the OBS sweep quantizes too
         new_w, _, grids = sparsegpt_prune(
             weight_matrix(layer), stats.hessian, rate, self.pattern, cfg.blocksize, cfg.percdamp, joint
         )

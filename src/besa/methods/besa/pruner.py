@@ -63,7 +63,7 @@ class BesaPruner(Pruner):
         """``--weight-update`` with ``auto`` resolved: OBS when quantizing jointly, the paper's frozen weights else."""
         if self.cfg.weight_update != "auto":
             return self.cfg.weight_update
-        return "obs" if self.quant is not None and self.config.quant_mode == "joint" else "none"
+        return "obs" if self.config.joint_quant is not None else "none"
 
     # -- statistics and ranking -------------------------------------------------------------------------------
     @property
@@ -103,7 +103,7 @@ class BesaPruner(Pruner):
             groups = order.shape[0] if self.cfg.granularity == "row" else 1
             allocs[name] = LayerAllocation(
                 name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
-                learn_clip=self.config.quant_mode == "joint",
+                learn_clip=self.config.joint_quant is not None,
             )  # fmt: skip
             if obs:
                 allocs[name].hessian = hessians.pop(name).hessian
@@ -149,7 +149,7 @@ class BesaPruner(Pruner):
     def _apply_obs(self, name: str, alloc: LayerAllocation, counts: torch.Tensor, learned_clip: bool) -> None:
         """Weight update ``obs``: the learned row counts, SparseGPT's choice within each row and its update; with
         joint quantization the sweep quantizes on the learned grids (or fits its own when nothing was learned)."""
-        joint = self.quant if self.config.quant_mode == "joint" else None
+        joint = self.config.joint_quant
         clip = None
         if alloc.clip is not None and learned_clip:
             gamma = torch.sigmoid(alloc.clip.detach())
