@@ -32,7 +32,7 @@ from besa.activations import ActivationStore, MemoryBudget
 from besa.errors import BesaError
 from besa.fileio import fsync_dir, write_json_atomic
 
-__all__ = ["RunFolder", "model_digest", "tensor_digest", "RUN_FILE"]
+__all__ = ["RunFolder", "model_digest", "tensor_digest", "require_checkpoint", "RUN_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def require_checkpoint(path: Path) -> None:
+    """Refuse to resume from a run folder that holds no checkpoint (checked up front and again on opening)."""
+    if not (path / RUN_FILE).is_file():
+        raise BesaError(f"nothing to resume: {str(path)!r} holds no checkpoint")
 
 
 def _is_run_artifact(name: str) -> bool:
@@ -133,7 +139,7 @@ class RunFolder:
             raise BesaError(f"run folder {str(self.path)!r} exists and is not a folder")
         if not run_file.exists():
             if require:
-                raise BesaError(f"nothing to resume: {str(self.path)!r} holds no checkpoint")
+                require_checkpoint(self.path)
             if self.path.is_dir():
                 foreign = [p.name for p in self.path.iterdir() if not _is_run_artifact(p.name)]
                 if foreign:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from besa.activations import parse_size
-from besa.checkpoint import RUN_FILE
+from besa.checkpoint import require_checkpoint
 from besa.errors import BesaError
 
 __all__ = ["RunOptions", "ResolvedRun", "check_output_dir", "check_writable"]
@@ -141,7 +141,7 @@ class RunOptions:
             return None
         if path.exists() and not path.is_dir():
             raise BesaError(f"run folder {str(path)!r} exists and is not a folder")
-        if self.resume and not (path / RUN_FILE).is_file():
-            raise BesaError(f"nothing to resume: {str(path)!r} holds no checkpoint")
+        if self.resume:
+            require_checkpoint(path)
         check_writable(path, "the run folder")
         return path

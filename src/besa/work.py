@@ -123,3 +123,20 @@ class BlockWork:
         finally:
             for h in handles:
                 h.remove()
+
+    def calibrate(
+        self, *stats: dict[str, Any], desc: str = "Calibrating", keep_outputs: bool = False
+    ) -> ActivationStore | None:
+        """One pass over all batches that feeds every linear's inputs to its entry (``LayerStats`` or ``None``) in
+        each of ``stats`` (an object in several maps is fed once); the outputs if ``keep_outputs``."""
+
+        def feed(name: str, x: torch.Tensor) -> None:
+            fed: set[int] = set()
+            for table in stats:
+                entry = table.get(name)
+                if entry is not None and id(entry) not in fed:
+                    fed.add(id(entry))
+                    entry.add(x)
+
+        with self.input_hooks(feed):
+            return self.forward_all(desc, keep_outputs=keep_outputs)

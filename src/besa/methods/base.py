@@ -174,13 +174,7 @@ class LayerwisePruner(Pruner):
         rate = self.allocation.block_rate(work.name)
         stats = {name: self.make_stats(layer) for name, layer in work.linears.items()}
         if any(s is not None for s in stats.values()):
-
-            def feed(name: str, x: torch.Tensor) -> None:
-                if stats[name] is not None:
-                    stats[name].add(x)
-
-            with work.input_hooks(feed):
-                work.forward_all("Calibrating")
+            work.calibrate(stats)
         for name, layer in work.linears.items():
             grids = self.prune_layer(layer, stats.pop(name), rate)
             self.layer_targets[f"{work.name}.{name}"] = rate

@@ -88,8 +88,7 @@ class OwlAllocation(Allocation):
             work: Any,
         ) -> None:  # statistics only: the block stays dense, so the stream is the dense one
             stats = {name: wanda.stats_for(layer) for name, layer in work.linears.items()}
-            with work.input_hooks(lambda name, x: stats[name].add(x)):
-                work.forward_all("OWL statistics")
+            work.calibrate(stats, desc="OWL statistics")
             scores = [
                 wanda.scores(weight_matrix(layer).detach(), stats[n]) for n, layer in work.linears.items()
             ]

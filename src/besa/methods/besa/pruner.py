@@ -85,15 +85,7 @@ class BesaPruner(Pruner):
             else HessianStats(weight_matrix(layer).shape[1], weight_matrix(layer).device)
             for name, layer in work.linears.items()
         } if obs else {}  # fmt: skip
-
-        def feed(name: str, x: torch.Tensor) -> None:
-            if stats[name] is not None:
-                stats[name].add(x)
-            if obs and hessians[name] is not stats[name]:
-                hessians[name].add(x)
-
-        with work.input_hooks(feed):
-            outputs = work.forward_all("Calibrating", keep_outputs=self.cfg.target == "pruned-input")
+        outputs = work.calibrate(stats, hessians, keep_outputs=self.cfg.target == "pruned-input")
         rates = self._candidate_rates().to(work.device)
         init = tilted_logits(rates.cpu(), self.target).to(work.device)
         allocs = {}
