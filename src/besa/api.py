@@ -25,6 +25,7 @@ from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.options import RunOptions
 from besa.pipeline import run_sequential
 from besa.recipe import Recipe, load_recipe, recipe_text
+from besa.record import RunRecord
 from besa.registry import get_method
 from besa.report import build_report
 from besa.saving import REPORT_NAME, save_pruned
@@ -172,7 +173,7 @@ def prune_with(
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
     t = time.perf_counter()
-    run = None
+    run, record = None, RunRecord()
     budget = MemoryBudget(
         limit=where.memory_limit, spill_root=where.run_dir / "spill" if where.run_dir else None
     )
@@ -181,16 +182,16 @@ def prune_with(
     timings["sample_calibration"] = time.perf_counter() - t
     engine_ids = calib_ids if pruner.uses_data else None  # data-free methods run through the engine, no data
     if where.run_dir is not None and engine_ids is not None:
-        run = _open_run(where.run_dir, model, config, method_config, engine_ids, pruner, options.resume)
+        run = _open_run(where.run_dir, model, config, method_config, engine_ids, record, options.resume)
     resumed = _run_stages(
-        model, pruner, config, calib_ids, engine_ids, compute_device, options, budget, run, timings
+        model, pruner, record, config, calib_ids, engine_ids, compute_device, options, budget, run, timings
     )
     report = build_report(
-        model, source, config, method_config, pruner, timings, budget, where.run_dir, resumed
+        model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed
     )
     if where.out is not None:
         t = time.perf_counter()
-        grids = pruner.quant_grids if options.save_quantized else None
+        grids = record.grids if options.save_quantized else None
         recipe = recipe_text(config, method_config, _ids_digest(calib_ids) if given_ids else None)
         save_pruned(model, tokenizer, where.out, report, options.overwrite, quant_grids=grids, recipe=recipe)
         timings["save"] = time.perf_counter() - t
@@ -218,7 +219,7 @@ def _fingerprint(
 
 
 def _run_stages(
-    model: nn.Module, pruner: Any, config: PruneConfig, calib_ids: torch.Tensor | None,
+    model: nn.Module, pruner: Any, record: RunRecord, config: PruneConfig, calib_ids: torch.Tensor | None,
     engine_ids: torch.Tensor | None, device: torch.device, options: RunOptions, budget: MemoryBudget,
     run: RunFolder | None, timings: dict[str, Any],
 ) -> int:  # fmt: skip
@@ -230,8 +231,12 @@ def _run_stages(
     pruner.prepare(model, calib_ids, device, config.forward_batch, options.progress)
     timings["allocation"] = time.perf_counter() - t
     torch.manual_seed(config.seed)
+
+    def step(work: Any) -> None:  # the run keeps one record of every block's result
+        record.add(work.name, pruner.prune_block(work))
+
     engine = run_sequential(
-        model, engine_ids, pruner.prune_block, device, config.forward_batch, options.progress,
+        model, engine_ids, step, device, config.forward_batch, options.progress,
         dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
     )  # fmt: skip
     timings["capture"] = engine.capture_seconds
@@ -250,13 +255,13 @@ def _sample(documents: list[str], tokenizer: Any, config: PruneConfig) -> torch.
 
 
 def _open_run(
-    path: Path, model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor, pruner: Any,
-    resume: bool,
+    path: Path, model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor,
+    record: RunRecord, resume: bool,
 ) -> RunFolder:  # fmt: skip
     """The run folder of these settings, model and windows; one of another run is refused."""
     run = RunFolder(
-        path, _fingerprint(model, config, method_config, calib_ids), pruner.block_record, pruner.restore_block,
-        pruner.block_tensors, pruner.restore_block_tensors,
+        path, _fingerprint(model, config, method_config, calib_ids), record.block_json, record.restore_json,
+        record.block_tensors, record.restore_tensors,
     )  # fmt: skip
     run.check(require=resume)
     return run

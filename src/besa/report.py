@@ -16,6 +16,7 @@ from besa.activations import MemoryBudget
 from besa.config import PruneConfig
 from besa.loading import ModelSource
 from besa.modeling import find_blocks, find_linears
+from besa.record import RunRecord
 
 __all__ = ["count_layer_sparsity", "model_sparsity", "library_versions", "peak_memory", "build_report"]
 
@@ -79,12 +80,13 @@ def peak_memory() -> dict[str, float]:
 
 def build_report(
     model: nn.Module, source: ModelSource, config: PruneConfig, method_config: Any, pruner: Any,
-    timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
+    record: RunRecord, timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
 ) -> dict[str, Any]:  # fmt: skip
     """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end)."""
     layers = count_layer_sparsity(model)
+    targets = record.targets
     for name, info in layers.items():
-        info["target"] = pruner.layer_targets.get(name, config.sparsity)
+        info["target"] = targets.get(name, config.sparsity)
     return {
         "model": dataclasses.asdict(source),
         "config": config.to_dict(),
@@ -92,8 +94,8 @@ def build_report(
         "sparsity": {"target": config.sparsity, "pattern": config.pattern, **model_sparsity(model, layers)},
         "layers": layers,
         "allocation": pruner.report_allocation(),
-        "method": pruner.report_extra(),
-        "quantization": pruner.report_quantization(),
+        "method": pruner.report_extra(record.facts),
+        "quantization": pruner.report_quantization(record.quant_info),
         "timings_s": timings,
         "memory": {**peak_memory(), "activations": budget.summary()},
         "run": {

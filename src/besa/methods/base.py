@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,13 +12,11 @@ from besa.config import MethodConfig, NMPattern, PruneConfig
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.quant import QuantSpec, fake_quantize, quant_params
+from besa.record import BlockResult, QuantGrids
 from besa.stages.allocation import Allocation, make_allocation
 from besa.stages.selection import LayerStats
 
-__all__ = ["Pruner", "LayerwisePruner", "LayerStats", "QuantGrids", "apply_prune_mask"]
-
-QuantGrids = tuple[torch.Tensor, torch.Tensor]
-"""(scale, zero point) of a quantized layer, each (out, groups)."""
+__all__ = ["Pruner", "LayerwisePruner", "LayerStats", "QuantGrids", "BlockResult", "apply_prune_mask"]
 
 
 class Pruner(ABC):
@@ -46,40 +45,31 @@ class Pruner(ABC):
         self.allocation: Allocation = make_allocation(
             config.allocation, self.sparsity, owl_m=config.owl_m, owl_lambda=config.owl_lambda
         )
-        self.layer_targets: dict[str, float] = {}
-        self.quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        """Per quantized linear (qualified name): its step and zero point, each (out, groups), on the CPU."""
-        self.quant_info: dict[str, dict] = {}
-        """Per quantized linear: JSON-able facts (learned clipping, mode) for the report."""
 
     @property
     def quant(self) -> QuantSpec | None:
         """The weight quantization of this run, or ``None`` (``wbits=16``)."""
         return self.config.quant
 
-    def quantize_rtn(self, name: str, layer: nn.Module) -> None:
+    def quantize_rtn(self, result: BlockResult, name: str, layer: nn.Module) -> None:
         """Round-to-nearest onto grids fitted to the layer's (pruned) weights; pruned zeros stay exactly zero."""
         spec = self.quant
         assert spec is not None
         w = weight_matrix(layer)
         h, z = quant_params(w, spec)
         set_weight_matrix(layer, fake_quantize(w, h, z, spec))
-        self.record_grids(name, (h, z), {"mode": "rtn after pruning"})
+        result.add_grids(name, (h, z), {"mode": "rtn after pruning"})
 
-    def record_grids(self, name: str, grids: QuantGrids, info: dict) -> None:
-        """Keep a quantized layer's (scale, zero) for the checkpoint, the report and ``--save-quantized``."""
-        h, z = grids
-        self.quant_grids[name] = (h.detach().float().cpu(), z.detach().float().cpu())
-        self.quant_info[name] = info
-
-    def finish_layer(self, name: str, layer: nn.Module, grids: QuantGrids | None, mode: str) -> None:
+    def finish_layer(
+        self, result: BlockResult, name: str, layer: nn.Module, grids: QuantGrids | None, mode: str
+    ) -> None:
         """After a layer is pruned: keep the grids it was quantized on, or round it to nearest now."""
         if self.quant is None:
             return
         if grids is None:
-            self.quantize_rtn(name, layer)
+            self.quantize_rtn(result, name, layer)
         else:
-            self.record_grids(name, grids, {"mode": mode})
+            result.add_grids(name, grids, {"mode": mode})
 
     @property
     def sparsity(self) -> float:
@@ -98,47 +88,19 @@ class Pruner(ABC):
             self.allocation.prepare(model, calib_ids, device, forward_batch, progress)
 
     @abstractmethod
-    def prune_block(self, work: BlockWork) -> None:
-        """Prune the linears of ``work.module`` in place (weights of pruned positions set to exactly zero)."""
+    def prune_block(self, work: BlockWork) -> BlockResult:
+        """Prune the linears of ``work.module`` in place (weights of pruned positions set to exactly zero) and
+        say what was done: every linear's target, the grids of quantized ones, the method's facts."""
 
-    def report_extra(self) -> dict:
-        """Method-specific facts for ``besa_report.json`` (learned allocations, fallbacks, ...)."""
+    def report_extra(self, facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Method-specific facts for ``besa_report.json`` from every block's ``BlockResult.facts``."""
         return {}
 
-    def report_allocation(self) -> dict:
+    def report_allocation(self) -> dict[str, Any]:
         """The ``allocation`` section of the report: the allocation's name, options and block rates."""
         return self.allocation.report()
 
-    def block_record(self, block_name: str) -> dict:
-        """JSON-able facts about a finished block, kept in its checkpoint so a resumed run reports them too."""
-        prefix = f"{block_name}."
-        return {
-            "layer_targets": {k: v for k, v in self.layer_targets.items() if k.startswith(prefix)},
-            "quant_info": {k: v for k, v in self.quant_info.items() if k.startswith(prefix)},
-        }
-
-    def restore_block(self, block_name: str, record: dict) -> None:
-        """Take back what ``block_record`` gave for a block loaded from a checkpoint."""
-        self.layer_targets.update(record.get("layer_targets", {}))
-        self.quant_info.update(record.get("quant_info", {}))
-
-    def block_tensors(self, block_name: str) -> dict[str, torch.Tensor]:
-        """Tensors about a finished block (the quantization grids) that its checkpoint must keep."""
-        prefix = f"{block_name}."
-        out = {}
-        for name, (h, z) in self.quant_grids.items():
-            if name.startswith(prefix):
-                out[f"{name}::scale"], out[f"{name}::zero"] = h, z
-        return out
-
-    def restore_block_tensors(self, block_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Take back what ``block_tensors`` gave."""
-        for key, value in tensors.items():
-            name, kind = key.rsplit("::", 1)
-            h, z = self.quant_grids.get(name, (None, None))
-            self.quant_grids[name] = (value, z) if kind == "scale" else (h, value)
-
-    def report_quantization(self) -> dict | None:
+    def report_quantization(self, quant_info: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         """The ``quantization`` section of the report, or ``None`` without quantization."""
         spec = self.quant
         if spec is None:
@@ -147,7 +109,7 @@ class Pruner(ABC):
             "bits": spec.bits,
             "group_size": spec.group_size,
             "scheme": "asymmetric uniform, weight-only; w = (code - zero) * scale per (row, group); 0 is on every grid",
-            "layers": self.quant_info,
+            "layers": quant_info,
         }
 
 
@@ -170,15 +132,17 @@ class LayerwisePruner(Pruner):
         engine round the pruned weights to nearest.
         """
 
-    def prune_block(self, work: BlockWork) -> None:
+    def prune_block(self, work: BlockWork) -> BlockResult:
+        result = BlockResult()
         rate = self.allocation.block_rate(work.name)
         stats = {name: self.make_stats(layer) for name, layer in work.linears.items()}
         if any(s is not None for s in stats.values()):
             work.calibrate(stats)
         for name, layer in work.linears.items():
             grids = self.prune_layer(layer, stats.pop(name), rate)
-            self.layer_targets[f"{work.name}.{name}"] = rate
-            self.finish_layer(f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
+            result.targets[f"{work.name}.{name}"] = rate
+            self.finish_layer(result, f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
+        return result
 
 
 def apply_prune_mask(layer: nn.Module, prune: torch.Tensor) -> None:

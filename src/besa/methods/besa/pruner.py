@@ -24,6 +24,7 @@ from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget,
 from besa.methods.besa.training import train_block
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
+from besa.record import BlockResult
 from besa.stages.selection import HessianStats, get_scorer
 from besa.stages.update import RowShares, SweepQuantizer, obs_sweep
 
@@ -51,7 +52,6 @@ class BesaPruner(Pruner):
         assert isinstance(method_config, BesaConfig)
         self.cfg = method_config
         self.scorer = get_scorer(method_config.metric)
-        self.blocks: dict[str, dict[str, Any]] = {}
         self._target: float | None = None
 
     @property
@@ -103,7 +103,7 @@ class BesaPruner(Pruner):
 
     # -- final masks ------------------------------------------------------------------------------------------
     def _finalise(
-        self, work: BlockWork, allocs: dict[str, LayerAllocation], uniform: bool = False
+        self, work: BlockWork, allocs: dict[str, LayerAllocation], result: BlockResult, uniform: bool = False
     ) -> dict[str, Any]:
         """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks.
 
@@ -124,11 +124,12 @@ class BesaPruner(Pruner):
                 start += alloc.rows
                 full_name = f"{work.name}.{name}"
                 if alloc.hessian is not None:
-                    self._apply_obs(full_name, alloc, layer_counts, learned_clip=not uniform)
+                    self._apply_obs(result, full_name, alloc, layer_counts, learned_clip=not uniform)
                 else:
-                    self._apply_frozen(full_name, alloc, hard_keep(alloc.col_rank, layer_counts), not uniform)
+                    keep = hard_keep(alloc.col_rank, layer_counts)
+                    self._apply_frozen(result, full_name, alloc, keep, not uniform)
                 final = layer_counts.float() / alloc.cols
-                self.layer_targets[full_name] = float(layer_counts.sum()) / alloc.numel
+                result.targets[full_name] = float(layer_counts.sum()) / alloc.numel
                 info["layers"][name] = {
                     "learned_rate": float(learned.mean()),
                     "final_rate": float(final.mean()),
@@ -138,7 +139,9 @@ class BesaPruner(Pruner):
                 }
         return info
 
-    def _apply_obs(self, name: str, alloc: LayerAllocation, counts: torch.Tensor, learned_clip: bool) -> None:
+    def _apply_obs(
+        self, result: BlockResult, name: str, alloc: LayerAllocation, counts: torch.Tensor, learned_clip: bool
+    ) -> None:
         """Weight update ``obs``: the learned row counts, SparseGPT's choice within each row and its update; with
         joint quantization the sweep quantizes on the learned grids (or fits its own when nothing was learned)."""
         joint = self.config.joint_quant
@@ -156,22 +159,22 @@ class BesaPruner(Pruner):
         if clip is not None:
             assert grids is not None
             mode = {"mode": "besa joint (learned clipping) + sparsegpt update", **clip_stats(alloc)}
-            self.record_grids(name, grids, mode)
+            result.add_grids(name, grids, mode)
         else:
-            self.finish_layer(name, alloc.layer, grids, "besa + sparsegpt joint")
+            self.finish_layer(result, name, alloc.layer, grids, "besa + sparsegpt joint")
 
     def _apply_frozen(
-        self, name: str, alloc: LayerAllocation, keep: torch.Tensor, learned_clip: bool
+        self, result: BlockResult, name: str, alloc: LayerAllocation, keep: torch.Tensor, learned_clip: bool
     ) -> None:
         """Weight update ``none`` (the paper): the hard mask on the frozen weights; jointly learned grids first."""
         if alloc.clip is not None and learned_clip:
             grids = alloc.grids()
             set_weight_matrix(alloc.layer, alloc.quantized(weight_matrix(alloc.layer)).masked_fill(~keep, 0))
-            self.record_grids(name, grids, {"mode": "besa joint (learned clipping)", **clip_stats(alloc)})
+            result.add_grids(name, grids, {"mode": "besa joint (learned clipping)", **clip_stats(alloc)})
         else:
             weight_matrix(alloc.layer).masked_fill_(~keep, 0)
             if self.quant is not None:
-                self.quantize_rtn(name, alloc.layer)
+                self.quantize_rtn(result, name, alloc.layer)
 
     def _learn(
         self, work: BlockWork, allocs: dict[str, LayerAllocation], targets: Sequence[torch.Tensor]
@@ -191,7 +194,7 @@ class BesaPruner(Pruner):
                 )
         return [], failures
 
-    def prune_block(self, work: BlockWork) -> None:
+    def prune_block(self, work: BlockWork) -> BlockResult:
         self._target = self.allocation.block_rate(work.name)
         requires = [p.requires_grad for p in work.module.parameters()]
         work.module.requires_grad_(False)
@@ -206,7 +209,8 @@ class BesaPruner(Pruner):
             if fallback:
                 log.warning("%s: BESA training failed; falling back to the %s metric's uniform mask",
                             work.name, self.cfg.metric)  # fmt: skip
-            info = self._finalise(work, allocs, uniform=fallback)
+            result = BlockResult()
+            info = self._finalise(work, allocs, result, uniform=fallback)
         finally:
             for p, r in zip(work.module.parameters(), requires, strict=True):
                 p.requires_grad_(r)
@@ -216,17 +220,10 @@ class BesaPruner(Pruner):
         if failures:
             info["non_finite"] = failures
             info["fallback"] = f"uniform {self.cfg.metric} mask" if fallback else None
-        self.blocks[work.name] = info
+        result.facts = info
+        return result
 
-    def block_record(self, block_name: str) -> dict:
-        return {**super().block_record(block_name), "besa": self.blocks.get(block_name)}
-
-    def restore_block(self, block_name: str, record: dict) -> None:
-        super().restore_block(block_name, record)
-        if record.get("besa") is not None:
-            self.blocks[block_name] = record["besa"]
-
-    def report_extra(self) -> dict[str, Any]:
+    def report_extra(self, facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {
             "name": "besa",
             "budget_rounding": (
@@ -235,6 +232,6 @@ class BesaPruner(Pruner):
                 "zeros"
             ),
             "weight_update": self.weight_update,
-            "fallback_blocks": [name for name, info in self.blocks.items() if info.get("fallback")],
-            "blocks": self.blocks,
+            "fallback_blocks": [name for name, info in facts.items() if info.get("fallback")],
+            "blocks": facts,
         }

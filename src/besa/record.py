@@ -1,0 +1,86 @@
+"""What a run produced, block by block: a method's ``prune_block`` returns a ``BlockResult``; the run keeps them in
+one ``RunRecord``, which feeds the checkpoints (JSON and tensors per block), the report and ``--save-quantized``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["QuantGrids", "BlockResult", "RunRecord"]
+
+QuantGrids = tuple[torch.Tensor, torch.Tensor]
+"""(scale, zero point) of a quantized layer, each (out, groups)."""
+
+
+@dataclass
+class BlockResult:
+    """What pruning one block produced, keyed by the linears' qualified names."""
+
+    targets: dict[str, float] = field(default_factory=dict)
+    """Every pruned linear's target rate (BESA: the share its learned row counts add up to)."""
+    grids: dict[str, QuantGrids] = field(default_factory=dict)
+    """Every quantized linear's (scale, zero), on the CPU in float32."""
+    quant_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Every quantized linear's JSON-able facts (mode, learned clipping)."""
+    facts: dict[str, Any] | None = None
+    """The method's own JSON-able facts about the block (BESA: learned rates, losses, fallbacks)."""
+
+    def add_grids(self, name: str, grids: QuantGrids, info: dict[str, Any]) -> None:
+        h, z = grids
+        self.grids[name] = (h.detach().float().cpu(), z.detach().float().cpu())
+        self.quant_info[name] = info
+
+
+class RunRecord:
+    """Every finished block's ``BlockResult``, in pruning order (blocks loaded from a checkpoint included)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, BlockResult] = {}
+
+    def add(self, block: str, result: BlockResult) -> None:
+        self.blocks[block] = result
+
+    @property
+    def targets(self) -> dict[str, float]:
+        return {k: v for r in self.blocks.values() for k, v in r.targets.items()}
+
+    @property
+    def grids(self) -> dict[str, QuantGrids]:
+        return {k: v for r in self.blocks.values() for k, v in r.grids.items()}
+
+    @property
+    def quant_info(self) -> dict[str, dict[str, Any]]:
+        return {k: v for r in self.blocks.values() for k, v in r.quant_info.items()}
+
+    @property
+    def facts(self) -> dict[str, dict[str, Any]]:
+        """The method's facts of every block that has some."""
+        return {b: r.facts for b, r in self.blocks.items() if r.facts is not None}
+
+    # -- checkpoints: what a block's checkpoint keeps, and taking it back ------------------------------------
+    def block_json(self, block: str) -> dict[str, Any]:
+        r = self.blocks.get(block, BlockResult())
+        return {"layer_targets": r.targets, "quant_info": r.quant_info, "facts": r.facts}
+
+    def restore_json(self, block: str, record: dict[str, Any]) -> None:
+        r = self.blocks.setdefault(block, BlockResult())
+        r.targets.update(record.get("layer_targets", {}))
+        r.quant_info.update(record.get("quant_info", {}))
+        r.facts = record.get("facts")
+
+    def block_tensors(self, block: str) -> dict[str, torch.Tensor]:
+        r = self.blocks.get(block, BlockResult())
+        out = {}
+        for name, (h, z) in r.grids.items():
+            out[f"{name}::scale"], out[f"{name}::zero"] = h, z
+        return out
+
+    def restore_tensors(self, block: str, tensors: dict[str, torch.Tensor]) -> None:
+        r = self.blocks.setdefault(block, BlockResult())
+        for key, value in tensors.items():
+            name, kind = key.rsplit("::", 1)
+            h, z = r.grids.get(name, (None, None))
+            r.grids[name] = (value, z) if kind == "scale" else (h, value)  # type: ignore[assignment]
