@@ -43,13 +43,17 @@ def _deep_llama():
     return model.eval()
 
 
+FAST = {"optimizer": "adamw", "lr": 0.05}
 COMBINATIONS = [
-    ("magnitude", {}),
-    ("wanda", {}),
-    ("sparsegpt", {}),
-    ("besa", {"optimizer": "adamw", "lr": 0.05, "weight_update": "none"}),
-    ("besa", {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs"}),
-    ("besa", {"optimizer": "adamw", "lr": 0.05, "granularity": "layer", "metric": "sparsegpt"}),
+    ("magnitude", {}),  # selection magnitude, no weight update
+    ("wanda", {}),  # selection Wanda, no weight update
+    ("sparsegpt", {}),  # OBS saliency + OBS update
+    *[
+        ("besa", {**FAST, "metric": metric, "weight_update": update})  # learned rows x selection x update
+        for metric in ("wanda", "magnitude", "sparsegpt")
+        for update in ("none", "obs")
+    ],
+    ("besa", {**FAST, "granularity": "layer"}),
 ]
 
 

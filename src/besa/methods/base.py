@@ -14,9 +14,18 @@ from besa.pipeline import BlockWork
 from besa.quant import QuantSpec, fake_quantize, quant_params
 from besa.record import BlockResult, QuantGrids
 from besa.stages.allocation import Allocation, make_allocation
-from besa.stages.selection import LayerStats
+from besa.stages.masks import select_prune_mask
+from besa.stages.selection import SCORERS, LayerStats
 
-__all__ = ["Pruner", "LayerwisePruner", "LayerStats", "QuantGrids", "BlockResult", "apply_prune_mask"]
+__all__ = [
+    "Pruner",
+    "LayerwisePruner",
+    "ScoredPruner",
+    "LayerStats",
+    "QuantGrids",
+    "BlockResult",
+    "apply_prune_mask",
+]
 
 
 class Pruner(ABC):
@@ -143,6 +152,20 @@ class LayerwisePruner(Pruner):
             result.targets[f"{work.name}.{name}"] = rate
             self.finish_layer(result, f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
         return result
+
+
+class ScoredPruner(LayerwisePruner):
+    """Selection without a weight update: rank each row's weights by the ``score`` of ``stages.selection`` and zero
+    the lowest ``rate`` share of every row (or ``n`` of every ``m`` with a pattern); the survivors stay as they are."""
+
+    score: str = "magnitude"
+
+    def make_stats(self, layer: nn.Module) -> LayerStats | None:
+        return SCORERS[self.score].stats_for(layer)
+
+    def prune_layer(self, layer: nn.Module, stats: LayerStats | None, rate: float) -> None:
+        scores = SCORERS[self.score].scores(weight_matrix(layer), stats)
+        apply_prune_mask(layer, select_prune_mask(scores, rate, self.pattern))
 
 
 def apply_prune_mask(layer: nn.Module, prune: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
-"""SparseGPT (Frantar & Alistarh, 2023) as a composition of stages: uniform allocation, OBS saliency chosen block
-by block during the sweep, and the OBS weight update (``besa.stages.update``)."""
+"""SparseGPT (Frantar & Alistarh, 2023) as a composition of stages: the run's allocation, the OBS saliency chosen
+block by block during the sweep, and the OBS weight update (``besa.stages.update``)."""
 
 from __future__ import annotations
 
