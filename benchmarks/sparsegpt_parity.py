@@ -1,0 +1,199 @@
+"""SparseGPT parity: our SparseGPT against llm-compressor's on the very same calibration windows.
+
+Both tools prune the same model at the same sparsity from the same windows (`enwiki-articles`, our sampler, one
+file of token ids), each in its own process (CPU time and peak memory are that process's own); both outputs are
+scored by `besa eval` on WikiText-2 test (all windows) and PTB valid. The peer lives in its own virtual environment
+(`--setup` makes it: CPU torch 2.13.0 + llmcompressor 0.14.0.1), so its pins never touch ours.
+
+    BESA_DATA_DIR=../shared/data python benchmarks/sparsegpt_parity.py --setup --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _markdown import replace_section  # noqa: E402
+from baselines import _machine  # noqa: E402
+
+PEER = "llmcompressor==0.14.0.1"
+WORKER = ROOT / "benchmarks" / "_parity_worker.py"
+
+
+def setup_peer(venv: Path) -> Path:
+    """Create the peer's virtual environment once; return its interpreter."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, PEER], check=True)
+    return python
+
+
+def _run(cmd: list[str]) -> None:
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def dense_folder(model: str) -> str:
+    """A plain Hugging Face folder of ``model`` that both tools can load (the built-in GGUF dequantized once)."""
+    from besa.loading import _dequantize_gguf, resolve_model
+
+    source = resolve_model(model)
+    return str(_dequantize_gguf(Path(source.location))) if source.kind == "gguf" else source.location
+
+
+def calibration_ids(model_folder: str, args: argparse.Namespace, seed: int, path: Path) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from besa.data import load_calibration_documents, sample_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    docs = load_calibration_documents(args.calib)
+    ids = sample_windows(
+        docs, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], args.nsamples, args.seqlen, seed
+    )
+    save_file({"ids": ids}, str(path))
+
+
+def zero_facts(ours: Path, peer: Path) -> dict:
+    """Counted sparsity of the decoder linears of each output and the share of zero positions they share."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ours / "model.safetensors")), load_file(str(peer / "model.safetensors"))
+    keys = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
+    total = sum(a[k].numel() for k in keys)
+    za = sum(int((a[k] == 0).sum()) for k in keys)
+    zb = sum(int((b[k] == 0).sum()) for k in keys)
+    same = sum(int(((a[k] == 0) == (b[k] == 0)).sum()) for k in keys)
+    return {"ours_sparsity": za / total, "peer_sparsity": zb / total, "mask_agreement": same / total}
+
+
+def evaluate(folder: Path, args: argparse.Namespace) -> dict:
+    out = folder / "ppl.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "besa.cli",
+        "eval",
+        str(folder),
+        "--ppl",
+        args.ppl,
+        "--seqlen",
+        str(args.eval_seqlen),
+    ]
+    if args.max_windows:
+        cmd += ["--max-windows", str(args.max_windows)]
+    _run([*cmd, "--no-progress", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def run(args: argparse.Namespace) -> None:
+    results_path = Path(args.results)
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if args.render_only:
+        write_markdown(args, results)
+        return
+    peer_python = setup_peer(Path(args.peer_venv)) if args.setup else Path(args.peer_venv) / "bin" / "python"
+    if not peer_python.exists():
+        sys.exit(f"no peer interpreter at {peer_python}: run with --setup")
+    folder = dense_folder(args.model)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        key = f"{args.sparsity}@seed{seed}"
+        if key in results:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            ids = Path(tmp) / "ids.safetensors"
+            calibration_ids(folder, args, seed, ids)
+            row: dict = {"sparsity": args.sparsity, "seed": seed}
+            for side, python in (("ours", sys.executable), ("peer", str(peer_python))):
+                out = Path(tmp) / side
+                _run([python, str(WORKER), side, folder if side == "peer" else args.model, str(ids), str(out),
+                      str(args.sparsity)])  # fmt: skip
+                row[side] = {
+                    **json.loads((out / "parity_timing.json").read_text()),
+                    "ppl": evaluate(out, args),
+                }
+            row.update(zero_facts(Path(tmp) / "ours", Path(tmp) / "peer"))
+        results[key] = row
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_markdown(args, results)
+
+
+def write_markdown(args: argparse.Namespace, results: dict) -> None:
+    rows = sorted(results.values(), key=lambda r: (r["sparsity"], r["seed"]))
+    sets = [d.strip() for d in args.ppl.split(",")]
+    head = " | ".join(f"{s} ours | {s} peer" for s in sets)
+    lines = [
+        "## SparseGPT parity: `besa` against llm-compressor on the same windows",
+        "",
+        f"Model `{args.model}`; {args.nsamples} x {args.seqlen} calibration tokens of `{args.calib}` drawn by our"
+        f" sampler (one file of token ids fed to both tools); {PEER} `oneshot` with `SparseGPTModifier` (block 128,"
+        " damping 0.01, the decoder linears, sequential pipeline, fp32 CPU); perplexity by `besa eval` at seqlen"
+        f" {args.eval_seqlen}"
+        + (f", first {args.max_windows} windows" if args.max_windows else ", all windows")
+        + ".",
+        f"Machine: {_machine()}. CPU s is the pruning call's process CPU time (model load and save excluded), each"
+        " tool alone in its own process, one after the other.",
+        "",
+        "Command:",
+        "",
+        "```",
+        "BESA_DATA_DIR=../shared/data python benchmarks/sparsegpt_parity.py --setup --seeds "
+        + ",".join(str(r["seed"]) for r in rows),
+        "```",
+        "",
+        f"| sparsity | seed | {head} | sparsity ours | sparsity peer | same zeros | CPU s ours | CPU s peer |",
+        "|---|---:|" + "---:|" * (2 * len(sets) + 5),
+    ]
+    for r in rows:
+        ppl = " | ".join(f"{r['ours']['ppl'][s]['ppl']:.2f} | {r['peer']['ppl'][s]['ppl']:.2f}" for s in sets)
+        lines.append(
+            f"| {r['sparsity']} | {r['seed']} | {ppl} | {r['ours_sparsity']:.6f} | {r['peer_sparsity']:.6f} |"
+            f" {r['mask_agreement']:.4f} | {r['ours']['cpu_s']:.0f} | {r['peer']['cpu_s']:.0f} |"
+        )
+    if len(rows) > 1:
+        med = " | ".join(
+            f"{statistics.median(r['ours']['ppl'][s]['ppl'] for r in rows):.2f} |"
+            f" {statistics.median(r['peer']['ppl'][s]['ppl'] for r in rows):.2f}"
+            for s in sets
+        )
+        cpu = [statistics.median(r[side]["cpu_s"] for r in rows) for side in ("ours", "peer")]
+        lines.append(f"| | median | {med} | | | | {cpu[0]:.0f} | {cpu[1]:.0f} |")
+    replace_section(Path(args.markdown), "sparsegpt_parity", "\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", default="enwiki-articles")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--seeds", default="0", help="calibration seeds, comma-separated; one row each")
+    p.add_argument("--ppl", default="wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
+    p.add_argument("--setup", action="store_true", help=f"create the peer's virtual environment ({PEER})")
+    p.add_argument("--peer-venv", default=str(ROOT / ".bench" / "llmcompressor"))
+    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "sparsegpt_parity.json"))
+    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    return p
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(build_parser().parse_args())
