@@ -145,7 +145,7 @@ def _non_default_flags(args: argparse.Namespace) -> str:
     defaults = vars(build_parser().parse_args([]))
     flags = []
     for k, v in vars(args).items():
-        if k in ("results", "markdown", "render_only", "title") or v == defaults[k]:
+        if k in ("results", "markdown", "render_only", "title", "note") or v == defaults[k]:
             continue
         flag = f" --{k.replace('_', '-')}"
         flags.append(flag if isinstance(v, bool) else f"{flag} {shlex.quote(str(v))}")
@@ -157,6 +157,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
     lines = [
         args.title,
         "",
+        *([args.note, ""] if args.note else []),
         f"Model `{args.model}`; calibration {args.nsamples} x {args.seqlen} tokens of `{args.calib}` (seed {args.seed});"
         f" WikiText-2 test perplexity at seqlen {args.eval_seqlen}"
         + (
@@ -198,6 +199,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
             if r is None:
                 if (
                     method in requested
+                    and not args.label
                     and setting in args.settings.split(",")
                     and not (":" in setting and method in NO_NM)
                 ):
