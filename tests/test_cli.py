@@ -184,18 +184,18 @@ def test_two_methods_may_declare_a_flag_of_the_same_name(monkeypatch):
     class Called(Exception):
         pass
 
-    def fake_prune(model, **kw):
-        seen.update(kw)
+    def fake_prune_with(model, config, method_config, options):
+        seen["method_config"] = method_config
         raise Called
 
-    monkeypatch.setattr("besa.api.prune", fake_prune)
+    monkeypatch.setattr("besa.api.prune_with", fake_prune_with)
     with pytest.raises(Called):
         _cmd_prune(args)
-    assert seen["method_options"] == {"lr": 0.25}
+    assert isinstance(seen["method_config"], OtherConfig) and seen["method_config"].lr == 0.25
     besa_args = parser.parse_args(["prune", "m", "--method", "besa", "--lr", "0.05", "--out", "o"])
     with pytest.raises(Called):
         _cmd_prune(besa_args)
-    assert seen["method_options"] == {"lr": 0.05}
+    assert type(seen["method_config"]).__name__ == "BesaConfig" and seen["method_config"].lr == 0.05
 
 
 @pytest.mark.parametrize("extra", [["--method", "magnitude"], ["--method", "wanda", "--no-checkpoint"]])
@@ -214,3 +214,24 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(
     code, _, err = _run(capsys, "prune", str(model_dir), *extra, "--calib", str(calib_txt), "--out", str(out))
     _assert_one_line_error(code, err, "cannot write --out")
     assert blocker.read_text() == "keep"
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """`besa --help` and a bad setting answer without importing torch or transformers (seconds on a laptop)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from besa.cli import main\n"
+        "for argv in (['prune', '--help'], ['eval', '--help'], ['prune', 'm', '--sparsity', '2', '--out', 'o'],\n"
+        "             ['prune', 'm', '--method', 'nope', '--out', 'o']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'safetensors'})\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out, out[-500:]

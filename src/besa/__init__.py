@@ -1,14 +1,29 @@
-"""besa: post-training pruning of Hugging Face causal LMs (BESA, with magnitude, Wanda and SparseGPT baselines)."""
+"""besa: post-training pruning of Hugging Face causal LMs (BESA, with magnitude, Wanda and SparseGPT baselines).
+
+Importing ``besa`` registers the built-in methods and imports no torch; ``prune``, ``evaluate`` and the other
+names that need it are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import besa.methods  # noqa: F401  (registers the built-in methods)
+from besa.config import EvalConfig, NMPattern, PruneConfig
+from besa.errors import BesaError
+from besa.options import RunOptions
+from besa.registry import available_methods, get_method, register_method
 
 __version__ = "0.1.0"
 
-import besa.methods  # noqa: E402, F401  (registers the built-in methods)
-from besa.api import PruneResult, evaluate, prune, prune_with  # noqa: E402
-from besa.config import EvalConfig, NMPattern, PruneConfig  # noqa: E402
-from besa.errors import BesaError  # noqa: E402
-from besa.options import RunOptions  # noqa: E402
-from besa.registry import available_methods, get_method, register_method  # noqa: E402
-from besa.saving import save_pruned  # noqa: E402
+_LAZY = {
+    "PruneResult": "besa.api",
+    "prune": "besa.api",
+    "prune_with": "besa.api",
+    "evaluate": "besa.evaluation",
+    "save_pruned": "besa.saving",
+}
 
 __all__ = [
     "BesaError",
@@ -16,12 +31,20 @@ __all__ = [
     "NMPattern",
     "PruneConfig",
     "PruneResult",
+    "RunOptions",
     "available_methods",
     "evaluate",
     "get_method",
     "prune",
     "prune_with",
-    "RunOptions",
     "register_method",
     "save_pruned",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'besa' has no attribute {name!r}")

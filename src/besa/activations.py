@@ -8,7 +8,6 @@ file in the spill folder and read back each time it is used.
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,23 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from besa.errors import BesaError
+from besa.options import parse_size  # noqa: F401  (re-exported: it used to live here)
 
 __all__ = ["ActivationStore", "MemoryBudget", "parse_size"]
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """``"512MiB"``, ``"2G"``, ``"1.5gb"``, ``1048576`` -> bytes (binary units); ``None``/``"none"`` -> ``None``."""
-    if text is None or isinstance(text, int):
-        return text
-    if text.strip().lower() in ("none", "unlimited"):
-        return None
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise BesaError(f"invalid memory size {text!r}: use a number with a unit, for example 512MiB or 4GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -29,16 +28,9 @@ from besa.record import RunRecord
 from besa.registry import get_method
 from besa.report import build_report
 from besa.saving import REPORT_NAME, save_pruned
+from besa.settings import build_settings
 
-__all__ = [
-    "PruneResult",
-    "prune",
-    "prune_with",
-    "split_keywords",
-    "evaluate",
-    "save_pruned",
-    "resolve_device",
-]
+__all__ = ["PruneResult", "prune", "prune_with", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +56,6 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
                 raise BesaError(
                     f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
                 )
-
-
-def split_keywords(method: str, keywords: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """Sort ``prune``'s keywords into ``PruneConfig``, ``RunOptions`` and the method's own config fields.
-
-    A keyword that belongs to none of them (or to another method only) is a ``BesaError`` naming it.
-    """
-    spec = get_method(method)
-    own = {f.name for f in dataclasses.fields(PruneConfig)}
-    run = {f.name for f in dataclasses.fields(RunOptions)}
-    mine = {f.name for f in dataclasses.fields(spec.config_cls)}
-    sorted_kw: tuple[dict, dict, dict] = ({}, {}, {})
-    for key, value in keywords.items():
-        slot = 0 if key in own else 1 if key in run else 2 if key in mine else None
-        if slot is None:
-            raise BesaError(f"unknown setting {key!r} for method {method!r}")
-        sorted_kw[slot][key] = value
-    return sorted_kw
 
 
 def prune(
@@ -116,28 +90,14 @@ def prune(
         >>> result = besa.prune("smollm2-135m", method="wanda", sparsity=0.5, nsamples=16, seqlen=256, out="pruned")
     """
     base = load_recipe(recipe) if isinstance(recipe, (str, Path)) else recipe
-    method = method or (base.method if base else PruneConfig.method)
-    config_kw, run_kw, option_kw = split_keywords(method, settings)
-    if base is not None:
-        if base.calibration_ids is not None and (
-            calib_ids is None or _ids_digest(calib_ids) != base.calibration_ids
-        ):
+    if base is not None and base.calibration_ids is not None:
+        if calib_ids is None or _ids_digest(calib_ids) != base.calibration_ids:
             raise BesaError(
                 "the recipe's run was calibrated on token ids given to the Python API (calibration_ids "
                 f"{base.calibration_ids[:19]}...): pass the same calib_ids"
             )
-        config_kw = {**base.prune, **config_kw}
-        if method == base.method:
-            option_kw = {**base.options, **option_kw}
-    config = PruneConfig(method=method, **config_kw)
-    spec = get_method(config.method)
-    try:
-        method_config = spec.config_cls(**{**(method_options or {}), **option_kw})
-    except TypeError as exc:
-        raise BesaError(f"bad option for method {config.method!r}: {exc}") from None
-    return prune_with(
-        model, config, method_config, RunOptions(**run_kw), tokenizer=tokenizer, calib_ids=calib_ids
-    )
+    config, method_config, options = build_settings(method, settings, method_options, base)
+    return prune_with(model, config, method_config, options, tokenizer=tokenizer, calib_ids=calib_ids)
 
 
 def prune_with(

@@ -179,8 +179,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from besa.api import prune
     from besa.recipe import load_recipe
+    from besa.settings import build_settings
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     if recipe is not None and recipe.calibration_ids is not None:
@@ -201,13 +201,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     ]
     if foreign:
         raise BesaError(f"--{foreign[0].replace('_', '-')} does not apply to --method {method}")
-    result = prune(
-        args.model,
-        method=method,
-        recipe=recipe,
-        method_options={k: given[k] for k in own if k in given},
-        **{k: given[k] for k in (*common, *_RUN_FIELDS) if k in given},
-    )
+    settings = {k: given[k] for k in (*common, *_RUN_FIELDS) if k in given}
+    config, method_config, options = build_settings(
+        method, settings, {k: given[k] for k in own if k in given}, recipe
+    )  # every value checked before torch is imported
+    from besa.api import prune_with
+
+    result = prune_with(args.model, config, method_config, options)
     s = result.report["sparsity"]
     print(
         f"pruned {args.model} with {method}: {s['pruned_layers']:.4%} zeros in "

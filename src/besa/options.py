@@ -7,15 +7,29 @@ and checks every place the run will write before any work is done.
 from __future__ import annotations
 
 import errno
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from besa.activations import parse_size
-from besa.checkpoint import require_checkpoint
 from besa.errors import BesaError
 
-__all__ = ["RunOptions", "ResolvedRun", "check_output_dir", "check_writable"]
+__all__ = ["RunOptions", "ResolvedRun", "check_output_dir", "check_writable", "parse_size"]
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """``"512MiB"``, ``"2G"``, ``"1.5gb"``, ``1048576`` -> bytes (binary units); ``None``/``"none"`` -> ``None``."""
+    if text is None or isinstance(text, int):
+        return text
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise BesaError(f"invalid memory size {text!r}: use a number with a unit, for example 512MiB or 4GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -142,6 +156,8 @@ class RunOptions:
         if path.exists() and not path.is_dir():
             raise BesaError(f"run folder {str(path)!r} exists and is not a folder")
         if self.resume:
+            from besa.checkpoint import require_checkpoint
+
             require_checkpoint(path)
         check_writable(path, "the run folder")
         return path

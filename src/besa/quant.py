@@ -15,11 +15,9 @@ through where learning needs it. All functions are pure: (tensors in) -> (tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from besa.errors import BesaError
+from besa.config import QuantSpec
 
 __all__ = [
     "QuantSpec",
@@ -36,32 +34,6 @@ __all__ = [
 
 CLIP_INIT_LOGIT = 4.0
 """Initial clipping logit: sigmoid(4) = 0.982, OmniQuant's start just inside the full range."""
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """``bits`` per weight and ``group_size`` input columns per scale (``0``: one scale per output row)."""
-
-    bits: int
-    group_size: int = 128
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise BesaError(f"--wbits must be between 2 and 8 (or 16 for no quantization), got {self.bits}")
-        if self.group_size < 0:
-            raise BesaError(
-                f"--group-size must be positive, or 0 for one group per row, got {self.group_size}"
-            )
-
-    @property
-    def qmax(self) -> int:
-        return 2**self.bits - 1
-
-    def groups(self, cols: int) -> int:
-        """Number of groups of a row of ``cols`` input weights; the last one may be narrower."""
-        if self.group_size == 0:
-            return 1
-        return -(-cols // self.group_size)
 
 
 def group_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -5,6 +5,7 @@ The built-in methods are registered in ``besa.methods``, which ``besa`` imports;
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -15,38 +16,56 @@ if TYPE_CHECKING:
     from besa.config import MethodConfig
     from besa.methods.base import Pruner
 
-__all__ = ["MethodSpec", "register_method", "get_method", "available_methods"]
+__all__ = ["MethodSpec", "register_method", "register_lazy", "get_method", "available_methods"]
 
 _P = TypeVar("_P", bound="type[Pruner]")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its CLI name, its config dataclass and the pruner class that runs it."""
+    """A registered method: its CLI name, its config dataclass and the pruner class that runs it.
+
+    ``pruner`` may be the class or ``"module:Class"``, imported on first use, so that listing the methods and their
+    flags (``besa --help``) imports no torch.
+    """
 
     name: str
     config_cls: type[MethodConfig]
-    pruner_cls: type[Pruner]
+    pruner: type[Pruner] | str
     summary: str
+
+    @property
+    def pruner_cls(self) -> type[Pruner]:
+        if isinstance(self.pruner, str):
+            module, _, attr = self.pruner.partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return self.pruner
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+
+
+def _add(spec: MethodSpec) -> None:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"pruning method {spec.name!r} is already registered")
+    if any(other.config_cls is spec.config_cls for other in _REGISTRY.values()):
+        raise ValueError(f"config type {spec.config_cls.__name__} is already registered")
+    _REGISTRY[spec.name] = spec
 
 
 def register_method(name: str, config_cls: type[MethodConfig], summary: str = "") -> Callable[[_P], _P]:
     """Class decorator that registers a ``Pruner`` subclass under ``name`` with its config type."""
 
     def deco(cls: _P) -> _P:
-        if name in _REGISTRY:
-            raise ValueError(f"pruning method {name!r} is already registered")
-        if any(spec.config_cls is config_cls for spec in _REGISTRY.values()):
-            raise ValueError(f"config type {config_cls.__name__} is already registered")
-        _REGISTRY[name] = MethodSpec(
-            name, config_cls, cls, summary or (cls.__doc__ or "").strip().split("\n")[0]
-        )
+        _add(MethodSpec(name, config_cls, cls, summary or (cls.__doc__ or "").strip().split("\n")[0]))
         return cls
 
     return deco
+
+
+def register_lazy(name: str, config_cls: type[MethodConfig], pruner: str, summary: str) -> None:
+    """Register a method whose pruner class (``"module:Class"``) is imported only when a run needs it."""
+    _add(MethodSpec(name, config_cls, pruner, summary))
 
 
 def get_method(name: str) -> MethodSpec:

@@ -178,7 +178,7 @@ def test_clip_lr_sets_the_clipping_step_apart(allocation, tokenizer, calib_ids):
 @pytest.mark.parametrize("clip_lr", [0.0, -0.01])
 def test_clip_lr_must_be_positive(clip_lr):
     from besa.errors import BesaError
-    from besa.methods.besa import BesaConfig
+    from besa.methods.besa.config import BesaConfig
 
     with pytest.raises(BesaError, match="--clip-lr must be positive"):
         BesaConfig(clip_lr=clip_lr)

@@ -1,38 +1,24 @@
-"""The built-in pruning methods, registered here, in one place (``besa`` imports this package once)."""
+"""The built-in pruning methods, registered here, in one place (``besa`` imports this package once).
 
-from besa.methods.besa import BesaConfig, BesaPruner
-from besa.methods.magnitude import MagnitudeConfig, MagnitudePruner
-from besa.methods.sparsegpt import SparseGPTConfig, SparseGPTPruner
-from besa.methods.wanda import WandaConfig, WandaPruner
-from besa.registry import register_method
+Their configs are imported now (the CLI makes flags of them); their pruners, and torch with them, only when a run
+needs one.
+"""
 
-__all__ = [
-    "BesaConfig",
-    "BesaPruner",
-    "MagnitudeConfig",
-    "MagnitudePruner",
-    "SparseGPTConfig",
-    "SparseGPTPruner",
-    "WandaConfig",
-    "WandaPruner",
-]
+from besa.methods.besa.config import BesaConfig
+from besa.methods.configs import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from besa.registry import register_lazy
+
+__all__ = ["BUILTIN", "BesaConfig", "MagnitudeConfig", "SparseGPTConfig", "WandaConfig"]
 
 BUILTIN = [
-    ("magnitude", MagnitudeConfig, MagnitudePruner, "smallest |W| per output row; needs no calibration data"),
-    ("wanda", WandaConfig, WandaPruner, "|W|*||X|| per output row (Sun et al., 2023)"),
-    (
-        "sparsegpt",
-        SparseGPTConfig,
-        SparseGPTPruner,
-        "OBS with the inverse Hessian, surviving weights updated",
-    ),
-    (
-        "besa",
-        BesaConfig,
-        BesaPruner,
-        "learned per-row sparsity allocation by block reconstruction (Xu et al., 2024)",
-    ),
-]
+    ("magnitude", MagnitudeConfig, "besa.methods.magnitude:MagnitudePruner",
+     "smallest |W| per output row; needs no calibration data"),
+    ("wanda", WandaConfig, "besa.methods.wanda:WandaPruner", "|W|*||X|| per output row (Sun et al., 2023)"),
+    ("sparsegpt", SparseGPTConfig, "besa.methods.sparsegpt:SparseGPTPruner",
+     "OBS with the inverse Hessian, surviving weights updated"),
+    ("besa", BesaConfig, "besa.methods.besa.pruner:BesaPruner",
+     "learned per-row sparsity allocation by block reconstruction (Xu et al., 2024)"),
+]  # fmt: skip
 
 for _name, _config, _pruner, _summary in BUILTIN:
-    register_method(_name, _config, _summary)(_pruner)
+    register_lazy(_name, _config, _pruner, _summary)

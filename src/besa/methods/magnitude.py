@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from besa.config import MethodConfig
 from besa.methods.base import ScoredPruner
+from besa.methods.configs import MagnitudeConfig
 
 __all__ = ["MagnitudeConfig", "MagnitudePruner"]
-
-
-@dataclass
-class MagnitudeConfig(MethodConfig):
-    """Magnitude pruning has no settings of its own."""
 
 
 class MagnitudePruner(ScoredPruner):

@@ -3,41 +3,18 @@ block by block during the sweep, and the OBS weight update (``besa.stages.update
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from besa.config import MethodConfig, NMPattern
-from besa.errors import BesaError
+from besa.config import NMPattern
 from besa.methods.base import LayerwisePruner, QuantGrids
+from besa.methods.configs import SparseGPTConfig
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.quant import QuantSpec
 from besa.stages.selection import HessianStats, LayerStats
 from besa.stages.update import BlockShare, NMGroups, SweepQuantizer, obs_sweep
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "sparsegpt_prune"]
-
-
-@dataclass
-class SparseGPTConfig(MethodConfig):
-    """SparseGPT settings.
-
-    Args:
-        blocksize: columns per lazy-update block (must be a multiple of M for N:M patterns).
-        percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
-    """
-
-    blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per lazy-update block"})
-    percdamp: float = field(
-        default=0.01, metadata={"help": "SparseGPT: Hessian dampening, fraction of mean diag"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.blocksize < 1:
-            raise BesaError(f"--blocksize must be positive, got {self.blocksize}")
-        if not 0 < self.percdamp < 1:
-            raise BesaError(f"--percdamp must be in (0, 1), got {self.percdamp}")
 
 
 def sparsegpt_prune(

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from besa.config import MethodConfig
 from besa.methods.base import ScoredPruner
+from besa.methods.configs import WandaConfig
 
 __all__ = ["WandaConfig", "WandaPruner"]
-
-
-@dataclass
-class WandaConfig(MethodConfig):
-    """Wanda has no settings of its own (the comparison group is the output row)."""
 
 
 class WandaPruner(ScoredPruner):

@@ -4,8 +4,9 @@ import torch
 import besa
 from besa.config import PruneConfig
 from besa.errors import BesaError
-from besa.methods.besa import BesaConfig, BesaPruner
+from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import reconstruction_loss
+from besa.methods.besa.pruner import BesaPruner
 from besa.methods.besa.training import masked, train_block
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.pipeline import run_sequential
