@@ -62,11 +62,8 @@ def test_bad_prune_input_exits_2_with_one_line_and_writes_nothing(
 ):
     out = tmp_path / "out"
     argv = [str(model_dir) if a == "MODEL" else a for a in argv]
-    code, _, err = _run(capsys, "prune", *argv, "--calib", str(calib_txt), "--out", str(out), "--no-progress")
-    if (
-        "--calib" in argv
-    ):  # the case's own --calib comes first and argparse keeps the last; re-run with it last
-        code, _, err = _run(capsys, "prune", *argv, "--out", str(out), "--no-progress")
+    calib = [] if "--calib" in argv else ["--calib", str(calib_txt)]  # a case may bring its own --calib
+    code, _, err = _run(capsys, "prune", *argv, *calib, "--seqlen", "16", "--out", str(out), "--no-progress")
     _assert_one_line_error(code, err, needle)
     assert not out.exists() and not (tmp_path / "out.run").exists()
 
@@ -235,3 +232,48 @@ def test_help_and_argument_errors_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out[-500:]
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+def test_a_seqlen_beyond_the_models_positions_is_refused_before_loading(
+    capsys, tmp_path, model_dir, calib_txt, monkeypatch, command
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --seqlen was checked")
+
+    monkeypatch.setattr("besa.loading.load_model", no_loading)
+    extra = ["--calib", str(calib_txt), "--out", str(tmp_path / "out")] if command == "prune" else []
+    code, _, err = _run(capsys, command, str(model_dir), "--seqlen", "100000", *extra)
+    _assert_one_line_error(code, err, "--seqlen 100000 is beyond the 128 positions")
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_a_terminal_each_block_logs_a_line(tmp_path, model_dir, calib_txt):
+    """Output going to a file: tqdm stays quiet, and a line per block (i/N, seconds, BESA's loss) says how far it is."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "besa.cli", "prune", str(model_dir), "--method", "besa", "--optimizer", "adamw",
+           "--calib", str(calib_txt), "--nsamples", "2", "--seqlen", "16", "--out", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    for i in (1, 2):
+        assert any(f"block {i}/2 (model.layers.{i - 1}) done in" in line for line in lines), done.stderr[
+            -2000:
+        ]
+        assert any(f"model.layers.{i - 1}: BESA loss" in line for line in lines)
+
+
+def test_prune_and_eval_say_how_much_work_is_ahead(capsys, tmp_path, model_dir, calib_txt, data_dir):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "prune", str(model_dir), "--calib", str(calib_txt), "--nsamples", "3", "--seqlen",
+                        "16", "--out", str(out))  # fmt: skip
+    assert code == 0
+    assert "3 calibration windows x 16 tokens = 48 tokens through every block" in err
+    code, _, err = _run(
+        capsys, "prune", str(model_dir), "--method", "magnitude", "--out", str(tmp_path / "m")
+    )
+    assert code == 0 and "magnitude needs no calibration data" in err
+    code, _, err = _run(capsys, "eval", str(out), "--ppl", "wikitext2", "--seqlen", "8", "--max-windows", "2")
+    assert code == 0 and "wikitext2: 2 windows x 8 tokens" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from besa.activations import MemoryBudget
 from besa.checkpoint import RunFolder, model_digest, tensor_digest
@@ -19,7 +21,7 @@ from besa.data import load_calibration_documents, sample_windows
 from besa.errors import BesaError
 from besa.evaluation import evaluate
 from besa.fileio import write_json_atomic
-from besa.loading import prepare_model, resolve_device, resolve_dtype, resolve_model
+from besa.loading import check_seqlen, prepare_model, resolve_device, resolve_dtype, resolve_model
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.options import RunOptions
 from besa.pipeline import run_sequential
@@ -126,12 +128,19 @@ def prune_with(
     t = time.perf_counter()
     documents = load_calibration_documents(config.calib) if needs_data and calib_ids is None else None
     timings["read_calibration"] = time.perf_counter() - t
+    window = calib_ids.shape[1] if calib_ids is not None else config.seqlen
+    if needs_data:
+        check_seqlen(model, window)  # from the model's config alone, before its weights are loaded
+    if options.progress:
+        _announce(config, calib_ids, needs_data, pruner.uses_data)
     t = time.perf_counter()
     model, tokenizer, source = prepare_model(
         model, tokenizer, resolve_dtype(config.dtype, compute_device), options.trust_remote_code
     )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
+    if needs_data:
+        check_seqlen(model, window)  # again, now that the config is known whatever the source
     t = time.perf_counter()
     run, record = None, RunRecord()
     budget = MemoryBudget(
@@ -203,6 +212,22 @@ def _run_stages(
     timings["per_block"] = engine.block_seconds
     timings["prune"] = time.perf_counter() - t
     return engine.resumed_blocks
+
+
+def _announce(config: PruneConfig, calib_ids: torch.Tensor | None, needs_data: bool, uses_data: bool) -> None:
+    """Say up front how much work the run is: the defaults (128 x 2048 tokens) take long on a laptop CPU."""
+    if not needs_data:
+        tqdm.write(f"besa prune: {config.method} needs no calibration data", file=sys.stderr)
+        return
+    n, length = calib_ids.shape if calib_ids is not None else (config.nsamples, config.seqlen)
+    passes = (
+        "statistics, pruning and propagation passes" if uses_data else "one statistics pass (the allocation)"
+    )
+    tqdm.write(
+        f"besa prune: {n} calibration windows x {length} tokens = {n * length:,} tokens through every block "
+        f"({passes}); --nsamples/--seqlen set how many",
+        file=sys.stderr,
+    )
 
 
 def _sample(documents: list[str], tokenizer: Any, config: PruneConfig) -> torch.Tensor:

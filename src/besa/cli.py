@@ -210,8 +210,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     result = prune_with(args.model, config, method_config, options)
     s = result.report["sparsity"]
     print(
-        f"pruned {args.model} with {method}: {s['pruned_layers']:.4%} zeros in "
-        f"{len(result.report['layers'])} linears ({s['all_parameters']:.2%} of all parameters) -> {result.out}"
+        f"pruned {args.model} with {method}: the masks zero {s['masked']:.4%} of {len(result.report['layers'])} "
+        f"linears ({s['pruned_layers']:.4%} zeros counted, the dense model's own zeros included; "
+        f"{s['all_parameters']:.2%} of all parameters) -> {result.out}"
     )
     return 0
 
@@ -252,9 +253,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``besa`` console script."""
     args = build_parser().parse_args(argv)
+    # progress bars need a terminal; without one (a log file, a CI job) a line per block says how far it got
+    quiet = "WARNING" if sys.stderr.isatty() else "INFO"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else os.environ.get("BESA_LOG_LEVEL", "WARNING"),
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else os.environ.get("BESA_LOG_LEVEL", quiet),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     if getattr(args, "progress", True) is False:
         from transformers.utils import logging as hf_logging

@@ -4,6 +4,7 @@ windows of ``seqlen`` tokens, average the next-token NLL over all windows, expon
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from besa.config import EvalConfig
 from besa.data import load_eval_text
 from besa.errors import BesaError
-from besa.loading import prepare_model, resolve_device, resolve_dtype, resolve_model
+from besa.loading import check_seqlen, prepare_model, resolve_device, resolve_dtype, resolve_model
 
 __all__ = ["PerplexityResult", "perplexity", "windows_of", "evaluate"]
 
@@ -100,15 +101,21 @@ def evaluate(
         resolve_model(model)  # a missing path fails before any data is read
     # an unknown dataset fails before the model is loaded
     texts = {name: load_eval_text(name) for name in config.datasets}
+    check_seqlen(model, config.seqlen)
     compute_device = resolve_device(config.device)
     model, tokenizer, _ = prepare_model(
         model, tokenizer, resolve_dtype(config.dtype, compute_device), trust_remote_code
     )
+    check_seqlen(model, config.seqlen)  # a GGUF model's config is known only now
     model.to(compute_device)
     results: dict[str, dict[str, float | int]] = {}
     try:
         for name, text in texts.items():
             ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            if progress:
+                count = ids.numel() // config.seqlen
+                count = min(count, config.max_windows) if config.max_windows else count
+                tqdm.write(f"besa eval: {name}: {count} windows x {config.seqlen} tokens", file=sys.stderr)
             try:
                 res: PerplexityResult = perplexity(
                     model, ids, config.seqlen, config.max_windows, config.batch_size, compute_device, progress,

@@ -20,6 +20,8 @@ from besa.fileio import atomic_folder
 __all__ = [
     "BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype", "resolve_device",
     "prepare_model",
+    "position_limit",
+    "check_seqlen",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -180,3 +182,33 @@ def prepare_model(
     model.eval()
     model.config.use_cache = False
     return model.to(dtype), tokenizer, ModelSource("object", type(model).__name__, type(model).__name__)
+
+
+def _positions(config: Any) -> int | None:
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def position_limit(model: str | nn.Module) -> int | None:
+    """The longest sequence ``model`` was built for (``max_position_embeddings``), read from its config only (no
+    weights are loaded); ``None`` when it cannot be known cheaply (a GGUF file not yet dequantized)."""
+    if not isinstance(model, str):
+        return _positions(getattr(model, "config", None))
+    source = resolve_model(model)
+    folder = source.location if source.kind != "gguf" else str(_gguf_cache_folder(Path(source.location)))
+    if source.kind == "gguf" and not (Path(folder) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return _positions(AutoConfig.from_pretrained(folder))
+    except (OSError, ValueError):
+        return None  # the loader reports what is wrong with the model
+
+
+def check_seqlen(model: str | nn.Module, seqlen: int, what: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's positions (they would compute for minutes, then mean nothing)."""
+    limit = position_limit(model)
+    if limit is not None and seqlen > limit:
+        name = model if isinstance(model, str) else type(model).__name__
+        raise BesaError(f"{what} {seqlen} is beyond the {limit} positions of model {name!r}")

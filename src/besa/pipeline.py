@@ -243,7 +243,7 @@ def _prune_blocks(
         if checkpoint is not None:
             checkpoint.commit(i, name, block, len(named_blocks), block_seconds[-1], inputs, dense_inputs)
         bar.update()
-        log.debug("block %s pruned in %.2fs", name, block_seconds[-1])
+        log.info("block %d/%d (%s) done in %.1f s", i + 1, len(named_blocks), name, block_seconds[-1])
     bar.close()
     return inputs, dense_inputs
 

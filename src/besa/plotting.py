@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["allocation_table", "plot_allocation", "PLOT_NAME"]
+__all__ = ["allocation_table", "allocation_figure", "plot_allocation", "PLOT_NAME"]
 
 PLOT_NAME = "besa_allocation.png"
 
@@ -35,11 +35,25 @@ def allocation_table(report: dict[str, Any]) -> tuple[list[str], list[str], list
 
 def plot_allocation(report: dict[str, Any], path: str | Path) -> Path:
     """Draw the heatmap and the per-block line into ``path`` (PNG, written atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = allocation_figure(report)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def allocation_figure(report: dict[str, Any]) -> Any:
+    """The matplotlib figure of ``plot_allocation``: counted sparsity per (block, layer), and per block."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     block_names, layer_names, grid, per_block = allocation_table(report)
     data = np.array(grid, dtype=float)  # (blocks, layers)
@@ -60,14 +74,10 @@ def plot_allocation(report: dict[str, Any], path: str | Path) -> Path:
     fig.colorbar(image, ax=ax_map, fraction=0.05, pad=0.02)
     ax_line.plot(per_block, range(len(per_block)), marker="o", markersize=3, label="block")
     ax_line.axvline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:g}")
+    ax_line.yaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are whole numbers, not 2.5
     ax_line.invert_yaxis()
     ax_line.set_xlabel("sparsity")
     ax_line.set_title("per block")
     ax_line.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig

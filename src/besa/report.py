@@ -87,11 +87,22 @@ def build_report(
     targets = record.targets
     for name, info in layers.items():
         info["target"] = targets.get(name, config.sparsity)
+        info["masked"] = round(
+            info["target"] * info["numel"]
+        )  # the mask's own count (dense zeros not included)
+    masked = sum(info["masked"] for info in layers.values()) / max(
+        sum(i["numel"] for i in layers.values()), 1
+    )
     return {
         "model": dataclasses.asdict(source),
         "config": config.to_dict(),
         "method_options": method_config.to_dict(),
-        "sparsity": {"target": config.sparsity, "pattern": config.pattern, **model_sparsity(model, layers)},
+        "sparsity": {
+            "target": config.sparsity,
+            "pattern": config.pattern,
+            "masked": masked,
+            **model_sparsity(model, layers),
+        },  # fmt: skip
         "layers": layers,
         "allocation": pruner.report_allocation(),
         "method": pruner.report_extra(record.facts),

@@ -12,6 +12,7 @@ target +- 2*lambda.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from besa.errors import BesaError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Allocation", "UniformAllocation", "OwlAllocation", "ALLOCATIONS", "make_allocation", "outlier_ratio",
            "owl_rates"]  # fmt: skip
@@ -95,6 +98,7 @@ class OwlAllocation(Allocation):
             self.ratios[work.name] = outlier_ratio(scores, self.m)
 
         run_sequential(model, calib_ids, measure, device, forward_batch, progress)
+        log.info("OWL: block rates from outlier ratios (M %g, lambda %g)", self.m, self.lam)
         names = list(self.ratios)
         self.rates = dict(
             zip(names, owl_rates([self.ratios[n] for n in names], self.target, self.lam), strict=True)

@@ -221,6 +221,8 @@ class BesaPruner(Pruner):
             info["non_finite"] = failures
             info["fallback"] = f"uniform {self.cfg.metric} mask" if fallback else None
         result.facts = info
+        log.info("%s: BESA loss %.4g -> %.4g over %d steps", work.name, info["loss_first"], info["loss_last"],
+                 info["steps"])  # fmt: skip
         return result
 
     def report_extra(self, facts: dict[str, dict[str, Any]]) -> dict[str, Any]:
