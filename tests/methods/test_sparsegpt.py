@@ -51,3 +51,18 @@ def test_sparsegpt_handles_dead_inputs():
     new_w, _, _ = sparsegpt_prune(w, stats.hessian, 0.5)
     assert (new_w[:, 3] == 0).all()
     assert int((new_w == 0).sum()) == w.numel() // 2
+
+
+def test_every_column_block_prunes_exactly_its_share():
+    """Pinned after comparing with llm-compressor block by block: with the same Hessian the two sweeps choose the
+    same weights, except that a threshold test (``saliency <= the k-th value``) prunes one extra weight per column
+    block (0.500012 counted). Ours takes the k lowest by rank: block [i1, i2) holds exactly
+    round(s * rows * i2) - round(s * rows * i1) zeros, and the layer exactly round(s * rows * cols)."""
+    w, _, h = _problem(rows=24, cols=100)
+    for sparsity in (0.5, 0.3):
+        new_w, _, _ = sparsegpt_prune(w, h, sparsity, blocksize=32)
+        for i1 in range(0, 100, 32):
+            i2 = min(i1 + 32, 100)
+            share = round(sparsity * 24 * i2) - round(sparsity * 24 * i1)
+            assert int((new_w[:, i1:i2] == 0).sum()) == share, (sparsity, i1)
+        assert int((new_w == 0).sum()) == round(sparsity * w.numel())
