@@ -88,6 +88,25 @@ def test_flags_given_with_a_recipe_override_it(tmp_path, model_dir, calib_txt):
         == 0
     )
     assert yaml.safe_load((out / RECIPE_NAME).read_text())["prune"]["sparsity"] == 0.25
+    path.write_text(
+        f"besa_recipe: 1\nmethod: sparsegpt\nprune: {{calib: {calib_txt}, nsamples: 2, seqlen: 16}}\n"
+        "options: {blocksize: 64, percdamp: 0.05}\n"
+    )
+    out = tmp_path / "out2"
+    argv = [
+        "prune",
+        str(model_dir),
+        "--recipe",
+        str(path),
+        "--blocksize",
+        "32",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    options = yaml.safe_load((out / RECIPE_NAME).read_text())["options"]
+    assert options == {"blocksize": 32, "percdamp": 0.05}  # the flag wins, the rest comes from the recipe
 
 
 @pytest.mark.parametrize(

@@ -43,13 +43,14 @@ def build_settings(
     ``settings`` and ``method_options``. Every value is validated here (``BesaError`` naming the setting)."""
     method = method or (recipe.method if recipe else PruneConfig.method)
     config_kw, run_kw, option_kw = split_keywords(method, settings)
+    option_kw = {**(method_options or {}), **option_kw}
     if recipe is not None:
         config_kw = {**recipe.prune, **config_kw}
         if method == recipe.method:
             option_kw = {**recipe.options, **option_kw}
     config = PruneConfig(method=method, **config_kw)
     try:
-        method_config = get_method(method).config_cls(**{**(method_options or {}), **option_kw})
+        method_config = get_method(method).config_cls(**option_kw)
     except TypeError as exc:
         raise BesaError(f"bad option for method {method!r}: {exc}") from None
     return config, method_config, RunOptions(**run_kw)
