@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-dense", action="store_true", help="skip the dense model's row (it is in another table)"
     )
+    p.add_argument("--note", default="", help="a paragraph under the title")
     p.add_argument("--label", default="", help="keep these runs as variant rows (METHOD:LABEL)")
     p.add_argument(
         "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
