@@ -277,3 +277,9 @@ def test_prune_and_eval_say_how_much_work_is_ahead(capsys, tmp_path, model_dir, 
     assert code == 0 and "magnitude needs no calibration data" in err
     code, _, err = _run(capsys, "eval", str(out), "--ppl", "wikitext2", "--seqlen", "8", "--max-windows", "2")
     assert code == 0 and "wikitext2: 2 windows x 8 tokens" in err
+
+
+def test_eval_help_names_the_split_form(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "NAME:SPLIT (ptb:valid)" in capsys.readouterr().out
