@@ -17,7 +17,6 @@ from besa.quant import QuantSpec, fake_quantize, quant_params
 from besa.stages.masks import nm_prune_mask, prune_mask_by_rank
 
 __all__ = [
-    "WEIGHT_UPDATES",
     "MaskChoice",
     "BlockShare",
     "RowShares",
@@ -26,9 +25,6 @@ __all__ = [
     "inverse_hessian_factor",
     "obs_sweep",
 ]
-
-WEIGHT_UPDATES = ("none", "obs")
-
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of the inverse of the dampened Hessian (C, C); more damping if it is not PD."""
