@@ -26,6 +26,7 @@ __all__ = [
     "obs_sweep",
 ]
 
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of the inverse of the dampened Hessian (C, C); more damping if it is not PD."""
     diag = torch.arange(hessian.shape[0], device=hessian.device)
