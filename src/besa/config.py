@@ -103,6 +103,10 @@ class PruneConfig:
             outlier ratios, spread over ``2 * owl_lambda`` around ``sparsity``; see ``besa.stages.allocation``).
         owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
         owl_lambda: OWL's spread: the block rates span ``2 * owl_lambda`` and average to ``sparsity``.
+        within_block: how a layerwise method (Wanda, SparseGPT) gathers its layers' statistics inside a block:
+            ``parallel``, all from one pass over the dense block (as the papers do); ``sequential``, group by group
+            in calling order (q/k/v, then o, gate/up, down), each after the groups before it are pruned, so every
+            layer is fitted to the inputs it will really see (GPTQ's "true sequential").
         quant_mode: ``joint``: methods that can quantize while they prune do so (SparseGPT inside its OBS sweep,
             BESA by learning clipping with the masks); ``rtn``: every method prunes, then rounds to nearest. Methods
             without a joint mode (magnitude, Wanda) always round to nearest after pruning.
@@ -149,6 +153,13 @@ class PruneConfig:
             "help": "how the target is spread over the blocks: uniform, or owl (outlier-weighted, Yin et al.)"
         },
     )
+    within_block: str = field(
+        default="parallel",
+        metadata={
+            "help": "layerwise methods (wanda, sparsegpt): parallel (every layer's statistics from the dense block "
+            "in one pass) or sequential (each group of layers sees the inputs left by the groups pruned before it)"
+        },
+    )
     owl_m: float = field(
         default=5.0, metadata={"help": "OWL: a score above M times its block's mean is an outlier"}
     )
@@ -188,6 +199,8 @@ class PruneConfig:
                 )
             if self.owl_m <= 0:
                 raise BesaError(f"--owl-m must be positive, got {self.owl_m}")
+        if self.within_block not in ("parallel", "sequential"):
+            raise BesaError(f"unknown --within-block {self.within_block!r}: choose parallel or sequential")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise BesaError(f"unknown --dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
 

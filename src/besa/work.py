@@ -14,7 +14,32 @@ from tqdm.auto import tqdm
 
 from besa.activations import ActivationStore, MemoryBudget
 
-__all__ = ["BlockCall", "BlockWork"]
+__all__ = ["BlockCall", "BlockWork", "group_by_input"]
+
+
+class _StopBlock(Exception):
+    """Raised from an input hook to end a calibration forward once the layers it feeds have all been reached."""
+
+
+def group_by_input(calls: Sequence[tuple[str, torch.Tensor]], names: Sequence[str]) -> list[list[str]]:
+    """Group layers by the input they were called with, in calling order (``calls``: ``(name, input)`` as seen
+    during one forward). Consecutive layers fed the very same tensor (q/k/v, gate/up) form one group; a layer
+    called again keeps its first place; layers of ``names`` never called come last, one group each."""
+    groups: list[list[str]] = []
+    placed: set[str] = set()
+    last: torch.Tensor | None = None
+    for name, x in calls:
+        if name in placed:
+            continue
+        same = last is not None and x.data_ptr() == last.data_ptr() and x.shape == last.shape
+        if same and x.stride() == last.stride():
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        placed.add(name)
+        last = x
+    groups.extend([name] for name in names if name not in placed)
+    return groups
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -124,11 +149,30 @@ class BlockWork:
             for h in handles:
                 h.remove()
 
+    @torch.no_grad()
+    def input_groups(self) -> list[list[str]]:
+        """The pruned linears in the order the block calls them, those fed the same input grouped: for a LLaMA
+        block ``[[q, k, v], [o], [gate, up], [down]]``. Found from one forward of the first calibration sequence."""
+        calls: list[tuple[str, torch.Tensor]] = []
+        with self.input_hooks(lambda name, x: calls.append((name, x))):
+            self.forward(next(iter(self.inputs))[:1])
+        return group_by_input(calls, list(self.linears))
+
     def calibrate(
-        self, *stats: dict[str, Any], desc: str = "Calibrating", keep_outputs: bool = False
+        self,
+        *stats: dict[str, Any],
+        desc: str = "Calibrating",
+        keep_outputs: bool = False,
+        stop_after: Sequence[str] = (),
     ) -> ActivationStore | None:
         """One pass over all batches that feeds every linear's inputs to its entry (``LayerStats`` or ``None``) in
-        each of ``stats`` (an object in several maps is fed once); the outputs if ``keep_outputs``."""
+        each of ``stats`` (an object in several maps is fed once); the outputs if ``keep_outputs``.
+
+        With ``stop_after`` each forward ends as soon as all those layers have received their input (the rest of
+        the block is not run; no outputs then)."""
+        if stop_after and keep_outputs:
+            raise ValueError("calibrate: a forward cut short by stop_after has no outputs to keep")
+        pending: set[str] = set()
 
         def feed(name: str, x: torch.Tensor) -> None:
             fed: set[int] = set()
@@ -137,6 +181,19 @@ class BlockWork:
                 if entry is not None and id(entry) not in fed:
                     fed.add(id(entry))
                     entry.add(x)
+            if stop_after:
+                pending.discard(name)
+                if not pending:
+                    raise _StopBlock
 
-        with self.input_hooks(feed):
-            return self.forward_all(desc, keep_outputs=keep_outputs)
+        outputs = ActivationStore(self.budget) if keep_outputs else None
+        with self.input_hooks(feed), torch.no_grad():
+            for hidden in self.batches(desc):
+                pending.update(stop_after)
+                try:
+                    out = self.forward(hidden)
+                except _StopBlock:
+                    continue
+                if outputs is not None:
+                    outputs.append(out)
+        return outputs

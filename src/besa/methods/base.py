@@ -125,8 +125,10 @@ class Pruner(ABC):
 class LayerwisePruner(Pruner):
     """A method that prunes each linear on its own from statistics of its inputs on the dense block.
 
-    One calibration pass over the block feeds every layer's ``LayerStats``; then ``prune_layer`` runs per layer,
-    followed by round-to-nearest quantization when the run quantizes and the method did not do it itself.
+    One calibration pass over the block feeds every layer's ``LayerStats`` (or, with ``within_block ==
+    "sequential"``, one pass per group of layers fed the same input, each cut short after that group and run after
+    the groups before it are pruned); then ``prune_layer`` runs per layer, followed by round-to-nearest
+    quantization when the run quantizes and the method did not do it itself.
     """
 
     def make_stats(self, layer: nn.Module) -> LayerStats | None:
@@ -145,12 +147,16 @@ class LayerwisePruner(Pruner):
         result = BlockResult()
         rate = self.allocation.block_rate(work.name)
         stats = {name: self.make_stats(layer) for name, layer in work.linears.items()}
-        if any(s is not None for s in stats.values()):
-            work.calibrate(stats)
-        for name, layer in work.linears.items():
-            grids = self.prune_layer(layer, stats.pop(name), rate)
-            result.targets[f"{work.name}.{name}"] = rate
-            self.finish_layer(result, f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
+        needs_data = any(s is not None for s in stats.values())
+        sequential = needs_data and self.config.within_block == "sequential"
+        for group in work.input_groups() if sequential else [list(work.linears)]:
+            if needs_data:
+                work.calibrate({name: stats[name] for name in group}, stop_after=group if sequential else ())
+            for name in group:
+                layer = work.linears[name]
+                grids = self.prune_layer(layer, stats.pop(name), rate)
+                result.targets[f"{work.name}.{name}"] = rate
+                self.finish_layer(result, f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
         return result
 
 

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+import besa
+from besa.methods.sparsegpt import SparseGPTPruner
+from besa.pipeline import BlockWork, run_sequential
+from besa.stages.selection import HessianStats
+from conftest import make_model
+
+
+def _seen_hessians(monkeypatch, within_block: str, calib_ids, tokenizer):
+    """Prune a tiny LLaMA with SparseGPT; return (the Hessian each linear was pruned with, by parameter name,
+    the pruned model)."""
+    seen: dict[int, torch.Tensor] = {}
+    real = SparseGPTPruner.prune_layer
+
+    def spy(self, layer, stats, rate):
+        seen[id(layer)] = stats.hessian.clone()
+        return real(self, layer, stats, rate)
+
+    monkeypatch.setattr(SparseGPTPruner, "prune_layer", spy)
+    model = make_model("llama")
+    besa.prune(model, tokenizer=tokenizer, method="sparsegpt", calib_ids=calib_ids, forward_batch=4,
+               within_block=within_block, progress=False, checkpoint=False)  # fmt: skip
+    return {name: seen[id(m)] for name, m in model.named_modules() if id(m) in seen}, model
+
+
+def _pruned_stream_hessians(model, calib_ids):
+    """The Hessian of every linear's inputs when the finished pruned model runs the calibration windows."""
+    found: dict[str, torch.Tensor] = {}
+
+    def step(work: BlockWork) -> None:
+        stats = {n: HessianStats(layer.in_features, torch.device("cpu")) for n, layer in work.linears.items()}
+        work.calibrate(stats)
+        found.update({f"{work.name}.{n}": s.hessian for n, s in stats.items()})
+
+    run_sequential(model, calib_ids, step, torch.device("cpu"), forward_batch=4, progress=False)
+    return found
+
+
+@pytest.mark.parametrize("within_block", ["parallel", "sequential"])
+def test_sequential_fits_every_layer_to_the_inputs_of_the_pruned_block(monkeypatch, calib_ids, tokenizer,
+                                                                       within_block):  # fmt: skip
+    """Sequential: the statistics each layer was pruned with are those of the final pruned block (earlier groups
+    pruned, later ones not yet mattering). Parallel: only the block's first group sees them (the rest see the
+    dense block's)."""
+    seen, model = _seen_hessians(monkeypatch, within_block, calib_ids, tokenizer)
+    final = _pruned_stream_hessians(model, calib_ids)
+    assert seen.keys() == final.keys() and len(seen) == 14
+    first_group = ("q_proj", "k_proj", "v_proj")
+    for name, h in seen.items():
+        same = torch.allclose(h, final[name], rtol=1e-4, atol=1e-6)
+        assert same == (within_block == "sequential" or name.endswith(first_group)), name
