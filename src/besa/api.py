@@ -132,7 +132,7 @@ def prune_with(
     if needs_data:
         check_seqlen(model, window)  # from the model's config alone, before its weights are loaded
     if options.progress:
-        _announce(config, calib_ids, needs_data, pruner.uses_data)
+        _announce(config, calib_ids, needs_data, pruner.engine_uses_data)
     t = time.perf_counter()
     model, tokenizer, source = prepare_model(
         model, tokenizer, resolve_dtype(config.dtype, compute_device), options.trust_remote_code
@@ -149,7 +149,9 @@ def prune_with(
     if documents is not None:
         calib_ids = _sample(documents, tokenizer, config)
     timings["sample_calibration"] = time.perf_counter() - t
-    engine_ids = calib_ids if pruner.uses_data else None  # data-free methods run through the engine, no data
+    engine_ids = (
+        calib_ids if pruner.engine_uses_data else None
+    )  # data-free methods run through the engine, no data
     if where.run_dir is not None and engine_ids is not None:
         run = _open_run(where.run_dir, model, config, method_config, engine_ids, record, options.resume)
     resumed = _run_stages(
@@ -202,7 +204,7 @@ def _run_stages(
     torch.manual_seed(config.seed)
 
     def step(work: Any) -> None:  # the run keeps one record of every block's result
-        record.add(work.name, pruner.prune_block(work))
+        record.add(work.name, pruner.run_block(work))
 
     engine = run_sequential(
         model, engine_ids, step, device, config.forward_batch, options.progress,

@@ -107,6 +107,15 @@ class PruneConfig:
             ``parallel``, all from one pass over the dense block (as the papers do); ``sequential``, group by group
             in calling order (q/k/v, then o, gate/up, down), each after the groups before it are pruned, so every
             layer is fitted to the inputs it will really see (GPTQ's "true sequential").
+        refit_epochs: epochs of blockwise weight reconstruction after each block is pruned (``besa.stages.
+            reconstruct``): the surviving weights of the block's linears are trained with Adam, masks fixed, to
+            reproduce the ``refit_target`` outputs; 0 is off, ``None`` the method's default.
+        refit_lr, refit_batch: Adam's learning rate and the windows per step.
+        refit_target: ``dense-stream`` (the block fed the pruned model's stream must give the dense model's
+            output), ``dense`` (fed the dense stream, give the dense output) or ``pruned-input`` (fed the pruned
+            stream, give what the dense block gives on it).
+        refit_holdout: the last calibration windows, never trained on, that decide when to stop (their loss is
+            measured before and after every epoch; the best epoch's weights are kept).
         quant_mode: ``joint``: methods that can quantize while they prune do so (SparseGPT inside its OBS sweep,
             BESA by learning clipping with the masks); ``rtn``: every method prunes, then rounds to nearest. Methods
             without a joint mode (magnitude, Wanda) always round to nearest after pruning.
@@ -160,6 +169,25 @@ class PruneConfig:
             "in one pass) or sequential (each group of layers sees the inputs left by the groups pruned before it)"
         },
     )
+    refit_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "train each pruned block's surviving weights to reconstruct its outputs for this many epochs "
+            "(0: off; default: the method's own, 0 for the baselines)"
+        },
+    )
+    refit_lr: float = field(default=1e-4, metadata={"help": "refit: Adam learning rate"})
+    refit_target: str = field(
+        default="dense-stream",
+        metadata={
+            "help": "refit: dense-stream (pruned stream in, dense model's block output out), dense (dense stream "
+            "in and out) or pruned-input (pruned stream in, the dense block's output on it out)"
+        },
+    )
+    refit_batch: int = field(default=4, metadata={"help": "refit: calibration windows per Adam step"})
+    refit_holdout: int = field(
+        default=4, metadata={"help": "refit: last calibration windows held out for early stopping"}
+    )
     owl_m: float = field(
         default=5.0, metadata={"help": "OWL: a score above M times its block's mean is an outlier"}
     )
@@ -201,6 +229,16 @@ class PruneConfig:
                 raise BesaError(f"--owl-m must be positive, got {self.owl_m}")
         if self.within_block not in ("parallel", "sequential"):
             raise BesaError(f"unknown --within-block {self.within_block!r}: choose parallel or sequential")
+        if self.refit_epochs is not None and self.refit_epochs < 0:
+            raise BesaError(f"--refit-epochs must be 0 or more, got {self.refit_epochs}")
+        if self.refit_target not in ("dense-stream", "dense", "pruned-input"):
+            raise BesaError(
+                f"unknown --refit-target {self.refit_target!r}: choose dense-stream, dense or pruned-input"
+            )
+        if not self.refit_lr > 0 or self.refit_batch < 1 or self.refit_holdout < 0:
+            raise BesaError(
+                "--refit-lr must be positive, --refit-batch at least 1, --refit-holdout 0 or more"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise BesaError(f"unknown --dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
 

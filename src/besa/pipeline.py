@@ -270,6 +270,7 @@ def _prune_and_propagate(
 ) -> tuple[Sequence[torch.Tensor] | None, ActivationStore | None]:
     """Prune one block, then run the pruned block to make the next block's inputs (and carry the dense stream)."""
     if dense_inputs is not None:
+        work.dense_inputs = dense_inputs
         work.dense_outputs = work.forward_all("Dense stream", keep_outputs=True, inputs=dense_inputs)
     prune_block(work)
     next_dense = work.dense_outputs if isinstance(work.dense_outputs, ActivationStore) else None

@@ -27,6 +27,8 @@ class BlockResult:
     """Every quantized linear's JSON-able facts (mode, learned clipping)."""
     facts: dict[str, Any] | None = None
     """The method's own JSON-able facts about the block (BESA: learned rates, losses, fallbacks)."""
+    refit: dict[str, Any] | None = None
+    """The blockwise weight reconstruction's facts (losses before/after, held-out loss per epoch), if it ran."""
 
     def add_grids(self, name: str, grids: QuantGrids, info: dict[str, Any]) -> None:
         h, z = grids
@@ -56,6 +58,11 @@ class RunRecord:
         return {k: v for r in self.blocks.values() for k, v in r.quant_info.items()}
 
     @property
+    def refit(self) -> dict[str, dict[str, Any]]:
+        """The refit facts of every block that was refitted."""
+        return {b: r.refit for b, r in self.blocks.items() if r.refit is not None}
+
+    @property
     def facts(self) -> dict[str, dict[str, Any]]:
         """The method's facts of every block that has some."""
         return {b: r.facts for b, r in self.blocks.items() if r.facts is not None}
@@ -63,13 +70,14 @@ class RunRecord:
     # -- checkpoints: what a block's checkpoint keeps, and taking it back ------------------------------------
     def block_json(self, block: str) -> dict[str, Any]:
         r = self.blocks.get(block, BlockResult())
-        return {"layer_targets": r.targets, "quant_info": r.quant_info, "facts": r.facts}
+        return {"layer_targets": r.targets, "quant_info": r.quant_info, "facts": r.facts, "refit": r.refit}
 
     def restore_json(self, block: str, record: dict[str, Any]) -> None:
         r = self.blocks.setdefault(block, BlockResult())
         r.targets.update(record.get("layer_targets", {}))
         r.quant_info.update(record.get("quant_info", {}))
         r.facts = record.get("facts")
+        r.refit = record.get("refit")
 
     def block_tensors(self, block: str) -> dict[str, torch.Tensor]:
         r = self.blocks.get(block, BlockResult())

@@ -94,6 +94,8 @@ class BlockWork:
     progress: bool = True
     dense_outputs: Sequence[torch.Tensor] | None = None
     """Outputs of this (dense) block on the dense model's own stream; set when the method asks for that stream."""
+    dense_inputs: Sequence[torch.Tensor] | None = None
+    """This block's inputs on the dense model's own stream (the batches ``dense_outputs`` were made from)."""
     budget: MemoryBudget | None = None
     """The run's activation memory budget: stores made by ``forward_all`` draw on it."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -9,12 +10,14 @@ import torch
 from torch import nn
 
 from besa.config import MethodConfig, NMPattern, PruneConfig
+from besa.errors import BesaError
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.quant import QuantSpec, fake_quantize, quant_params
 from besa.record import BlockResult, QuantGrids
 from besa.stages.allocation import Allocation, make_allocation
 from besa.stages.masks import select_prune_mask
+from besa.stages.reconstruct import RefitSpec, refit_block
 from besa.stages.selection import SCORERS, LayerStats
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "apply_prune_mask",
 ]
 
+log = logging.getLogger(__name__)
+
 
 class Pruner(ABC):
     """Base class of every pruning method; subclasses are registered with ``besa.registry.register_method``.
@@ -37,16 +42,23 @@ class Pruner(ABC):
     """
 
     uses_data: bool = True
+    default_refit_epochs: int = 0
+    """Epochs of blockwise weight reconstruction when ``--refit-epochs`` is not given (0: none)."""
+
+    @property
+    def engine_uses_data(self) -> bool:
+        """Whether the blocks run on the calibration windows (the method's statistics, or the refit)."""
+        return self.uses_data or self.refit is not None
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether the run needs calibration windows (the method's statistics or the allocation's)."""
-        return self.uses_data or self.allocation.needs_data
+        """Whether the run needs calibration windows (the method's statistics, the refit's, the allocation's)."""
+        return self.engine_uses_data or self.allocation.needs_data
 
     @property
     def needs_dense_stream(self) -> bool:
         """Whether the engine must also carry the dense model's own activations (``BlockWork.dense_outputs``)."""
-        return False
+        return self.refit is not None and self.config.refit_target != "pruned-input"
 
     def __init__(self, method_config: MethodConfig, config: PruneConfig) -> None:
         self.method_config = method_config
@@ -54,6 +66,38 @@ class Pruner(ABC):
         self.allocation: Allocation = make_allocation(
             config.allocation, self.sparsity, owl_m=config.owl_m, owl_lambda=config.owl_lambda
         )
+        if config.refit_epochs and config.quant is not None:
+            raise BesaError(
+                "--refit-epochs with --wbits is not supported: the refit would move the weights off their grids"
+            )
+
+    @property
+    def refit(self) -> RefitSpec | None:
+        """The blockwise weight reconstruction that follows every block's pruning, or ``None``."""
+        given = self.config.refit_epochs
+        epochs = given if given is not None else (0 if self.quant is not None else self.default_refit_epochs)
+        if epochs == 0:
+            return None
+        cfg = self.config
+        return RefitSpec(epochs, cfg.refit_lr, cfg.refit_batch, cfg.refit_holdout)
+
+    def run_block(self, work: BlockWork) -> BlockResult:
+        """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one."""
+        spec = self.refit
+        if spec is None:
+            return self.prune_block(work)
+        target = self.config.refit_target
+        before = work.forward_all("Refit targets", keep_outputs=True) if target == "pruned-input" else None
+        result = self.prune_block(work)
+        inputs = work.dense_inputs if target == "dense" else work.inputs
+        targets = before if before is not None else work.dense_outputs
+        assert inputs is not None and targets is not None
+        result.refit = refit_block(work, inputs, targets, spec, self.config.seed)
+        if before is not None:
+            before.release()
+        log.info("%s: refit %s loss %.4g -> %.4g in %d epochs", work.name, target, result.refit["train_before"],
+                 result.refit["train_after"], result.refit["epochs"])  # fmt: skip
+        return result
 
     @property
     def quant(self) -> QuantSpec | None:

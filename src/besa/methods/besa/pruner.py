@@ -56,7 +56,7 @@ class BesaPruner(Pruner):
 
     @property
     def needs_dense_stream(self) -> bool:
-        return self.cfg.target == "dense-stream"
+        return self.cfg.target == "dense-stream" or super().needs_dense_stream
 
     @property
     def weight_update(self) -> str:

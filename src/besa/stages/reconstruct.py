@@ -1,0 +1,144 @@
+"""Weight update ``refit``: after a block is pruned, train its surviving weights to reconstruct the block's target
+outputs over the calibration windows (blockwise reconstruction; Shin et al., EMNLP 2024; EBFT, 2024).
+
+The masks stay fixed: a pruned weight gets no gradient and is zeroed again after every step, so it stays exactly 0
+and the counted sparsity is unchanged. The last ``holdout`` calibration windows are never trained on: their loss is
+measured before training and after every epoch, training stops when it no longer falls, and the weights of the best
+epoch are kept (never worse on the held-out windows than the pruned block it started from).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from besa.work import BlockWork
+
+__all__ = ["RefitSpec", "block_loss", "split_holdout", "refit_block"]
+
+
+@dataclass(frozen=True)
+class RefitSpec:
+    """How a block's surviving weights are trained (``PruneConfig.refit_*``)."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 4
+    holdout: int = 4
+    patience: int = 1
+
+
+def block_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the block output relative to the target's mean square, (B, T, H) -> ()."""
+    target = target.float()
+    return (output.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
+
+
+def _rows(batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([b for b in batches], 0)
+
+
+def split_holdout(n: int, holdout: int) -> tuple[slice, slice]:
+    """(train, held-out) slices of ``n`` windows: the last ``holdout`` are held out (none if fewer than 2 remain)."""
+    holdout = holdout if n - holdout >= 2 else 0
+    return slice(0, n - holdout), slice(n - holdout, n)
+
+
+def _loss_over(work: BlockWork, inputs: torch.Tensor, targets: torch.Tensor, batch: int) -> float:
+    """Mean ``block_loss`` of the block over ``inputs`` (N, T, H) against ``targets``, no gradients."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch):
+            out = work.forward(inputs[i : i + batch])
+            total += float(block_loss(targets[i : i + batch].to(out.device), out)) * min(
+                batch, inputs.shape[0] - i
+            )
+    return total / max(inputs.shape[0], 1)
+
+
+def _trainable(linears: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight parameter, keep mask) of every linear, in the parameter's own layout; a weight that is exactly zero
+    stays so (pruned, or zero in the dense model: either way the counted sparsity cannot change)."""
+    return [(layer.weight, layer.weight.detach() != 0) for layer in linears.values()]
+
+
+def refit_block(
+    work: BlockWork,
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    spec: RefitSpec,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train the surviving weights of ``work``'s linears (Adam, masks fixed) so the block maps ``inputs`` to
+    ``targets``; return the facts: losses before / after on the training and held-out windows, epochs run."""
+    x_all, y_all = _rows(inputs), _rows(targets)
+    train, held = split_holdout(x_all.shape[0], spec.holdout)
+    x, y, xh, yh = x_all[train], y_all[train], x_all[held], y_all[held]
+    params = _trainable(work.linears)
+    requires = [p.requires_grad for p in work.module.parameters()]
+    work.module.requires_grad_(False)
+    for p, _ in params:
+        p.requires_grad_(True)
+    masks = [keep.to(p.device) for p, keep in params]
+    opt = torch.optim.Adam([p for p, _ in params], lr=spec.lr)
+    evaluate = (lambda: _loss_over(work, xh, yh, spec.batch_size)) if xh.shape[0] else None
+    facts: dict[str, Any] = {
+        "train_before": _loss_over(work, x, y, spec.batch_size),
+        "held_out_windows": int(xh.shape[0]),
+        "held_out": [evaluate()] if evaluate else [],
+        "epochs": 0,
+    }
+    best = [p.detach().clone() for p, _ in params]
+    best_loss, waited = (facts["held_out"][0] if evaluate else math.inf), 0
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(
+        total=spec.epochs, desc=f"({work.index + 1}/{work.num_blocks}) Refitting", leave=False,
+        disable=None if work.progress else True,
+    )  # fmt: skip
+    try:
+        with torch.enable_grad():
+            for _epoch in range(spec.epochs):
+                order = torch.randperm(x.shape[0], generator=gen)
+                for i in range(0, x.shape[0], spec.batch_size):
+                    idx = order[i : i + spec.batch_size]
+                    out = work.forward(x[idx])
+                    loss = block_loss(y[idx].to(out.device), out)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for (p, _), keep in zip(params, masks, strict=True):
+                        p.grad.mul_(keep)
+                    opt.step()
+                    with torch.no_grad():
+                        for (p, _), keep in zip(params, masks, strict=True):
+                            p.mul_(keep)
+                facts["epochs"] += 1
+                bar.update()
+                if evaluate is None:
+                    continue
+                held_loss = evaluate()
+                facts["held_out"].append(held_loss)
+                bar.set_postfix(held_out=f"{held_loss:.4g}")
+                if held_loss < best_loss:
+                    best_loss, waited = held_loss, 0
+                    best = [p.detach().clone() for p, _ in params]
+                else:
+                    waited += 1
+                    if waited > spec.patience:
+                        break
+        if evaluate is not None:
+            with torch.no_grad():
+                for (p, _), b in zip(params, best, strict=True):
+                    p.copy_(b)
+    finally:
+        bar.close()
+        for p, r in zip(work.module.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+            p.grad = None
+    facts["train_after"] = _loss_over(work, x, y, spec.batch_size)
+    return facts

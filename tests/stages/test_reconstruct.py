@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+import besa
+from besa.pipeline import BlockWork, run_sequential
+from besa.stages.reconstruct import RefitSpec, block_loss, refit_block, split_holdout
+from conftest import make_model
+
+
+def _ids(n: int = 12) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _prune_half(work: BlockWork) -> None:
+    for layer in work.linears.values():
+        w = layer.weight.data
+        w.masked_fill_(w.abs() <= w.abs().median(), 0)
+
+
+def _on_first_block(step, ids=None) -> None:
+    done = []
+
+    def only_first(work: BlockWork) -> None:
+        if work.index == 0:
+            step(work)
+            done.append(True)
+
+    run_sequential(make_model("llama"), _ids() if ids is None else ids, only_first, torch.device("cpu"),
+                   forward_batch=4, progress=False)  # fmt: skip
+    assert done
+
+
+def test_split_holdout_keeps_the_last_windows_apart():
+    assert split_holdout(12, 4) == (slice(0, 8), slice(8, 12))
+    assert split_holdout(3, 4) == (slice(0, 3), slice(3, 3))  # too few windows: nothing held out
+
+
+def test_refit_lowers_the_training_loss_and_keeps_every_pruned_weight_zero():
+    def step(work: BlockWork) -> None:
+        targets = work.forward_all(keep_outputs=True)  # the dense block's outputs
+        _prune_half(work)
+        zeros = {n: layer.weight.detach() == 0 for n, layer in work.linears.items()}
+        requires = [p.requires_grad for p in work.module.parameters()]
+        facts = refit_block(work, work.inputs, targets, RefitSpec(epochs=4, lr=1e-3, batch_size=4, holdout=4))
+        assert facts["train_after"] < 0.5 * facts["train_before"]
+        assert facts["epochs"] >= 1 and len(facts["held_out"]) == facts["epochs"] + 1
+        for name, layer in work.linears.items():
+            assert torch.equal(layer.weight.detach() == 0, zeros[name]), name  # same zeros, exactly
+            assert layer.weight.grad is None
+        assert [p.requires_grad for p in work.module.parameters()] == requires  # as they were
+
+    _on_first_block(step)
+
+
+def test_refit_trains_only_on_windows_that_are_not_held_out():
+    def step(work: BlockWork) -> None:
+        targets = work.forward_all(keep_outputs=True)
+        _prune_half(work)
+        held = torch.cat(list(work.inputs))[8:]
+        seen: list[torch.Tensor] = []
+        real = work.forward
+
+        def spy(hidden: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                seen.append(hidden.detach().clone())
+            return real(hidden)
+
+        work.forward = spy  # type: ignore[method-assign]
+        refit_block(work, work.inputs, targets, RefitSpec(epochs=3, lr=1e-3, batch_size=2, holdout=4))
+        trained = torch.cat(seen)
+        assert trained.shape[0] == 3 * 8  # every training window once per epoch
+        for window in held:
+            assert not any(torch.equal(window, t) for t in trained)
+
+    _on_first_block(step)
+
+
+def test_refit_keeps_the_pruned_weights_when_the_held_out_loss_never_improves():
+    """Held-out targets equal to the pruned block's own outputs: its held-out loss starts at 0 and can only rise,
+    so the best epoch is 'before training' and the block comes back unchanged."""
+
+    def step(work: BlockWork) -> None:
+        dense = torch.cat(list(work.forward_all(keep_outputs=True)))
+        _prune_half(work)
+        pruned = torch.cat(list(work.forward_all(keep_outputs=True)))
+        targets = torch.cat([dense[:8], pruned[8:]])
+        before = {n: layer.weight.detach().clone() for n, layer in work.linears.items()}
+        facts = refit_block(work, work.inputs, [targets], RefitSpec(epochs=5, lr=1e-3, batch_size=4, holdout=4,
+                                                                    patience=1))  # fmt: skip
+        assert facts["held_out"][0] == pytest.approx(0.0, abs=1e-10)
+        assert facts["epochs"] == 2  # stopped once the held-out loss failed to improve twice
+        for name, layer in work.linears.items():
+            assert torch.equal(layer.weight.detach(), before[name]), name
+
+    _on_first_block(step)
+
+
+def test_block_loss_is_relative_to_the_target_scale():
+    t = torch.randn(2, 3, 4)
+    assert float(block_loss(t, t)) == 0
+    assert float(block_loss(10 * t, 10 * t + 10 * 0.1)) == pytest.approx(
+        float(block_loss(t, t + 0.1)), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("target", ["dense-stream", "dense", "pruned-input"])
+@pytest.mark.parametrize("method, pattern", [("wanda", None), ("sparsegpt", "2:4"), ("magnitude", None)])
+def test_refit_after_any_method_keeps_its_exact_sparsity_and_structure(tokenizer, method, pattern, target):
+    model = make_model("llama")
+    result = besa.prune(model, tokenizer=tokenizer, method=method, pattern=pattern, calib_ids=_ids(),
+                        refit_epochs=2, refit_lr=1e-3, refit_target=target, progress=False, checkpoint=False)  # fmt: skip
+    report = result.report
+    assert report["sparsity"]["pruned_layers"] == 0.5
+    assert set(report["refit"]["blocks"]) == {"model.layers.0", "model.layers.1"}
+    for facts in report["refit"]["blocks"].values():
+        assert facts["train_after"] <= facts["train_before"]
+    if pattern:
+        for block in model.model.layers:  # the test knows the tiny model's layout
+            for layer in (block.self_attn.q_proj, block.mlp.down_proj):
+                groups = (layer.weight == 0).reshape(layer.weight.shape[0], -1, 4).sum(-1)
+                assert torch.all(groups == 2)
+
+
+def test_refit_with_quantization_is_refused(tokenizer):
+    with pytest.raises(besa.BesaError, match="refit"):
+        besa.prune(make_model("llama"), tokenizer=tokenizer, method="wanda", calib_ids=_ids(), refit_epochs=1,
+                   wbits=4, progress=False, checkpoint=False)  # fmt: skip
