@@ -2,7 +2,9 @@
 its own. ``ours`` runs under the project's interpreter, ``peer`` under a separate virtual environment that holds
 llm-compressor; both read the same calibration windows (a safetensors file with an ``ids`` tensor (N, T)).
 
-    python _parity_worker.py ours|peer MODEL_FOLDER IDS_FILE OUT_FOLDER SPARSITY
+    python _parity_worker.py ours|ours:VARIANT|peer MODEL_FOLDER IDS_FILE OUT_FOLDER SPARSITY
+
+``ours:sequential`` / ``ours:parallel`` set ``--within-block``; plain ``ours`` runs our defaults.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import time
 from pathlib import Path
 
 
-def _ours(model: str, ids, out: str, sparsity: float) -> None:
+def _ours(model: str, ids, out: str, sparsity: float, variant: str | None = None) -> None:
     import besa
 
+    extra = {"within_block": variant} if variant else {}
     besa.prune(
         model, method="sparsegpt", sparsity=sparsity, calib_ids=ids, nsamples=ids.shape[0], seqlen=ids.shape[1],
-        out=out, overwrite=True, progress=False, checkpoint=False,
+        out=out, overwrite=True, progress=False, checkpoint=False, **extra,
     )  # fmt: skip
 
 
@@ -52,7 +55,10 @@ def main() -> None:
 
     ids = load_file(ids_file)["ids"]
     cpu, wall = time.process_time(), time.perf_counter()
-    (_ours if side == "ours" else _peer)(model, ids, out, float(sparsity))
+    if side == "peer":
+        _peer(model, ids, out, float(sparsity))
+    else:
+        _ours(model, ids, out, float(sparsity), side.partition(":")[2] or None)
     facts = {
         "cpu_s": time.process_time() - cpu,
         "wall_s": time.perf_counter() - wall,

@@ -6,6 +6,13 @@ scored by `besa eval` on WikiText-2 test (all windows) and PTB valid. The peer l
 (`--setup` makes it: CPU torch 2.13.0 + llmcompressor 0.14.0.1), so its pins never touch ours.
 
     BESA_DATA_DIR=../shared/data python benchmarks/sparsegpt_parity.py --setup --seeds 0,1,2
+
+``--ours parallel,sequential`` runs our SparseGPT once per ``--within-block`` mode (``default``: no flag). The quick
+protocol used to compare variants across seeds (never the test set):
+
+    BESA_DATA_DIR=../shared/data python benchmarks/sparsegpt_parity.py --seeds 0,1,2 --nsamples 16 \
+        --ppl ptb:valid --max-windows 40 --ours parallel,sequential --section sparsegpt_parity_ptb \
+        --results benchmarks/results/sparsegpt_parity_ptb.json
 """
 
 from __future__ import annotations
@@ -117,27 +124,44 @@ def run(args: argparse.Namespace) -> None:
             ids = Path(tmp) / "ids.safetensors"
             calibration_ids(folder, args, seed, ids)
             row: dict = {"sparsity": args.sparsity, "seed": seed}
-            for side, python in (("ours", sys.executable), ("peer", str(peer_python))):
-                out = Path(tmp) / side
+            sides = [(_side(v), sys.executable) for v in _variants(args)] + [("peer", str(peer_python))]
+            for side, python in sides:
+                out = Path(tmp) / side.replace(":", "_")
                 _run([python, str(WORKER), side, folder if side == "peer" else args.model, str(ids), str(out),
                       str(args.sparsity)])  # fmt: skip
                 row[side] = {
                     **json.loads((out / "parity_timing.json").read_text()),
                     "ppl": evaluate(out, args),
                 }
-            row.update(zero_facts(Path(tmp) / "ours", Path(tmp) / "peer"))
+            row.update(zero_facts(Path(tmp) / sides[0][0].replace(":", "_"), Path(tmp) / "peer"))
         results[key] = row
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         write_markdown(args, results)
 
 
+def _variants(args: argparse.Namespace) -> list[str]:
+    return [v.strip() for v in args.ours.split(",") if v.strip()]
+
+
+def _side(variant: str) -> str:
+    """The worker's side name of one of our variants (``ours`` for the defaults)."""
+    return "ours" if variant == "default" else f"ours:{variant}"
+
+
+def _label(side: str) -> str:
+    return {"ours": "ours", "peer": "llm-compressor"}.get(side, f"ours `--within-block {side[5:]}`")
+
+
 def write_markdown(args: argparse.Namespace, results: dict) -> None:
     rows = sorted(results.values(), key=lambda r: (r["sparsity"], r["seed"]))
     sets = [d.strip() for d in args.ppl.split(",")]
-    head = " | ".join(f"{s} ours | {s} peer" for s in sets)
+    sides = [_side(v) for v in _variants(args)] + ["peer"]
+    head = " | ".join(f"{s} {_label(side)}" for s in sets for side in sides)
+    cpu_head = " | ".join(f"CPU s {_label(side)}" for side in sides)
     lines = [
-        "## SparseGPT parity: `besa` against llm-compressor on the same windows",
+        "## SparseGPT parity: `besa` against llm-compressor on the same windows"
+        + (" (quick protocol: PTB valid)" if args.section != "sparsegpt_parity" else ""),
         "",
         f"Model `{args.model}`; {args.nsamples} x {args.seqlen} calibration tokens of `{args.calib}` drawn by our"
         f" sampler (one file of token ids fed to both tools); {PEER} `oneshot` with `SparseGPTModifier` (block 128,"
@@ -152,27 +176,42 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "",
         "```",
         "BESA_DATA_DIR=../shared/data python benchmarks/sparsegpt_parity.py --setup --seeds "
-        + ",".join(str(r["seed"]) for r in rows),
+        + ",".join(str(r["seed"]) for r in rows)
+        + _command_tail(args),
         "```",
         "",
-        f"| sparsity | seed | {head} | sparsity ours | sparsity peer | same zeros | CPU s ours | CPU s peer |",
-        "|---|---:|" + "---:|" * (2 * len(sets) + 5),
+        f"| sparsity | seed | {head} | sparsity ours | sparsity peer | same zeros | {cpu_head} |",
+        "|---|---:|" + "---:|" * (len(sets) * len(sides) + 3 + len(sides)),
     ]
     for r in rows:
-        ppl = " | ".join(f"{r['ours']['ppl'][s]['ppl']:.2f} | {r['peer']['ppl'][s]['ppl']:.2f}" for s in sets)
+        ppl = " | ".join(f"{r[side]['ppl'][s]['ppl']:.2f}" for s in sets for side in sides)
+        cpu = " | ".join(f"{r[side]['cpu_s']:.0f}" for side in sides)
         lines.append(
             f"| {r['sparsity']} | {r['seed']} | {ppl} | {r['ours_sparsity']:.6f} | {r['peer_sparsity']:.6f} |"
-            f" {r['mask_agreement']:.4f} | {r['ours']['cpu_s']:.0f} | {r['peer']['cpu_s']:.0f} |"
+            f" {r['mask_agreement']:.4f} | {cpu} |"
         )
     if len(rows) > 1:
         med = " | ".join(
-            f"{statistics.median(r['ours']['ppl'][s]['ppl'] for r in rows):.2f} |"
-            f" {statistics.median(r['peer']['ppl'][s]['ppl'] for r in rows):.2f}"
-            for s in sets
+            f"{statistics.median(r[side]['ppl'][s]['ppl'] for r in rows):.2f}" for s in sets for side in sides
         )
-        cpu = [statistics.median(r[side]["cpu_s"] for r in rows) for side in ("ours", "peer")]
-        lines.append(f"| | median | {med} | | | | {cpu[0]:.0f} | {cpu[1]:.0f} |")
-    replace_section(Path(args.markdown), "sparsegpt_parity", "\n".join(lines))
+        cpu = " | ".join(f"{statistics.median(r[side]['cpu_s'] for r in rows):.0f}" for side in sides)
+        lines.append(f"| | median | {med} | | | | {cpu} |")
+    if args.note:
+        lines += ["", args.note]
+    replace_section(Path(args.markdown), args.section, "\n".join(lines))
+
+
+def _command_tail(args: argparse.Namespace) -> str:
+    """The flags of this run that differ from the defaults, for the command line in the section."""
+    tail = ""
+    for flag, default in (("nsamples", 64), ("ppl", "wikitext2"), ("max_windows", None), ("ours", "default"),
+                          ("section", "sparsegpt_parity")):  # fmt: skip
+        value = getattr(args, flag)
+        if value != default:
+            tail += f" --{flag.replace('_', '-')} {value}"
+    if Path(args.results).name != "sparsegpt_parity.json":
+        tail += f" --results benchmarks/results/{Path(args.results).name}"
+    return tail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
     p.add_argument("--setup", action="store_true", help=f"create the peer's virtual environment ({PEER})")
     p.add_argument("--peer-venv", default=str(ROOT / ".bench" / "llmcompressor"))
+    p.add_argument(
+        "--ours", default="default", help="our variants: default, parallel, sequential (comma list)"
+    )
+    p.add_argument("--section", default="sparsegpt_parity", help="the BENCHMARKS.md section to write")
+    p.add_argument("--note", default="", help="a paragraph under the table")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "sparsegpt_parity.json"))
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
