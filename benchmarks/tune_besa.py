@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import besa
+from besa.config import PruneConfig
 from besa.data import load_calibration_documents, sample_windows
 from besa.loading import load_model
 
@@ -80,7 +82,23 @@ GRID: dict[str, tuple[str, dict]] = {
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 0.01},
     ),
+    # PruneConfig fields (within_block, refit_*) go to besa.prune as settings, the rest as method options
+    "sparsegpt-sequential": ("sparsegpt", {"within_block": "sequential"}),
+    "wanda-sequential": ("wanda", {"within_block": "sequential"}),
+    "sparsegpt-refit8": ("sparsegpt", {"refit_epochs": 8}),
+    "sparsegpt-refit8-lr3e-4": ("sparsegpt", {"refit_epochs": 8, "refit_lr": 3e-4}),
+    "sparsegpt-refit8-lr3e-5": ("sparsegpt", {"refit_epochs": 8, "refit_lr": 3e-5}),
+    "sparsegpt-refit8-dense": ("sparsegpt", {"refit_epochs": 8, "refit_target": "dense"}),
+    "sparsegpt-refit8-prunedinput": ("sparsegpt", {"refit_epochs": 8, "refit_target": "pruned-input"}),
+    "wanda-refit8": ("wanda", {"refit_epochs": 8}),
+    "besa-adamw-0.05-refit8": ("besa", {"optimizer": "adamw", "lr": 0.05, "refit_epochs": 8}),
+    "besa-adamw-0.05-obs-refit8": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "refit_epochs": 8},
+    ),
 }
+SETTINGS = {f.name for f in dataclasses.fields(PruneConfig)}
+"""Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""
 
 
 def write_markdown(path: Path, results: dict, command: str) -> None:
@@ -156,13 +174,13 @@ def main() -> None:
         if key in results:
             continue
         method, options = GRID[name]
-        method_options = {k: v for k, v in options.items() if k != "quant_mode"}
-        quant_mode = options.get("quant_mode", "joint")
+        method_options = {k: v for k, v in options.items() if k not in SETTINGS}
+        settings = {"quant_mode": "joint", **{k: v for k, v in options.items() if k in SETTINGS}}
         start = time.perf_counter()
         pruned = besa.prune(
             copy.deepcopy(dense), tokenizer=tokenizer, method=method, sparsity=args.sparsity, calib_ids=ids,
             method_options=method_options, progress=False, wbits=args.wbits, group_size=args.group_size,
-            quant_mode=quant_mode, checkpoint=False,
+            checkpoint=False, **settings,
         )  # fmt: skip
         seconds = time.perf_counter() - start
         ppl = besa.evaluate(
@@ -173,6 +191,9 @@ def main() -> None:
         if method == "besa":
             blocks = pruned.report["method"]["blocks"].values()
             results[key]["mean_abs_shift"] = sum(abs(b["shift"]) for b in blocks) / len(blocks)
+        if pruned.report.get("refit"):
+            refits = pruned.report["refit"]["blocks"].values()
+            results[key]["refit_epochs_run"] = [b["epochs"] for b in refits]
         print(f"{key}: ptb valid {ppl['ppl']:.3f} ({seconds:.0f}s)", flush=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         write_markdown(Path(args.markdown), results, command)
