@@ -107,7 +107,7 @@ def build_report(
         "allocation": pruner.report_allocation(),
         "method": pruner.report_extra(record.facts),
         "quantization": pruner.report_quantization(record.quant_info),
-        "refit": _refit_section(pruner, record),
+        "refit": pruner.report_refit(record.refit),
         "timings_s": timings,
         "memory": {**peak_memory(), "activations": budget.summary()},
         "run": {
@@ -116,21 +116,4 @@ def build_report(
             "note": "timings_s.per_block of resumed blocks are those of the run that pruned them",
         },
         "versions": library_versions(),
-    }
-
-
-def _refit_section(pruner: Any, record: RunRecord) -> dict[str, Any] | None:
-    """The ``refit`` section: the blockwise reconstruction's settings and, per block, its losses."""
-    spec = pruner.refit
-    if spec is None:
-        return None
-    return {
-        "epochs": spec.epochs,
-        "lr": spec.lr,
-        "batch_size": spec.batch_size,
-        "holdout_windows": spec.holdout,
-        "target": pruner.config.refit_target,
-        "losses": "block output MSE / mean square of the target; held_out[0] is before any training, then one "
-        "per epoch; the weights of the best held-out epoch are kept",
-        "blocks": record.refit,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from typing import Any
@@ -152,6 +153,22 @@ class Pruner(ABC):
     def report_allocation(self) -> dict[str, Any]:
         """The ``allocation`` section of the report: the allocation's name, options and block rates."""
         return self.allocation.report()
+
+    def report_refit(self, blocks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The ``refit`` section of the report (settings, every block's losses), or ``None`` without a refit."""
+        spec = self.refit
+        if spec is None:
+            return None
+        losses = (
+            "block output MSE / mean square of the target; held_out[0] is before any training, then one per "
+            "epoch; the weights of the best held-out epoch are kept"
+        )
+        return {
+            **dataclasses.asdict(spec),
+            "target": self.config.refit_target,
+            "losses": losses,
+            "blocks": blocks,
+        }
 
     def report_quantization(self, quant_info: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         """The ``quantization`` section of the report, or ``None`` without quantization."""
