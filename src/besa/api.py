@@ -149,9 +149,8 @@ def prune_with(
     if documents is not None:
         calib_ids = _sample(documents, tokenizer, config)
     timings["sample_calibration"] = time.perf_counter() - t
-    engine_ids = (
-        calib_ids if pruner.engine_uses_data else None
-    )  # data-free methods run through the engine, no data
+    # data-free methods run through the engine, no data
+    engine_ids = calib_ids if pruner.engine_uses_data else None
     if where.run_dir is not None and engine_ids is not None:
         run = _open_run(where.run_dir, model, config, method_config, engine_ids, record, options.resume)
     resumed = _run_stages(

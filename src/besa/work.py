@@ -21,6 +21,11 @@ class _StopBlock(Exception):
     """Raised from an input hook to end a calibration forward once the layers it feeds have all been reached."""
 
 
+def _layout(x: torch.Tensor) -> tuple:
+    """Where a tensor's data starts and how it is laid out: equal for the very same input, seen through hooks."""
+    return x.data_ptr(), x.shape, x.stride()
+
+
 def group_by_input(calls: Sequence[tuple[str, torch.Tensor]], names: Sequence[str]) -> list[list[str]]:
     """Group layers by the input they were called with, in calling order (``calls``: ``(name, input)`` as seen
     during one forward). Consecutive layers fed the very same tensor (q/k/v, gate/up) form one group; a layer
@@ -31,8 +36,7 @@ def group_by_input(calls: Sequence[tuple[str, torch.Tensor]], names: Sequence[st
     for name, x in calls:
         if name in placed:
             continue
-        same = last is not None and x.data_ptr() == last.data_ptr() and x.shape == last.shape
-        if same and x.stride() == last.stride():
+        if last is not None and _layout(x) == _layout(last):
             groups[-1].append(name)
         else:
             groups.append([name])

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from besa.work import BlockWork
@@ -40,10 +39,6 @@ def block_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return (output.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
 
 
-def _rows(batches: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([b for b in batches], 0)
-
-
 def split_holdout(n: int, holdout: int) -> tuple[slice, slice]:
     """(train, held-out) slices of ``n`` windows: the last ``holdout`` are held out (none if fewer than 2 remain)."""
     holdout = holdout if n - holdout >= 2 else 0
@@ -62,12 +57,6 @@ def _loss_over(work: BlockWork, inputs: torch.Tensor, targets: torch.Tensor, bat
     return total / max(inputs.shape[0], 1)
 
 
-def _trainable(linears: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(weight parameter, keep mask) of every linear, in the parameter's own layout; a weight that is exactly zero
-    stays so (pruned, or zero in the dense model: either way the counted sparsity cannot change)."""
-    return [(layer.weight, layer.weight.detach() != 0) for layer in linears.values()]
-
-
 def refit_block(
     work: BlockWork,
     inputs: Sequence[torch.Tensor],
@@ -77,16 +66,18 @@ def refit_block(
 ) -> dict[str, Any]:
     """Train the surviving weights of ``work``'s linears (Adam, masks fixed) so the block maps ``inputs`` to
     ``targets``; return the facts: losses before / after on the training and held-out windows, epochs run."""
-    x_all, y_all = _rows(inputs), _rows(targets)
+    x_all, y_all = torch.cat(list(inputs)), torch.cat(list(targets))
     train, held = split_holdout(x_all.shape[0], spec.holdout)
     x, y, xh, yh = x_all[train], y_all[train], x_all[held], y_all[held]
-    params = _trainable(work.linears)
+    # every linear's weight and where it may change: a weight that is exactly zero stays so (pruned, or zero in
+    # the dense model: either way the counted sparsity cannot change)
+    params = [layer.weight for layer in work.linears.values()]
+    masks = [p.detach() != 0 for p in params]
     requires = [p.requires_grad for p in work.module.parameters()]
     work.module.requires_grad_(False)
-    for p, _ in params:
+    for p in params:
         p.requires_grad_(True)
-    masks = [keep.to(p.device) for p, keep in params]
-    opt = torch.optim.Adam([p for p, _ in params], lr=spec.lr)
+    opt = torch.optim.Adam(params, lr=spec.lr)
     evaluate = (lambda: _loss_over(work, xh, yh, spec.batch_size)) if xh.shape[0] else None
     facts: dict[str, Any] = {
         "train_before": _loss_over(work, x, y, spec.batch_size),
@@ -94,7 +85,7 @@ def refit_block(
         "held_out": [evaluate()] if evaluate else [],
         "epochs": 0,
     }
-    best = [p.detach().clone() for p, _ in params]
+    best = [p.detach().clone() for p in params] if evaluate else []
     best_loss, waited = (facts["held_out"][0] if evaluate else math.inf), 0
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(
@@ -111,11 +102,11 @@ def refit_block(
                     loss = block_loss(y[idx].to(out.device), out)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    for (p, _), keep in zip(params, masks, strict=True):
+                    for p, keep in zip(params, masks, strict=True):
                         p.grad.mul_(keep)
                     opt.step()
                     with torch.no_grad():
-                        for (p, _), keep in zip(params, masks, strict=True):
+                        for p, keep in zip(params, masks, strict=True):
                             p.mul_(keep)
                 facts["epochs"] += 1
                 bar.update()
@@ -126,14 +117,14 @@ def refit_block(
                 bar.set_postfix(held_out=f"{held_loss:.4g}")
                 if held_loss < best_loss:
                     best_loss, waited = held_loss, 0
-                    best = [p.detach().clone() for p, _ in params]
+                    best = [p.detach().clone() for p in params]
                 else:
                     waited += 1
                     if waited > spec.patience:
                         break
         if evaluate is not None:
             with torch.no_grad():
-                for (p, _), b in zip(params, best, strict=True):
+                for p, b in zip(params, best, strict=True):
                     p.copy_(b)
     finally:
         bar.close()
