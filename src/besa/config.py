@@ -106,7 +106,9 @@ class PruneConfig:
         within_block: how a layerwise method (Wanda, SparseGPT) gathers its layers' statistics inside a block:
             ``parallel``, all from one pass over the dense block (as the papers do); ``sequential``, group by group
             in calling order (q/k/v, then o, gate/up, down), each after the groups before it are pruned, so every
-            layer is fitted to the inputs it will really see (GPTQ's "true sequential").
+            layer is fitted to the inputs it will really see (GPTQ's "true sequential"); ``None`` is the method's
+            own default (``Pruner.default_within_block``: sequential for SparseGPT, measured better in
+            BENCHMARKS.md's parity section, parallel for Wanda as its paper does).
         refit_epochs: epochs of blockwise weight reconstruction after each block is pruned (``besa.stages.
             reconstruct``): the surviving weights of the block's linears are trained with Adam, masks fixed, to
             reproduce the ``refit_target`` outputs; 0 is off, ``None`` the method's default.
@@ -162,11 +164,12 @@ class PruneConfig:
             "help": "how the target is spread over the blocks: uniform, or owl (outlier-weighted, Yin et al.)"
         },
     )
-    within_block: str = field(
-        default="parallel",
+    within_block: str | None = field(
+        default=None,
         metadata={
             "help": "layerwise methods (wanda, sparsegpt): parallel (every layer's statistics from the dense block "
-            "in one pass) or sequential (each group of layers sees the inputs left by the groups pruned before it)"
+            "in one pass) or sequential (each group of layers sees the inputs left by the groups pruned before it); "
+            "default: the method's own, sequential for sparsegpt, parallel for wanda"
         },
     )
     refit_epochs: int | None = field(
@@ -227,7 +230,7 @@ class PruneConfig:
                 )
             if self.owl_m <= 0:
                 raise BesaError(f"--owl-m must be positive, got {self.owl_m}")
-        if self.within_block not in ("parallel", "sequential"):
+        if self.within_block not in (None, "parallel", "sequential"):
             raise BesaError(f"unknown --within-block {self.within_block!r}: choose parallel or sequential")
         if self.refit_epochs is not None and self.refit_epochs < 0:
             raise BesaError(f"--refit-epochs must be 0 or more, got {self.refit_epochs}")

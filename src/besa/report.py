@@ -95,7 +95,7 @@ def build_report(
     )
     return {
         "model": dataclasses.asdict(source),
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "within_block": pruner.within_block},
         "method_options": method_config.to_dict(),
         "sparsity": {
             "target": config.sparsity,

@@ -8,7 +8,7 @@ from besa.stages.selection import HessianStats
 from conftest import make_model
 
 
-def _seen_hessians(monkeypatch, within_block: str, calib_ids, tokenizer):
+def _seen_hessians(monkeypatch, within_block: str | None, calib_ids, tokenizer):
     """Prune a tiny LLaMA with SparseGPT; return (the Hessian each linear was pruned with, by parameter name,
     the pruned model)."""
     seen: dict[int, torch.Tensor] = {}
@@ -38,16 +38,38 @@ def _pruned_stream_hessians(model, calib_ids):
     return found
 
 
-@pytest.mark.parametrize("within_block", ["parallel", "sequential"])
+@pytest.mark.parametrize("within_block", ["parallel", "sequential", None])
 def test_sequential_fits_every_layer_to_the_inputs_of_the_pruned_block(monkeypatch, calib_ids, tokenizer,
                                                                        within_block):  # fmt: skip
     """Sequential: the statistics each layer was pruned with are those of the final pruned block (earlier groups
     pruned, later ones not yet mattering). Parallel: only the block's first group sees them (the rest see the
-    dense block's)."""
+    dense block's). SparseGPT's default (``None``) is sequential."""
     seen, model = _seen_hessians(monkeypatch, within_block, calib_ids, tokenizer)
     final = _pruned_stream_hessians(model, calib_ids)
     assert seen.keys() == final.keys() and len(seen) == 14
     first_group = ("q_proj", "k_proj", "v_proj")
     for name, h in seen.items():
         same = torch.allclose(h, final[name], rtol=1e-4, atol=1e-6)
-        assert same == (within_block == "sequential" or name.endswith(first_group)), name
+        assert same == (within_block != "parallel" or name.endswith(first_group)), name
+
+
+@pytest.mark.parametrize(("method", "default"), [("sparsegpt", "sequential"), ("wanda", "parallel"),
+                                                 ("magnitude", "parallel")])  # fmt: skip
+def test_within_block_default_is_the_methods_own_and_reported(
+    method, default, calib_ids, tokenizer, tmp_path
+):
+    """Without ``--within-block`` each method uses its own default, and the report says which ran."""
+    import json
+
+    model = make_model("llama")
+    besa.prune(model, tokenizer=tokenizer, method=method, calib_ids=calib_ids, out=tmp_path / "out",
+               progress=False, checkpoint=False)  # fmt: skip
+    report = json.loads((tmp_path / "out" / "besa_report.json").read_text())
+    assert report["config"]["within_block"] == default
+    model = make_model("llama")
+    besa.prune(model, tokenizer=tokenizer, method=method, calib_ids=calib_ids, out=tmp_path / "given",
+               within_block="parallel", progress=False, checkpoint=False)  # fmt: skip
+    assert (
+        json.loads((tmp_path / "given" / "besa_report.json").read_text())["config"]["within_block"]
+        == "parallel"
+    )

@@ -45,6 +45,14 @@ class Pruner(ABC):
     uses_data: bool = True
     default_refit_epochs: int = 0
     """Epochs of blockwise weight reconstruction when ``--refit-epochs`` is not given (0: none)."""
+    default_within_block: str = "parallel"
+    """How a layerwise method gathers statistics inside a block when ``--within-block`` is not given."""
+
+    @property
+    def within_block(self) -> str:
+        """``--within-block`` with the method's default filled in."""
+        given = self.config.within_block
+        return given if given is not None else self.default_within_block
 
     @property
     def engine_uses_data(self) -> bool:
@@ -209,7 +217,7 @@ class LayerwisePruner(Pruner):
         rate = self.allocation.block_rate(work.name)
         stats = {name: self.make_stats(layer) for name, layer in work.linears.items()}
         needs_data = any(s is not None for s in stats.values())
-        sequential = needs_data and self.config.within_block == "sequential"
+        sequential = needs_data and self.within_block == "sequential"
         for group in work.input_groups() if sequential else [list(work.linears)]:
             if needs_data:
                 work.calibrate({name: stats[name] for name in group}, stop_after=group if sequential else ())
