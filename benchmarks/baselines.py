@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> None:
             "sparsity": report["sparsity"]["pruned_layers"],
             "threads": threads or torch_threads(),
             "parallel_jobs": args.jobs,
+            "machine": _machine(),
             "flags": " ".join(_flags(method, args)),
         }
         save()
@@ -132,6 +133,22 @@ def _key(method: str, setting: str, args: argparse.Namespace) -> str:
     ``--besa-label`` for BESA runs)."""
     label = args.label or (args.besa_label if method == "besa" else "")
     return f"{method}:{label}@{setting}" if label else f"{method}@{setting}"
+
+
+def _machines(results: dict) -> list[str]:
+    """The machines the runs of ``results`` ran on, most runs first."""
+    found = [r["machine"] for r in results.values() if r.get("machine")]
+    return sorted(set(found), key=lambda m: -found.count(m)) or [_machine()]
+
+
+def _machine_marks(results: dict) -> dict[str, str]:
+    """A footnote mark for every machine but the one most runs used (no marks when there is one)."""
+    return {m: " " + "\u2020" * i for i, m in enumerate(_machines(results)) if i}
+
+
+def _machine_lines(results: dict) -> list[str]:
+    machines, marks = _machines(results), _machine_marks(results)
+    return [f"Machine: {machines[0]}."] + [f"Rows marked{marks[m]}: {m}." for m in machines[1:]]
 
 
 def torch_threads() -> int:
@@ -168,7 +185,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "C4 is not reachable offline, so calibration uses the Wikipedia articles of `shared/data` (none of them is a"
         " WikiText-2 test article).",
         "",
-        f"Machine: {_machine()}.",
+        *_machine_lines(results),
         "",
         "Command:",
         "",
@@ -179,15 +196,15 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "`prune s` is the pruning stage alone (calibration capture, every block's step and propagation, from",
         "`besa_report.json`); `process s` is the whole `besa prune` process (model load and save included); peak RSS",
         "is the pruning process's peak resident memory. Sparsity is counted zeros over all pruned linears.",
-        f"Runs: {args.jobs} at a time, the cores split between them"
-        + (f" ({max(1, (os.cpu_count() or 1) // args.jobs)} thread(s) each)" if args.jobs > 1 else "")
-        + "; times are single runs on a shared machine: compare them within this table, not across machines.",
+        "`threads` is each run's torch threads and `runs` how many ran at a time on the machine; times are single",
+        "runs on a shared machine: compare them within one machine and one threads/runs setting, not across.",
         "",
-        "| sparsity | method | WikiText-2 ppl | counted sparsity | prune s | process s | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| sparsity | method | WikiText-2 ppl | counted sparsity | prune s | process s | peak RSS MiB | threads | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    marks = _machine_marks(results)
     if dense:
-        lines.append(f"| 0 | dense | {dense['ppl']:.2f} | 0 | - | - | - |")
+        lines.append(f"| 0 | dense | {dense['ppl']:.2f} | 0 | - | - | - | | |")
     settings = list(dict.fromkeys([*SETTINGS, *args.settings.split(",")]))
     requested = set(args.methods.split(","))
     for setting in settings:
@@ -203,12 +220,13 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
                     and setting in args.settings.split(",")
                     and not (":" in setting and method in NO_NM)
                 ):
-                    lines.append(f"| {setting} | {method} | (not run yet) | | | | |")
+                    lines.append(f"| {setting} | {method} | (not run yet) | | | | | | |")
                 continue
             label = f"{method} `{r['flags']}`" if r.get("flags") else method
             lines.append(
-                f"| {setting} | {label} | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} | {r['prune_s']:.0f} |"
-                f" {r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+                f"| {setting} | {label}{marks.get(r.get('machine'), '')} | {r['ppl']['ppl']:.2f} |"
+                f" {r['sparsity']:.4f} | {r['prune_s']:.0f} | {r['process_s']:.0f} | {r['peak_rss_mib']:.0f} |"
+                f" {r.get('threads', '')} | {r.get('parallel_jobs', '')} |"
             )
     replace_section(Path(args.markdown), args.section, "\n".join(lines))
 
