@@ -29,7 +29,7 @@ from _markdown import replace_section  # noqa: E402
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 ALL_METHODS = ["magnitude", "wanda", "sparsegpt", "besa"]  # table order
-NO_NM = {"besa"}  # methods without N:M support
+NO_NM: set[str] = set()  # methods without N:M support (BESA learns N:M patterns since issue 11)
 
 
 def _besa(*args: str, threads: int | None = None) -> None:

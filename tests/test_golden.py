@@ -34,6 +34,7 @@ CASES: dict[str, dict] = {
     "besa-prodigy": {"method": "besa"},
     "besa-dense-stream": {"method": "besa", "method_options": {**BESA_FAST, "target": "dense-stream"}},
     "besa-obs": {"method": "besa", "method_options": {**BESA_FAST, "weight_update": "obs"}},
+    "besa-2:4": {"method": "besa", "pattern": "2:4", "method_options": {**BESA_FAST, "weight_update": "obs"}},
     "wanda-w4": {"method": "wanda", "wbits": 4, "group_size": 32},
     "sparsegpt-w4-joint": {"method": "sparsegpt", "wbits": 4, "group_size": 32},
     "sparsegpt-w4-rtn": {"method": "sparsegpt", "wbits": 4, "group_size": 32, "quant_mode": "rtn"},

@@ -21,6 +21,7 @@ __all__ = [
     "BlockShare",
     "RowShares",
     "NMGroups",
+    "GivenMask",
     "SweepQuantizer",
     "inverse_hessian_factor",
     "obs_sweep",
@@ -97,6 +98,17 @@ class NMGroups(MaskChoice):
 
     def group_mask(self, saliency: torch.Tensor) -> torch.Tensor:
         return nm_prune_mask(saliency, self.pattern)
+
+
+@dataclass
+class GivenMask(MaskChoice):
+    """A mask decided before the sweep (``True`` = prune; e.g. N:M patterns learned by BESA): the sweep only
+    spreads each pruned weight's error over the survivors."""
+
+    prune: torch.Tensor
+
+    def block_mask(self, saliency: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+        return self.prune[:, i1:i2].to(saliency.device)
 
 
 @dataclass

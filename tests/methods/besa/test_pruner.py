@@ -136,9 +136,39 @@ def test_dense_stream_target_uses_the_engines_dense_outputs(tokenizer):
     assert result.report["sparsity"]["pruned_layers"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_besa_refuses_nm_and_bad_options(tokenizer):
-    with pytest.raises(BesaError, match="not supported"):
-        besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", pattern="2:4", progress=False)
+@pytest.mark.parametrize(
+    ("pattern", "update", "wbits"),
+    [("2:4", "none", 16), ("2:4", "obs", 16), ("4:8", "none", 16), ("2:4", "obs", 4)],
+)
+def test_nm_patterns_are_learned_exactly(pattern, update, wbits, tokenizer):
+    """``--method besa --pattern N:M``: every group of M input weights of every pruned linear holds exactly N
+    zeros (frozen survivors, the OBS update, or the OBS sweep quantizing), and the report says how many groups
+    left the metric's own pattern."""
+    n, m = (int(v) for v in pattern.split(":"))
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    dense = make_model("llama")
+    original = {k: weight_matrix(v).clone() for k, v in _linears(dense).items()}
+    result = besa.prune(
+        dense, tokenizer=tokenizer, method="besa", pattern=pattern, calib_ids=ids, wbits=wbits, group_size=16,
+        method_options={"weight_update": update, "optimizer": "adamw", "lr": 0.05, "epochs": 3}, progress=False,
+    )  # fmt: skip
+    moved = []
+    for name, layer in _linears(result.model).items():
+        w = weight_matrix(layer)
+        zeros = (w == 0).reshape(w.shape[0], -1, m).sum(-1)
+        assert (zeros == n).all() if wbits == 16 else (zeros >= n).all(), (
+            name
+        )  # 4 bits: survivors may round to 0
+        if update == "none" and wbits == 16:
+            assert torch.equal(w[w != 0], original[name][w != 0]), name  # frozen survivors
+    for info in result.report["method"]["blocks"].values():
+        moved += [layer["patterns_moved"] for layer in info["layers"].values()]
+        assert info["steps"] == 3 * 4
+    assert max(moved) > 0  # learning moved some groups away from the metric's pattern
+    assert result.report["sparsity"]["target"] == pytest.approx(n / m)
+
+
+def test_besa_refuses_bad_options(tokenizer):
     with pytest.raises(BesaError, match="--metric must be one of"):
         besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", method_options={"metric": "x"})
 

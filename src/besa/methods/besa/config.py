@@ -41,6 +41,9 @@ class BesaConfig(MethodConfig):
             ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
             on grids clipped by it. ``auto`` (default): ``obs`` when quantizing jointly (measured better at 4 and 3
             bits on PTB valid, see BENCHMARKS.md), else ``none``.
+        nm_sharpness: with ``--pattern N:M`` BESA learns, for every group of M weights, a distribution over the
+            C(M, N) ways to keep M - N of them, started at ``softmax(nm_sharpness * sum of the kept log-scores)``
+            of the ranking metric (higher: closer to the metric's own mask, slower to move away from it).
         retries: after a NaN/inf loss the block is trained again from the start with a 10x smaller step, up to
             this many times; then it falls back to the metric's uniform mask (recorded in the report).
     """
@@ -68,6 +71,12 @@ class BesaConfig(MethodConfig):
         metadata={
             "help": "BESA: none (the paper: weights frozen), obs (SparseGPT update, learned row counts) or auto "
             "(obs with --wbits joint, else none)"
+        },
+    )
+    nm_sharpness: float = field(
+        default=1.0,
+        metadata={
+            "help": "BESA with --pattern: how sharply the learned N:M pattern starts at the metric's own"
         },
     )
     retries: int = field(
@@ -100,5 +109,7 @@ class BesaConfig(MethodConfig):
             raise BesaError(f"--retries must be non-negative, got {self.retries}")
         if not self.clip_lr > 0:
             raise BesaError(f"--clip-lr must be positive, got {self.clip_lr}")
+        if not self.nm_sharpness > 0:
+            raise BesaError(f"--nm-sharpness must be positive, got {self.nm_sharpness}")
         if self.lam < 0:
             raise BesaError(f"--lam must be non-negative, got {self.lam}")

@@ -7,6 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from besa.config import NMPattern
+from besa.methods.besa.patterns import (
+    keep_patterns,
+    pattern_hard_keep,
+    pattern_prior,
+    pattern_soft_keep,
+    temperature,
+)
 from besa.methods.besa.rates import (
     candidate_index,
     column_ranks,
@@ -17,7 +25,15 @@ from besa.methods.besa.rates import (
 from besa.modeling import weight_matrix
 from besa.quant import CLIP_INIT_LOGIT, QuantSpec, fake_quantize, grid_from_range, group_range
 
-__all__ = ["NonFiniteLoss", "reconstruction_loss", "LayerAllocation", "clip_stats", "masked_forward"]
+__all__ = [
+    "NonFiniteLoss",
+    "reconstruction_loss",
+    "LayerAllocation",
+    "PatternAllocation",
+    "Allocation",
+    "clip_stats",
+    "masked_forward",
+]
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -103,8 +119,9 @@ class LayerAllocation:
         beta = torch.softmax(self.theta, dim=-1) if beta is None else beta
         return (beta @ self.rates).expand(self.rows)
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training mask in column order (R, C), hard forward / soft backward, and the rows' expected rates."""
+    def step(self, progress: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training mask in column order (R, C), hard forward / soft backward, and the rows' expected rates
+        (the same at any ``progress``)."""
         beta = torch.softmax(self.theta, dim=-1)
         rates = self.row_rates(beta)
         counts = (rates.detach() * self.cols).floor().long()
@@ -114,6 +131,68 @@ class LayerAllocation:
 
     def mask(self) -> torch.Tensor:
         return self.step()[0]
+
+
+class PatternAllocation:
+    """One linear under BESA for N:M: a learnable distribution per group of ``m`` weights over the patterns that
+    keep ``m - n`` of them (``besa.methods.besa.patterns``), started from the ranking ``scores``.
+
+    The sparsity is N/M by construction, so the block's sparsity penalty is constant. The training forward uses
+    the expected keep mask at the annealed temperature (``patterns.temperature``), the final mask every group's
+    most likely pattern.
+    """
+
+    clip: nn.Parameter | None = (
+        None  # the clipping is not learned with N:M masks (the OBS sweep fits its grids)
+    )
+
+    def __init__(
+        self, name: str, layer: nn.Module, scores: torch.Tensor, pattern: NMPattern, sharpness: float
+    ):
+        self.name = name
+        self.layer = layer
+        self.rows, self.cols = scores.shape
+        self.pattern = pattern
+        self.patterns = keep_patterns(pattern).to(scores.device)
+        theta = pattern_prior(scores, self.patterns, sharpness)
+        self.theta = nn.Parameter(theta)
+        self.init = theta.detach().clone()
+        self.current_mask: torch.Tensor | None = None
+        self.hessian: torch.Tensor | None = None
+        self.quant = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.theta]
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.theta.copy_(self.init)
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def row_rates(self) -> torch.Tensor:
+        return torch.full((self.rows,), self.pattern.sparsity, device=self.theta.device)
+
+    def step(self, progress: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training mask (R, C) at ``progress`` (0 to 1) through the block's training, and the rows'
+        (constant) pruning rates."""
+        return pattern_soft_keep(self.theta, self.patterns, temperature(progress)), self.row_rates()
+
+    def keep(self) -> torch.Tensor:
+        """The final keep mask (R, C): every group's most likely pattern."""
+        with torch.no_grad():
+            return pattern_hard_keep(self.theta, self.patterns)
+
+    def moved(self) -> float:
+        """Share of groups whose most likely pattern is no longer the metric's (the initial one)."""
+        with torch.no_grad():
+            return float((self.theta.argmax(-1) != self.init.argmax(-1)).float().mean())
+
+
+Allocation = LayerAllocation | PatternAllocation
+"""What BESA learns for one linear: rates over its ranking, or N:M patterns."""
 
 
 def clip_stats(alloc: LayerAllocation) -> dict[str, float]:
@@ -127,7 +206,7 @@ def clip_stats(alloc: LayerAllocation) -> dict[str, float]:
     }
 
 
-def masked_forward(layer: nn.Module, alloc: LayerAllocation, x: torch.Tensor) -> torch.Tensor:
+def masked_forward(layer: nn.Module, alloc: Allocation, x: torch.Tensor) -> torch.Tensor:
     w = weight_matrix(layer).detach()
     assert alloc.current_mask is not None
     if alloc.clip is not None:  # joint: learned clipping, rounding passed straight through

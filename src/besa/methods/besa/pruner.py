@@ -1,5 +1,6 @@
 """BESA (Xu et al., ICLR 2024): per block, learn each row's (or layer's) pruning rate by minimising the block's
-output reconstruction error, with the weights frozen; then prune to an exact budget."""
+output reconstruction error, with the weights frozen; then prune to an exact budget. With ``--pattern N:M`` it
+learns which N of every M weights go instead (an extension: one distribution per group over its patterns)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import torch
 
 from besa.activations import ActivationStore
 from besa.config import MethodConfig
-from besa.errors import BesaError
 from besa.methods.base import Pruner
 from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import (
+    Allocation,
     LayerAllocation,
     NonFiniteLoss,
+    PatternAllocation,
     clip_stats,
 )
 from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget, tilted_logits
@@ -26,7 +28,7 @@ from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.record import BlockResult
 from besa.stages.selection import HessianStats, get_scorer
-from besa.stages.update import RowShares, SweepQuantizer, obs_sweep
+from besa.stages.update import GivenMask, MaskChoice, RowShares, SweepQuantizer, obs_sweep
 
 __all__ = ["BesaPruner"]
 
@@ -41,14 +43,15 @@ class BesaPruner(Pruner):
     same block loss, the rounding passed straight through; by default (``--weight-update auto``) SparseGPT's OBS
     sweep then quantizes on the learned grids with the learned row counts. ``rtn`` learns the masks at full
     precision and rounds to nearest after.
+
+    With ``--pattern N:M`` every layer gets a ``PatternAllocation`` (a distribution per group of M weights over
+    its N:M patterns) instead of rates; the same loop trains it, and the final mask is every group's most likely
+    pattern, with the OBS update on that fixed mask when ``--weight-update obs``. No clipping is learned then
+    (with ``--wbits`` the OBS sweep fits its own grids, or the weights are rounded to nearest).
     """
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
-        if config.nm is not None:
-            raise BesaError(
-                "--method besa learns unstructured allocations; --pattern is not supported with it"
-            )
         assert isinstance(method_config, BesaConfig)
         self.cfg = method_config
         self.scorer = get_scorer(method_config.metric)
@@ -76,7 +79,7 @@ class BesaPruner(Pruner):
         high = min(self.cfg.max_rate, self.target + self.cfg.rate_window)
         return candidate_rates(self.cfg.candidates, low, high)
 
-    def _calibrate(self, work: BlockWork) -> tuple[dict[str, LayerAllocation], ActivationStore | None]:
+    def _calibrate(self, work: BlockWork) -> tuple[dict[str, Allocation], ActivationStore | None]:
         """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream."""
         stats = {name: self.scorer.stats_for(layer) for name, layer in work.linears.items()}
         obs = self.weight_update == "obs"
@@ -88,9 +91,14 @@ class BesaPruner(Pruner):
         outputs = work.calibrate(stats, hessians, keep_outputs=self.cfg.target == "pruned-input")
         rates = self._candidate_rates().to(work.device)
         init = tilted_logits(rates.cpu(), self.target).to(work.device)
-        allocs = {}
+        allocs: dict[str, Allocation] = {}
         for name, layer in work.linears.items():
             scores = self.scorer.scores(weight_matrix(layer), stats.pop(name))
+            if self.pattern is not None:
+                allocs[name] = PatternAllocation(name, layer, scores, self.pattern, self.cfg.nm_sharpness)
+                if obs:
+                    allocs[name].hessian = hessians.pop(name).hessian
+                continue
             order = torch.argsort(scores, dim=1, stable=True)  # (R, C) ascending importance
             groups = order.shape[0] if self.cfg.granularity == "row" else 1
             allocs[name] = LayerAllocation(
@@ -103,12 +111,14 @@ class BesaPruner(Pruner):
 
     # -- final masks ------------------------------------------------------------------------------------------
     def _finalise(
-        self, work: BlockWork, allocs: dict[str, LayerAllocation], result: BlockResult, uniform: bool = False
+        self, work: BlockWork, allocs: dict[str, Allocation], result: BlockResult, uniform: bool = False
     ) -> dict[str, Any]:
         """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks.
 
         ``uniform`` ignores what was learned: every row gets the target rate (the metric's own mask).
         """
+        if self.pattern is not None:
+            return self._finalise_patterns(work, allocs, result, uniform)
         with torch.no_grad():
             rates = torch.cat([a.row_rates().detach().cpu() for a in allocs.values()])
             if uniform:
@@ -119,6 +129,7 @@ class BesaPruner(Pruner):
             info: dict[str, Any] = {"shift": shift, "layers": {}}
             start = 0
             for name, alloc in allocs.items():
+                assert isinstance(alloc, LayerAllocation)
                 layer_counts = counts[start : start + alloc.rows]
                 learned = rates[start : start + alloc.rows]
                 start += alloc.rows
@@ -138,6 +149,38 @@ class BesaPruner(Pruner):
                     else None,
                 }
         return info
+
+    def _finalise_patterns(
+        self, work: BlockWork, allocs: dict[str, Allocation], result: BlockResult, uniform: bool
+    ) -> dict[str, Any]:
+        """N:M: every group's most likely pattern (``uniform``: the initial one, the metric's own N:M mask)."""
+        info: dict[str, Any] = {"layers": {}}
+        for name, alloc in allocs.items():
+            assert isinstance(alloc, PatternAllocation)
+            if uniform:
+                alloc.reset()
+            full_name = f"{work.name}.{name}"
+            keep = alloc.keep()
+            if alloc.hessian is not None:
+                self._obs_update(result, full_name, alloc.layer, alloc.hessian, GivenMask(~keep))
+                alloc.hessian = None
+            else:
+                weight_matrix(alloc.layer).masked_fill_(~keep.to(alloc.layer.weight.device), 0)
+                self.finish_layer(result, full_name, alloc.layer, None, "besa n:m")
+            result.targets[full_name] = alloc.pattern.sparsity
+            info["layers"][name] = {"patterns_moved": round(alloc.moved(), 4)}
+        return info
+
+    def _obs_update(
+        self, result: BlockResult, name: str, layer: Any, hessian: torch.Tensor, choice: MaskChoice
+    ) -> None:
+        """The OBS sweep on ``choice``'s mask, quantizing on its own grids when the run quantizes jointly."""
+        joint = self.config.joint_quant
+        quantizer = SweepQuantizer(joint) if joint is not None else None
+        new_w, _ = obs_sweep(weight_matrix(layer), hessian, choice, quantizer=quantizer)
+        set_weight_matrix(layer, new_w)
+        grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
+        self.finish_layer(result, name, layer, grids, "besa + sparsegpt joint")
 
     def _apply_obs(
         self, result: BlockResult, name: str, alloc: LayerAllocation, counts: torch.Tensor, learned_clip: bool
@@ -177,7 +220,7 @@ class BesaPruner(Pruner):
                 self.quantize_rtn(result, name, alloc.layer)
 
     def _learn(
-        self, work: BlockWork, allocs: dict[str, LayerAllocation], targets: Sequence[torch.Tensor]
+        self, work: BlockWork, allocs: dict[str, Allocation], targets: Sequence[torch.Tensor]
     ) -> tuple[list[float], list[dict[str, Any]]]:
         """Train, retrying with a 10x smaller step after a non-finite loss; ([] , failures) if every try failed."""
         failures: list[dict[str, Any]] = []

@@ -10,14 +10,14 @@ import torch
 from tqdm.auto import tqdm
 
 from besa.methods.besa.config import BesaConfig
-from besa.methods.besa.layer import LayerAllocation, NonFiniteLoss, masked_forward, reconstruction_loss
+from besa.methods.besa.layer import Allocation, NonFiniteLoss, masked_forward, reconstruction_loss
 from besa.pipeline import BlockWork, rebatch
 
 __all__ = ["make_optimizers", "masked", "train_block"]
 
 
 def make_optimizers(
-    cfg: BesaConfig, allocs: dict[str, LayerAllocation], scale: float = 1.0
+    cfg: BesaConfig, allocs: dict[str, Allocation], scale: float = 1.0
 ) -> list[torch.optim.Optimizer]:
     """Fresh optimizers for one block: ``--optimizer`` over the sparsity logits and, when the clipping is
     learned, AdamW at ``--clip-lr`` over the clipping logits (its own optimizer, so the step is its own under
@@ -37,7 +37,7 @@ def make_optimizers(
 
 
 @contextmanager
-def masked(allocs: dict[str, LayerAllocation]) -> Iterator[None]:
+def masked(allocs: dict[str, Allocation]) -> Iterator[None]:
     """While active, every allocated linear runs with its current training mask (``masked_forward``)."""
     for alloc in allocs.values():
         alloc.layer.forward = lambda x, _l=alloc.layer, _a=alloc: masked_forward(_l, _a, x)
@@ -51,7 +51,7 @@ def masked(allocs: dict[str, LayerAllocation]) -> Iterator[None]:
 def train_block(
     cfg: BesaConfig,
     work: BlockWork,
-    allocs: dict[str, LayerAllocation],
+    allocs: dict[str, Allocation],
     targets: Sequence[torch.Tensor],
     block_target: float,
     scale: float = 1.0,
@@ -80,7 +80,7 @@ def train_block(
             ):
                 block_rate = 0.0
                 for alloc in allocs.values():
-                    alloc.current_mask, rates = alloc.step()
+                    alloc.current_mask, rates = alloc.step(len(losses) / max(steps - 1, 1))
                     block_rate = block_rate + rates.mean() * (alloc.numel / total)
                 with autocast:
                     out = work.forward(hidden)
