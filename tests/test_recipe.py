@@ -161,3 +161,33 @@ def test_a_run_on_given_token_ids_records_them_and_needs_them_back(tmp_path, tok
     )
     saved = _tensors(first)
     assert all(saved[k].equal(v) for k, v in again.model.state_dict().items() if k in saved)
+
+
+def test_the_builtin_paper_recipe_is_besa_as_the_paper_runs_it(tmp_path, model_dir, calib_txt):
+    """``--recipe besa-paper`` pins the paper's settings whatever the defaults; flags beside it still override."""
+    from besa.recipe import builtin_recipes, load_recipe
+
+    assert "besa-paper" in builtin_recipes()
+    recipe = load_recipe("besa-paper")
+    assert recipe.method == "besa"
+    assert recipe.options["optimizer"] == "prodigy" and recipe.options["weight_update"] == "none"
+    assert recipe.options["target"] == "pruned-input" and recipe.options["epochs"] == 1
+    assert recipe.prune["refit_epochs"] == 0 and (recipe.prune["nsamples"], recipe.prune["seqlen"]) == (
+        128,
+        2048,
+    )
+    out = tmp_path / "out"
+    argv = ["prune", str(model_dir), "--recipe", "besa-paper", "--calib", str(calib_txt), "--nsamples", "2",
+            "--seqlen", "16", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    saved = yaml.safe_load((out / RECIPE_NAME).read_text())
+    assert saved["method"] == "besa" and saved["options"]["optimizer"] == "prodigy"
+    assert saved["prune"]["nsamples"] == 2 and saved["prune"]["refit_epochs"] == 0
+
+
+def test_an_unknown_recipe_names_the_builtin_ones(tmp_path, model_dir, capsys):
+    assert main(["prune", str(model_dir), "--recipe", "besa-papr", "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err
+    assert (
+        "cannot read recipe 'besa-papr'" in err and "besa-paper" in err and len(err.strip().splitlines()) == 1
+    )

@@ -10,6 +10,9 @@ Layout (every key optional except ``besa_recipe``; what is left out takes its de
     calibration_ids: sha256:...   # only when the run was given token ids through the Python API
 
 Unknown keys, and values of the wrong type, are refused with one line naming the key.
+
+Built-in recipes (``besa/recipes/NAME.yaml``) are named without a path: ``--recipe besa-paper`` is BESA as the
+paper runs it, whatever the defaults of this version are.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from besa.config import MethodConfig, PruneConfig
 from besa.errors import BesaError
 from besa.registry import get_method
 
-__all__ = ["Recipe", "RECIPE_NAME", "load_recipe", "recipe_text"]
+__all__ = ["Recipe", "RECIPE_NAME", "builtin_recipes", "load_recipe", "recipe_text"]
 
 RECIPE_NAME = "besa_recipe.yaml"
 VERSION = 1
@@ -91,14 +94,24 @@ def parse_recipe(data: Any) -> Recipe:
     )
 
 
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes shipped with besa, by name."""
+    folder = Path(__file__).parent / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file."""
+    """Read and validate a recipe file, or a built-in recipe given by name (a name that is not an existing file)."""
     import yaml
 
+    builtin = builtin_recipes()
+    if str(path) in builtin and not Path(path).exists():
+        path = builtin[str(path)]
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise BesaError(f"cannot read recipe {str(path)!r}: {exc.strerror}") from None
+        names = ", ".join(builtin)
+        raise BesaError(f"cannot read recipe {str(path)!r}: {exc.strerror} (built-in recipes: {names})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
