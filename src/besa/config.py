@@ -103,7 +103,8 @@ class PruneConfig:
             outlier ratios, spread over ``2 * owl_lambda`` around ``sparsity``; see ``besa.stages.allocation``).
         owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
         owl_lambda: OWL's spread: the block rates span ``2 * owl_lambda`` and average to ``sparsity``.
-        within_block: how a layerwise method (Wanda, SparseGPT) gathers its layers' statistics inside a block:
+        within_block: how a layerwise method (Wanda, SparseGPT) or BESA's OBS update gathers its layers' statistics
+            inside a block:
             ``parallel``, all from one pass over the dense block (as the papers do); ``sequential``, group by group
             in calling order (q/k/v, then o, gate/up, down), each after the groups before it are pruned, so every
             layer is fitted to the inputs it will really see (GPTQ's "true sequential"); ``None`` is the method's
@@ -167,9 +168,9 @@ class PruneConfig:
     within_block: str | None = field(
         default=None,
         metadata={
-            "help": "layerwise methods (wanda, sparsegpt): parallel (every layer's statistics from the dense block "
+            "help": "wanda, sparsegpt and BESA's OBS update: parallel (every layer's statistics from the dense block "
             "in one pass) or sequential (each group of layers sees the inputs left by the groups pruned before it); "
-            "default: the method's own, sequential for sparsegpt, parallel for wanda"
+            "default: the method's own, sequential for sparsegpt, parallel for the others"
         },
     )
     refit_epochs: int | None = field(

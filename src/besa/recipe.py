@@ -111,7 +111,9 @@ def load_recipe(path: str | Path) -> Recipe:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         names = ", ".join(builtin)
-        raise BesaError(f"cannot read recipe {str(path)!r}: {exc.strerror} (built-in recipes: {names})") from None
+        raise BesaError(
+            f"cannot read recipe {str(path)!r}: {exc.strerror} (built-in recipes: {names})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

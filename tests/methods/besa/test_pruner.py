@@ -278,3 +278,39 @@ def test_obs_weight_update_keeps_the_learned_row_counts_and_reconstructs_better(
             return float((model(ids).logits - dense(ids).logits).square().mean())
 
     assert output_error(obs.model) < output_error(runs["none"].model)
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+@pytest.mark.parametrize("within_block", ["parallel", "sequential"])
+def test_obs_update_within_block_sees_the_inputs_of_the_pruned_block(
+    monkeypatch, tokenizer, pattern, within_block
+):
+    """BESA's OBS update, sequential: every layer is updated with the Hessian of its inputs in the final pruned
+    block (the groups before it pruned); parallel: only the first group's (q/k/v) are those."""
+    from tests.methods.test_base import _pruned_stream_hessians
+
+    seen: dict[str, torch.Tensor] = {}
+    real_rates, real_patterns = BesaPruner._apply_obs, BesaPruner._obs_update
+
+    def spy_rates(self, result, name, alloc, counts, learned_clip):
+        seen[name] = alloc.hessian.clone()
+        return real_rates(self, result, name, alloc, counts, learned_clip)
+
+    def spy_patterns(self, result, name, layer, hessian, choice):
+        seen[name] = hessian.clone()
+        return real_patterns(self, result, name, layer, hessian, choice)
+
+    monkeypatch.setattr(BesaPruner, "_apply_obs", spy_rates)
+    monkeypatch.setattr(BesaPruner, "_obs_update", spy_patterns)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = make_model("llama")
+    besa.prune(
+        model, tokenizer=tokenizer, method="besa", pattern=pattern, calib_ids=ids, forward_batch=4,
+        within_block=within_block, method_options={"weight_update": "obs", "optimizer": "adamw", "lr": 0.05},
+        progress=False, checkpoint=False,
+    )  # fmt: skip
+    final = _pruned_stream_hessians(model, ids)
+    assert seen.keys() == final.keys() and len(seen) == 14
+    for name, h in seen.items():
+        same = torch.allclose(h, final[name], rtol=1e-4, atol=1e-6)
+        assert same == (within_block == "sequential" or name.endswith(("q_proj", "k_proj", "v_proj"))), name

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ class BesaPruner(Pruner):
         self.cfg = method_config
         self.scorer = get_scorer(method_config.metric)
         self._target: float | None = None
+        self._groups: list[list[str]] = []  # the block's layers in the order their masks are applied
 
     @property
     def needs_dense_stream(self) -> bool:
@@ -80,14 +81,16 @@ class BesaPruner(Pruner):
         return candidate_rates(self.cfg.candidates, low, high)
 
     def _calibrate(self, work: BlockWork) -> tuple[dict[str, Allocation], ActivationStore | None]:
-        """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream."""
+        """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream (and,
+        for the OBS update, the Hessians of the layers whose inputs the pruning of the block cannot change yet:
+        all of them with ``--within-block parallel``, the first group's with ``sequential``)."""
         stats = {name: self.scorer.stats_for(layer) for name, layer in work.linears.items()}
-        obs = self.weight_update == "obs"
+        self._groups = work.input_groups() if self.obs_sequential else [list(work.linears)]
         hessians = {
             name: stats[name] if isinstance(stats[name], HessianStats)
-            else HessianStats(weight_matrix(layer).shape[1], weight_matrix(layer).device)
-            for name, layer in work.linears.items()
-        } if obs else {}  # fmt: skip
+            else HessianStats(weight_matrix(work.linears[name]).shape[1], weight_matrix(work.linears[name]).device)
+            for name in self._groups[0]
+        } if self.weight_update == "obs" else {}  # fmt: skip
         outputs = work.calibrate(stats, hessians, keep_outputs=self.cfg.target == "pruned-input")
         rates = self._candidate_rates().to(work.device)
         init = tilted_logits(rates.cpu(), self.target).to(work.device)
@@ -96,18 +99,35 @@ class BesaPruner(Pruner):
             scores = self.scorer.scores(weight_matrix(layer), stats.pop(name))
             if self.pattern is not None:
                 allocs[name] = PatternAllocation(name, layer, scores, self.pattern, self.cfg.nm_sharpness)
-                if obs:
-                    allocs[name].hessian = hessians.pop(name).hessian
-                continue
-            order = torch.argsort(scores, dim=1, stable=True)  # (R, C) ascending importance
-            groups = order.shape[0] if self.cfg.granularity == "row" else 1
-            allocs[name] = LayerAllocation(
-                name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
-                learn_clip=self.config.joint_quant is not None,
-            )  # fmt: skip
-            if obs:
+            else:
+                order = torch.argsort(scores, dim=1, stable=True)  # (R, C) ascending importance
+                groups = order.shape[0] if self.cfg.granularity == "row" else 1
+                allocs[name] = LayerAllocation(
+                    name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
+                    learn_clip=self.config.joint_quant is not None,
+                )  # fmt: skip
+            if name in hessians:
                 allocs[name].hessian = hessians.pop(name).hessian
         return allocs, outputs
+
+    @property
+    def obs_sequential(self) -> bool:
+        """Whether the OBS update goes group by group, each group's Hessians taken after the groups before it
+        are pruned (``--within-block sequential``), as SparseGPT does by default."""
+        return self.weight_update == "obs" and self.within_block == "sequential"
+
+    def _in_obs_order(self, work: BlockWork, allocs: dict[str, Allocation]) -> Iterator[str]:
+        """The layer names in the order their masks are applied; with a sequential OBS update each group's
+        Hessians are gathered (on the block as pruned so far) just before its turn."""
+        for i, group in enumerate(self._groups):
+            if i > 0 and self.weight_update == "obs":
+                hessians = {
+                    n: HessianStats(allocs[n].cols, weight_matrix(allocs[n].layer).device) for n in group
+                }
+                work.calibrate(hessians, desc="OBS statistics", stop_after=group)
+                for n in group:
+                    allocs[n].hessian = hessians[n].hessian
+            yield from group
 
     # -- final masks ------------------------------------------------------------------------------------------
     def _finalise(
@@ -127,12 +147,15 @@ class BesaPruner(Pruner):
             budget = round(self.target * int(widths.sum()))
             counts, shift = round_to_budget(rates, widths, budget, self.cfg.max_rate)
             info: dict[str, Any] = {"shift": shift, "layers": {}}
-            start = 0
+            starts, position = {}, 0
             for name, alloc in allocs.items():
+                starts[name], position = position, position + alloc.rows
+            for name in self._in_obs_order(work, allocs):
+                alloc = allocs[name]
                 assert isinstance(alloc, LayerAllocation)
+                start = starts[name]
                 layer_counts = counts[start : start + alloc.rows]
                 learned = rates[start : start + alloc.rows]
-                start += alloc.rows
                 full_name = f"{work.name}.{name}"
                 if alloc.hessian is not None:
                     self._apply_obs(result, full_name, alloc, layer_counts, learned_clip=not uniform)
@@ -155,7 +178,8 @@ class BesaPruner(Pruner):
     ) -> dict[str, Any]:
         """N:M: every group's most likely pattern (``uniform``: the initial one, the metric's own N:M mask)."""
         info: dict[str, Any] = {"layers": {}}
-        for name, alloc in allocs.items():
+        for name in self._in_obs_order(work, allocs):
+            alloc = allocs[name]
             assert isinstance(alloc, PatternAllocation)
             if uniform:
                 alloc.reset()
