@@ -83,19 +83,54 @@ GRID: dict[str, tuple[str, dict]] = {
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "clip_lr": 0.01},
     ),
     # PruneConfig fields (within_block, refit_*) go to besa.prune as settings, the rest as method options
-    "sparsegpt-sequential": ("sparsegpt", {"within_block": "sequential"}),
+    "sparsegpt-parallel": ("sparsegpt", {"within_block": "parallel"}),  # SparseGPT's default before issue 14
     "wanda-sequential": ("wanda", {"within_block": "sequential"}),
     "sparsegpt-refit8": ("sparsegpt", {"refit_epochs": 8}),
     "sparsegpt-refit8-lr3e-4": ("sparsegpt", {"refit_epochs": 8, "refit_lr": 3e-4}),
-    "sparsegpt-refit8-lr3e-5": ("sparsegpt", {"refit_epochs": 8, "refit_lr": 3e-5}),
-    "sparsegpt-refit8-dense": ("sparsegpt", {"refit_epochs": 8, "refit_target": "dense"}),
+    "sparsegpt-refit8-lr1e-3": ("sparsegpt", {"refit_epochs": 8, "refit_lr": 1e-3}),
+    "sparsegpt-refit16-lr3e-4": ("sparsegpt", {"refit_epochs": 16, "refit_lr": 3e-4}),
+    "sparsegpt-parallel-refit8": ("sparsegpt", {"within_block": "parallel", "refit_epochs": 8}),
+    "sparsegpt-parallel-refit8-lr3e-4": (
+        "sparsegpt",
+        {"within_block": "parallel", "refit_epochs": 8, "refit_lr": 3e-4},
+    ),
+    "sparsegpt-parallel-refit8-dense": (
+        "sparsegpt",
+        {"within_block": "parallel", "refit_epochs": 8, "refit_target": "dense"},
+    ),
     "sparsegpt-refit8-prunedinput": ("sparsegpt", {"refit_epochs": 8, "refit_target": "pruned-input"}),
     "wanda-refit8": ("wanda", {"refit_epochs": 8}),
     "besa-adamw-0.05-refit8": ("besa", {"optimizer": "adamw", "lr": 0.05, "refit_epochs": 8}),
+    "besa-adamw-0.05-obs-seq": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "within_block": "sequential"},
+    ),
     "besa-adamw-0.05-obs-refit8": (
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "weight_update": "obs", "refit_epochs": 8},
     ),
+    "besa-adamw-0.05-obs-seq-refit8-lr3e-4": (
+        "besa",
+        {
+            "optimizer": "adamw",
+            "lr": 0.05,
+            "weight_update": "obs",
+            "within_block": "sequential",
+            "refit_epochs": 8,
+            "refit_lr": 3e-4,
+        },
+    ),
+    "besa-adamw-0.05-refit8-lr3e-4": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "refit_epochs": 8, "refit_lr": 3e-4},
+    ),
+    # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
+    "besa-nm-adamw-0.05-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 3}),
+    "besa-nm-adamw-0.05-epochs3-obs-seq": (
+        "besa",
+        {"optimizer": "adamw", "lr": 0.05, "epochs": 3, "weight_update": "obs", "within_block": "sequential"},
+    ),
+    "besa-nm-adamw-0.2-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.2, "epochs": 3}),
 }
 SETTINGS = {f.name for f in dataclasses.fields(PruneConfig)}
 """Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""
@@ -116,7 +151,7 @@ def write_markdown(path: Path, results: dict, command: str) -> None:
         command,
         "```",
         "",
-        "The setting names the run: `s<sparsity>-n<calibration windows>x<tokens>-ptbvalid<windows>x<seqlen>`, and",
+        "The setting names the run: `s<sparsity>` (or `p<N:M>`)`-n<calibration windows>x<tokens>-ptbvalid<windows>x<seqlen>`, and",
         "`-w<bits>g<group size>` when the weights are quantized (`--wbits`; `rtn` rows round after pruning, the",
         "others quantize jointly: SparseGPT inside its sweep, BESA with learned clipping, AdamW at `clip_lr`).",
         "",
@@ -136,6 +171,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calib", default="enwiki-articles")
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--pattern", default=None, help="N:M instead of --sparsity, e.g. 2:4")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--eval-seqlen", type=int, default=512)
@@ -150,7 +186,7 @@ def main() -> None:
     )
     args = p.parse_args()
     command = (
-        "BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py [--sparsity 0.5] [--wbits 16] "
+        "BESA_DATA_DIR=../shared/data python benchmarks/tune_besa.py [--sparsity 0.5 | --pattern 2:4] [--wbits 16] "
         "[--only NAME,...]"
     )
 
@@ -165,7 +201,8 @@ def main() -> None:
     ids = sample_windows(
         docs, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], args.nsamples, args.seqlen, 0
     )
-    setting = f"s{args.sparsity}-n{args.nsamples}x{args.seqlen}-ptbvalid{args.max_windows}x{args.eval_seqlen}"
+    target = f"p{args.pattern}" if args.pattern else f"s{args.sparsity}"
+    setting = f"{target}-n{args.nsamples}x{args.seqlen}-ptbvalid{args.max_windows}x{args.eval_seqlen}"
     if args.wbits < 16:
         setting += f"-w{args.wbits}g{args.group_size}"
     names = args.only.split(",") if args.only else list(GRID)
@@ -178,7 +215,8 @@ def main() -> None:
         settings = {"quant_mode": "joint", **{k: v for k, v in options.items() if k in SETTINGS}}
         start = time.perf_counter()
         pruned = besa.prune(
-            copy.deepcopy(dense), tokenizer=tokenizer, method=method, sparsity=args.sparsity, calib_ids=ids,
+            copy.deepcopy(dense), tokenizer=tokenizer, method=method, calib_ids=ids,
+            **({"pattern": args.pattern} if args.pattern else {"sparsity": args.sparsity}),
             method_options=method_options, progress=False, wbits=args.wbits, group_size=args.group_size,
             checkpoint=False, **settings,
         )  # fmt: skip
