@@ -84,30 +84,9 @@ def run(args: argparse.Namespace) -> None:
         save()
 
     def prune_job(setting: str, method: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            target = ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
-            start = time.perf_counter()
-            _besa(
-                "prune", args.model, "--method", method, *target, "--calib", args.calib,
-                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-                "--out", f"{tmp}/model", *_flags(method, args), threads=threads,
-            )  # fmt: skip
-            wall = time.perf_counter() - start
-            report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
-            _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
-            ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())["wikitext2"]
         results[_key(method, setting, args)] = {
-            "method": method,
-            "setting": setting,
-            "ppl": ppl,
-            "prune_s": report["timings_s"]["prune"],
-            "process_s": wall,
-            "peak_rss_mib": report["memory"]["peak_rss_mib"],
-            "sparsity": report["sparsity"]["pruned_layers"],
-            "threads": threads or torch_threads(),
+            **prune_and_score(args, method, setting, _flags(method, args), threads, common_eval),
             "parallel_jobs": args.jobs,
-            "machine": _machine(),
-            "flags": " ".join(_flags(method, args)),
         }
         save()
 
@@ -121,6 +100,45 @@ def run(args: argparse.Namespace) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(job) for job in jobs]:
             future.result()
+
+
+def prune_and_score(
+    args: argparse.Namespace,
+    method: str,
+    setting: str,
+    flags: list[str],
+    threads: int | None,
+    common_eval: list[str],
+    dataset: str = "wikitext2",
+) -> dict:
+    """One ``besa prune`` process at ``setting`` (a sparsity or ``N:M``) with ``flags``, then ``besa eval`` of its
+    output (``common_eval``: its ``--ppl``/``--seqlen`` flags; ``dataset``: the result to read): the perplexity
+    on ``dataset``, the counted sparsity, the prune stage's and the process's seconds, the peak RSS.
+    ``args`` gives the model and the calibration (``model``, ``calib``, ``nsamples``, ``seqlen``, ``seed``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
+        start = time.perf_counter()
+        _besa(
+            "prune", args.model, "--method", method, *target, "--calib", args.calib,
+            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+            "--out", f"{tmp}/model", *flags, threads=threads,
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
+        _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
+        ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())[dataset]
+    return {
+        "method": method,
+        "setting": setting,
+        "ppl": ppl,
+        "prune_s": report["timings_s"]["prune"],
+        "process_s": wall,
+        "peak_rss_mib": report["memory"]["peak_rss_mib"],
+        "sparsity": report["sparsity"]["pruned_layers"],
+        "threads": threads or torch_threads(),
+        "machine": _machine(),
+        "flags": " ".join(flags),
+    }
 
 
 def _flags(method: str, args: argparse.Namespace) -> list[str]:
