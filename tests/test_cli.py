@@ -283,3 +283,34 @@ def test_eval_help_names_the_split_form(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "NAME:SPLIT (ptb:valid)" in capsys.readouterr().out
+
+
+def test_eval_any_text_file_is_named_by_its_file_name(capsys, tmp_path, model_dir, data_dir):
+    """``--ppl`` takes .jsonl (``text`` field) and .txt files: documents joined with blank lines, the same
+    windows protocol, results keyed by the file's name; a missing or empty file is a one-line error."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from besa.evaluation import perplexity
+
+    docs = ["The first document has a few words.", "A second one, shorter.", "And a third to close."]
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    txt = tmp_path / "notes.txt"
+    txt.write_text("\n\n".join(docs))
+    js = tmp_path / "ppl.json"
+    code, stdout, _ = _run(capsys, "eval", str(model_dir), "--ppl", f"wikitext2,{jsonl},{txt}", "--seqlen", "4",
+                           "--json", str(js), "--no-progress")  # fmt: skip
+    assert code == 0 and "docs.jsonl" in stdout and "notes.txt" in stdout
+    payload = json.loads(js.read_text())
+    assert set(payload) == {"wikitext2", "docs.jsonl", "notes.txt"}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor(tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"])
+    expected = perplexity(AutoModelForCausalLM.from_pretrained(model_dir), ids, 4, progress=False)
+    assert payload["docs.jsonl"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    assert payload["notes.txt"] == payload["docs.jsonl"]
+    code, _, err = _run(capsys, "eval", str(model_dir), "--ppl", str(tmp_path / "missing.jsonl"))
+    _assert_one_line_error(code, err, "evaluation file")
+    (tmp_path / "empty.txt").write_text("  \n")
+    code, _, err = _run(capsys, "eval", str(model_dir), "--ppl", str(tmp_path / "empty.txt"))
+    _assert_one_line_error(code, err, "holds no text")

@@ -238,7 +238,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     given = vars(args)
     settings = {f.name: given[f.name] for f in dataclasses.fields(EvalConfig) if f.name in given}
     settings.update({k: given[k] for k in _EVAL_RUN_FIELDS if k in given})
-    datasets = list(settings.get("datasets", EvalConfig.datasets))
+    from besa.data import eval_name
+
+    datasets = [eval_name(d) for d in settings.get("datasets", EvalConfig.datasets)]
     if args.json:
         json_path = Path(args.json)
         if json_path.is_dir() or not json_path.parent.exists() and str(json_path.parent) not in ("", "."):

@@ -275,7 +275,8 @@ class EvalConfig:
     """Perplexity evaluation settings (SparseGPT/Wanda/BESA protocol).
 
     Args:
-        datasets: names of the evaluation sets (``wikitext2``, ``ptb``, ``c4``).
+        datasets: names of the evaluation sets (``wikitext2``, ``ptb``, ``c4``) or paths of ``.jsonl``/``.txt``
+            files.
         seqlen: window length; windows do not overlap.
         max_windows: evaluate only the first W windows (``None``: all).
         batch_size: windows per forward.
@@ -286,7 +287,8 @@ class EvalConfig:
     datasets: tuple[str, ...] = field(
         default=("wikitext2",),
         metadata={
-            "help": "comma-separated datasets: wikitext2, ptb, c4, each optionally NAME:SPLIT (ptb:valid)",
+            "help": "comma-separated datasets: wikitext2, ptb, c4, each optionally NAME:SPLIT (ptb:valid), or "
+            ".jsonl/.txt files (documents joined with blank lines; named by file name)",
             "flag": "--ppl",
             "type": _comma_list,
         },

@@ -141,40 +141,60 @@ CALIB_SOURCES: dict[str, TextSource] = {
 EVAL_SOURCES: dict[str, TextSource] = {k: CALIB_SOURCES[k] for k in ("wikitext2", "ptb", "c4")}
 
 
+def is_text_file(source: str) -> bool:
+    """Whether ``source`` names a text file (``.jsonl`` with a ``text`` field, ``.jsonl.gz``, or ``.txt``)."""
+    return Path(source).suffix in (".jsonl", ".txt") or source.endswith(".jsonl.gz")
+
+
+def read_text_file(source: str, role: str) -> list[str]:
+    """The non-empty documents of a ``.jsonl``/``.jsonl.gz`` (``text`` field per line) or ``.txt`` (one document)
+    file; ``role`` names it in errors (``calibration file``, ``evaluation file``)."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise BesaError(f"{role} {source!r} does not exist")
+    docs = [path.read_text(encoding="utf-8")] if path.suffix == ".txt" else read_jsonl_texts(path)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise BesaError(f"{role} {source!r} holds no text")
+    return docs
+
+
 def load_calibration_documents(source: str) -> list[str]:
     """Documents of a named source (its train split) or of a ``.jsonl`` (``text`` field) / ``.txt`` file."""
     if source in CALIB_SOURCES:
         spec = CALIB_SOURCES[source]
-        docs = spec.load(spec.calib_split)
-    else:
-        path = Path(source).expanduser()
-        if path.suffix not in (".jsonl", ".txt") and not source.endswith(".jsonl.gz"):
-            raise BesaError(
-                f"unknown calibration source {source!r}: use {', '.join(CALIB_SOURCES)} or a .jsonl/.txt file"
-            )
-        if not path.is_file():
-            raise BesaError(f"calibration file {source!r} does not exist")
-        if path.suffix == ".txt":
-            docs = [path.read_text(encoding="utf-8")]
-        else:
-            docs = read_jsonl_texts(path)
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise BesaError(f"calibration source {source!r} holds no text")
-    return docs
+        docs = [d for d in spec.load(spec.calib_split) if d.strip()]
+        if not docs:
+            raise BesaError(f"calibration source {source!r} holds no text")
+        return docs
+    if not is_text_file(source):
+        raise BesaError(
+            f"unknown calibration source {source!r}: use {', '.join(CALIB_SOURCES)} or a .jsonl/.txt file"
+        )
+    return read_text_file(source, "calibration file")
+
+
+def eval_name(name: str) -> str:
+    """The name a dataset's results are kept under: the file name for a text file, else ``name`` itself."""
+    return Path(name).name if is_text_file(name) else name
 
 
 def load_eval_text(name: str, split: str = "test") -> str:
     """The evaluation text of ``name`` joined as the SparseGPT/Wanda/BESA protocol does.
 
-    ``name`` may carry its split, ``ptb:valid`` or ``wikitext2:validation`` (for tuning without the test set).
+    ``name`` may carry its split, ``ptb:valid`` or ``wikitext2:validation`` (for tuning without the test set), or
+    be a ``.jsonl`` (``text`` field) / ``.txt`` file, whose documents are joined with ``"\n\n"`` like WikiText's.
     """
+    if is_text_file(name):
+        return "\n\n".join(read_text_file(name, "evaluation file"))
     name, _, given_split = name.partition(":")
     split = given_split or split
     if split == "valid":
         split = "validation"
     if name not in EVAL_SOURCES:
-        raise BesaError(f"unknown evaluation dataset {name!r}: choose from {', '.join(EVAL_SOURCES)}")
+        raise BesaError(
+            f"unknown evaluation dataset {name!r}: choose from {', '.join(EVAL_SOURCES)} or a .jsonl/.txt file"
+        )
     if split not in ("train", "validation", "test"):
         raise BesaError(f"unknown split {split!r} of {name}: choose train, validation (valid) or test")
     spec = EVAL_SOURCES[name]

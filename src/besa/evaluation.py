@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from besa.config import EvalConfig
-from besa.data import load_eval_text
+from besa.data import eval_name, load_eval_text
 from besa.errors import BesaError
 from besa.loading import check_seqlen, prepare_model, resolve_device, resolve_dtype, resolve_model
 
@@ -88,7 +88,8 @@ def evaluate(
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[str, float | int]]:
-    """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}``.
+    """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}`` (a
+    ``.jsonl``/``.txt`` file is keyed by its file name).
 
     Example:
         >>> besa.evaluate("smollm2-135m", datasets=["wikitext2"], seqlen=512)["wikitext2"]["ppl"]
@@ -100,7 +101,11 @@ def evaluate(
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails before any data is read
     # an unknown dataset fails before the model is loaded
-    texts = {name: load_eval_text(name) for name in config.datasets}
+    texts = {eval_name(name): load_eval_text(name) for name in config.datasets}
+    if len(texts) < len(config.datasets):
+        raise BesaError(
+            f"--ppl names one dataset twice (files are named by their file name): {config.datasets}"
+        )
     check_seqlen(model, config.seqlen)
     compute_device = resolve_device(config.device)
     model, tokenizer, _ = prepare_model(
