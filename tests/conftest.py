@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 # Tests never reach a hub: a missing local file must fail at once, not after network retries.
@@ -75,17 +75,26 @@ def make_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer with no merges: one token per byte, 256 + 2 special tokens."""
+def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: one token per byte, 256 + 2 special tokens; with ``bos`` a third,
+    ``<bos>`` (258), that it puts in front of every text by itself (as Gemma and LLaMA-3 tokenizers do)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<unk>"] = len(vocab)
     vocab["<eos>"] = len(vocab)
+    extra = {}
+    if bos:
+        vocab["<bos>"] = len(vocab)
+        extra["bos_token"] = "<bos>"
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>", **extra
     )
 
 
@@ -93,6 +102,14 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog. Pruning removes weights from a trained network, "
     "and the best methods keep the outputs of every block close to the dense ones.\n\n"
 ) * 6
+
+
+@pytest.fixture
+def calib_txt(tmp_path: Path) -> Path:
+    """A small calibration text file."""
+    path = tmp_path / "calib.txt"
+    path.write_text("Some calibration text about many things. " * 40)
+    return path
 
 
 @pytest.fixture

@@ -154,3 +154,20 @@ def test_unknown_method_lists_the_known_ones():
 def test_evaluate_a_saved_folder_reports_the_protocol_fields(data_dir, model_dir):
     res = besa.evaluate(str(model_dir), datasets=["wikitext2"], seqlen=8, progress=False)["wikitext2"]
     assert res["seqlen"] == 8 and res["tokens"] == res["windows"] * 8 and res["ppl"] > 1
+
+
+@pytest.mark.parametrize(("bos", "added"), [("auto", True), ("never", False), ("always", True)])
+def test_calibration_windows_start_with_bos_when_the_tokenizer_adds_one(bos, added, tmp_path, calib_txt):
+    """``--bos auto`` with a tokenizer that adds BOS: every calibration window is BOS + seqlen - 1 text tokens
+    (the windows the first block sees), and the report says so."""
+    from conftest import make_tokenizer
+
+    model = make_model("llama")
+    ids_seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, a: ids_seen.append(a[0].clone()))
+    result = besa.prune(model, tokenizer=make_tokenizer(bos=True), method="wanda", calib=str(calib_txt),
+                        nsamples=3, seqlen=12, bos=bos, progress=False, checkpoint=False)  # fmt: skip
+    ids = torch.cat(ids_seen)  # every forward of the embeddings (the capture may run more than once)
+    assert ids.shape[1] == 12 and len({tuple(r) for r in ids.tolist()}) == 3
+    assert bool((ids[:, 0] == 258).all()) == added and bool((ids[:, 1:] == 258).any()) is False
+    assert result.report["config"]["bos_added"] is added

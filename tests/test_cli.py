@@ -19,13 +19,6 @@ def _run(capsys, *argv):
     return code, captured.out, captured.err
 
 
-@pytest.fixture
-def calib_txt(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text("Some calibration text about many things. " * 40)
-    return path
-
-
 def _assert_one_line_error(code, err, needle):
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -314,3 +307,14 @@ def test_eval_any_text_file_is_named_by_its_file_name(capsys, tmp_path, model_di
     (tmp_path / "empty.txt").write_text("  \n")
     code, _, err = _run(capsys, "eval", str(model_dir), "--ppl", str(tmp_path / "empty.txt"))
     _assert_one_line_error(code, err, "holds no text")
+
+
+def test_eval_bos_modes_are_reported_and_checked(capsys, tmp_path, model_dir, data_dir):
+    js = tmp_path / "ppl.json"
+    code, _, _ = _run(capsys, "eval", str(model_dir), "--ppl", "ptb", "--seqlen", "4", "--bos", "never", "--json",
+                      str(js), "--no-progress")  # fmt: skip
+    assert code == 0 and json.loads(js.read_text())["ptb"]["bos"] is False
+    code, _, err = _run(capsys, "eval", str(model_dir), "--ppl", "ptb", "--seqlen", "4", "--bos", "always")
+    _assert_one_line_error(code, err, "no BOS token")
+    code, _, err = _run(capsys, "eval", str(model_dir), "--bos", "maybe")
+    _assert_one_line_error(code, err, "unknown --bos")

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from besa.data import load_calibration_documents, load_eval_text, sample_windows
 from besa.errors import BesaError
@@ -62,3 +63,24 @@ def test_enwiki_without_data_dir_says_what_to_set(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no ../shared/data beside it
     with pytest.raises(BesaError, match="BESA_DATA_DIR"):
         load_calibration_documents("enwiki-articles")
+
+
+def test_resolve_bos_follows_what_the_tokenizer_does():
+    from besa.data import resolve_bos
+    from conftest import make_tokenizer
+
+    plain, adds = make_tokenizer(), make_tokenizer(bos=True)
+    assert resolve_bos("auto", plain) is None and resolve_bos("never", plain) is None
+    assert resolve_bos("auto", adds) == 258 and resolve_bos("always", adds) == 258
+    assert resolve_bos("never", adds) is None
+    with pytest.raises(BesaError, match="no BOS token"):
+        resolve_bos("always", plain)
+    with pytest.raises(BesaError, match="unknown --bos"):
+        resolve_bos("sometimes", plain)
+
+
+def test_with_bos_puts_the_token_in_front_of_every_window():
+    from besa.data import with_bos
+
+    windows = torch.arange(6).reshape(2, 3)
+    assert torch.equal(with_bos(windows, 9), torch.tensor([[9, 0, 1, 2], [9, 3, 4, 5]]))

@@ -30,3 +30,18 @@ def test_perplexity_is_exp_of_the_mean_next_token_nll(batch_size):
     expected = math.exp(torch.cat(nlls).mean().item())
     assert res.ppl == pytest.approx(expected, rel=1e-5)
     assert (res.windows, res.tokens, res.seqlen) == (4, 64, 16)
+
+
+def test_perplexity_with_bos_predicts_every_text_token_of_each_window():
+    """With BOS each window is BOS + seqlen - 1 text tokens, all of them predicted (the first from the BOS)."""
+    torch.manual_seed(0)
+    model = make_model("llama").eval()
+    ids = torch.randint(0, 256, (40,))
+    res = perplexity(model, ids, 8, bos=258, progress=False)
+    assert res.bos and res.windows == 40 // 7 and res.tokens == res.windows * 8
+    windows = torch.cat([torch.full((res.windows, 1), 258), ids[: res.windows * 7].reshape(-1, 7)], 1)
+    with torch.no_grad():
+        logits = model(windows).logits
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert res.ppl == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert not perplexity(model, ids, 8, progress=False).bos

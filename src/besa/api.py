@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from besa.activations import MemoryBudget
 from besa.checkpoint import RunFolder, model_digest, tensor_digest
 from besa.config import PruneConfig
-from besa.data import load_calibration_documents, sample_windows
+from besa.data import load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
 from besa.evaluation import evaluate
 from besa.fileio import write_json_atomic
@@ -146,8 +146,10 @@ def prune_with(
     budget = MemoryBudget(
         limit=where.memory_limit, spill_root=where.run_dir / "spill" if where.run_dir else None
     )
+    bos = None
     if documents is not None:
-        calib_ids = _sample(documents, tokenizer, config)
+        bos = resolve_bos(config.bos, tokenizer)
+        calib_ids = _sample(documents, tokenizer, config, bos)
     timings["sample_calibration"] = time.perf_counter() - t
     # data-free methods run through the engine, no data
     engine_ids = calib_ids if pruner.engine_uses_data else None
@@ -159,6 +161,7 @@ def prune_with(
     report = build_report(
         model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed
     )
+    report["config"]["bos_added"] = bos is not None  # what --bos resolved to (False for given token ids)
     if where.out is not None:
         t = time.perf_counter()
         grids = record.grids if options.save_quantized else None
@@ -231,13 +234,18 @@ def _announce(config: PruneConfig, calib_ids: torch.Tensor | None, needs_data: b
     )
 
 
-def _sample(documents: list[str], tokenizer: Any, config: PruneConfig) -> torch.Tensor:
-    """The run's calibration windows (N, T), drawn from ``documents`` as ``config`` says."""
+def _sample(documents: list[str], tokenizer: Any, config: PruneConfig, bos: int | None) -> torch.Tensor:
+    """The run's calibration windows (N, T), drawn from ``documents`` as ``config`` says; with ``bos`` each is that
+    token then ``T - 1`` tokens of a document."""
 
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    return sample_windows(documents, tokenize, config.nsamples, config.seqlen, config.seed)
+    if bos is None:
+        return sample_windows(documents, tokenize, config.nsamples, config.seqlen, config.seed)
+    if config.seqlen < 2:
+        raise BesaError("--seqlen must be at least 2 when windows start with BOS (--bos)")
+    return with_bos(sample_windows(documents, tokenize, config.nsamples, config.seqlen - 1, config.seed), bos)
 
 
 def _open_run(

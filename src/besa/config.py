@@ -91,6 +91,8 @@ class PruneConfig:
             ``.jsonl`` (``text`` field) or ``.txt`` file.
         nsamples: number of calibration windows.
         seqlen: tokens per calibration window.
+        bos: ``auto`` starts every calibration window with the BOS token when the tokenizer adds one by itself
+            (window = BOS + seqlen - 1 tokens), ``always`` / ``never`` force it (``besa.data.resolve_bos``).
         seed: seed of the calibration sampler (and of anything random in a method).
         device: compute device for one block at a time (``cpu``, ``cuda``, ``cuda:1``); ``None`` picks CUDA if present.
         dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
@@ -141,6 +143,13 @@ class PruneConfig:
     nsamples: int = field(default=128, metadata={"help": "number of calibration windows"})
     seqlen: int = field(default=2048, metadata={"help": "tokens per calibration window"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration sampler"})
+    bos: str = field(
+        default="auto",
+        metadata={
+            "help": "start every calibration window with the BOS token: auto (when the tokenizer adds one), "
+            "always, never"
+        },
+    )
     device: str | None = field(
         default=None, metadata={"help": "compute device: cpu, cuda, cuda:N (default: CUDA if available)"}
     )
@@ -231,6 +240,8 @@ class PruneConfig:
                 )
             if self.owl_m <= 0:
                 raise BesaError(f"--owl-m must be positive, got {self.owl_m}")
+        if self.bos not in ("auto", "always", "never"):
+            raise BesaError(f"unknown --bos {self.bos!r}: choose auto, always or never")
         if self.within_block not in (None, "parallel", "sequential"):
             raise BesaError(f"unknown --within-block {self.within_block!r}: choose parallel or sequential")
         if self.refit_epochs is not None and self.refit_epochs < 0:
@@ -282,6 +293,9 @@ class EvalConfig:
         batch_size: windows per forward.
         device: compute device; ``None`` picks CUDA if present.
         dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
+        bos: as ``PruneConfig.bos``, for the evaluation windows: a departure from the LLaMA-1 protocol, which put
+            one BOS at the start of the whole text; for tokenizers that add none (GPT-2, SmolLM2) nothing changes
+            under ``auto``.
     """
 
     datasets: tuple[str, ...] = field(
@@ -302,8 +316,17 @@ class EvalConfig:
     dtype: str = field(
         default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"}
     )
+    bos: str = field(
+        default="auto",
+        metadata={
+            "help": "start every window with the BOS token (window = BOS + seqlen - 1 tokens): auto (when the "
+            "tokenizer adds one), always, never"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.bos not in ("auto", "always", "never"):
+            raise BesaError(f"unknown --bos {self.bos!r}: choose auto, always or never")
         if self.seqlen < 2:
             raise BesaError(f"--seqlen must be at least 2, got {self.seqlen}")
         if self.max_windows is not None and self.max_windows < 1:

@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +31,12 @@ __all__ = [
     "load_eval_text",
     "sample_windows",
     "read_jsonl_texts",
+    "BOS_MODES",
+    "resolve_bos",
+    "with_bos",
 ]
+
+BOS_MODES = ("auto", "always", "never")
 
 
 def data_dir() -> Path | None:
@@ -243,3 +249,31 @@ def sample_windows(
             start = rng.randint(0, len(joined) - seqlen - 1)
             windows.append(joined[start : start + seqlen])
     return torch.tensor(windows, dtype=torch.long)
+
+
+def resolve_bos(mode: str, tokenizer: Any) -> int | None:
+    """The token id every window starts with, or ``None`` for bare windows.
+
+    ``auto``: the tokenizer's BOS if the tokenizer adds one to a text by itself (Gemma, LLaMA-3: the first position
+    is the attention sink these models expect), else none; ``always``: the tokenizer's BOS; ``never``: none.
+    """
+    if mode not in BOS_MODES:
+        raise BesaError(f"unknown --bos {mode!r}: choose {', '.join(BOS_MODES)}")
+    if mode == "never":
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if mode == "always":
+        if bos is None:
+            raise BesaError("--bos always: this tokenizer has no BOS token; use --bos auto or never")
+        return int(bos)
+    if bos is None:
+        return None
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    adds = len(full) > len(plain) and full[0] == bos and full[1 : 1 + len(plain)] == plain
+    return int(bos) if adds else None
+
+
+def with_bos(windows: torch.Tensor, bos: int) -> torch.Tensor:
+    """Windows (N, T) with ``bos`` put in front of each: (N, T + 1)."""
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from besa.config import EvalConfig
-from besa.data import eval_name, load_eval_text
+from besa.data import eval_name, load_eval_text, resolve_bos, with_bos
 from besa.errors import BesaError
 from besa.loading import check_seqlen, prepare_model, resolve_device, resolve_dtype, resolve_model
 
@@ -23,16 +23,20 @@ __all__ = ["PerplexityResult", "perplexity", "windows_of", "evaluate"]
 
 @dataclass
 class PerplexityResult:
-    """``ppl`` over ``windows`` windows of ``seqlen`` tokens (``tokens`` = windows * seqlen)."""
+    """``ppl`` over ``windows`` windows of ``seqlen`` tokens (``tokens`` = windows * seqlen, BOS included when
+    every window starts with one: ``bos``)."""
 
     ppl: float
     tokens: int
     seqlen: int
     windows: int
     nll: float
+    bos: bool = False
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"ppl": self.ppl, "tokens": self.tokens, "seqlen": self.seqlen, "windows": self.windows}
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return {
+            "ppl": self.ppl, "tokens": self.tokens, "seqlen": self.seqlen, "windows": self.windows, "bos": self.bos,
+        }  # fmt: skip
 
 
 def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -55,9 +59,13 @@ def perplexity(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "Perplexity",
+    bos: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` (already on ``device``) on the 1-D token tensor ``ids``."""
-    windows = windows_of(ids, seqlen, max_windows)
+    """Perplexity of ``model`` (already on ``device``) on the 1-D token tensor ``ids``; with ``bos`` every window
+    is that token then ``seqlen - 1`` tokens of the text, all of them predicted (the first from the BOS)."""
+    windows = windows_of(ids, seqlen - 1 if bos is not None else seqlen, max_windows)
+    if bos is not None:
+        windows = with_bos(windows, bos)
     total_nll = 0.0
     total_predicted = 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=None if progress else True):
@@ -71,8 +79,9 @@ def perplexity(
         del logits
     mean_nll = total_nll / total_predicted
     return PerplexityResult(
-        ppl=math.exp(mean_nll), tokens=windows.numel(), seqlen=seqlen, windows=windows.shape[0], nll=mean_nll
-    )
+        ppl=math.exp(mean_nll), tokens=windows.numel(), seqlen=seqlen, windows=windows.shape[0], nll=mean_nll,
+        bos=bos is not None,
+    )  # fmt: skip
 
 
 def evaluate(
@@ -87,7 +96,8 @@ def evaluate(
     tokenizer: Any = None,
     trust_remote_code: bool = False,
     progress: bool = True,
-) -> dict[str, dict[str, float | int]]:
+    bos: str = "auto",
+) -> dict[str, dict[str, float | int | bool]]:
     """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}`` (a
     ``.jsonl``/``.txt`` file is keyed by its file name).
 
@@ -96,7 +106,7 @@ def evaluate(
     """
     config = EvalConfig(
         datasets=tuple(datasets), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
-        dtype=dtype,
+        dtype=dtype, bos=bos,
     )  # fmt: skip
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails before any data is read
@@ -113,18 +123,22 @@ def evaluate(
     )
     check_seqlen(model, config.seqlen)  # a GGUF model's config is known only now
     model.to(compute_device)
-    results: dict[str, dict[str, float | int]] = {}
+    bos_id = resolve_bos(config.bos, tokenizer)
+    results: dict[str, dict[str, float | int | bool]] = {}
     try:
         for name, text in texts.items():
             ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
             if progress:
-                count = ids.numel() // config.seqlen
+                count = ids.numel() // (config.seqlen - (bos_id is not None))
                 count = min(count, config.max_windows) if config.max_windows else count
-                tqdm.write(f"besa eval: {name}: {count} windows x {config.seqlen} tokens", file=sys.stderr)
+                first = " (BOS first)" if bos_id is not None else ""
+                tqdm.write(
+                    f"besa eval: {name}: {count} windows x {config.seqlen} tokens{first}", file=sys.stderr
+                )
             try:
                 res: PerplexityResult = perplexity(
                     model, ids, config.seqlen, config.max_windows, config.batch_size, compute_device, progress,
-                    desc=f"Perplexity {name}",
+                    desc=f"Perplexity {name}", bos=bos_id,
                 )  # fmt: skip
             except ValueError as exc:
                 raise BesaError(f"{name}: {exc}") from None
