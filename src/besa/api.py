@@ -166,7 +166,8 @@ def prune_with(
         t = time.perf_counter()
         grids = record.grids if options.save_quantized else None
         recipe = recipe_text(config, method_config, _ids_digest(calib_ids) if given_ids else None)
-        save_pruned(model, tokenizer, where.out, report, options.overwrite, quant_grids=grids, recipe=recipe)
+        save_pruned(model, tokenizer, where.out, report, options.overwrite, quant_grids=grids, recipe=recipe,
+                    save_format=options.save_format)  # fmt: skip
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         write_json_atomic(where.out / REPORT_NAME, report)  # again, with the saving time

@@ -142,14 +142,22 @@ def load_model(
     spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, object, ModelSource]:
     """Load ``(model, tokenizer, source)`` on the CPU in ``dtype``, in eval mode, with the KV cache off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from besa.sparse_format import is_sparse_folder, load_sparse_state_dict
 
     source = resolve_model(spec)
     location = str(_dequantize_gguf(Path(source.location))) if source.kind == "gguf" else source.location
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        if is_sparse_folder(location):  # written by --save-format sparse: densified here
+            config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model.load_state_dict(load_sparse_state_dict(location))
+            model.to(dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype, trust_remote_code=trust_remote_code
+            )
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

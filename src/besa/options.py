@@ -14,7 +14,9 @@ from pathlib import Path
 
 from besa.errors import BesaError
 
-__all__ = ["RunOptions", "ResolvedRun", "check_output_dir", "check_writable", "parse_size"]
+SAVE_FORMATS = ("dense", "sparse")
+
+__all__ = ["SAVE_FORMATS", "RunOptions", "ResolvedRun", "check_output_dir", "check_writable", "parse_size"]
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
@@ -84,6 +86,9 @@ class RunOptions:
             beyond it are spilled to disk (into the run folder when there is one).
         save_quantized: with ``wbits < 16``, also write the integer codes, scales and zero points
             (``quantized.safetensors``, layout in ``quantization.json``) beside the dequantized model.
+        save_format: ``dense`` (``save_pretrained``: every weight stored, zeros included) or ``sparse`` (each pruned
+            linear as a bitmask plus its nonzero values, ``besa.sparse_format``; ``besa`` and a short loader
+            written into the folder read it back bit for bit).
         progress: show progress bars.
         trust_remote_code: allow model code from the hub.
     """
@@ -131,11 +136,20 @@ class RunOptions:
             "help": "with --wbits: also write integer codes, scales and zero points (quantized.safetensors)"
         },
     )
+    save_format: str = field(
+        default="dense",
+        metadata={
+            "help": "dense (save_pretrained, zeros stored) or sparse (pruned weights as bitmask + nonzero values; "
+            "read back by besa or the loader in SPARSE_FORMAT.md)"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "hide progress bars", "flag": "--no-progress"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
 
     def resolve(self, needs_calibration: bool = True) -> ResolvedRun:
         """Check every place this run will write, and the memory size, before any work; raise ``BesaError``."""
+        if self.save_format not in SAVE_FORMATS:
+            raise BesaError(f"unknown --save-format {self.save_format!r}: choose {', '.join(SAVE_FORMATS)}")
         out = check_output_dir(self.out, self.overwrite) if self.out is not None else None
         run_dir = self._run_dir(out) if needs_calibration else None
         return ResolvedRun(out=out, run_dir=run_dir, memory_limit=parse_size(self.max_memory))

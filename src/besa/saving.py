@@ -17,8 +17,9 @@ from besa.options import check_output_dir
 from besa.plotting import PLOT_NAME, plot_allocation
 from besa.quant import QuantSpec, dequantize_codes, quantize_codes
 from besa.recipe import RECIPE_NAME
+from besa.sparse_format import save_sparse
 
-__all__ = ["REPORT_NAME", "QUANT_LAYOUT", "save_pruned", "save_quantized"]
+__all__ = ["REPORT_NAME", "QUANT_LAYOUT", "save_pruned", "save_quantized", "size_on_disk"]
 
 REPORT_NAME = "besa_report.json"
 
@@ -31,16 +32,23 @@ def save_pruned(
     overwrite: bool,
     quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     recipe: str | None = None,
+    save_format: str = "dense",
 ) -> Path:
     """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
 
+    ``save_format`` ``sparse`` stores the pruned linears (``report["layers"]``) as bitmask + values
+    (``besa.sparse_format``); either way ``report["size_on_disk"]`` gets the weights' bytes, dense vs saved.
     With ``quant_grids`` (qualified linear name -> (scale, zero)) the integer codes are written too
     (``save_quantized``). An interrupted save leaves ``out`` untouched (absent, or the previous content when
     overwriting).
     """
     out = check_output_dir(out, overwrite)
     with atomic_folder(out, replace=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if save_format == "sparse":
+            save_sparse(model, list(report["layers"]), tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        report["size_on_disk"] = size_on_disk(model, tmp, save_format)
         tokenizer.save_pretrained(tmp)
         if quant_grids:
             spec = report["quantization"]
@@ -50,6 +58,21 @@ def save_pruned(
             (tmp / RECIPE_NAME).write_text(recipe, encoding="utf-8")
         plot_allocation(report, tmp / PLOT_NAME)
     return out
+
+
+def size_on_disk(model: nn.Module, folder: Path, save_format: str) -> dict[str, Any]:
+    """Bytes of the model's weights stored densely in their dtype (each tied tensor once) vs the weight files
+    written in ``folder`` (``*.safetensors`` but the optional ``quantized.safetensors``)."""
+    seen: set[tuple[int, int]] = set()
+    dense = 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            dense += tensor.numel() * tensor.element_size()
+    saved = sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.name != QUANT_LAYOUT["file"])
+    return {"format": save_format, "dense_weights_bytes": dense, "saved_weights_bytes": saved,
+            "saved_over_dense": round(saved / dense, 4) if dense else None}  # fmt: skip
 
 
 QUANT_LAYOUT = {
