@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from besa.activations import MemoryBudget
 from besa.checkpoint import RunFolder, model_digest, tensor_digest
+from besa.compressed import check_compressible
 from besa.config import PruneConfig
 from besa.data import load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
@@ -139,6 +140,8 @@ def prune_with(
     )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
+    if options.save_format == "compressed-tensors" and where.out is not None:
+        check_compressible(model, config.quant)
     if needs_data:
         check_seqlen(model, window)  # again, now that the config is known whatever the source
     t = time.perf_counter()
@@ -164,10 +167,9 @@ def prune_with(
     report["config"]["bos_added"] = bos is not None  # what --bos resolved to (False for given token ids)
     if where.out is not None:
         t = time.perf_counter()
-        grids = record.grids if options.save_quantized else None
         recipe = recipe_text(config, method_config, _ids_digest(calib_ids) if given_ids else None)
-        save_pruned(model, tokenizer, where.out, report, options.overwrite, quant_grids=grids, recipe=recipe,
-                    save_format=options.save_format)  # fmt: skip
+        save_pruned(model, tokenizer, where.out, report, options.overwrite, grids=record.grids, recipe=recipe,
+                    save_format=options.save_format, save_quantized=options.save_quantized)  # fmt: skip
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         write_json_atomic(where.out / REPORT_NAME, report)  # again, with the saving time

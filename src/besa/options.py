@@ -14,7 +14,7 @@ from pathlib import Path
 
 from besa.errors import BesaError
 
-SAVE_FORMATS = ("dense", "sparse")
+SAVE_FORMATS = ("dense", "sparse", "compressed-tensors")
 
 __all__ = ["SAVE_FORMATS", "RunOptions", "ResolvedRun", "check_output_dir", "check_writable", "parse_size"]
 
@@ -86,9 +86,10 @@ class RunOptions:
             beyond it are spilled to disk (into the run folder when there is one).
         save_quantized: with ``wbits < 16``, also write the integer codes, scales and zero points
             (``quantized.safetensors``, layout in ``quantization.json``) beside the dequantized model.
-        save_format: ``dense`` (``save_pretrained``: every weight stored, zeros included) or ``sparse`` (each pruned
+        save_format: ``dense`` (``save_pretrained``: every weight stored, zeros included), ``sparse`` (each pruned
             linear as a bitmask plus its nonzero values, ``besa.sparse_format``; ``besa`` and a short loader
-            written into the folder read it back bit for bit).
+            written into the folder read it back bit for bit) or ``compressed-tensors`` (with ``--wbits``: packed
+            integer codes, scales and zero points that vLLM and ``from_pretrained`` load, ``besa.compressed``).
         progress: show progress bars.
         trust_remote_code: allow model code from the hub.
     """
@@ -139,8 +140,9 @@ class RunOptions:
     save_format: str = field(
         default="dense",
         metadata={
-            "help": "dense (save_pretrained, zeros stored) or sparse (pruned weights as bitmask + nonzero values; "
-            "read back by besa or the loader in SPARSE_FORMAT.md)"
+            "help": "dense (save_pretrained, zeros stored), sparse (pruned weights as bitmask + nonzero values; "
+            "read back by besa or the loader in SPARSE_FORMAT.md) or compressed-tensors (with --wbits: packed "
+            "integer weights that vLLM and from_pretrained load)"
         },
     )
     progress: bool = field(default=True, metadata={"help": "hide progress bars", "flag": "--no-progress"})

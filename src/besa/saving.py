@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from besa.compressed import save_compressed
 from besa.errors import BesaError
 from besa.fileio import atomic_folder, write_json_atomic
 from besa.modeling import weight_matrix
@@ -19,7 +20,7 @@ from besa.quant import QuantSpec, dequantize_codes, quantize_codes
 from besa.recipe import RECIPE_NAME
 from besa.sparse_format import save_sparse
 
-__all__ = ["REPORT_NAME", "QUANT_LAYOUT", "save_pruned", "save_quantized", "size_on_disk"]
+__all__ = ["REPORT_NAME", "QUANT_LAYOUT", "save_pruned", "save_quantized_codes", "size_on_disk"]
 
 REPORT_NAME = "besa_report.json"
 
@@ -30,29 +31,37 @@ def save_pruned(
     out: str | Path,
     report: dict[str, Any],
     overwrite: bool,
-    quant_grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     recipe: str | None = None,
     save_format: str = "dense",
+    save_quantized: bool = False,
 ) -> Path:
     """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
 
     ``save_format`` ``sparse`` stores the pruned linears (``report["layers"]``) as bitmask + values
     (``besa.sparse_format``); either way ``report["size_on_disk"]`` gets the weights' bytes, dense vs saved.
-    With ``quant_grids`` (qualified linear name -> (scale, zero)) the integer codes are written too
+    ``grids`` (qualified linear name -> (scale, zero)) are the quantization grids of a quantized run: the
+    ``compressed-tensors`` format packs the codes on them, and ``save_quantized`` writes them beside the model
     (``save_quantized``). An interrupted save leaves ``out`` untouched (absent, or the previous content when
     overwriting).
     """
     out = check_output_dir(out, overwrite)
     with atomic_folder(out, replace=True) as tmp:
+        spec = (
+            QuantSpec(report["quantization"]["bits"], report["quantization"]["group_size"]) if grids else None
+        )
         if save_format == "sparse":
             save_sparse(model, list(report["layers"]), tmp)
+        elif save_format == "compressed-tensors":
+            if not grids or spec is None:
+                raise BesaError("--save-format compressed-tensors needs a quantized run (--wbits)")
+            save_compressed(model, grids, spec, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
         report["size_on_disk"] = size_on_disk(model, tmp, save_format)
         tokenizer.save_pretrained(tmp)
-        if quant_grids:
-            spec = report["quantization"]
-            save_quantized(model, quant_grids, QuantSpec(spec["bits"], spec["group_size"]), tmp)
+        if save_quantized and grids and spec is not None:
+            save_quantized_codes(model, grids, spec, tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
         if recipe is not None:
             (tmp / RECIPE_NAME).write_text(recipe, encoding="utf-8")
@@ -91,7 +100,7 @@ QUANT_LAYOUT = {
 }
 
 
-def save_quantized(
+def save_quantized_codes(
     model: nn.Module, grids: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: QuantSpec, folder: Path
 ) -> None:
     """Write the integer codes, scales and zero points of every quantized linear (layout: ``QUANT_LAYOUT``)."""

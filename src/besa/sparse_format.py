@@ -27,7 +27,7 @@ from torch import nn
 from besa.errors import BesaError
 
 __all__ = ["FORMAT_FILE", "LOADER", "pack_weight", "unpack_weight", "save_sparse", "load_sparse_state_dict",
-           "is_sparse_folder"]  # fmt: skip
+           "is_sparse_folder", "stored_tensors"]  # fmt: skip
 
 FORMAT_FILE = "sparse_format.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -81,7 +81,7 @@ def unpack_weight(bitmask: torch.Tensor, values: torch.Tensor, rows: int, cols: 
     return w
 
 
-def _stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The model's state dict with every tied tensor once: (name -> tensor, alias -> the name stored)."""
     first: dict[tuple[int, int], str] = {}
     stored: dict[str, torch.Tensor] = {}
@@ -99,7 +99,7 @@ def _stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 def save_sparse(model: nn.Module, pruned: list[str], folder: Path) -> None:
     """Write ``model`` into ``folder`` in the sparse layout: the weights of the linears named in ``pruned`` as
     bitmask + values, the rest as is, the config, ``sparse_format.json`` and ``SPARSE_FORMAT.md``."""
-    stored, tied = _stored_tensors(model)
+    stored, tied = stored_tensors(model)
     tensors: dict[str, torch.Tensor] = {}
     sparse: dict[str, list[int]] = {}
     wanted = {f"{name}.weight" for name in pruned}
