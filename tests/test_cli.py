@@ -318,3 +318,20 @@ def test_eval_bos_modes_are_reported_and_checked(capsys, tmp_path, model_dir, da
     _assert_one_line_error(code, err, "no BOS token")
     code, _, err = _run(capsys, "eval", str(model_dir), "--bos", "maybe")
     _assert_one_line_error(code, err, "unknown --bos")
+
+
+def test_eval_zero_shot_table_and_json(capsys, tmp_path, model_dir, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)
+    js = tmp_path / "zs.json"
+    code, stdout, _ = _run(capsys, "eval", str(model_dir), "--ppl", "none", "--tasks", "toy_choice", "--task-dir",
+                           str(root / "tests" / "data" / "zeroshot"), "--json", str(js), "--no-progress")  # fmt: skip
+    assert code == 0 and "toy_choice" in stdout and "mean" in stdout and "acc/acc_norm" in stdout
+    payload = json.loads(js.read_text())
+    assert set(payload) == {"zero_shot"} and set(payload["zero_shot"]) == {"toy_choice", "mean"}
+    assert 0 <= payload["zero_shot"]["toy_choice"]["acc"] <= 1
+    code, _, err = _run(capsys, "eval", str(model_dir), "--ppl", "none")
+    _assert_one_line_error(code, err, "nothing to evaluate")

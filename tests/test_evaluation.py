@@ -45,3 +45,45 @@ def test_perplexity_with_bos_predicts_every_text_token_of_each_window():
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     assert res.ppl == pytest.approx(math.exp(float(nll)), rel=1e-5)
     assert not perplexity(model, ids, 8, progress=False).bos
+
+
+def test_zero_shot_reports_the_accuracy_of_a_model_whose_answers_are_known(monkeypatch):
+    """A model whose output head is all zeros gives every token the same probability, so both (equal-length)
+    choices of every question tie and the harness takes the first: accuracy = share of questions whose answer is
+    the first choice (4 of 6 in the toy task under tests/data/zeroshot), acc and acc_norm alike."""
+    pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    import besa
+    from conftest import make_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the task's data_files path is relative to the repository
+    model = make_model("llama")
+    torch.nn.init.zeros_(model.get_output_embeddings().weight)
+    res = besa.evaluate(model, tokenizer=make_tokenizer(), datasets=(), tasks=["toy_choice"],
+                        task_dir=str(root / "tests" / "data" / "zeroshot"), progress=False)  # fmt: skip
+    assert res["zero_shot"]["toy_choice"] == {"acc": pytest.approx(4 / 6), "acc_norm": pytest.approx(4 / 6)}
+    assert res["zero_shot"]["mean"] == res["zero_shot"]["toy_choice"]
+    limited = besa.evaluate(model, tokenizer=make_tokenizer(), datasets=(), tasks=["toy_choice"], limit=3,
+                            task_dir=str(root / "tests" / "data" / "zeroshot"), progress=False)  # fmt: skip
+    assert limited["zero_shot"]["toy_choice"]["acc"] == pytest.approx(2 / 3)  # the first three: 0, 0, 1
+
+
+def test_zero_shot_task_errors_are_one_line_and_name_the_task(tmp_path):
+    pytest.importorskip("lm_eval")
+    import besa
+    from besa.errors import BesaError
+    from conftest import make_tokenizer
+
+    with pytest.raises(BesaError, match="unknown zero-shot task 'no_such_task'"):
+        besa.evaluate(make_model("llama"), tokenizer=make_tokenizer(), datasets=(), tasks=["no_such_task"],
+                      task_dir=str(tmp_path), progress=False)  # fmt: skip
+    (tmp_path / "broken.yaml").write_text(
+        "task: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nowhere/x.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: q\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n"
+    )
+    with pytest.raises(BesaError, match="zero-shot task 'broken' could not load its data") as info:
+        besa.evaluate(make_model("llama"), tokenizer=make_tokenizer(), datasets=(), tasks=["broken"],
+                      task_dir=str(tmp_path), progress=False)  # fmt: skip
+    assert "--task-dir" in str(info.value) and "\n" not in str(info.value)

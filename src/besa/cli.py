@@ -219,17 +219,35 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 def _format_table(rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str]) -> str:
     name_w = max(len("model"), *(len(m) for m in rows))
-    header = f"{'model':<{name_w}}  " + "  ".join(f"{d:>12}" for d in datasets)
-    lines = [header, "-" * len(header)]
-    for model, res in rows.items():
-        lines.append(f"{model:<{name_w}}  " + "  ".join(f"{res[d]['ppl']:>12.3f}" for d in datasets))
-    first = next(iter(rows.values()))
-    lines.append(
-        "(perplexity; "
-        + ", ".join(f"{d}: {first[d]['windows']} x {first[d]['seqlen']} tokens" for d in datasets)
-        + ")"
-    )
-    return "\n".join(lines)
+    lines = []
+    if datasets:
+        header = f"{'model':<{name_w}}  " + "  ".join(f"{d:>12}" for d in datasets)
+        lines += [header, "-" * len(header)]
+        for model, res in rows.items():
+            lines.append(f"{model:<{name_w}}  " + "  ".join(f"{res[d]['ppl']:>12.3f}" for d in datasets))
+        first = next(iter(rows.values()))
+        lines.append(
+            "(perplexity; "
+            + ", ".join(f"{d}: {first[d]['windows']} x {first[d]['seqlen']} tokens" for d in datasets)
+            + ")"
+        )
+    shots = [res["zero_shot"] for res in rows.values() if "zero_shot" in res]
+    if shots:
+        tasks = list(shots[0])
+        head = f"{'model':<{name_w}}  " + "  ".join(f"{t:>14}" for t in tasks)
+        lines += ["" if lines else None, head, "-" * len(head)]
+        for model, res in rows.items():
+            cells = [
+                "/".join(
+                    f"{100 * res['zero_shot'][t][m]:.1f}"
+                    for m in ("acc", "acc_norm")
+                    if m in res["zero_shot"][t]
+                )
+                for t in tasks
+            ]
+            lines.append(f"{model:<{name_w}}  " + "  ".join(f"{c:>14}" for c in cells))
+        lines.append("(zero-shot accuracy %, acc/acc_norm; mean over the tasks)")
+    return "\n".join(line for line in lines if line is not None)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -240,7 +258,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     settings.update({k: given[k] for k in _EVAL_RUN_FIELDS if k in given})
     from besa.data import eval_name
 
-    datasets = [eval_name(d) for d in settings.get("datasets", EvalConfig.datasets)]
+    datasets = [eval_name(d) for d in settings.get("datasets", EvalConfig.datasets) if d != "none"]
     if args.json:
         json_path = Path(args.json)
         if json_path.is_dir() or not json_path.parent.exists() and str(json_path.parent) not in ("", "."):

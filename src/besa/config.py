@@ -293,6 +293,8 @@ class EvalConfig:
         batch_size: windows per forward.
         device: compute device; ``None`` picks CUDA if present.
         dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
+        tasks: zero-shot tasks of the lm-evaluation-harness (``besa.zeroshot``; ``paper`` = the paper's six).
+        limit, num_fewshot, task_dir: the harness's examples per task, shots, and a folder of local task YAMLs.
         bos: as ``PruneConfig.bos``, for the evaluation windows: a departure from the LLaMA-1 protocol, which put
             one BOS at the start of the whole text; for tokenizers that add none (GPT-2, SmolLM2) nothing changes
             under ``auto``.
@@ -302,7 +304,7 @@ class EvalConfig:
         default=("wikitext2",),
         metadata={
             "help": "comma-separated datasets: wikitext2, ptb, c4, each optionally NAME:SPLIT (ptb:valid), or "
-            ".jsonl/.txt files (documents joined with blank lines; named by file name)",
+            ".jsonl/.txt files (documents joined with blank lines; named by file name); none: zero-shot only",
             "flag": "--ppl",
             "type": _comma_list,
         },
@@ -323,8 +325,38 @@ class EvalConfig:
             "tokenizer adds one), always, never"
         },
     )
+    tasks: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "zero-shot tasks of the lm-evaluation-harness, comma-separated; 'paper' is the paper's six "
+            "(piqa, boolq, hellaswag, winogrande, arc_easy, arc_challenge); needs besa[eval]",
+            "type": _comma_list,
+            "group": "zero-shot",
+        },
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "zero-shot: first N examples of each task", "group": "zero-shot"}
+    )
+    num_fewshot: int = field(
+        default=0, metadata={"help": "zero-shot: examples shown before each question", "group": "zero-shot"}
+    )
+    task_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "zero-shot: a folder of lm-eval task YAMLs and data (offline)",
+            "group": "zero-shot",
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise BesaError(f"--limit must be positive, got {self.limit}")
+        if self.num_fewshot < 0:
+            raise BesaError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
+        if self.datasets == ("none",):
+            self.datasets = ()
+        if not self.datasets and not self.tasks:
+            raise BesaError("nothing to evaluate: give --ppl datasets or --tasks")
         if self.bos not in ("auto", "always", "never"):
             raise BesaError(f"unknown --bos {self.bos!r}: choose auto, always or never")
         if self.seqlen < 2:

@@ -17,6 +17,7 @@ from besa.config import EvalConfig
 from besa.data import eval_name, load_eval_text, resolve_bos, with_bos
 from besa.errors import BesaError
 from besa.loading import check_seqlen, prepare_model, resolve_device, resolve_dtype, resolve_model
+from besa.zeroshot import expand_tasks, zero_shot
 
 __all__ = ["PerplexityResult", "perplexity", "windows_of", "evaluate"]
 
@@ -97,16 +98,21 @@ def evaluate(
     trust_remote_code: bool = False,
     progress: bool = True,
     bos: str = "auto",
-) -> dict[str, dict[str, float | int | bool]]:
+    tasks: tuple[str, ...] | list[str] = (),
+    limit: int | None = None,
+    num_fewshot: int = 0,
+    task_dir: str | None = None,
+) -> dict[str, Any]:
     """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}`` (a
-    ``.jsonl``/``.txt`` file is keyed by its file name).
+    ``.jsonl``/``.txt`` file is keyed by its file name), and with ``tasks`` the zero-shot accuracies under
+    ``"zero_shot"`` (``besa.zeroshot``: ``{task: {"acc", "acc_norm"}, "mean": {...}}``).
 
     Example:
         >>> besa.evaluate("smollm2-135m", datasets=["wikitext2"], seqlen=512)["wikitext2"]["ppl"]
     """
     config = EvalConfig(
         datasets=tuple(datasets), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
-        dtype=dtype, bos=bos,
+        dtype=dtype, bos=bos, tasks=tuple(tasks), limit=limit, num_fewshot=num_fewshot, task_dir=task_dir,
     )  # fmt: skip
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails before any data is read
@@ -116,15 +122,17 @@ def evaluate(
         raise BesaError(
             f"--ppl names one dataset twice (files are named by their file name): {config.datasets}"
         )
-    check_seqlen(model, config.seqlen)
+    if config.datasets:
+        check_seqlen(model, config.seqlen)
     compute_device = resolve_device(config.device)
     model, tokenizer, _ = prepare_model(
         model, tokenizer, resolve_dtype(config.dtype, compute_device), trust_remote_code
     )
-    check_seqlen(model, config.seqlen)  # a GGUF model's config is known only now
+    if config.datasets:
+        check_seqlen(model, config.seqlen)  # a GGUF model's config is known only now
     model.to(compute_device)
     bos_id = resolve_bos(config.bos, tokenizer)
-    results: dict[str, dict[str, float | int | bool]] = {}
+    results: dict[str, Any] = {}
     try:
         for name, text in texts.items():
             ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -143,6 +151,11 @@ def evaluate(
             except ValueError as exc:
                 raise BesaError(f"{name}: {exc}") from None
             results[name] = res.to_dict()
+        if config.tasks:
+            results["zero_shot"] = zero_shot(
+                model, tokenizer, expand_tasks(config.tasks), limit=config.limit, num_fewshot=config.num_fewshot,
+                batch_size=config.batch_size, device=str(compute_device), task_dir=config.task_dir,
+            )  # fmt: skip
     finally:
         model.to("cpu")
     return results
