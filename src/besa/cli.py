@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from besa.config import EvalConfig, PruneConfig
+from besa.config import EvalConfig, PruneConfig, SpeedConfig
 from besa.errors import BesaError
 from besa.fileio import write_json_atomic
 from besa.options import RunOptions
@@ -89,7 +89,7 @@ def _add_dataclass_flags(
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
             if isinstance(default, tuple):
-                default = ",".join(default)
+                default = ",".join(str(v) for v in default)
             kwargs.update(type=_field_type(f), metavar=f.name.upper().replace("_", "-"))
             kwargs["help"] += "" if default is None else f" (default: {default})"
         if meta.get("required"):
@@ -151,7 +151,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("folder", help="a folder written by besa prune (holds besa_report.json)")
     r.add_argument("--png", default=None, help="where to write the picture (default: inside the folder)")
+    sp = sub.add_parser(
+        "speedup",
+        help="time a saved pruned model's linears, forward and decode: dense vs a sparse kernel of torch",
+        epilog="example:\n  besa speedup pruned/sgpt-2of4 --batch 1,16 --seqlen 128 --json speed.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sp.add_argument("folder", help="a pruned model folder (any --save-format)")
+    _add_dataclass_flags(sp, SpeedConfig)
+    sp.add_argument("--json", default=None, help="write every measurement to this JSON file")
+    sp.add_argument(
+        "--png", default=None, help="bar chart of the speed-ups (default: FOLDER/besa_speedup.png)"
+    )
+    sp.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return parser
+
+
+def _cmd_speedup(args: argparse.Namespace) -> int:
+    from besa.loading import load_model
+    from besa.plotting import plot_speedup, speedup_table
+    from besa.speed import measure_speed
+
+    given = vars(args)
+    config = SpeedConfig(
+        **{f.name: given[f.name] for f in dataclasses.fields(SpeedConfig) if f.name in given}
+    )
+    model, _, _ = load_model(args.folder)
+    result = measure_speed(model, config, progress=args.progress)
+    print(speedup_table(result))
+    png = plot_speedup(result, args.png or Path(args.folder) / "besa_speedup.png")
+    print(f"chart: {png}")
+    if args.json:
+        write_json_atomic(Path(args.json), result)
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -284,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report}[args.command]
+    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report, "speedup": _cmd_speedup}[
+        args.command
+    ]
     try:
         return handler(args)
     except BesaError as exc:

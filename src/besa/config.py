@@ -12,7 +12,15 @@ from typing import Any
 
 from besa.errors import BesaError
 
-__all__ = ["NMPattern", "QuantSpec", "PruneConfig", "EvalConfig", "MethodConfig", "parse_pattern"]
+__all__ = [
+    "NMPattern",
+    "QuantSpec",
+    "PruneConfig",
+    "EvalConfig",
+    "SpeedConfig",
+    "MethodConfig",
+    "parse_pattern",
+]
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,41 @@ class PruneConfig:
 def _comma_list(text: str) -> tuple[str, ...]:
     """``"wikitext2, ptb"`` -> ``("wikitext2", "ptb")``."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"1, 16"`` -> ``(1, 16)``."""
+    try:
+        return tuple(int(part) for part in _comma_list(text))
+    except ValueError:
+        raise BesaError(f"expected comma-separated integers, got {text!r}") from None
+
+
+@dataclass
+class SpeedConfig:
+    """``besa speedup`` settings.
+
+    Args:
+        batch: batch sizes (sequences) to time the linears and the forward at.
+        seqlen: tokens per sequence of the timed inputs.
+        repeats: timed calls per measurement (after two warm-up calls); the median is kept.
+        decode_tokens: greedy decode length (0: skip the decode).
+        device: ``cpu`` or ``cuda``; ``None`` picks CUDA if present.
+    """
+
+    batch: tuple[int, ...] = field(
+        default=(1, 16), metadata={"help": "batch sizes, comma-separated", "type": _int_list}
+    )
+    seqlen: int = field(default=128, metadata={"help": "tokens per sequence"})
+    repeats: int = field(default=10, metadata={"help": "timed calls per measurement (the median is kept)"})
+    decode_tokens: int = field(default=64, metadata={"help": "greedy decode length (0: no decode)"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: CUDA if present)"})
+
+    def __post_init__(self) -> None:
+        if not self.batch or min(self.batch) < 1:
+            raise BesaError(f"--batch must be positive integers, got {self.batch}")
+        if self.seqlen < 1 or self.repeats < 1 or self.decode_tokens < 0:
+            raise BesaError("--seqlen and --repeats must be positive, --decode-tokens 0 or more")
 
 
 @dataclass

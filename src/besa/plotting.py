@@ -81,3 +81,77 @@ def allocation_figure(report: dict[str, Any]) -> Any:
     ax_line.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def _by_layer_kind(result: dict[str, Any]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The timed linears grouped by their name inside the block (``self_attn.q_proj``) and batch."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in result["layers"]:
+        short = row["layer"].split(".", 2)[-1] if row["layer"].count(".") >= 2 else row["layer"]
+        groups.setdefault((short, row["batch"]), []).append(row)
+    return groups
+
+
+def speedup_table(result: dict[str, Any]) -> str:
+    """``besa speedup``'s printed table: median dense/sparse milliseconds per layer kind and batch, then the model."""
+    import statistics
+
+    lines = [
+        f"device {result['device']} ({result['dtype']}, {result['threads']} threads), sparse kernels: "
+        f"{', '.join(result['kinds'])}; medians of {result['repeats']} calls, seqlen {result['seqlen']}",
+        f"{'what':<32} {'batch':>5} {'dense ms':>10} {'sparse ms':>10} {'speed-up':>9}",
+    ]
+    for (short, batch), rows in _by_layer_kind(result).items():
+        dense = statistics.median(r["dense_s"] for r in rows) * 1e3
+        sparse = statistics.median(r["sparse_s"] for r in rows) * 1e3
+        lines.append(
+            f"{short + f' (x{len(rows)})':<32} {batch:>5} {dense:>10.3f} {sparse:>10.3f} {dense / sparse:>8.2f}x"
+        )
+    for row in result["model"]:
+        lines.append(f"{row['what']:<32} {row['batch']:>5} {row['dense_s'] * 1e3:>10.1f} {row['sparse_s'] * 1e3:>10.1f}"
+                     f" {row['speedup']:>8.2f}x")  # fmt: skip
+    lines.append("(speed-up = dense time / sparse time; below 1 the sparse kernel is slower)")
+    return "\n".join(lines)
+
+
+def plot_speedup(result: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of the speed-ups of ``besa speedup``: each layer kind (median over blocks) and the whole model,
+    one bar per batch size, with the break-even line at 1."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _by_layer_kind(result)
+    names = list(dict.fromkeys(short for short, _ in groups)) + list(
+        dict.fromkeys(r["what"] for r in result["model"])
+    )
+    batches = sorted({b for _, b in groups} | {r["batch"] for r in result["model"]})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4))
+    width = 0.8 / len(batches)
+    for i, batch in enumerate(batches):
+        values = []
+        for name in names:
+            rows = groups.get((name, batch))
+            if rows:
+                values.append(
+                    statistics.median(r["dense_s"] for r in rows)
+                    / statistics.median(r["sparse_s"] for r in rows)
+                )
+            else:
+                match = [r["speedup"] for r in result["model"] if r["what"] == name and r["batch"] == batch]
+                values.append(match[0] if match else float("nan"))
+        ax.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("speed-up (dense time / sparse time)")
+    ax.set_title(f"sparse vs dense on {result['device']} ({', '.join(result['kinds'])})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
