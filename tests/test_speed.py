@@ -73,3 +73,18 @@ def test_speedup_command_prints_the_table_and_draws_the_chart(tmp_path, capsys):
     assert code == 0 and "self_attn.q_proj" in stdout and "forward" in stdout and "speed-up" in stdout
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert json.loads(out.read_text())["model"][0]["what"] == "forward"
+
+
+def test_speedup_simulate_prints_cycles_per_layer_type(tmp_path, capsys):
+    from besa.cli import main
+    from conftest import make_tokenizer
+
+    folder = tmp_path / "m"
+    _prune_half(make_model("llama")).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    out = tmp_path / "sim.json"
+    assert main(["speedup", str(folder), "--simulate", "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "mlp.down_proj" in stdout and "pruned cycles" in stdout
+    sim = json.loads(out.read_text())
+    assert all(e["cycles"] <= e["dense_cycles"] for e in sim["by_type"].values())

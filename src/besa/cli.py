@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("folder", help="a pruned model folder (any --save-format)")
     _add_dataclass_flags(sp, SpeedConfig)
+    sp.add_argument(
+        "--simulate", action="store_true",
+        help="instead of timing, the paper's simulated 64x64 PE accelerator: cycles per layer type, dense vs pruned",
+    )  # fmt: skip
     sp.add_argument("--json", default=None, help="write every measurement to this JSON file")
     sp.add_argument(
         "--png", default=None, help="bar chart of the speed-ups (default: FOLDER/besa_speedup.png)"
