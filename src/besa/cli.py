@@ -181,6 +181,21 @@ def _cmd_speedup(args: argparse.Namespace) -> int:
         **{f.name: given[f.name] for f in dataclasses.fields(SpeedConfig) if f.name in given}
     )
     model, _, _ = load_model(args.folder)
+    if args.simulate:
+        from besa.simulate import simulate_model
+
+        sim = simulate_model(model)
+        print(
+            f"simulated accelerator ({sim['pe_array']} PEs, dense/sparse engine split), one mat-vec per linear"
+        )
+        print(f"{'layer type':<20} {'layers':>6} {'dense cycles':>13} {'pruned cycles':>14} {'speed-up':>9}")
+        for name, e in sim["by_type"].items():
+            print(
+                f"{name:<20} {e['layers']:>6} {e['dense_cycles']:>13} {e['cycles']:>14} {e['speedup']:>8.2f}x"
+            )
+        if args.json:
+            write_json_atomic(Path(args.json), sim)
+        return 0
     result = measure_speed(model, config, progress=args.progress)
     print(speedup_table(result))
     png = plot_speedup(result, args.png or Path(args.folder) / "besa_speedup.png")
