@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 HEADER = "# Benchmarks\n\nEvery table below is written by a script in `benchmarks/`; its command is given with it.\n"
@@ -22,3 +23,18 @@ def replace_section(path: Path, name: str, body: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def protocol_parser(doc: str | None, seed: bool = True) -> argparse.ArgumentParser:
+    """A benchmark's parser with the shared protocol flags: the model, its calibration (64 x 512 tokens of
+    ``enwiki-articles``, seed 0 unless ``seed`` is False) and the evaluation windows (512 tokens, all of them)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--calib", default="enwiki-articles")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
+    return p

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _markdown import replace_section  # noqa: E402
+from _markdown import protocol_parser, replace_section  # noqa: E402
 
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
 METHODS = ["magnitude", "wanda", "sparsegpt"]
@@ -250,14 +250,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib", default="enwiki-articles")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
+    p = protocol_parser(__doc__)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, the cores split between them")
     p.add_argument(
         "--besa-flags", default="", help="extra flags for the besa runs, e.g. '--optimizer adamw --lr 0.05'"

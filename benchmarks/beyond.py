@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _markdown import replace_section  # noqa: E402
+from _markdown import protocol_parser, replace_section  # noqa: E402
 from baselines import _machine, prune_and_score  # noqa: E402
 
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
@@ -166,14 +166,7 @@ def draw_curve(results: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib", default="enwiki-articles")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
+    p = protocol_parser(__doc__)
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--configs", default=",".join(CONFIGS))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _markdown import replace_section  # noqa: E402
+from _markdown import protocol_parser, replace_section  # noqa: E402
 from baselines import _machine  # noqa: E402
 
 PEER = "llmcompressor==0.14.0.1"
@@ -215,16 +215,10 @@ def _command_tail(args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib", default="enwiki-articles")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
+    p = protocol_parser(__doc__, seed=False)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--seeds", default="0", help="calibration seeds, comma-separated; one row each")
     p.add_argument("--ppl", default="wikitext2")
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=None, help="for quick trials only")
     p.add_argument("--setup", action="store_true", help=f"create the peer's virtual environment ({PEER})")
     p.add_argument("--peer-venv", default=str(ROOT / ".bench" / "llmcompressor"))
     p.add_argument(
