@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import replace_section  # noqa: E402
 from baselines import _machine  # noqa: E402
+from besa.plotting import layer_type  # noqa: E402
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "besa"]
 CASES = {  # name -> (target flags, save format, extra flags)
@@ -94,7 +95,7 @@ def run_speed(args: argparse.Namespace, results: dict, work: Path) -> None:
         folder = _folder(work, "sparsegpt", case)
         out = work / "speed.json"
         _besa("speedup", str(folder), "--batch", "1,16", "--seqlen", "128", "--repeats", str(args.repeats),
-              "--json", str(out), "--png", str(ROOT / "benchmarks" / "results" / f"speedup_{case.split()[0].replace('%', '').replace(':', '-')}.png"),
+              "--json", str(out), "--png", str(_chart(case)),
               "--no-progress")  # fmt: skip
         results.setdefault("speed", {})[case] = json.loads(out.read_text())
         save(args, results)
@@ -108,6 +109,20 @@ def run_simulate(args: argparse.Namespace, results: dict, work: Path) -> None:
         sim = json.loads(out.read_text())
         results.setdefault("simulate", {})[method] = {"by_type": sim["by_type"], "pe_array": sim["pe_array"]}
         save(args, results)
+
+
+def _chart(case: str) -> Path:
+    return (
+        ROOT / "benchmarks" / "results" / f"speedup_{case.split()[0].replace('%', '').replace(':', '-')}.png"
+    )
+
+
+def draw_speed_charts(results: dict) -> None:
+    """Redraw the speed charts from the recorded measurements (``besa speedup`` draws them when it runs)."""
+    from besa.plotting import plot_speedup
+
+    for case, res in results.get("speed", {}).items():
+        plot_speedup(res, _chart(case))
 
 
 def save(args: argparse.Namespace, results: dict) -> None:
@@ -158,7 +173,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         for case, res in results["speed"].items():
             groups: dict = {}
             for row in res["layers"]:
-                groups.setdefault((row["layer"].split(".", 2)[-1], row["batch"]), []).append(row)
+                groups.setdefault((layer_type(row), row["batch"]), []).append(row)
             for (short, batch), rows in groups.items():
                 d = statistics.median(r["dense_s"] for r in rows) * 1e3
                 s = statistics.median(r["sparse_s"] for r in rows) * 1e3
@@ -204,6 +219,7 @@ def main() -> None:
     args = p.parse_args()
     results = json.loads(Path(args.results).read_text()) if Path(args.results).exists() else {}
     if args.render_only:
+        draw_speed_charts(results)
         write_markdown(args, results)
         return
     work = Path(args.work)

@@ -197,7 +197,7 @@ class PruneConfig:
             "(0: off; default: the method's own, 0 for the baselines)"
         },
     )
-    refit_lr: float = field(default=1e-4, metadata={"help": "refit: Adam learning rate"})
+    refit_lr: float = field(default=3e-4, metadata={"help": "refit: Adam learning rate"})
     refit_target: str = field(
         default="dense-stream",
         metadata={

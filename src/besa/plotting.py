@@ -83,12 +83,19 @@ def allocation_figure(report: dict[str, Any]) -> Any:
     return fig
 
 
+def layer_type(row: dict[str, Any]) -> str:
+    """A timed linear's name inside its block (``self_attn.q_proj``): its ``type``, or its qualified name without
+    the block path (everything up to the block's index)."""
+    import re
+
+    return row.get("type") or re.sub(r"^(.*?\.)?\d+\.", "", row["layer"], count=1)
+
+
 def _by_layer_kind(result: dict[str, Any]) -> dict[tuple[str, int], list[dict[str, Any]]]:
     """The timed linears grouped by their name inside the block (``self_attn.q_proj``) and batch."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in result["layers"]:
-        short = row["layer"].split(".", 2)[-1] if row["layer"].count(".") >= 2 else row["layer"]
-        groups.setdefault((short, row["batch"]), []).append(row)
+        groups.setdefault((layer_type(row), row["batch"]), []).append(row)
     return groups
 
 

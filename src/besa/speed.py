@@ -105,22 +105,21 @@ def measure_speed(model: nn.Module, config: SpeedConfig, progress: bool = True) 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model = model.to(device).eval()
     dtype = next(model.parameters()).dtype
-    linears = {
-        f"{b}.{n}": layer for b, blk in find_blocks(model) for n, layer in find_linears(blk, model).items()
-    }
-    pruned = {n: layer for n, layer in linears.items() if bool((weight_matrix(layer) == 0).any())}
+    linears = {(b, n): lin for b, blk in find_blocks(model) for n, lin in find_linears(blk, model).items()}
+    pruned = {key: lin for key, lin in linears.items() if bool((weight_matrix(lin) == 0).any())}
     if not pruned:
         raise BesaError("the model has no pruned linears (no zeros in any block's linears)")
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
-        for name, layer in tqdm(pruned.items(), desc="Timing linears", disable=None if progress else True):
+        bar = tqdm(pruned.items(), desc="Timing linears", disable=None if progress else True)
+        for (block, name), layer in bar:
             w = weight_matrix(layer)
             twin = SparseLinear(layer, _kind(w, device))
             for batch in config.batch:
                 x = torch.randn(batch, config.seqlen, w.shape[1], device=device, dtype=dtype)
                 dense = median_time(lambda layer=layer, x=x: layer(x), config.repeats, sync)
                 sparse = median_time(lambda twin=twin, x=x: twin(x), config.repeats, sync)
-                rows.append({"layer": name, "shape": list(w.shape), "sparsity": float((w == 0).float().mean()),
+                rows.append({"layer": f"{block}.{name}", "type": name, "shape": list(w.shape), "sparsity": float((w == 0).float().mean()),
                              "kind": twin.kind, "batch": batch, "dense_s": dense, "sparse_s": sparse,
                              "speedup": dense / sparse})  # fmt: skip
         sparse_model = copy.deepcopy(model)

@@ -70,14 +70,16 @@ def test_saved_weights_lie_on_their_grids_and_pruned_ones_are_zero(
 
 
 @pytest.mark.parametrize(
-    ("wbits", "mode", "expected"), [(16, "joint", "none"), (4, "rtn", "none"), (4, "joint", "obs")]
-)
-def test_besa_weight_update_auto_is_obs_only_when_quantizing_jointly(
-    wbits, mode, expected, tokenizer, calib_ids
-):
+    ("wbits", "mode", "given", "expected"),
+    [(16, "joint", None, "obs"), (4, "rtn", None, "obs"), (4, "joint", None, "obs"), (4, "joint", "auto", "obs"),
+     (4, "joint", "none", "none")],
+)  # fmt: skip
+def test_besa_weight_update_is_obs_by_default(wbits, mode, given, expected, tokenizer, calib_ids):
+    """OBS is the default with or without quantization (``auto``, from older recipes, means it too)."""
+    options = {"optimizer": "adamw", "lr": 0.05, **({"weight_update": given} if given else {})}
     result = besa.prune(
         make_model("llama"), tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=calib_ids, progress=False,
-        method_options={"optimizer": "adamw", "lr": 0.05}, wbits=wbits, group_size=32, quant_mode=mode,
+        method_options=options, wbits=wbits, group_size=32, quant_mode=mode,
     )  # fmt: skip
     assert result.report["method"]["weight_update"] == expected
 

@@ -27,8 +27,8 @@ class BesaConfig(MethodConfig):
         lam: weight of the sparsity penalty lam * (expected block sparsity - target)^2.
         target: ``pruned-input`` (dense block on the pruned model's input, the paper's main setting) or
             ``dense-stream`` (the dense model's own block output).
-        optimizer: ``prodigy`` (prodigyopt) or ``adamw``.
-        lr: learning rate (Prodigy: 1.0; AdamW: 0.01 when not given).
+        optimizer: ``adamw`` (default: measured best on PTB valid) or ``prodigy`` (prodigyopt, the paper's).
+        lr: learning rate (AdamW: 0.05, Prodigy: 1.0 when not given).
         d_coef: Prodigy's coefficient on its estimated step size.
         epochs: passes over the calibration windows per block.
         batch_size: calibration sequences per optimizer step (the stored activations are re-cut to this size;
@@ -39,8 +39,8 @@ class BesaConfig(MethodConfig):
             number of pruned weights of every row but lets SparseGPT's OBS sweep choose them within the row and
             update the survivors to compensate (an extension, not in the paper). With ``--wbits`` and
             ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
-            on grids clipped by it. ``auto`` (default): ``obs`` when quantizing jointly (measured better at 4 and 3
-            bits on PTB valid, see BENCHMARKS.md), else ``none``.
+            on grids clipped by it. ``obs`` is the default (measured better on PTB valid at 4 and 3 bits, at 70%, and
+            with the refit at 50%: BENCHMARKS.md); ``auto`` is kept for older recipes and means ``obs``.
         nm_sharpness: with ``--pattern N:M`` BESA learns, for every group of M weights, a distribution over the
             C(M, N) ways to keep M - N of them, started at ``softmax(nm_sharpness * sum of the kept log-scores)``
             of the ranking metric (higher: closer to the metric's own mask, slower to move away from it).
@@ -57,8 +57,8 @@ class BesaConfig(MethodConfig):
     max_rate: float = field(default=0.99, metadata={"help": "BESA: highest pruning rate of any row"})
     lam: float = field(default=20.0, metadata={"help": "BESA: weight of the sparsity penalty"})
     target: str = field(default="pruned-input", metadata={"help": "BESA: pruned-input or dense-stream"})
-    optimizer: str = field(default="prodigy", metadata={"help": "BESA: prodigy or adamw"})
-    lr: float | None = field(default=None, metadata={"help": "BESA: learning rate (prodigy 1.0, adamw 0.01)"})
+    optimizer: str = field(default="adamw", metadata={"help": "BESA: adamw or prodigy (the paper's)"})
+    lr: float | None = field(default=None, metadata={"help": "BESA: learning rate (adamw 0.05, prodigy 1.0)"})
     d_coef: float = field(default=5.0, metadata={"help": "BESA: Prodigy d_coef"})
     epochs: int = field(default=1, metadata={"help": "BESA: epochs over the calibration set per block"})
     batch_size: int = field(default=1, metadata={"help": "BESA: calibration sequences per optimizer step"})
@@ -67,10 +67,10 @@ class BesaConfig(MethodConfig):
         metadata={"help": "BESA with --wbits: AdamW learning rate of the clipping logits"},
     )
     weight_update: str = field(
-        default="auto",
+        default="obs",
         metadata={
-            "help": "BESA: none (the paper: weights frozen), obs (SparseGPT update, learned row counts) or auto "
-            "(obs with --wbits joint, else none)"
+            "help": "BESA: obs (SparseGPT's update of the survivors, learned row counts) or none (the paper: "
+            "weights frozen)"
         },
     )
     nm_sharpness: float = field(

@@ -40,7 +40,7 @@ class BesaPruner(Pruner):
 
     With ``--wbits`` and ``--quant-mode joint`` it also learns per-(row, group) clipping strengths (OmniQuant's
     learnable weight clipping, sigmoid of a logit initialised at 4) together with the sparsity logits, under the
-    same block loss, the rounding passed straight through; by default (``--weight-update auto``) SparseGPT's OBS
+    same block loss, the rounding passed straight through; by default (``--weight-update obs``) SparseGPT's OBS
     sweep then quantizes on the learned grids with the learned row counts. ``rtn`` learns the masks at full
     precision and rounds to nearest after.
 
@@ -49,6 +49,11 @@ class BesaPruner(Pruner):
     pattern, with the OBS update on that fixed mask when ``--weight-update obs``. No clipping is learned then
     (with ``--wbits`` the OBS sweep fits its own grids, or the weights are rounded to nearest).
     """
+
+    # the defaults measured best on PTB valid (BENCHMARKS.md, besa-tuning): AdamW at 0.05, the OBS update group by
+    # group, then 8 epochs of blockwise refit; `--recipe besa-paper` is the paper's form
+    default_within_block = "sequential"
+    default_refit_epochs = 8
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
@@ -64,10 +69,8 @@ class BesaPruner(Pruner):
 
     @property
     def weight_update(self) -> str:
-        """``--weight-update`` with ``auto`` resolved: OBS when quantizing jointly, the paper's frozen weights else."""
-        if self.cfg.weight_update != "auto":
-            return self.cfg.weight_update
-        return "obs" if self.config.joint_quant is not None else "none"
+        """``--weight-update`` (``auto``, from older recipes, means ``obs``)."""
+        return "obs" if self.cfg.weight_update == "auto" else self.cfg.weight_update
 
     # -- statistics and ranking -------------------------------------------------------------------------------
     @property
