@@ -18,7 +18,7 @@ from besa.options import check_output_dir
 from besa.plotting import PLOT_NAME, plot_allocation
 from besa.quant import QuantSpec, dequantize_codes, quantize_codes
 from besa.recipe import RECIPE_NAME
-from besa.sparse_format import save_sparse
+from besa.sparse_format import save_sparse, stored_tensors
 
 __all__ = ["REPORT_NAME", "QUANT_LAYOUT", "save_pruned", "save_quantized_codes", "size_on_disk"]
 
@@ -72,13 +72,7 @@ def save_pruned(
 def size_on_disk(model: nn.Module, folder: Path, save_format: str) -> dict[str, Any]:
     """Bytes of the model's weights stored densely in their dtype (each tied tensor once) vs the weight files
     written in ``folder`` (``*.safetensors`` but the optional ``quantized.safetensors``)."""
-    seen: set[tuple[int, int]] = set()
-    dense = 0
-    for tensor in model.state_dict().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            dense += tensor.numel() * tensor.element_size()
+    dense = sum(t.numel() * t.element_size() for t in stored_tensors(model)[0].values())
     saved = sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.name != QUANT_LAYOUT["file"])
     return {"format": save_format, "dense_weights_bytes": dense, "saved_weights_bytes": saved,
             "saved_over_dense": round(saved / dense, 4) if dense else None}  # fmt: skip
