@@ -335,3 +335,16 @@ def test_eval_zero_shot_table_and_json(capsys, tmp_path, model_dir, monkeypatch)
     assert 0 <= payload["zero_shot"]["toy_choice"]["acc"] <= 1
     code, _, err = _run(capsys, "eval", str(model_dir), "--ppl", "none")
     _assert_one_line_error(code, err, "nothing to evaluate")
+
+
+def test_eval_tasks_flag_alone_means_the_papers_six():
+    import argparse
+
+    from besa.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval", "m", "--tasks"]).tasks == ("paper",)
+    assert parser.parse_args(["eval", "m", "--tasks", "piqa,boolq"]).tasks == ("piqa", "boolq")
+    assert not hasattr(parser.parse_args(["eval", "m"]), "tasks")  # the dataclass default (none) applies
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "(default: )" not in sub.choices["eval"].format_help()

@@ -64,7 +64,7 @@ def _add_dataclass_flags(
     """One ``--flag`` per dataclass field that has ``help`` metadata; defaults and help are written once, there.
 
     A field's metadata may also give ``flag`` (e.g. ``--no-checkpoint`` for a boolean whose flag turns it off),
-    ``type``, ``required`` and ``group`` (a key of ``groups``). Flags not given are left out of the namespace, so
+    ``type``, ``required``, ``group`` (a key of ``groups``) and ``const`` (the value of the flag given alone). Flags not given are left out of the namespace, so
     the dataclass's own default applies.
 
     ``seen`` (flag name -> field type) lets several method configs share a field name: the flag is defined once,
@@ -89,8 +89,11 @@ def _add_dataclass_flags(
         else:
             default = f.default if f.default is not dataclasses.MISSING else None
             if isinstance(default, tuple):
-                default = ",".join(str(v) for v in default)
+                default = ",".join(str(v) for v in default) or None
             kwargs.update(type=_field_type(f), metavar=f.name.upper().replace("_", "-"))
+            if "const" in meta:  # the flag alone means ``const``
+                kwargs.update(nargs="?", const=kwargs["type"](meta["const"]))
+                kwargs["help"] += f"; the flag alone: {meta['const']}"
             kwargs["help"] += "" if default is None else f" (default: {default})"
         if meta.get("required"):
             kwargs["required"] = True

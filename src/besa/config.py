@@ -374,6 +374,7 @@ class EvalConfig:
             "help": "zero-shot tasks of the lm-evaluation-harness, comma-separated; 'paper' is the paper's six "
             "(piqa, boolq, hellaswag, winogrande, arc_easy, arc_challenge); needs besa[eval]",
             "type": _comma_list,
+            "const": "paper",
             "group": "zero-shot",
         },
     )
