@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import replace_section  # noqa: E402
 from baselines import _besa as _cli  # noqa: E402
-from baselines import _machine  # noqa: E402
+from baselines import _machine, _machine_lines, _machine_marks  # noqa: E402
 
 BESA_FLAGS = ["--optimizer", "adamw", "--lr", "0.05"]
 # the clipping's step for the OBS rows by weight width, chosen on PTB valid (BENCHMARKS.md, tuning table's
@@ -32,6 +32,10 @@ OBS_CLIP_LR = {4: "0.01", 3: "0.05"}
 ROWS = {
     "wanda+rtn": ("Wanda, then RTN", ["--method", "wanda"]),
     "sparsegpt-joint": ("SparseGPT, quantizing while pruning", ["--method", "sparsegpt"]),
+    "sparsegpt-joint-parallel": (
+        "SparseGPT, one dense pass per block (before issue 14)",
+        ["--method", "sparsegpt", "--within-block", "parallel"],
+    ),
     "besa+rtn": ("BESA, then RTN", ["--method", "besa", "--quant-mode", "rtn", *BESA_FLAGS]),
     "besa-joint": (
         "joint BESA, frozen weights (the paper's form)",
@@ -55,7 +59,7 @@ ROWS = {
         ["--method", "besa", "--weight-update", "obs", *BESA_FLAGS, "--clip-lr", "0.01"],
     ),
 }
-DEFAULT_ROWS = [r for r in ROWS if "-cliplr" not in r]
+DEFAULT_ROWS = [r for r in ROWS if "-cliplr" not in r and "-parallel" not in r]
 
 
 def row_flags(row: str, bits: int) -> list[str]:
@@ -84,6 +88,7 @@ def one_run(args: argparse.Namespace, row: str, bits: int, threads: int | None) 
         "peak_rss_mib": report["memory"]["peak_rss_mib"],
         "sparsity": report["sparsity"]["pruned_layers"],
         "threads": threads,
+        "machine": _machine(),
     }
 
 
@@ -140,7 +145,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "SmolLM2's input widths 576 and 1536 are not all multiples of 128: a row's last group is then 64 wide.",
         "Counted sparsity can exceed 50% slightly: survivors that round to 0 count as zeros.",
         "",
-        f"Machine: {_machine()}.",
+        *_machine_lines(results),
         "",
         "```",
         "BESA_DATA_DIR=../shared/data python benchmarks/joint_quant.py"
@@ -150,6 +155,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "| bits | method | WikiText-2 ppl | counted sparsity | prune s | peak RSS MiB |",
         "|---:|---|---:|---:|---:|---:|",
     ]
+    marks = _machine_marks(results)
     for bits in args.bits:
         for row, (label, _) in ROWS.items():
             flags = row_flags(row, bits)
@@ -160,7 +166,8 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
                 lines.append(f"| {bits} | {label} | (not run yet) | | | |")
                 continue
             lines.append(
-                f"| {bits} | {label} (`{' '.join(flags)}`) | {r['ppl']['ppl']:.2f} | {r['sparsity']:.4f} |"
+                f"| {bits} | {label}{marks.get(r.get('machine'), '')} (`{' '.join(flags)}`) | {r['ppl']['ppl']:.2f} |"
+                f" {r['sparsity']:.4f} |"
                 f" {r['prune_s']:.0f} | {r['peak_rss_mib']:.0f} |"
             )
     chart = Path(args.results).with_suffix(".png")
