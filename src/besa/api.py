@@ -22,7 +22,14 @@ from besa.data import load_calibration_documents, resolve_bos, sample_windows, w
 from besa.errors import BesaError
 from besa.evaluation import evaluate
 from besa.fileio import write_json_atomic
-from besa.loading import check_seqlen, prepare_model, resolve_device, resolve_dtype, resolve_model
+from besa.loading import (
+    check_seqlen,
+    model_folder,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
 from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.options import RunOptions
 from besa.pipeline import run_sequential
@@ -32,6 +39,7 @@ from besa.registry import get_method
 from besa.report import build_report
 from besa.saving import REPORT_NAME, save_pruned
 from besa.settings import build_settings
+from besa.streaming import BlockStreamer, count_streamed, open_streamed, save_streamed
 
 __all__ = ["PruneResult", "prune", "prune_with", "evaluate"]
 
@@ -40,9 +48,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PruneResult:
-    """The pruned model (on the CPU), its tokenizer, the report, and the output folder if one was written."""
+    """The pruned model (on the CPU), its tokenizer, the report, and the output folder if one was written.
 
-    model: nn.Module
+    ``model`` is ``None`` after a streamed run (``stream=True``): the pruned model is the one written to ``out``.
+    """
+
+    model: nn.Module | None
     tokenizer: Any
     report: dict[str, Any]
     out: Path | None
@@ -135,9 +146,18 @@ def prune_with(
     if options.progress:
         _announce(config, calib_ids, needs_data, pruner.engine_uses_data)
     t = time.perf_counter()
-    model, tokenizer, source = prepare_model(
-        model, tokenizer, resolve_dtype(config.dtype, compute_device), options.trust_remote_code
-    )
+    streamer = None
+    if options.stream:
+        if not isinstance(model, str):
+            raise BesaError("--stream reads the model from its files: give a model folder, hub id or .gguf")
+        folder, source = model_folder(model)
+        model, tokenizer, streamer = open_streamed(
+            folder, resolve_dtype(config.dtype, compute_device), options.trust_remote_code
+        )
+    else:
+        model, tokenizer, source = prepare_model(
+            model, tokenizer, resolve_dtype(config.dtype, compute_device), options.trust_remote_code
+        )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
     if options.save_format == "compressed-tensors" and where.out is not None:
@@ -156,41 +176,65 @@ def prune_with(
     timings["sample_calibration"] = time.perf_counter() - t
     # data-free methods run through the engine, no data
     engine_ids = calib_ids if pruner.engine_uses_data else None
-    if where.run_dir is not None and engine_ids is not None:
-        run = _open_run(where.run_dir, model, config, method_config, engine_ids, record, options.resume)
+    if where.run_dir is not None and (engine_ids is not None or streamer is not None):
+        run = _open_run(
+            where.run_dir, model, config, method_config, engine_ids, record, options.resume, streamer
+        )
     resumed = _run_stages(
         model, pruner, record, config, calib_ids, engine_ids, compute_device, options, budget, run, timings
     )
+    counts = (
+        count_streamed(model, streamer, where.run_dir) if streamer is not None and where.run_dir else None
+    )
     report = build_report(
-        model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed
+        model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed, counts
     )
     report["config"]["bos_added"] = bos is not None  # what --bos resolved to (False for given token ids)
     if where.out is not None:
         t = time.perf_counter()
         recipe = recipe_text(config, method_config, _ids_digest(calib_ids) if given_ids else None)
+        write_weights = None
+        if streamer is not None and where.run_dir is not None:
+            run_dir = where.run_dir
+
+            def write_weights(folder: Path) -> dict[str, Any]:
+                return save_streamed(model, streamer, run_dir, folder)
+
         save_pruned(model, tokenizer, where.out, report, options.overwrite, grids=record.grids, recipe=recipe,
-                    save_format=options.save_format, save_quantized=options.save_quantized)  # fmt: skip
+                    save_format=options.save_format, save_quantized=options.save_quantized,
+                    write_weights=write_weights)  # fmt: skip
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         write_json_atomic(where.out / REPORT_NAME, report)  # again, with the saving time
         if run is not None and not options.keep_run_dir:
             run.remove()
     timings["total"] = time.perf_counter() - t_start
+    if streamer is not None:  # its blocks are on the meta device: the pruned model is the one in ``out``
+        return PruneResult(model=None, tokenizer=tokenizer, report=report, out=where.out)
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=where.out)
 
 
 def _fingerprint(
-    model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor
-) -> dict[str, Any]:
+    model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor | None,
+    streamer: BlockStreamer | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """What must match for a run folder to be continued: everything that decides the pruned weights."""
     fields = config.to_dict()
     fields.pop("device")  # where it runs does not change what it computes... up to kernel differences
     payload: dict[str, Any] = {f"config.{k}": v for k, v in fields.items()}
     payload.update({f"option.{k}": v for k, v in method_config.to_dict().items()})
     payload["model.class"] = type(model).__name__
-    payload["model.weights"] = model_digest(model)
-    payload["model.dtype"] = str(next(model.parameters()).dtype)
-    payload["calibration.tokens"] = tensor_digest(calib_ids.to(torch.long))
+    if streamer is not None:  # the blocks are not loaded: the fingerprint of the files instead
+        payload["model.weights"] = streamer.index.digest()
+        payload["model.dtype"] = str(streamer.dtype)
+        payload["stream"] = True
+    else:
+        payload["model.weights"] = model_digest(model)
+        payload["model.dtype"] = str(next(model.parameters()).dtype)
+    no_data = torch.zeros(0, dtype=torch.long)  # a data-free method (streamed runs keep a run folder anyway)
+    payload["calibration.tokens"] = tensor_digest(
+        (calib_ids if calib_ids is not None else no_data).to(torch.long)
+    )
     return json.loads(json.dumps(payload))  # as it reads back from run.json (tuples -> lists)
 
 
@@ -252,12 +296,13 @@ def _sample(documents: list[str], tokenizer: Any, config: PruneConfig, bos: int 
 
 
 def _open_run(
-    path: Path, model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor,
-    record: RunRecord, resume: bool,
+    path: Path, model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor | None,
+    record: RunRecord, resume: bool, streamer: BlockStreamer | None = None,
 ) -> RunFolder:  # fmt: skip
     """The run folder of these settings, model and windows; one of another run is refused."""
     run = RunFolder(
-        path, _fingerprint(model, config, method_config, calib_ids), record.block_json, record.restore_json,
+        path, _fingerprint(model, config, method_config, calib_ids, streamer), record.block_json,
+        record.restore_json,
         record.block_tensors, record.restore_tensors,
     )  # fmt: skip
     run.check(require=resume)

@@ -167,11 +167,12 @@ class RunFolder:
 
     # -- resuming ---------------------------------------------------------------------------------------------
     def resume(
-        self, named_blocks: list[tuple[str, nn.Module]], budget: MemoryBudget
+        self, named_blocks: list[tuple[str, nn.Module]], budget: MemoryBudget, load_blocks: bool = True
     ) -> tuple[int, list[float], ActivationStore | None, ActivationStore | None]:
         """Load the finished blocks into the model; return (first block to do, their seconds, inputs, dense inputs).
 
-        With no checkpoint the inputs are ``None`` and the engine starts from the embeddings.
+        With no checkpoint the inputs are ``None`` and the engine starts from the embeddings. Without
+        ``load_blocks`` (a streamed run) the blocks' weights stay in their files; the method's facts are restored.
         """
         if self.state is None:
             self.check()
@@ -193,7 +194,9 @@ class RunFolder:
                     )
                 tensors = load_file(str(self.path / "blocks" / f"{i:05d}.safetensors"))
                 extra = {k[len(_EXTRA) :]: tensors.pop(k) for k in list(tensors) if k.startswith(_EXTRA)}
-                block.load_state_dict(tensors, strict=True)
+                if load_blocks:
+                    block.load_state_dict(tensors, strict=True)
+                del tensors
                 self.restore_tensors(name, extra)
                 self.restore_record(name, entry["record"])
                 seconds.append(float(entry["seconds"]))

@@ -20,6 +20,7 @@ from besa.fileio import atomic_folder
 __all__ = [
     "BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype", "resolve_device",
     "prepare_model",
+    "model_folder",
     "position_limit",
     "check_seqlen",
 ]  # fmt: skip
@@ -136,6 +137,25 @@ def _dequantize_gguf(gguf_path: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def model_folder(spec: str) -> tuple[Path, ModelSource]:
+    """The local folder holding ``spec``'s config and safetensors: the folder itself, the dequantized cache of a
+    ``.gguf``, or a hub snapshot (config, tokenizer and safetensors files only)."""
+    source = resolve_model(spec)
+    if source.kind == "gguf":
+        return _dequantize_gguf(Path(source.location)), source
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            where = snapshot_download(
+                source.location, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+            )
+        except Exception as exc:  # the hub client raises many kinds: offline, missing, gated
+            raise BesaError(f"could not download model {spec!r}: {str(exc).splitlines()[0]}") from exc
+        return Path(where), source
+    return Path(source.location), source
 
 
 def load_model(

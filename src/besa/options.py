@@ -84,6 +84,9 @@ class RunOptions:
         keep_run_dir: keep the run folder after a successful run.
         max_memory: RAM budget for calibration activations (``"2GiB"``, bytes, ``None`` for no limit); batches
             beyond it are spilled to disk (into the run folder when there is one).
+        stream: build the model without weights and read each block from its safetensors only while the engine
+            works on it; the pruned blocks wait in the run folder's checkpoints and are written as one shard each
+            (``besa.streaming``). Needs ``out`` and checkpoints; dense output only.
         save_quantized: with ``wbits < 16``, also write the integer codes, scales and zero points
             (``quantized.safetensors``, layout in ``quantization.json``) beside the dequantized model.
         save_format: ``dense`` (``save_pretrained``: every weight stored, zeros included), ``sparse`` (each pruned
@@ -131,6 +134,15 @@ class RunOptions:
             "group": "checkpoints and memory",
         },
     )
+    stream: bool = field(
+        default=False,
+        metadata={
+            "help": "read each block's weights from the model's safetensors only while it is pruned and write the "
+            "pruned model as shards (one block per shard): peak RAM about one block, whatever the depth; the "
+            "pruned blocks wait in the run folder, so a killed run resumes",
+            "group": "checkpoints and memory",
+        },
+    )
     save_quantized: bool = field(
         default=False,
         metadata={
@@ -152,9 +164,24 @@ class RunOptions:
         """Check every place this run will write, and the memory size, before any work; raise ``BesaError``."""
         if self.save_format not in SAVE_FORMATS:
             raise BesaError(f"unknown --save-format {self.save_format!r}: choose {', '.join(SAVE_FORMATS)}")
+        if self.stream:
+            self._check_stream()
         out = check_output_dir(self.out, self.overwrite) if self.out is not None else None
-        run_dir = self._run_dir(out) if needs_calibration else None
+        run_dir = self._run_dir(out) if needs_calibration or self.stream else None
         return ResolvedRun(out=out, run_dir=run_dir, memory_limit=parse_size(self.max_memory))
+
+    def _check_stream(self) -> None:
+        """A streamed run writes its pruned blocks to the run folder and its result to ``out``, densely."""
+        if self.out is None:
+            raise BesaError("--stream writes the pruned model block by block: give --out")
+        if self.checkpoint is False:
+            raise BesaError("--stream keeps the pruned blocks in the run folder: drop --no-checkpoint")
+        if self.save_format != "dense":
+            raise BesaError(
+                f"--stream saves dense shards; --save-format {self.save_format} needs the whole model"
+            )
+        if self.save_quantized:
+            raise BesaError("--stream cannot --save-quantized yet: run without --stream")
 
     def _run_dir(self, out: Path | None) -> Path | None:
         if self.checkpoint is False:

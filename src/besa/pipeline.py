@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from besa.activations import ActivationStore, MemoryBudget
 from besa.modeling import find_blocks, find_linears
+from besa.streaming import streamer_of
 from besa.work import BlockCall, BlockWork
 
 __all__ = [
@@ -147,7 +148,7 @@ class Checkpointer(Protocol):
     """Where the engine saves each finished block and, on a rerun, picks the work up again (``RunFolder``)."""
 
     def resume(
-        self, named_blocks: list[tuple[str, nn.Module]], budget: MemoryBudget
+        self, named_blocks: list[tuple[str, nn.Module]], budget: MemoryBudget, load_blocks: bool = True
     ) -> tuple[int, list[float], ActivationStore | None, ActivationStore | None]: ...
 
     def commit(
@@ -190,8 +191,10 @@ def run_sequential(
     model.eval()
     t0 = time.perf_counter()
     start, block_seconds, inputs, dense_inputs = 0, [], None, None
-    if checkpoint is not None:
-        start, block_seconds, inputs, dense_inputs = checkpoint.resume(named_blocks, budget)
+    if checkpoint is not None:  # a streamed model's finished blocks stay in the checkpoints
+        start, block_seconds, inputs, dense_inputs = checkpoint.resume(
+            named_blocks, budget, load_blocks=streamer_of(model) is None
+        )
     data_free = input_ids is None
     if not data_free:
         _move_outside_blocks(model, blocks, device)
@@ -228,8 +231,11 @@ def _prune_blocks(
         named_blocks, desc="Pruning blocks", disable=None if progress else True, initial=start,
         total=len(named_blocks),
     )  # fmt: skip
+    stream = streamer_of(model)
     for i, (name, block) in enumerate(named_blocks[start:], start=start):
         tb = time.perf_counter()
+        if stream is not None:
+            stream.load(name, block)
         work = BlockWork(
             index=i, name=name, module=block.to(device), linears=find_linears(block, model), inputs=inputs,
             call=calls[i], device=device, num_blocks=len(named_blocks), progress=progress, budget=budget,
@@ -242,6 +248,8 @@ def _prune_blocks(
         del work
         if checkpoint is not None:
             checkpoint.commit(i, name, block, len(named_blocks), block_seconds[-1], inputs, dense_inputs)
+        if stream is not None:  # the pruned weights are in the checkpoint (a streamed run always has one)
+            stream.unload(block)
         bar.update()
         log.info("block %d/%d (%s) done in %.1f s", i + 1, len(named_blocks), name, block_seconds[-1])
     bar.close()

@@ -81,9 +81,17 @@ def peak_memory() -> dict[str, float]:
 def build_report(
     model: nn.Module, source: ModelSource, config: PruneConfig, method_config: Any, pruner: Any,
     record: RunRecord, timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
+    counts: tuple[dict[str, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end)."""
-    layers = count_layer_sparsity(model)
+    """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end).
+
+    ``counts`` (layers, totals) replaces counting the model's zeros when its blocks are not in memory (a streamed
+    run counts them from the checkpoints: ``besa.streaming.count_streamed``).
+    """
+    layers, totals = counts if counts is not None else (None, None)
+    if layers is None:
+        layers = count_layer_sparsity(model)
+        totals = model_sparsity(model, layers)
     targets = record.targets
     for name, info in layers.items():
         info["target"] = targets.get(name, config.sparsity)
@@ -101,7 +109,7 @@ def build_report(
             "target": config.sparsity,
             "pattern": config.pattern,
             "masked": masked,
-            **model_sparsity(model, layers),
+            **totals,
         },  # fmt: skip
         "layers": layers,
         "allocation": pruner.report_allocation(),

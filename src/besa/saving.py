@@ -3,6 +3,7 @@ request, the integer codes of quantized weights; all into a temporary sibling fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def save_pruned(
     recipe: str | None = None,
     save_format: str = "dense",
     save_quantized: bool = False,
+    write_weights: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
 
@@ -43,14 +45,17 @@ def save_pruned(
     ``grids`` (qualified linear name -> (scale, zero)) are the quantization grids of a quantized run: the
     ``compressed-tensors`` format packs the codes on them, and ``save_quantized`` writes them beside the model
     (``save_quantized``). An interrupted save leaves ``out`` untouched (absent, or the previous content when
-    overwriting).
+    overwriting). ``write_weights(folder)`` writes the weights and config instead of the model (a streamed run:
+    ``besa.streaming.save_streamed``) and returns the ``size_on_disk`` entry.
     """
     out = check_output_dir(out, overwrite)
     with atomic_folder(out, replace=True) as tmp:
         spec = (
             QuantSpec(report["quantization"]["bits"], report["quantization"]["group_size"]) if grids else None
         )
-        if save_format == "sparse":
+        if write_weights is not None:
+            report["size_on_disk"] = write_weights(tmp)
+        elif save_format == "sparse":
             save_sparse(model, list(report["layers"]), tmp)
         elif save_format == "compressed-tensors":
             if not grids or spec is None:
@@ -58,7 +63,8 @@ def save_pruned(
             save_compressed(model, grids, spec, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True)
-        report["size_on_disk"] = size_on_disk(model, tmp, save_format)
+        if write_weights is None:
+            report["size_on_disk"] = size_on_disk(model, tmp, save_format)
         tokenizer.save_pretrained(tmp)
         if save_quantized and grids and spec is not None:
             save_quantized_codes(model, grids, spec, tmp)
