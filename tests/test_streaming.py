@@ -18,7 +18,12 @@ from besa.streaming import INDEX_NAME, ShardIndex, shard_name
 from conftest import make_tokenizer
 
 LAYERS = 4
-OPTIONS = {"besa": {"optimizer": "adamw", "lr": 0.05, "epochs": 1}, "sparsegpt": {}, "wanda": {}, "magnitude": {}}
+OPTIONS = {
+    "besa": {"optimizer": "adamw", "lr": 0.05, "epochs": 1},
+    "sparsegpt": {},
+    "wanda": {},
+    "magnitude": {},
+}
 
 
 def _save_source(path: Path, dtype: torch.dtype = torch.float32, shard: str | None = "40KB") -> Path:
@@ -142,7 +147,10 @@ def test_a_failed_streamed_run_resumes_to_the_same_weights(source, ids, tmp_path
     _prune(source, "sparsegpt", ids, tmp_path / "reference")
     want, got = _weights(tmp_path / "reference"), _weights(tmp_path / "out")
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert resumed.report["layers"] == json.loads((tmp_path / "reference" / "besa_report.json").read_text())["layers"]
+    assert (
+        resumed.report["layers"]
+        == json.loads((tmp_path / "reference" / "besa_report.json").read_text())["layers"]
+    )
 
 
 def test_streaming_refuses_what_it_cannot_do(source, ids, tmp_path):
