@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from besa.config import EvalConfig, PruneConfig, SpeedConfig
+from besa.config import EvalConfig, PlanConfig, PruneConfig, SpeedConfig
 from besa.errors import BesaError
 from besa.fileio import write_json_atomic
 from besa.options import RunOptions
@@ -171,7 +171,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--png", default=None, help="bar chart of the speed-ups (default: FOLDER/besa_speedup.png)"
     )
     sp.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    pl = sub.add_parser(
+        "plan",
+        help="the peak memory of each stage of a pruning run and its work, from the model's config alone",
+        epilog="example:\n  besa plan meta-llama/Llama-2-7b-hf --method besa --device cuda --stream",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pl.add_argument(
+        "model", help="model folder, hub id (only config.json is fetched), .gguf, config.json file"
+    )
+    _add_dataclass_flags(pl, PlanConfig)
+    pl.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
     return parser
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from besa.loading import load_config, resolve_dtype
+    from besa.plan import format_plan, model_shape, plan_run
+    from besa.registry import get_method
+
+    given = vars(args)
+    cfg = PlanConfig(**{f.name: given[f.name] for f in dataclasses.fields(PlanConfig) if f.name in given})
+    spec = get_method(cfg.method)
+    defaults = spec.config_cls()
+    run = PruneConfig(
+        method=cfg.method, nsamples=cfg.nsamples, seqlen=cfg.seqlen, refit_epochs=cfg.refit_epochs,
+        within_block=cfg.within_block,
+    )  # fmt: skip
+    pruner = spec.pruner_cls(defaults, run)  # the method's own defaults decide what is left open
+    config = load_config(args.model, args.trust_remote_code)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    compute = resolve_dtype(cfg.dtype, torch.device(cfg.device.split(":")[0]))
+    shape = model_shape(config)
+    plan = plan_run(
+        shape, cfg.method, cfg.nsamples, cfg.seqlen, compute, stored, cfg.stream,
+        device=cfg.device.split(":")[0], forward_batch=cfg.forward_batch,
+        epochs=getattr(defaults, "epochs", 1), refit_epochs=pruner.refit.epochs if pruner.refit else 0,
+        within_block=pruner.within_block, weight_update=getattr(pruner, "weight_update", None),
+        uses_data=pruner.engine_uses_data, dense_stream=pruner.needs_dense_stream,
+    )  # fmt: skip
+    print(format_plan(args.model, shape, plan, stored))
+    return 0
 
 
 def _cmd_speedup(args: argparse.Namespace) -> int:
@@ -338,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    handler = {"prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report, "speedup": _cmd_speedup}[
-        args.command
-    ]
+    handler = {
+        "prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report, "speedup": _cmd_speedup, "plan": _cmd_plan,
+    }[args.command]  # fmt: skip
     try:
         return handler(args)
     except BesaError as exc:

@@ -325,6 +325,46 @@ class SpeedConfig:
 
 
 @dataclass
+class PlanConfig:
+    """``besa plan`` settings: the run whose memory is planned (the method's own defaults fill the rest).
+
+    Args:
+        method: the pruning method.
+        nsamples, seqlen: the calibration windows.
+        device: ``cpu`` or ``cuda`` (where the blocks are computed; need not be present).
+        dtype: compute dtype; ``auto`` means float32 on CPU and bfloat16 on CUDA.
+        stream: plan a ``--stream`` run.
+        forward_batch: windows per block forward.
+        refit_epochs, within_block: as in ``PruneConfig`` (``None``: the method's default).
+    """
+
+    method: str = field(default="besa", metadata={"help": "the pruning method to plan"})
+    nsamples: int = field(default=128, metadata={"help": "calibration windows"})
+    seqlen: int = field(default=2048, metadata={"help": "tokens per calibration window"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (need not be present)"})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "compute dtype: auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16"},
+    )
+    stream: bool = field(default=False, metadata={"help": "plan a --stream run (one block in memory)"})
+    forward_batch: int = field(default=8, metadata={"help": "windows per block forward"})
+    refit_epochs: int | None = field(default=None, metadata={"help": "refit epochs (default: the method's)"})
+    within_block: str | None = field(
+        default=None, metadata={"help": "parallel or sequential (default: the method's)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.seqlen < 1 or self.forward_batch < 1:
+            raise BesaError("--nsamples, --seqlen and --forward-batch must be positive")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise BesaError(f"unknown --device {self.device!r}: use cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise BesaError(f"unknown --dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if self.within_block not in (None, "parallel", "sequential"):
+            raise BesaError(f"unknown --within-block {self.within_block!r}: choose parallel or sequential")
+
+
+@dataclass
 class EvalConfig:
     """Perplexity evaluation settings (SparseGPT/Wanda/BESA protocol).
 

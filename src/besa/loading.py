@@ -21,6 +21,7 @@ __all__ = [
     "BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype", "resolve_device",
     "prepare_model",
     "model_folder",
+    "load_config",
     "position_limit",
     "check_seqlen",
 ]  # fmt: skip
@@ -137,6 +138,33 @@ def _dequantize_gguf(gguf_path: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def load_config(spec: str, trust_remote_code: bool = False) -> Any:
+    """``spec``'s configuration alone (no weights are read): a folder's, a hub id's ``config.json`` (fetched alone), a
+    ``.gguf`` file's header, or a ``config.json`` file given by path."""
+    from transformers import AutoConfig
+
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".json":
+            from transformers import PretrainedConfig
+
+            kind = PretrainedConfig.get_config_dict(str(path))[0].get("model_type")
+            if kind is None:
+                raise BesaError(f"config file {spec!r} names no model_type")
+            return AutoConfig.for_model(kind).from_json_file(str(path))
+        source = resolve_model(spec)
+        if source.kind == "gguf":
+            gguf = Path(source.location)
+            cached = _gguf_cache_folder(gguf)
+            if (cached / "config.json").is_file():
+                return AutoConfig.from_pretrained(cached)
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BesaError(f"could not read the config of {spec!r}: {first}") from exc
 
 
 def model_folder(spec: str) -> tuple[Path, ModelSource]:

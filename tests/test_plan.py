@@ -1,0 +1,67 @@
+"""``besa plan``: memory from the config alone, as sums of the tensors a run keeps."""
+
+import pytest
+import torch
+
+from besa.cli import main
+from besa.plan import (
+    BESA_BYTES_PER_WEIGHT,
+    activation_bytes,
+    hessian_bytes,
+    model_shape,
+    plan_run,
+    shape_of,
+)
+from conftest import make_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_the_config_alone_gives_the_real_models_shapes(arch):
+    model = make_model(arch)
+    real = shape_of(model)
+    meta = model_shape(model.config)  # built on the meta device: no weights
+    assert meta.blocks == real.blocks and meta.block_params == real.block_params
+    assert meta.outside_params == real.outside_params
+    assert real.total_params == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def test_plan_sums_the_tensors_a_run_keeps():
+    shape = shape_of(make_model("llama"))  # hidden 64, MLP 128, 2 blocks
+    block = max(shape.block_params)
+    plain = plan_run(
+        shape, "sparsegpt", 8, 16, torch.float32, torch.bfloat16, stream=False, within_block="parallel"
+    )
+    ins = [i for _o, i in shape.blocks[0].values()]
+    hessians = 4 * sum(i * i for i in ins) + 4 * max(i * i for i in ins)
+    assert hessian_bytes(shape.blocks[0], shape.groups[0], sequential=False) == hessians
+    assert activation_bytes(8, 16, 64, 4, 2) == 2 * 8 * 16 * 64 * 4
+    assert plain.peaks["host"] == shape.total_params * 4 + 2 * 8 * 16 * 64 * 4 + hessians
+    streamed = plan_run(shape, "sparsegpt", 8, 16, torch.float32, torch.bfloat16, stream=True)
+    assert streamed.peaks["host"] == shape.outside_params * 2 + block * 4 + 2 * 8 * 16 * 64 * 4 + hessians
+    # sequential holds one group's Hessians at a time: never more than all of them
+    assert hessian_bytes(shape.blocks[0], shape.groups[0], sequential=True) < hessians
+    besa = plan_run(shape, "besa", 8, 16, torch.float32, torch.float32, stream=False, dense_stream=True,
+                    weight_update="none")  # fmt: skip
+    linears = sum(o * i for o, i in shape.blocks[0].values())
+    assert (
+        besa.peaks["host"] == shape.total_params * 4 + 4 * 8 * 16 * 64 * 4 + BESA_BYTES_PER_WEIGHT * linears
+    )
+    gpu = plan_run(shape, "wanda", 8, 16, torch.bfloat16, torch.bfloat16, stream=True, device="cuda")
+    assert gpu.peaks["host"] == shape.outside_params * 2 + 2 * 8 * 16 * 64 * 2
+    assert set(gpu.peaks) == {"host", "device"}
+    data_free = plan_run(
+        shape, "magnitude", 8, 16, torch.float32, torch.float32, stream=False, uses_data=False
+    )
+    assert data_free.forwards == 0 and data_free.peaks["host"] == shape.total_params * 4 + 4 * 64 * 128
+
+
+def test_cli_plan_prints_the_peaks_and_refuses_bad_input(model_dir, capsys):
+    assert main(["plan", str(model_dir), "--method", "besa", "--nsamples", "4", "--seqlen", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "peak, host" in out and "BESA's per-weight state" in out and "refit" in out  # BESA's defaults
+    assert main(["plan", str(model_dir / "config.json"), "--method", "sparsegpt", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "peak, device" in out and "one group at a time" in out  # SparseGPT's default: sequential
+    assert main(["plan", str(model_dir), "--device", "tpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "unknown --device" in err[0]
