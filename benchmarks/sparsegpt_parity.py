@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+KEEP = ROOT / ".bench" / "parity"  # the peer's outputs, kept for --rerun-ours
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import protocol_parser, replace_section  # noqa: E402
 from baselines import _machine  # noqa: E402
@@ -118,6 +120,11 @@ def run(args: argparse.Namespace) -> None:
     folder = dense_folder(args.model)
     for seed in (int(s) for s in args.seeds.split(",")):
         key = f"{args.sparsity}@seed{seed}"
+        if key in results and args.rerun_ours:
+            rerun_ours(args, results, key, folder, seed)
+            results_path.write_text(json.dumps(results, indent=2) + "\n")
+            write_markdown(args, results)
+            continue
         if key in results:
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,10 +141,34 @@ def run(args: argparse.Namespace) -> None:
                     "ppl": evaluate(out, args),
                 }
             row.update(zero_facts(Path(tmp) / sides[0][0].replace(":", "_"), Path(tmp) / "peer"))
+            kept = KEEP / key / "peer"  # for a later --rerun-ours to compare zeros with
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tmp) / "peer" / "model.safetensors", kept / "model.safetensors")
         results[key] = row
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         write_markdown(args, results)
+
+
+def rerun_ours(args: argparse.Namespace, results: dict, key: str, folder: str, seed: int) -> None:
+    """Prune and score our side of an existing row again with the code as it is now; the peer's side is kept (its
+    output too, under ``.bench/parity``, when an earlier run left it there)."""
+    row = results[key]
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = Path(tmp) / "ids.safetensors"
+        calibration_ids(folder, args, seed, ids)
+        out = Path(tmp) / "ours"
+        _run([sys.executable, str(WORKER), "ours", args.model, str(ids), str(out), str(args.sparsity)])
+        row.setdefault("ours_earlier", []).append(row["ours"])
+        row["ours"] = {**json.loads((out / "parity_timing.json").read_text()), "ppl": evaluate(out, args)}
+        peer = KEEP / key / "peer"
+        facts = zero_facts(out, peer) if (peer / "model.safetensors").is_file() else None
+        if facts is not None:
+            row.update(facts)
+        else:  # the zeros of our new output against the peer's cannot be compared: the peer's output is gone
+            row["ours_sparsity"] = zero_facts(out, out)["ours_sparsity"]
+            row["mask_agreement"] = None
+    row["rerun_ours"] = True
 
 
 def _variants(args: argparse.Namespace) -> list[str]:
@@ -184,11 +215,12 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "|---|---:|" + "---:|" * (len(sets) * len(sides) + 3 + len(sides)),
     ]
     for r in rows:
-        ppl = " | ".join(f"{r[side]['ppl'][s]['ppl']:.2f}" for s in sets for side in sides)
+        mark = {side: "*" if side == "ours" and r.get("rerun_ours") else "" for side in sides}
+        ppl = " | ".join(f"{r[side]['ppl'][s]['ppl']:.2f}{mark[side]}" for s in sets for side in sides)
         cpu = " | ".join(f"{r[side]['cpu_s']:.0f}" for side in sides)
         lines.append(
             f"| {r['sparsity']} | {r['seed']} | {ppl} | {r['ours_sparsity']:.6f} | {r['peer_sparsity']:.6f} |"
-            f" {r['mask_agreement']:.4f} | {cpu} |"
+            f" {'-' if r['mask_agreement'] is None else format(r['mask_agreement'], '.4f')} | {cpu} |"
         )
     if len(rows) > 1:
         med = " | ".join(
@@ -196,6 +228,13 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         )
         cpu = " | ".join(f"{statistics.median(r[side]['cpu_s'] for r in rows):.0f}" for side in sides)
         lines.append(f"| | median | {med} | | | | {cpu} |")
+    if any(r.get("rerun_ours") for r in rows):
+        lines += [
+            "",
+            "\\* our side pruned and scored again with the code at a later commit (`--rerun-ours`: since issue 13 the"
+            " input statistics are float32 per batch summed in float64); the peer's side and its CPU time are from the"
+            " first run, and `same zeros` is `-` where the peer's output of that first run was not kept.",
+        ]
     if args.note:
         lines += ["", args.note]
     replace_section(Path(args.markdown), args.section, "\n".join(lines))
@@ -227,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--section", default="sparsegpt_parity", help="the BENCHMARKS.md section to write")
     p.add_argument("--note", default="", help="a paragraph under the table")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument(
+        "--rerun-ours", action="store_true",
+        help="rows already measured: prune and score our side again with the current code, keep the peer's",
+    )  # fmt: skip
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "sparsegpt_parity.json"))
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     return p

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from besa import distributed
 from besa.activations import MemoryBudget
 from besa.checkpoint import RunFolder, model_digest, tensor_digest
 from besa.compressed import check_compressible
@@ -51,6 +52,7 @@ class PruneResult:
     """The pruned model (on the CPU), its tokenizer, the report, and the output folder if one was written.
 
     ``model`` is ``None`` after a streamed run (``stream=True``): the pruned model is the one written to ``out``.
+    In a data-parallel run (``torchrun``) only rank 0 gets the report; the other ranks get an empty one.
     """
 
     model: nn.Module | None
@@ -136,6 +138,7 @@ def prune_with(
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
     compute_device = resolve_device(config.device)
+    ranks = distributed.start(compute_device)  # torchrun: join the process group (one process: nothing)
     timings: dict[str, Any] = {}
     t = time.perf_counter()
     documents = load_calibration_documents(config.calib) if needs_data and calib_ids is None else None
@@ -166,23 +169,29 @@ def prune_with(
         check_seqlen(model, window)  # again, now that the config is known whatever the source
     t = time.perf_counter()
     run, record = None, RunRecord()
-    budget = MemoryBudget(
-        limit=where.memory_limit, spill_root=where.run_dir / "spill" if where.run_dir else None
-    )
+    spill = (where.run_dir / "spill" / (f"r{ranks.rank}" if ranks.active else "")) if where.run_dir else None
+    budget = MemoryBudget(limit=where.memory_limit, spill_root=spill)
     bos = None
     if documents is not None:
         bos = resolve_bos(config.bos, tokenizer)
         calib_ids = _sample(documents, tokenizer, config, bos)
     timings["sample_calibration"] = time.perf_counter() - t
+    # data parallel: this rank's whole forward batches of the windows (all of them in one process)
+    local_ids = distributed.shard_windows(calib_ids, config.forward_batch) if calib_ids is not None else None
     # data-free methods run through the engine, no data
-    engine_ids = calib_ids if pruner.engine_uses_data else None
+    engine_ids = local_ids if pruner.engine_uses_data else None
     if where.run_dir is not None and (engine_ids is not None or streamer is not None):
         run = _open_run(
-            where.run_dir, model, config, method_config, engine_ids, record, options.resume, streamer
-        )
+            where.run_dir, model, config, method_config, calib_ids if engine_ids is not None else None, record,
+            options.resume, streamer,
+        )  # fmt: skip
     resumed = _run_stages(
-        model, pruner, record, config, calib_ids, engine_ids, compute_device, options, budget, run, timings
+        model, pruner, record, config, local_ids, engine_ids, compute_device, options, budget, run, timings
     )
+    if not ranks.writer:  # rank 0 counts, reports and saves; the others wait for it and return
+        distributed.barrier()
+        distributed.stop()
+        return PruneResult(model=None if streamer else model, tokenizer=tokenizer, report={}, out=where.out)
     counts = (
         count_streamed(model, streamer, where.run_dir) if streamer is not None and where.run_dir else None
     )
@@ -209,6 +218,8 @@ def prune_with(
         if run is not None and not options.keep_run_dir:
             run.remove()
     timings["total"] = time.perf_counter() - t_start
+    distributed.barrier()  # the other ranks return once the output is written
+    distributed.stop()
     if streamer is not None:  # its blocks are on the meta device: the pruned model is the one in ``out``
         return PruneResult(model=None, tokenizer=tokenizer, report=report, out=where.out)
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=where.out)
@@ -231,6 +242,8 @@ def _fingerprint(
     else:
         payload["model.weights"] = model_digest(model)
         payload["model.dtype"] = str(next(model.parameters()).dtype)
+    if distributed.world().active:  # each rank's activations are its own: resume with as many processes
+        payload["processes"] = distributed.world().size
     no_data = torch.zeros(0, dtype=torch.long)  # a data-free method (streamed runs keep a run folder anyway)
     payload["calibration.tokens"] = tensor_digest(
         (calib_ids if calib_ids is not None else no_data).to(torch.long)

@@ -5,6 +5,7 @@ Layout of a run folder::
     run.json                 what the run is (fingerprint) and how far it got (the commit point)
     blocks/00003.safetensors the state of pruned block 3
     acts-00004/              the activations block 4 needs (inputs, and the dense stream if used) and the RNG state
+                             (in a data-parallel run each rank's own, named r<rank>-...; rank 0 writes the rest)
 
 After block ``i`` is pruned its state and the next block's activations are written to new files (temporary name,
 fsync, rename); only then is ``run.json`` replaced, naming the new activation folder; the old one is deleted
@@ -28,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from besa import distributed
 from besa.activations import ActivationStore, MemoryBudget
 from besa.errors import BesaError
 from besa.fileio import fsync_dir, write_json_atomic
@@ -146,8 +148,10 @@ class RunFolder:
                     raise BesaError(
                         f"run folder {str(self.path)!r} holds {foreign[0]!r} and no {RUN_FILE}: pass another --run-dir"
                     )
-                for p in self.path.iterdir():  # left by a run killed before its first checkpoint
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if distributed.world().writer:
+                    for p in self.path.iterdir():  # left by a run killed before its first checkpoint
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+            distributed.barrier()
             self.state = None
             return 0
         try:
@@ -202,11 +206,11 @@ class RunFolder:
                 seconds.append(float(entry["seconds"]))
             inputs = dense = None
             if done < len(named_blocks):
-                acts = self.path / state["activations"]
-                inputs = self._load_store(acts, "inputs", state["batches"], budget)
+                acts, own = self.path / state["activations"], _own_prefix()
+                inputs = self._load_store(acts, f"{own}inputs", state["batches"], budget)
                 if state.get("dense_batches") is not None:
-                    dense = self._load_store(acts, "dense", state["dense_batches"], budget)
-                torch.set_rng_state(load_file(str(acts / "rng.safetensors"))["cpu"])
+                    dense = self._load_store(acts, f"{own}dense", state["dense_batches"], budget)
+                torch.set_rng_state(load_file(str(acts / f"{own}rng.safetensors"))["cpu"])
         except (OSError, KeyError, RuntimeError) as exc:
             raise BesaError(
                 f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over"
@@ -252,22 +256,28 @@ class RunFolder:
             "blocks": [],
             "activations": None,
         }
-        (self.path / "blocks").mkdir(parents=True, exist_ok=True)
-        extra = {f"{_EXTRA}{k}": v for k, v in self.tensors(name).items()}
-        _write_tensors(self.path / "blocks" / f"{index:05d}.safetensors", {**block.state_dict(), **extra})
+        writer, own = distributed.world().writer, _own_prefix()
+        if writer:
+            (self.path / "blocks").mkdir(parents=True, exist_ok=True)
+            extra = {f"{_EXTRA}{k}": v for k, v in self.tensors(name).items()}
+            _write_tensors(self.path / "blocks" / f"{index:05d}.safetensors", {**block.state_dict(), **extra})
         old = state["activations"]
         new = None
         if inputs is not None:
             new = f"acts-{index + 1:05d}"
             folder = self.path / new
-            shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while writing it
-            folder.mkdir()
+            if writer:
+                shutil.rmtree(folder, ignore_errors=True)  # a leftover of a run killed while writing it
+                folder.mkdir(parents=True)
+            distributed.barrier()  # every rank writes its own activations into the new folder
             for prefix, store in (("inputs", inputs), ("dense", dense_inputs)):
                 for j, batch in enumerate(store or ()):
-                    _write_tensors(folder / f"{prefix}-{j:05d}.safetensors", {"x": batch})
-            _write_tensors(folder / "rng.safetensors", {"cpu": torch.get_rng_state()})
+                    _write_tensors(folder / f"{own}{prefix}-{j:05d}.safetensors", {"x": batch})
+            _write_tensors(folder / f"{own}rng.safetensors", {"cpu": torch.get_rng_state()})
             fsync_dir(folder)
-        fsync_dir(self.path / "blocks")
+        distributed.barrier()  # all files of every rank are durable before the commit point
+        if writer:
+            fsync_dir(self.path / "blocks")
         state = {
             **state,
             "completed": index + 1,
@@ -279,11 +289,20 @@ class RunFolder:
                 {"name": name, "seconds": seconds, "record": self.record(name)},
             ],
         }
-        write_json_atomic(self.path / RUN_FILE, state, durable=True)  # the commit point
+        if writer:
+            write_json_atomic(self.path / RUN_FILE, state, durable=True)  # the commit point
         self.state = state
-        if old and old != new:
+        distributed.barrier()  # no rank goes on before the commit point is written
+        if writer and old and old != new:
             shutil.rmtree(self.path / old, ignore_errors=True)
 
     def remove(self) -> None:
         """Delete the run folder (after the result was saved)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        if distributed.world().writer:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _own_prefix() -> str:
+    """The prefix of this rank's activation files (none in a one-process run)."""
+    w = distributed.world()
+    return f"r{w.rank}-" if w.active else ""

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -305,6 +306,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from besa.api import prune_with
 
     result = prune_with(args.model, config, method_config, options)
+    if not result.report:  # a data-parallel run's other ranks: rank 0 reports
+        return 0
     s = result.report["sparsity"]
     print(
         f"pruned {args.model} with {method}: the masks zero {s['masked']:.4%} of {len(result.report['layers'])} "
@@ -367,6 +370,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PeerLost(Exception):
+    """The launcher stopped this process because another process of the run died."""
+
+
+def _stopped_by_launcher(_signum: int, _frame: Any) -> None:
+    raise _PeerLost
+
+
+def _launched_processes() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """Whether an error comes from a collective whose peer is gone (gloo/NCCL report it as a RuntimeError)."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(k in text for k in ("gloo", "nccl", "connection", "distbackend", "peer", "timed out"))
+
+
+def _run_dir_of(args: argparse.Namespace) -> str:
+    given = getattr(args, "run_dir", None)
+    if given:
+        return str(given)
+    out = getattr(args, "out", None)
+    return f"{out}.run" if out else "the run folder"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``besa`` console script."""
     args = build_parser().parse_args(argv)
@@ -384,11 +416,24 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report, "speedup": _cmd_speedup, "plan": _cmd_plan,
     }[args.command]  # fmt: skip
+    launched = args.command == "prune" and _launched_processes() > 1
+    if launched:  # torchrun stops the other processes with SIGTERM when one of them dies
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
         return handler(args)
     except BesaError as exc:
         print(f"besa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (_PeerLost, RuntimeError) as exc:
+        if not launched or not (isinstance(exc, _PeerLost) or _is_collective_failure(exc)):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"besa prune: error (rank {rank}): another process of this torchrun run stopped, so this one stopped "
+            f"too; rerun the same command to resume from the last committed block in {_run_dir_of(args)}",
+            file=sys.stderr,
+        )
+        return 3
     except KeyboardInterrupt:
         print(f"besa {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

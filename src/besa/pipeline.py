@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from besa.activations import ActivationStore, MemoryBudget
+from besa.activations import ActivationStore, MemoryBudget, trim_heap
 from besa.modeling import find_blocks, find_linears
 from besa.streaming import streamer_of
 from besa.work import BlockCall, BlockWork
@@ -250,6 +250,7 @@ def _prune_blocks(
             checkpoint.commit(i, name, block, len(named_blocks), block_seconds[-1], inputs, dense_inputs)
         if stream is not None:  # the pruned weights are in the checkpoint (a streamed run always has one)
             stream.unload(block)
+        trim_heap()  # what the block's step freed goes back to the system, not only to the heap
         bar.update()
         log.info("block %d/%d (%s) done in %.1f s", i + 1, len(named_blocks), name, block_seconds[-1])
     bar.close()

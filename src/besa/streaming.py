@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from besa.activations import trim_heap
 from besa.errors import BesaError
 from besa.modeling import find_blocks, find_linears
 
@@ -166,6 +167,7 @@ class BlockStreamer:
     def unload(self, block: nn.Module) -> None:
         """Free the block's weights (its checkpoint in the run folder holds the pruned ones)."""
         _to_meta(block)
+        trim_heap()
 
     def outside_names(self) -> list[str]:
         """The checkpoint's tensors that belong to no block (embeddings, final norm, head), as the source names them."""
@@ -250,6 +252,8 @@ def count_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path) -> 
         for t in tensors.values():
             all_zeros += int((t == 0).sum())
             all_numel += t.numel()
+        del tensors
+        trim_heap()
     for t in streamer.index.read(streamer.outside_names()).values():
         all_zeros += int((t == 0).sum())
         all_numel += t.numel()
@@ -276,6 +280,8 @@ def save_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path, fold
         tensors = {f"{block_name}.{k}": v for k, v in _pruned_block(run_dir, i).items()}
         tensors = {k: _cast(v, index.dtypes.get(k, v.dtype)).contiguous() for k, v in tensors.items()}
         size += _write_shard(folder, shard_name(i + 1, total), tensors, weight_map)
+        del tensors
+        trim_heap()
     rest = index.read(streamer.outside_names())  # as stored: never changed by pruning
     size += _write_shard(folder, shard_name(total, total), rest, weight_map)
     (folder / INDEX_NAME).write_text(

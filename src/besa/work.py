@@ -175,7 +175,8 @@ class BlockWork:
         each of ``stats`` (an object in several maps is fed once); the outputs if ``keep_outputs``.
 
         With ``stop_after`` each forward ends as soon as all those layers have received their input (the rest of
-        the block is not run; no outputs then)."""
+        the block is not run; no outputs then). In a data-parallel run the statistics are then summed over the
+        ranks (``LayerStats.reduce``)."""
         if stop_after and keep_outputs:
             raise ValueError("calibrate: a forward cut short by stop_after has no outputs to keep")
         pending: set[str] = set()
@@ -202,4 +203,10 @@ class BlockWork:
                     continue
                 if outputs is not None:
                     outputs.append(out)
+        reduced: set[int] = set()  # a data-parallel run: every rank ends with the statistics of all windows
+        for table in stats:
+            for entry in table.values():
+                if entry is not None and id(entry) not in reduced:
+                    reduced.add(id(entry))
+                    entry.reduce()
         return outputs

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from besa import distributed
 from besa.work import BlockWork
 
 __all__ = ["RefitSpec", "block_loss", "split_holdout", "refit_block"]
@@ -67,7 +68,8 @@ def refit_block(
     """Train the surviving weights of ``work``'s linears (Adam, masks fixed) so the block maps ``inputs`` to
     ``targets``; return the facts: losses before / after on the training and held-out windows, epochs run."""
     x_all, y_all = torch.cat(list(inputs)), torch.cat(list(targets))
-    train, held = split_holdout(x_all.shape[0], spec.holdout)
+    ranks = distributed.world().size  # data parallel: each rank holds out its share of the held-out windows
+    train, held = split_holdout(x_all.shape[0], -(-spec.holdout // ranks))
     x, y, xh, yh = x_all[train], y_all[train], x_all[held], y_all[held]
     # every linear's weight and where it may change: a weight that is exactly zero stays so (pruned, or zero in
     # the dense model: either way the counted sparsity cannot change)
@@ -78,10 +80,12 @@ def refit_block(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=spec.lr)
-    evaluate = (lambda: _loss_over(work, xh, yh, spec.batch_size)) if xh.shape[0] else None
+    evaluate = (
+        (lambda: distributed.mean_value(_loss_over(work, xh, yh, spec.batch_size))) if xh.shape[0] else None
+    )
     facts: dict[str, Any] = {
-        "train_before": _loss_over(work, x, y, spec.batch_size),
-        "held_out_windows": int(xh.shape[0]),
+        "train_before": distributed.mean_value(_loss_over(work, x, y, spec.batch_size)),
+        "held_out_windows": int(xh.shape[0]) * ranks,
         "held_out": [evaluate()] if evaluate else [],
         "epochs": 0,
     }
@@ -102,6 +106,7 @@ def refit_block(
                     loss = block_loss(y[idx].to(out.device), out)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    distributed.mean_grads(params)
                     for p, keep in zip(params, masks, strict=True):
                         p.grad.mul_(keep)
                     opt.step()
@@ -131,5 +136,5 @@ def refit_block(
         for p, r in zip(work.module.parameters(), requires, strict=True):
             p.requires_grad_(r)
             p.grad = None
-    facts["train_after"] = _loss_over(work, x, y, spec.batch_size)
+    facts["train_after"] = distributed.mean_value(_loss_over(work, x, y, spec.batch_size))
     return facts

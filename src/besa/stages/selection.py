@@ -27,18 +27,25 @@ __all__ = [
 
 
 class LayerStats:
-    """Running statistics of one linear's inputs, fed batch by batch during the calibration pass."""
+    """Running statistics of one linear's inputs, fed batch by batch during the calibration pass.
+
+    The sums are float32 per batch, kept in float64 across batches: a float64 sum of float32 terms does not depend on
+    their order in practice, so the statistics are the same bit for bit however the batches are split over
+    processes (``reduce``, ``besa.distributed``) and more accurate over many tokens."""
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of inputs ``x`` of shape (..., in_features)."""
         raise NotImplementedError
 
+    def reduce(self) -> None:
+        """Sum the statistics of every process of a data-parallel run (nothing to do in one process)."""
+
 
 class InputNormStats(LayerStats):
-    """Running sum over tokens of the squared input of every input feature (float32)."""
+    """Running sum over tokens of the squared input of every input feature."""
 
     def __init__(self, in_features: int, device: torch.device) -> None:
-        self.sq_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -46,27 +53,40 @@ class InputNormStats(LayerStats):
         self.sq_sum += x.square().sum(dim=0)
         self.tokens += x.shape[0]
 
+    def reduce(self) -> None:
+        from besa import distributed
+
+        distributed.sum_(self.sq_sum)
+        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
+
     @property
     def norms(self) -> torch.Tensor:
-        """||X_j||_2 over all calibration tokens, per input feature (in,)."""
-        return self.sq_sum.sqrt()
+        """||X_j||_2 over all calibration tokens, per input feature (in,), float32."""
+        return self.sq_sum.sqrt().float()
 
 
 class HessianStats(LayerStats):
-    """Running H = 2/N * sum_t x_t x_t^T over the N calibration tokens (float32)."""
+    """Running H = 2/N * sum_t x_t x_t^T over the N calibration tokens."""
 
     def __init__(self, in_features: int, device: torch.device) -> None:
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        self.xtx.addmm_(x.t(), x)
+        self.xtx += x.t() @ x
         self.tokens += x.shape[0]
+
+    def reduce(self) -> None:
+        from besa import distributed
+
+        distributed.sum_(self.xtx)
+        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        """H in float32."""
+        return (self.xtx * (2.0 / max(self.tokens, 1))).float()
 
 
 def magnitude_scores(w: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from besa import distributed
 from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import Allocation, NonFiniteLoss, masked_forward, reconstruction_loss
 from besa.pipeline import BlockWork, rebatch
@@ -92,6 +93,7 @@ def train_block(
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.mean_grads(p for a in allocs.values() for p in a.parameters())
                 for opt in opts:
                     opt.step()
                 losses.append(float(loss.detach()))
