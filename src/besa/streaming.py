@@ -174,6 +174,11 @@ class BlockStreamer:
         prefixes = tuple(f"{n}." for n in self.block_names)
         return [n for n in self.index.weight_map if not n.startswith(prefixes)]
 
+    def outside_tensors(self) -> dict[str, torch.Tensor]:
+        """Those tensors as the model holds them (loaded as stored and never pruned): no second read."""
+        state = self.model.state_dict()
+        return {n: state[n] for n in self.outside_names()}
+
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -244,18 +249,18 @@ def count_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path) -> 
         tensors = _pruned_block(run_dir, i)
         for name in find_linears(block, model):
             w = tensors[f"{name}.weight"]
-            zeros = int((w == 0).sum())
+            zeros = _zeros(w)
             layers[f"{block_name}.{name}"] = {
                 "block": block_name, "layer": name, "shape": list(w.shape), "zeros": zeros, "numel": w.numel(),
                 "sparsity": zeros / w.numel(),
             }  # fmt: skip
         for t in tensors.values():
-            all_zeros += int((t == 0).sum())
+            all_zeros += _zeros(t)
             all_numel += t.numel()
         del tensors
         trim_heap()
-    for t in streamer.index.read(streamer.outside_names()).values():
-        all_zeros += int((t == 0).sum())
+    for t in streamer.outside_tensors().values():
+        all_zeros += _zeros(t)
         all_numel += t.numel()
     zeros = sum(v["zeros"] for v in layers.values())
     numel = sum(v["numel"] for v in layers.values())
@@ -267,6 +272,11 @@ def count_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path) -> 
         "all_parameters_numel": all_numel,
     }
     return layers, totals
+
+
+def _zeros(t: torch.Tensor) -> int:
+    """Exact zeros of ``t`` (counted without a mask the size of ``t``)."""
+    return t.numel() - int(torch.count_nonzero(t))
 
 
 def save_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path, folder: Path) -> dict[str, Any]:
@@ -282,7 +292,7 @@ def save_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path, fold
         size += _write_shard(folder, shard_name(i + 1, total), tensors, weight_map)
         del tensors
         trim_heap()
-    rest = index.read(streamer.outside_names())  # as stored: never changed by pruning
+    rest = {k: v.contiguous() for k, v in streamer.outside_tensors().items()}  # as stored: never pruned
     size += _write_shard(folder, shard_name(total, total), rest, weight_map)
     (folder / INDEX_NAME).write_text(
         json.dumps(
