@@ -62,7 +62,7 @@ def test_two_processes_give_one_process_weights_bit_for_bit(method, deep_model_d
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     report = json.loads((tmp_path / "two" / "besa_report.json").read_text())
-    assert report["sparsity"]["pruned_layers"] == 0.5
+    assert report["sparsity"]["pruned_layers"] == 0.5 and report["run"]["processes"] == 2
     assert not (tmp_path / "two.run").exists()
 
 

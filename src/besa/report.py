@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from besa import distributed
 from besa.activations import MemoryBudget
 from besa.config import PruneConfig
 from besa.loading import ModelSource
@@ -121,6 +122,7 @@ def build_report(
         "run": {
             "run_dir": str(run_dir) if run_dir else None,
             "resumed_blocks": resumed,
+            "processes": distributed.world().size,  # torchrun: the calibration windows split over these
             "note": "timings_s.per_block of resumed blocks are those of the run that pruned them",
         },
         "versions": library_versions(),
