@@ -69,9 +69,10 @@ class LayerAllocation:
         self.layer = layer
         self.rows, self.cols = order.shape
         rank = column_ranks(order)  # (R, C) rank of every weight in its row
-        self.cand_of_col = candidate_index(rates, self.cols)[
-            rank
-        ]  # (R, C) first candidate pruning each weight
+        index = candidate_index(rates, self.cols)
+        small = torch.int16 if rates.numel() < torch.iinfo(torch.int16).max else torch.int32
+        # (R, C) first candidate pruning each weight, kept small (widened per step, where it is gathered)
+        self.cand_of_col = index.to(small)[rank]
         self.col_rank = rank.to(torch.int32)
         self.rates = rates  # (D,) ascending
         self.theta = nn.Parameter(theta)  # (R, D) or (1, D)

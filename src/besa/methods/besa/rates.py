@@ -82,9 +82,10 @@ def keep_probability(beta: torch.Tensor, cand_of_col: torch.Tensor) -> torch.Ten
     suffix = torch.cat(
         [beta.flip(-1).cumsum(-1).flip(-1), beta.new_zeros(beta.shape[0], 1)], dim=-1
     )  # (G, D+1)
+    index = cand_of_col.long()  # stored narrow by the caller to save memory; gather wants int64
     if beta.shape[0] == 1:
-        return 1.0 - suffix[0][cand_of_col]
-    return 1.0 - suffix.gather(1, cand_of_col)
+        return 1.0 - suffix[0][index]
+    return 1.0 - suffix.gather(1, index)
 
 
 def hard_keep(col_rank: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
