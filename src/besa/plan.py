@@ -19,8 +19,8 @@ from besa.modeling import find_blocks, find_linears, weight_matrix
 __all__ = ["ModelShape", "Plan", "model_shape", "plan_run", "format_plan", "BESA_BYTES_PER_WEIGHT"]
 
 # BESA's state per weight of the block it trains: each weight's rank in its row (int32) and first pruning candidate
-# (int64), and in a step the soft and hard masks and the masked weight with its gradient (4 x float32).
-BESA_BYTES_PER_WEIGHT = 4 + 8 + 4 * 4
+# (int16), and in a step the soft and hard masks and the masked weight with its gradient (4 x float32).
+BESA_BYTES_PER_WEIGHT = 4 + 2 + 4 * 4
 # Adam keeps a gradient and two moments per trained weight (the refit trains the block's weights).
 ADAM_COPIES = 3
 
