@@ -76,7 +76,7 @@ def test_ste_forward_equals_the_hard_mask_and_theta_gets_gradient():
         counts = (alloc.row_rates().detach() * alloc.cols).floor().long()
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         assert torch.equal((mask == 0).sum(1), counts)
-        alloc.current_mask = mask
+        alloc.prepare_step()
     with torch.enable_grad(), masked(allocs):
         out = work.forward(work.inputs[0])
         loss = reconstruction_loss(outputs[0], out)
@@ -90,11 +90,11 @@ def test_masked_forward_matches_a_block_with_the_mask_applied():
     pruner = BesaPruner(BesaConfig(), PruneConfig(method="besa", sparsity=0.5))
     allocs, _ = pruner._calibrate(work)
     for alloc in allocs.values():
-        alloc.current_mask = alloc.mask().detach()
+        alloc.prepare_step()
     with torch.no_grad(), masked(allocs):
         masked_out = work.forward(work.inputs[0])
     for alloc in allocs.values():
-        weight_matrix(alloc.layer).mul_(alloc.current_mask)
+        weight_matrix(alloc.layer).mul_(alloc.mask().detach())
     with torch.no_grad():
         applied_out = work.forward(work.inputs[0])
     torch.testing.assert_close(masked_out, applied_out)
@@ -117,7 +117,7 @@ def test_learning_beats_the_uniform_allocation_on_reconstruction():
 
     def error():
         for alloc in allocs.values():
-            alloc.current_mask = alloc.mask().detach()
+            alloc.prepare_step()
         with torch.no_grad(), masked(allocs):
             return sum(
                 float(reconstruction_loss(t, work.forward(x)))

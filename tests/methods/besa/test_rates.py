@@ -8,6 +8,7 @@ from besa.methods.besa.rates import (
     expected_rates,
     hard_keep,
     keep_probability,
+    masked_weight,
     round_to_budget,
     straight_through,
     tilted_logits,
@@ -91,3 +92,31 @@ def test_round_to_budget_is_exact_and_keeps_the_allocation_shape(target):
 def test_round_to_budget_refuses_the_impossible():
     with pytest.raises(ValueError):
         round_to_budget(torch.full((2,), 0.5), torch.tensor([4, 4]), budget=8, max_rate=0.5)
+
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_masked_weight_has_the_values_and_gradients_of_the_straight_through_mask(groups):
+    """The memory-lean masked weight equals ``w * straight_through(hard, soft)`` in value and in the gradients of
+    the logits and of the weight (the clipping of joint quantization flows through ``w``)."""
+    torch.manual_seed(0)
+    rows, cols, d = 6, 40, 9
+    rates = candidate_rates(d, 0.2, 0.8)
+    rank = column_ranks(torch.argsort(torch.randn(rows, cols), dim=1))
+    cand = candidate_index(rates, cols)[rank]
+    theta = torch.randn(groups, d)
+    counts = ((torch.softmax(theta, -1) @ rates).expand(rows) * cols).floor().long()
+    w0, upstream = torch.randn(rows, cols), torch.randn(rows, cols)
+    results = []
+    for lean in (False, True):
+        t, w = theta.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        beta = torch.softmax(t, -1)
+        if lean:
+            out = masked_weight(w, beta, rank.to(torch.int32), counts, cand.to(torch.int16))
+        else:
+            out = w * straight_through(hard_keep(rank, counts), keep_probability(beta, cand))
+        (out * upstream).sum().backward()
+        results.append((out.detach(), t.grad, w.grad))
+    (a, ga, wa), (b, gb, wb) = results
+    assert torch.equal(a, b) and torch.equal(wa, wb)
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-7)
+    assert ga.abs().sum() > 0

@@ -20,6 +20,7 @@ from besa.methods.besa.rates import (
     column_ranks,
     hard_keep,
     keep_probability,
+    masked_weight,
     straight_through,
 )
 from besa.modeling import weight_matrix
@@ -77,7 +78,8 @@ class LayerAllocation:
         self.rates = rates  # (D,) ascending
         self.theta = nn.Parameter(theta)  # (R, D) or (1, D)
         self.init = theta.detach().clone()
-        self.current_mask: torch.Tensor | None = None  # set before each training forward
+        self._beta: torch.Tensor | None = None  # set by prepare_step before each training forward
+        self._counts: torch.Tensor | None = None
         self.hessian: torch.Tensor | None = None  # inputs' Hessian, kept for the OBS weight update
         self.quant = quant
         self.clip: nn.Parameter | None = (
@@ -133,6 +135,21 @@ class LayerAllocation:
     def mask(self) -> torch.Tensor:
         return self.step()[0]
 
+    def prepare_step(self, progress: float = 0.0) -> torch.Tensor:
+        """Set up the next training forward (``masked_weight``); return the rows' expected rates."""
+        beta = torch.softmax(self.theta, dim=-1)
+        rates = self.row_rates(beta)
+        self._beta, self._counts = beta, (rates.detach() * self.cols).floor().long()
+        return rates
+
+    def masked_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` under this step's hard mask; gradients reach the logits straight through the soft one
+        (``rates.masked_weight``: the values of ``step``'s mask without keeping it in memory)."""
+        return masked_weight(w, self._beta, self.col_rank, self._counts, self.cand_of_col)
+
+    def end_steps(self) -> None:
+        self._beta = self._counts = None
+
 
 class PatternAllocation:
     """One linear under BESA for N:M: a learnable distribution per group of ``m`` weights over the patterns that
@@ -181,6 +198,18 @@ class PatternAllocation:
         (constant) pruning rates."""
         return pattern_soft_keep(self.theta, self.patterns, temperature(progress)), self.row_rates()
 
+    def prepare_step(self, progress: float = 0.0) -> torch.Tensor:
+        """Set up the next training forward (the expected keep mask at ``progress``); return the rates."""
+        self.current_mask, rates = self.step(progress)
+        return rates
+
+    def masked_weight(self, w: torch.Tensor) -> torch.Tensor:
+        assert self.current_mask is not None
+        return w * self.current_mask.to(w.dtype)
+
+    def end_steps(self) -> None:
+        self.current_mask = None
+
     def keep(self) -> torch.Tensor:
         """The final keep mask (R, C): every group's most likely pattern."""
         with torch.no_grad():
@@ -208,8 +237,8 @@ def clip_stats(alloc: LayerAllocation) -> dict[str, float]:
 
 
 def masked_forward(layer: nn.Module, alloc: Allocation, x: torch.Tensor) -> torch.Tensor:
+    """The training forward of an allocated linear: its weight under the step's mask (``prepare_step`` first)."""
     w = weight_matrix(layer).detach()
-    assert alloc.current_mask is not None
     if alloc.clip is not None:  # joint: learned clipping, rounding passed straight through
         w = alloc.quantized(w, ste=True).to(w.dtype)
-    return F.linear(x, w * alloc.current_mask.to(w.dtype), layer.bias)
+    return F.linear(x, alloc.masked_weight(w), layer.bias)

@@ -79,9 +79,7 @@ def keep_probability(beta: torch.Tensor, cand_of_col: torch.Tensor) -> torch.Ten
     ``beta`` is (R, D), or (1, D) shared by all rows; ``cand_of_col`` (R, C) is ``candidate_index`` at each weight's
     rank. One suffix sum over the D candidates and one gather: O(R * (D + C)).
     """
-    suffix = torch.cat(
-        [beta.flip(-1).cumsum(-1).flip(-1), beta.new_zeros(beta.shape[0], 1)], dim=-1
-    )  # (G, D+1)
+    suffix = keep_suffix(beta)  # (G, D+1)
     index = cand_of_col.long()  # stored narrow by the caller to save memory; gather wants int64
     if beta.shape[0] == 1:
         return 1.0 - suffix[0][index]
@@ -101,6 +99,46 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
         return None, grad
+
+
+def keep_suffix(beta: torch.Tensor) -> torch.Tensor:
+    """(G, D+1) probability that a candidate from ``d`` on is drawn (the last column 0): ``keep_probability`` is
+    ``1 - suffix`` gathered at each weight's candidate index."""
+    return torch.cat([beta.flip(-1).cumsum(-1).flip(-1), beta.new_zeros(beta.shape[0], 1)], dim=-1)
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``w * hard_keep`` in the forward; in the backward the straight-through gradient of the soft keep
+    probabilities, ``1 - suffix[cand_of_col]``, taken to ``suffix`` directly. Nothing the size of ``w`` is saved
+    for the backward (the hard mask is recomputed there from the ranks and counts), where autograd of
+    ``w * straight_through(hard, keep_probability(...))`` keeps a float mask and an int64 index per weight: the
+    same values and gradients for about a third of the memory of a block's training step."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, suffix: torch.Tensor, col_rank: torch.Tensor, counts: torch.Tensor,
+                cand_of_col: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(w, suffix, col_rank, counts, cand_of_col)
+        return w * hard_keep(col_rank, counts).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, None, None, None]:
+        w, suffix, col_rank, counts, cand_of_col = ctx.saved_tensors
+        grad_w = grad * hard_keep(col_rank, counts).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_keep = (grad * w).to(suffix.dtype)  # d loss / d keep probability of every weight
+        index = cand_of_col.long()
+        grad_suffix = torch.zeros_like(suffix)
+        if suffix.shape[0] == 1:  # as advanced indexing's backward accumulates
+            grad_suffix[0].index_put_((index,), grad_keep, accumulate=True)
+        else:  # as gather's backward
+            grad_suffix.scatter_add_(1, index, grad_keep)
+        return grad_w, grad_suffix.neg_(), None, None, None
+
+
+def masked_weight(w: torch.Tensor, beta: torch.Tensor, col_rank: torch.Tensor, counts: torch.Tensor,
+                  cand_of_col: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """``w`` with the hard mask of ``counts`` applied, differentiable in ``beta`` through the soft keep
+    probabilities (straight-through) and in ``w`` through the kept weights."""
+    return _MaskedWeight.apply(w, keep_suffix(beta), col_rank, counts, cand_of_col)
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:

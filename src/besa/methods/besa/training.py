@@ -81,7 +81,7 @@ def train_block(
             ):
                 block_rate = 0.0
                 for alloc in allocs.values():
-                    alloc.current_mask, rates = alloc.step(len(losses) / max(steps - 1, 1))
+                    rates = alloc.prepare_step(len(losses) / max(steps - 1, 1))
                     block_rate = block_rate + rates.mean() * (alloc.numel / total)
                 with autocast:
                     out = work.forward(hidden)
@@ -103,7 +103,7 @@ def train_block(
                 )
     bar.close()
     for alloc in allocs.values():
-        alloc.current_mask = None
+        alloc.end_steps()
         if not all(torch.isfinite(p).all() for p in alloc.parameters()):
             raise NonFiniteLoss(len(losses), math.nan)
     return losses
