@@ -16,11 +16,16 @@ from torch import nn
 
 from besa.modeling import find_blocks, find_linears, weight_matrix
 
-__all__ = ["ModelShape", "Plan", "model_shape", "plan_run", "format_plan", "BESA_BYTES_PER_WEIGHT"]
+__all__ = [
+    "ModelShape", "Plan", "model_shape", "plan_run", "format_plan", "BESA_BYTES_PER_WEIGHT",
+    "BESA_BACKWARD_BYTES_PER_WEIGHT",
+]  # fmt: skip
 
 # BESA's state per weight of the block it trains: each weight's rank in its row (int32) and first pruning candidate
-# (int16), and in a step the soft and hard masks and the masked weight with its gradient (4 x float32).
-BESA_BYTES_PER_WEIGHT = 4 + 2 + 4 * 4
+# (int16), and in a step the masked weight the forward keeps for the backward (float32).
+BESA_BYTES_PER_WEIGHT = 4 + 2 + 4
+# ... plus, for one linear at a time in the backward, its weight gradient, the keep gradient and the widened index.
+BESA_BACKWARD_BYTES_PER_WEIGHT = 4 + 4 + 8
 # Adam keeps a gradient and two moments per trained weight (the refit trains the block's weights).
 ADAM_COPIES = 3
 
@@ -97,11 +102,12 @@ def activation_bytes(nsamples: int, seqlen: int, hidden: int, element: int, stor
 
 
 def hessian_bytes(shapes: dict[str, tuple[int, int]], groups: list[list[str]], sequential: bool) -> int:
-    """SparseGPT/OBS statistics: one float32 (in, in) Hessian per linear; all at once when parallel, one group's
-    at a time when sequential (``groups`` may over-group: then this is an upper bound), plus one inverse."""
-    per = {n: 4 * inp * inp for n, (_o, inp) in shapes.items()}
+    """SparseGPT/OBS statistics: one (in, in) sum per linear, kept in float64; all at once when parallel, one
+    group's at a time when sequential (``groups`` may over-group: then this is an upper bound); plus, for the
+    largest, its float32 Hessian and inverse."""
+    per = {n: inp * inp for n, (_o, inp) in shapes.items()}
     held = max(sum(per[n] for n in g) for g in groups) if sequential else sum(per.values())
-    return held + max(per.values())
+    return 8 * held + 2 * 4 * max(per.values())
 
 
 def block_forwards(method: str, epochs: int, refit_epochs: int, within_block: str) -> float:
@@ -136,11 +142,14 @@ def plan_run(
     if method in ("wanda", "magnitude"):
         work["scores of the largest linear (float32)"] = 4 * max(o * i for o, i in shapes.values())
     if method == "sparsegpt" or weight_update == "obs":
-        work["Hessians (float32)" + (", one group at a time" if within_block == "sequential" else "")] = (
+        work["Hessians (float64 sums)" + (", one group at a time" if within_block == "sequential" else "")] = (
             hessian_bytes(shapes, groups, within_block == "sequential")
         )
     if method == "besa":
-        work["BESA's per-weight state"] = BESA_BYTES_PER_WEIGHT * linear_weights
+        work["BESA's per-weight state"] = (
+            BESA_BYTES_PER_WEIGHT * linear_weights
+            + BESA_BACKWARD_BYTES_PER_WEIGHT * max(o * i for o, i in shapes.values())
+        )
     if refit_epochs:
         work["refit: Adam state of the block"] = ADAM_COPIES * block * 4
     largest_work = max(work.values()) if work else 0
