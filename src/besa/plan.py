@@ -142,9 +142,9 @@ def plan_run(
     if method in ("wanda", "magnitude"):
         work["scores of the largest linear (float32)"] = 4 * max(o * i for o, i in shapes.values())
     if method == "sparsegpt" or weight_update == "obs":
-        work["Hessians (float64 sums)" + (", one group at a time" if within_block == "sequential" else "")] = (
-            hessian_bytes(shapes, groups, within_block == "sequential")
-        )
+        work[
+            "Hessians (float64 sums)" + (", one group at a time" if within_block == "sequential" else "")
+        ] = hessian_bytes(shapes, groups, within_block == "sequential")
     if method == "besa":
         work["BESA's per-weight state"] = (
             BESA_BYTES_PER_WEIGHT * linear_weights
