@@ -64,7 +64,11 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         f"Machine: {_machine()}.",
         "",
         "```",
-        "BESA_DATA_DIR=../shared/data python benchmarks/data_parallel.py",
+        *(
+            f"BESA_DATA_DIR=../shared/data python benchmarks/data_parallel.py --methods {m} --repeats "
+            f"{len(r['runs']['1'])}"
+            for m, r in results.items()
+        ),
         "```",
         "",
         "| method | processes x threads | repeats | wall s (median) | prune s (median) | prune speed-up | same tensors as "
