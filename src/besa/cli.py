@@ -305,6 +305,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     )  # every value checked before torch is imported
     from besa.api import prune_with
 
+    if options.stream:  # memory is the point of streaming: large tensors go straight back to the system
+        from besa.activations import return_large_frees
+
+        return_large_frees()
     result = prune_with(args.model, config, method_config, options)
     if not result.report:  # a data-parallel run's other ranks: rank 0 reports
         return 0
