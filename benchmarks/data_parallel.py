@@ -81,11 +81,13 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
             wall = statistics.median(x["wall_s"] for x in runs)
             prune = statistics.median(x["prune_s"] for x in runs)
             base = statistics.median(x["prune_s"] for x in one)
-            same = "" if k == "1" else ("yes, bit for bit" if r.get("same") else "no")
+            same = "" if k == "1" else ("yes, bit for bit" if r.get("same") else "no: rounding (below)")
             lines.append(
                 f"| {method} | {k} x {runs[0]['threads']} | {len(runs)} | {wall:.0f} | {prune:.0f} |"
                 f" {base / prune:.2f}x | {same} |"
             )
+    if args.note:
+        lines += ["", args.note]
     replace_section(Path(args.markdown), "data_parallel", "\n".join(lines))
 
 
@@ -100,6 +102,7 @@ def main() -> None:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "data_parallel.json"))
     p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--note", default="", help="a paragraph under the table")
     args = p.parse_args()
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.exists() else {}
