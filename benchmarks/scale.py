@@ -69,11 +69,17 @@ def disk_bytes(folder: Path) -> int:
 def run_prune(args: argparse.Namespace, source: Path, out: Path, method: str, streamed: bool,
               extra: list[str]) -> dict:  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".run"), ignore_errors=True)
+    run_dir = out.with_name(out.name + ".run")
+    resume = (
+        run_dir / "run.json"
+    ).is_file()  # a run of this script stopped midway: go on from its checkpoints
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [
         "/usr/bin/time", "-v", sys.executable, "-m", "besa.cli", "prune", str(source), "--method", method,
         "--sparsity", "0.5", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--calib",
         "enwiki-articles", "--out", str(out), "--no-progress", *(["--stream"] if streamed else []), *extra,
+        *(["--resume"] if resume else []),
     ]  # fmt: skip
     print("+", " ".join(cmd[2:]), flush=True)
     t = time.perf_counter()
@@ -87,7 +93,7 @@ def run_prune(args: argparse.Namespace, source: Path, out: Path, method: str, st
         "method": method, "streamed": streamed, "flags": extra, "peak_rss_mib": rss_kb / 1024,
         "process_s": wall, "prune_s": report["timings_s"]["prune"], "masked": report["sparsity"]["masked"],
         "report_zeros": report["sparsity"]["pruned_layers_zeros"], "layers": list(report["layers"]),
-        "out_bytes": disk_bytes(out), "machine": _machine(),
+        "out_bytes": disk_bytes(out), "machine": _machine(), "resumed_blocks": report["run"]["resumed_blocks"],
     }  # fmt: skip
 
 
@@ -141,7 +147,8 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         f"50% on {args.nsamples} x {args.seqlen} tokens of `enwiki-articles` (quality is not measured here: the "
         "weights are random). Peak RSS is `/usr/bin/time -v`'s maximum resident set size of the whole `besa prune` "
         "process (Python, torch and transformers included); every output is loaded with plain "
-        "`AutoModelForCausalLM.from_pretrained` and its zeros counted.",
+        "`AutoModelForCausalLM.from_pretrained` and its zeros counted. Times are rough (runs beside other work); a "
+        "resumed run's times cover the blocks it pruned itself, its peak RSS the whole of its own process.",
         "",
         f"Machine: {_machine()}.",
         "",
@@ -161,6 +168,8 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
             continue
         ratio = r["peak_rss_mib"] * 2**20 / src["bytes"]
         zeros = r.get("loaded_zeros", 0) / max(r.get("loaded_numel", 1), 1)
+        if r.get("resumed_blocks"):
+            label += f" (resumed after {r['resumed_blocks']} blocks)"
         lines.append(
             f"| {label} | {r['peak_rss_mib']:.0f} | {ratio:.1%} | {r['prune_s']:.0f} | {r['process_s']:.0f} |"
             f" {r['out_bytes'] / 1e9:.2f} | {zeros:.6f} (report: {r['report_zeros'] == r.get('loaded_zeros')}) |"
