@@ -22,6 +22,7 @@ __all__ = [
     "prepare_model",
     "model_folder",
     "load_config",
+    "load_error",
     "position_limit",
     "check_seqlen",
 ]  # fmt: skip
@@ -140,6 +141,12 @@ def _dequantize_gguf(gguf_path: Path) -> Path:
     return target
 
 
+def load_error(spec: str, exc: BaseException, what: str = "load model") -> BesaError:
+    """The one-line error for a model that transformers could not read: its message's first line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return BesaError(f"could not {what} {spec!r}: {first}")
+
+
 def load_config(spec: str, trust_remote_code: bool = False) -> Any:
     """``spec``'s configuration alone (no weights are read): a folder's, a hub id's ``config.json`` (fetched alone), a
     ``.gguf`` file's header, or a ``config.json`` file given by path."""
@@ -163,8 +170,7 @@ def load_config(spec: str, trust_remote_code: bool = False) -> Any:
             return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BesaError(f"could not read the config of {spec!r}: {first}") from exc
+        raise load_error(spec, exc, "read the config of") from exc
 
 
 def model_folder(spec: str) -> tuple[Path, ModelSource]:
@@ -208,8 +214,7 @@ def load_model(
             )
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BesaError(f"could not load model {spec!r}: {first}") from exc
+        raise load_error(spec, exc) from exc
     model.eval()
     model.config.use_cache = False
     return model, tokenizer, source

@@ -197,6 +197,8 @@ def open_streamed(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from besa.loading import load_error
+
     folder = Path(folder)
     index = ShardIndex.open(folder)
     try:
@@ -205,8 +207,7 @@ def open_streamed(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BesaError(f"could not load model {str(folder)!r}: {first}") from exc
+        raise load_error(str(folder), exc) from exc
     model.eval()
     model.config.use_cache = False
     streamer = BlockStreamer(model, index, dtype)
