@@ -43,6 +43,7 @@ class World:
 
 
 _WORLD = World()
+_OWNED = False  # whether ``start`` created the process group (and ``stop`` may destroy it)
 
 
 def world() -> World:
@@ -67,7 +68,9 @@ def start(device: torch.device) -> World:
         return _WORLD
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    global _OWNED
+    if not dist.is_initialized():  # a process group the caller made is used as it is, and left to them
+        _OWNED = True
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get("BESA_DIST_TIMEOUT", "1800")))
         dist.init_process_group(backend, timeout=timeout)
@@ -78,14 +81,14 @@ def start(device: torch.device) -> World:
 
 
 def stop() -> None:
-    """Leave the process group (the end of a run)."""
-    global _WORLD
-    if _WORLD.active:
+    """Leave the process group at the end of a run, if ``start`` made it."""
+    global _WORLD, _OWNED
+    if _WORLD.active and _OWNED:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    _WORLD = World()
+    _WORLD, _OWNED = World(), False
 
 
 def shard_windows(ids: torch.Tensor, batch: int, w: World | None = None) -> torch.Tensor:
