@@ -62,13 +62,10 @@ class ShardIndex:
         self.folder = folder
         self.weight_map = weight_map
         self.dtypes: dict[str, torch.dtype] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
         for file, names in self._by_file(weight_map).items():
             with safe_open(str(folder / file), framework="pt", device="cpu") as f:
                 for name in names:
-                    piece = f.get_slice(name)
-                    self.dtypes[name] = _DTYPES.get(piece.get_dtype(), torch.float32)
-                    self.shapes[name] = tuple(piece.get_shape())
+                    self.dtypes[name] = _DTYPES.get(f.get_slice(name).get_dtype(), torch.float32)
 
     @classmethod
     def open(cls, folder: str | Path) -> ShardIndex:
