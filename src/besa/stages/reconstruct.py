@@ -10,7 +10,7 @@ epoch are kept (never worse on the held-out windows than the pruned block it sta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from besa import distributed
 from besa.work import BlockWork
 
-__all__ = ["RefitSpec", "block_loss", "split_holdout", "refit_block"]
+__all__ = ["RefitSpec", "block_loss", "split_holdout", "train_masked", "refit_block"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,71 @@ def _loss_over(work: BlockWork, inputs: torch.Tensor, targets: torch.Tensor, bat
     return total / max(inputs.shape[0], 1)
 
 
+def train_masked(
+    params: Sequence[torch.Tensor],
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    n_train: int,
+    evaluate: Callable[[], float] | None,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    patience: int,
+    seed: int,
+    bar: Any = None,
+) -> dict[str, Any]:
+    """Adam on ``params`` with their exact zeros fixed: ``batch_loss(indices)`` of a shuffled batch of the
+    ``n_train`` training windows per step; ``evaluate()`` (the held-out loss, or ``None``: no early stop) before
+    training and after every epoch. Training stops once it has not improved for more than ``patience`` epochs and
+    the best epoch's values are put back. Returns ``held_out`` (the losses measured) and ``epochs`` (run).
+
+    A weight that is exactly zero (pruned, or zero in the dense model) gets no gradient and is zeroed again after
+    every step, so the counted sparsity cannot change. Gradients are averaged over a torchrun run's processes.
+    """
+    masks = [p.detach() != 0 for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    held_out = [evaluate()] if evaluate else []
+    best = [p.detach().clone() for p in params] if evaluate else []
+    best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
+    gen = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for _epoch in range(epochs):
+            order = torch.randperm(n_train, generator=gen)
+            for i in range(0, n_train, batch_size):
+                loss = batch_loss(order[i : i + batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.mean_grads(params)
+                for p, keep in zip(params, masks, strict=True):
+                    p.grad.mul_(keep)
+                opt.step()
+                with torch.no_grad():
+                    for p, keep in zip(params, masks, strict=True):
+                        p.mul_(keep)
+            run += 1
+            if bar is not None:
+                bar.update()
+            if evaluate is None:
+                continue
+            loss_now = evaluate()
+            held_out.append(loss_now)
+            if bar is not None:
+                bar.set_postfix(held_out=f"{loss_now:.4g}")
+            if loss_now < best_loss:
+                best_loss, waited = loss_now, 0
+                best = [p.detach().clone() for p in params]
+            else:
+                waited += 1
+                if waited > patience:
+                    break
+    if evaluate is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best, strict=True):
+                p.copy_(b)
+    return {"held_out": held_out, "epochs": run}
+
+
 def refit_block(
     work: BlockWork,
     inputs: Sequence[torch.Tensor],
@@ -74,63 +139,29 @@ def refit_block(
     # every linear's weight and where it may change: a weight that is exactly zero stays so (pruned, or zero in
     # the dense model: either way the counted sparsity cannot change)
     params = [layer.weight for layer in work.linears.values()]
-    masks = [p.detach() != 0 for p in params]
     requires = [p.requires_grad for p in work.module.parameters()]
     work.module.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=spec.lr)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        out = work.forward(x[idx])
+        return block_loss(y[idx].to(out.device), out)
+
     evaluate = (
         (lambda: distributed.mean_value(_loss_over(work, xh, yh, spec.batch_size))) if xh.shape[0] else None
     )
     facts: dict[str, Any] = {
         "train_before": distributed.mean_value(_loss_over(work, x, y, spec.batch_size)),
         "held_out_windows": int(xh.shape[0]) * ranks,
-        "held_out": [evaluate()] if evaluate else [],
-        "epochs": 0,
     }
-    best = [p.detach().clone() for p in params] if evaluate else []
-    best_loss, waited = (facts["held_out"][0] if evaluate else math.inf), 0
-    gen = torch.Generator().manual_seed(seed)
     bar = tqdm(
         total=spec.epochs, desc=f"({work.index + 1}/{work.num_blocks}) Refitting", leave=False,
         disable=None if work.progress else True,
     )  # fmt: skip
     try:
-        with torch.enable_grad():
-            for _epoch in range(spec.epochs):
-                order = torch.randperm(x.shape[0], generator=gen)
-                for i in range(0, x.shape[0], spec.batch_size):
-                    idx = order[i : i + spec.batch_size]
-                    out = work.forward(x[idx])
-                    loss = block_loss(y[idx].to(out.device), out)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    distributed.mean_grads(params)
-                    for p, keep in zip(params, masks, strict=True):
-                        p.grad.mul_(keep)
-                    opt.step()
-                    with torch.no_grad():
-                        for p, keep in zip(params, masks, strict=True):
-                            p.mul_(keep)
-                facts["epochs"] += 1
-                bar.update()
-                if evaluate is None:
-                    continue
-                held_loss = evaluate()
-                facts["held_out"].append(held_loss)
-                bar.set_postfix(held_out=f"{held_loss:.4g}")
-                if held_loss < best_loss:
-                    best_loss, waited = held_loss, 0
-                    best = [p.detach().clone() for p in params]
-                else:
-                    waited += 1
-                    if waited > spec.patience:
-                        break
-        if evaluate is not None:
-            with torch.no_grad():
-                for p, b in zip(params, best, strict=True):
-                    p.copy_(b)
+        facts.update(
+            train_masked(params, batch_loss, x.shape[0], evaluate, spec.epochs, spec.lr, spec.batch_size,
+                         spec.patience, seed, bar)
+        )  # fmt: skip
     finally:
         bar.close()
         for p, r in zip(work.module.parameters(), requires, strict=True):
