@@ -40,6 +40,7 @@ from besa.registry import get_method
 from besa.report import build_report
 from besa.saving import REPORT_NAME, save_pruned
 from besa.settings import build_settings
+from besa.stages.distill import DistillSpec, distill, teacher_targets
 from besa.streaming import BlockStreamer, count_streamed, open_streamed, save_streamed
 
 __all__ = ["PruneResult", "prune", "prune_with", "evaluate"]
@@ -131,9 +132,11 @@ def prune_with(
     given_ids = calib_ids is not None
     if options.save_quantized and config.quant is None:
         raise BesaError("--save-quantized needs --wbits between 2 and 8")
+    if options.stream and config.kl_epochs:
+        raise BesaError("--kl-epochs trains the whole model at once: it cannot run with --stream")
     spec = get_method(config.method)
     pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
-    needs_data = pruner.needs_calibration
+    needs_data = pruner.needs_calibration or config.kl_epochs > 0  # the KL stage trains on the windows
     where = options.resolve(needs_data)
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails here, before anything is loaded
@@ -185,7 +188,7 @@ def prune_with(
             where.run_dir, model, config, method_config, calib_ids if engine_ids is not None else None, record,
             options.resume, streamer,
         )  # fmt: skip
-    resumed = _run_stages(
+    resumed, kl_facts = _run_stages(
         model, pruner, record, config, local_ids, engine_ids, compute_device, options, budget, run, timings
     )
     if not ranks.writer:  # rank 0 counts, reports and saves; the others wait for it and return
@@ -199,6 +202,8 @@ def prune_with(
         model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed, counts
     )
     report["config"]["bos_added"] = bos is not None  # what --bos resolved to (False for given token ids)
+    if kl_facts is not None:
+        report["kl"] = kl_facts
     if where.out is not None:
         t = time.perf_counter()
         recipe = recipe_text(config, method_config, _ids_digest(calib_ids) if given_ids else None)
@@ -255,12 +260,19 @@ def _run_stages(
     model: nn.Module, pruner: Any, record: RunRecord, config: PruneConfig, calib_ids: torch.Tensor | None,
     engine_ids: torch.Tensor | None, device: torch.device, options: RunOptions, budget: MemoryBudget,
     run: RunFolder | None, timings: dict[str, Any],
-) -> int:  # fmt: skip
-    """The allocation's look at the dense model, then the engine, block by block; return the resumed blocks.
+) -> tuple[int, dict[str, Any] | None]:  # fmt: skip
+    """The allocation's look at the dense model, then the engine, block by block, then the optional KL stage;
+    return the resumed blocks and the KL stage's facts (``None`` without it).
 
-    ``timings["prune"]`` covers both (OWL's statistics pass is part of pruning with OWL).
+    ``timings["prune"]`` covers all of it (OWL's statistics pass is part of pruning with OWL; the KL stage's dense
+    targets, measured before any block is pruned, and its training are part of pruning with ``--kl-epochs``).
     """
     t = time.perf_counter()
+    targets = None
+    if (
+        config.kl_epochs and calib_ids is not None
+    ):  # the dense model's distribution, before anything is pruned
+        targets = teacher_targets(model, calib_ids, config.kl_topk, device, config.kl_batch, options.progress)
     pruner.prepare(model, calib_ids, device, config.forward_batch, options.progress)
     timings["allocation"] = time.perf_counter() - t
     torch.manual_seed(config.seed)
@@ -274,8 +286,14 @@ def _run_stages(
     )  # fmt: skip
     timings["capture"] = engine.capture_seconds
     timings["per_block"] = engine.block_seconds
+    facts = None
+    if targets is not None and calib_ids is not None:
+        tk = time.perf_counter()
+        spec = DistillSpec(config.kl_epochs, config.kl_lr, config.kl_topk, config.kl_batch, config.kl_holdout)
+        facts = distill(model, calib_ids, targets, spec, device, config.seed, options.progress)
+        timings["kl"] = time.perf_counter() - tk
     timings["prune"] = time.perf_counter() - t
-    return engine.resumed_blocks
+    return engine.resumed_blocks, facts
 
 
 def _announce(config: PruneConfig, calib_ids: torch.Tensor | None, needs_data: bool, uses_data: bool) -> None:

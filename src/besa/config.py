@@ -129,6 +129,10 @@ class PruneConfig:
             stream, give what the dense block gives on it).
         refit_holdout: the last calibration windows, never trained on, that decide when to stop (their loss is
             measured before and after every epoch; the best epoch's weights are kept).
+        kl_epochs: epochs of the optional last stage (``besa.stages.distill``): with every mask fixed, the whole
+            pruned model's surviving weights are trained (Adam, ``kl_lr``, ``kl_batch`` windows per step) toward the
+            dense model's next-token distribution (its ``kl_topk`` most likely tokens per position) on the
+            calibration windows; the last ``kl_holdout`` windows decide when to stop; 0 is off.
         quant_mode: ``joint``: methods that can quantize while they prune do so (SparseGPT inside its OBS sweep,
             BESA by learning clipping with the masks); ``rtn``: every method prunes, then rounds to nearest. Methods
             without a joint mode (magnitude, Wanda) always round to nearest after pruning.
@@ -209,6 +213,21 @@ class PruneConfig:
     refit_holdout: int = field(
         default=4, metadata={"help": "refit: last calibration windows held out for early stopping"}
     )
+    kl_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "last stage, masks fixed: train the whole pruned model's surviving weights toward the dense "
+            "model's next-token distribution on the calibration windows (KL) for this many epochs (0: off)"
+        },
+    )
+    kl_lr: float = field(default=1e-5, metadata={"help": "KL stage: Adam learning rate"})
+    kl_topk: int = field(
+        default=64, metadata={"help": "KL stage: the dense model's most likely tokens kept per position"}
+    )
+    kl_batch: int = field(default=4, metadata={"help": "KL stage: calibration windows per Adam step"})
+    kl_holdout: int = field(
+        default=4, metadata={"help": "KL stage: last calibration windows held out for early stopping"}
+    )
     owl_m: float = field(
         default=5.0, metadata={"help": "OWL: a score above M times its block's mean is an outlier"}
     )
@@ -261,6 +280,21 @@ class PruneConfig:
         if not self.refit_lr > 0 or self.refit_batch < 1 or self.refit_holdout < 0:
             raise BesaError(
                 "--refit-lr must be positive, --refit-batch at least 1, --refit-holdout 0 or more"
+            )
+        if (
+            self.kl_epochs < 0
+            or not self.kl_lr > 0
+            or self.kl_topk < 1
+            or self.kl_batch < 1
+            or self.kl_holdout < 0
+        ):
+            raise BesaError(
+                "--kl-epochs must be 0 or more, --kl-lr positive, --kl-topk and --kl-batch at least 1, "
+                "--kl-holdout 0 or more"
+            )
+        if self.kl_epochs and self.wbits != 16:
+            raise BesaError(
+                "--kl-epochs trains full-precision weights: it cannot follow --wbits quantization"
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise BesaError(f"unknown --dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
@@ -336,6 +370,7 @@ class PlanConfig:
         stream: plan a ``--stream`` run.
         forward_batch: windows per block forward.
         refit_epochs, within_block: as in ``PruneConfig`` (``None``: the method's default).
+        kl_epochs: plan the optional KL stage (``PruneConfig.kl_epochs``; its batch and top-k at their defaults).
     """
 
     method: str = field(default="besa", metadata={"help": "the pruning method to plan"})
@@ -352,10 +387,15 @@ class PlanConfig:
     within_block: str | None = field(
         default=None, metadata={"help": "parallel or sequential (default: the method's)"}
     )
+    kl_epochs: int = field(default=0, metadata={"help": "plan the KL stage too (0: off)"})
 
     def __post_init__(self) -> None:
         if self.nsamples < 1 or self.seqlen < 1 or self.forward_batch < 1:
             raise BesaError("--nsamples, --seqlen and --forward-batch must be positive")
+        if self.kl_epochs < 0:
+            raise BesaError(f"--kl-epochs must be 0 or more, got {self.kl_epochs}")
+        if self.kl_epochs and self.stream:
+            raise BesaError("--kl-epochs trains the whole model at once: it cannot run with --stream")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise BesaError(f"unknown --device {self.device!r}: use cpu or cuda")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

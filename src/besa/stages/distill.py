@@ -1,0 +1,180 @@
+"""Optional last stage ``--kl-epochs``: with every mask fixed, train the surviving weights of the whole pruned model
+end to end so its next-token distribution matches the dense model's on the calibration windows (KL divergence).
+
+The dense model's distribution is kept as its ``topk`` most likely tokens at every position plus one bucket for all
+the other tokens, measured once before pruning; the pruned model's distribution is coarsened the same way and the
+loss is the KL divergence between the two coarsened distributions: 0 for the dense model itself, and
+``N * T * (topk + 1)`` numbers kept instead of the whole vocabulary. As in the
+blockwise refit, a weight that is exactly zero gets no gradient and is zeroed again after every step (the counted
+sparsity is unchanged), and the last ``holdout`` windows are never trained on: their KL is measured before training
+and after every epoch, training stops when it no longer falls, and the best epoch's weights are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from besa import distributed
+from besa.modeling import find_blocks, find_linears
+from besa.stages.reconstruct import split_holdout, train_masked
+
+__all__ = ["DistillSpec", "TeacherTargets", "topk_targets", "topk_kl", "teacher_targets", "distill"]
+
+
+_FLOOR = -80.0
+"""Teacher log-probabilities are kept at or above this (e^-80 ~ 1e-35): a bucket of probability 0 then adds 0 to the
+KL, not ``0 * inf``."""
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """How the whole pruned model is trained toward the dense one (``PruneConfig.kl_*``)."""
+
+    epochs: int
+    lr: float = 1e-5
+    topk: int = 64
+    batch_size: int = 4
+    holdout: int = 4
+    patience: int = 1
+
+
+@dataclass
+class TeacherTargets:
+    """The dense model's next-token distribution at every position of the windows, coarsened: its top-k token ids
+    (N, T, k) and the log-probabilities of those and of all the other tokens together (N, T, k + 1)."""
+
+    ids: torch.Tensor
+    log_q: torch.Tensor
+
+    def __getitem__(self, index: Any) -> TeacherTargets:
+        return TeacherTargets(self.ids[index], self.log_q[index])
+
+
+def topk_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits -> the ``k`` most likely ids (int32, (..., k)) and the log-probabilities of those ``k`` and,
+    last, of all the other tokens together ((..., k + 1); (..., V) when ``k >= V``: no other tokens)."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    top, ids = log_probs.topk(min(k, logits.shape[-1]), dim=-1)
+    if ids.shape[-1] < logits.shape[-1]:
+        tail = log_probs.scatter(-1, ids, -math.inf).logsumexp(dim=-1, keepdim=True)
+        top = torch.cat([top, tail], dim=-1)
+    return ids.to(torch.int32), top.clamp_min(_FLOOR)
+
+
+def topk_kl(logits: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``KL(q || p)`` between the teacher ``q``, given on its top-k ``ids`` plus one bucket
+    for every other token (``log_q``, from ``topk_targets``), and the student's ``softmax(logits)`` coarsened the
+    same way. (..., V), (..., k), (..., k [+ 1]) -> (); 0 for the teacher's own logits, whatever ``k``.
+    """
+    logits = logits.float()
+    norm = logits.logsumexp(dim=-1, keepdim=True)
+    log_p = logits.gather(-1, ids.long()) - norm
+    if log_q.shape[-1] > ids.shape[-1]:  # the bucket of all the other tokens
+        tail = logits.scatter(-1, ids.long(), -math.inf).logsumexp(dim=-1, keepdim=True) - norm
+        log_p = torch.cat([log_p, tail], dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean()
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def teacher_targets(
+    model: nn.Module,
+    windows: torch.Tensor,
+    topk: int,
+    device: torch.device,
+    batch: int = 4,
+    progress: bool = True,
+) -> TeacherTargets:
+    """The dense ``model``'s top-k targets on ``windows`` (N, T): one forward pass of the whole model on ``device``,
+    the targets kept on the CPU."""
+    was_training = model.training
+    model.eval().to(device)
+    ids, log_q = [], []
+    try:
+        for i in tqdm(
+            range(0, windows.shape[0], batch), desc="Dense targets", disable=None if progress else True
+        ):
+            top_ids, top_lq = topk_targets(_logits(model, windows[i : i + batch].to(device)), topk)
+            ids.append(top_ids.cpu())
+            log_q.append(top_lq.cpu())
+    finally:
+        model.to("cpu").train(was_training)
+    return TeacherTargets(torch.cat(ids), torch.cat(log_q))
+
+
+def _kl_over(
+    model: nn.Module, windows: torch.Tensor, targets: TeacherTargets, batch: int, device: torch.device
+) -> float:
+    """Mean ``topk_kl`` of ``model`` over ``windows``, no gradients."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            t = targets[i : i + batch]
+            kl = topk_kl(
+                _logits(model, windows[i : i + batch].to(device)), t.ids.to(device), t.log_q.to(device)
+            )
+            total += float(kl) * min(batch, windows.shape[0] - i)
+    return total / max(windows.shape[0], 1)
+
+
+def distill(
+    model: nn.Module,
+    windows: torch.Tensor,
+    targets: TeacherTargets,
+    spec: DistillSpec,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the surviving weights of every block's linears of ``model`` (Adam, masks fixed) toward ``targets`` on
+    ``windows`` (N, T); return the facts: KL before / after on the training and held-out windows, epochs run.
+
+    Only the blocks' linears train (embeddings, norms and the head stay as they are); the model is on ``device``
+    while it trains and back on the CPU after.
+    """
+    ranks = distributed.world().size  # data parallel: each rank holds out its share of the held-out windows
+    train, held = split_holdout(windows.shape[0], -(-spec.holdout // ranks))
+    x, xh = windows[train], windows[held]
+    t, th = targets[train], targets[held]
+    params = [
+        layer.weight for _, block in find_blocks(model) for layer in find_linears(block, model).values()
+    ]
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval().to(device)
+    model.requires_grad_(False)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        ti = t[idx]
+        return topk_kl(_logits(model, x[idx].to(device)), ti.ids.to(device), ti.log_q.to(device))
+
+    def evaluate() -> float:
+        return distributed.mean_value(_kl_over(model, xh, th, spec.batch_size, device))
+
+    bar = tqdm(total=spec.epochs, desc="KL to the dense model", disable=None if progress else True)
+    try:
+        facts: dict[str, Any] = {
+            "train_before": distributed.mean_value(_kl_over(model, x, t, spec.batch_size, device)),
+            "held_out_windows": int(xh.shape[0]) * ranks,
+        }
+        facts.update(
+            train_masked(params, batch_loss, x.shape[0], evaluate if xh.shape[0] else None, spec.epochs, spec.lr,
+                         spec.batch_size, spec.patience, seed, bar)
+        )  # fmt: skip
+        facts["train_after"] = distributed.mean_value(_kl_over(model, x, t, spec.batch_size, device))
+    finally:
+        bar.close()
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)
+            p.grad = None
+        model.to("cpu").train(was_training)
+    return facts

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+import besa
+from besa.modeling import find_blocks, find_linears
+from besa.stages.distill import DistillSpec, distill, teacher_targets, topk_kl, topk_targets
+from conftest import make_model
+
+CPU = torch.device("cpu")
+
+
+def _ids(n: int = 12) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {
+        f"{b}.{n}": layer
+        for b, block in find_blocks(model)
+        for n, layer in find_linears(block, model).items()
+    }
+
+
+def _prune_half(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for layer in _linears(model).values():
+            w = layer.weight
+            w.masked_fill_(w.abs() <= w.abs().median(), 0)
+
+
+def test_topk_targets_keep_the_top_tokens_and_one_bucket_for_the_rest():
+    logits = torch.randn(2, 5, 30)
+    ids, log_q = topk_targets(logits, 4)
+    assert ids.dtype == torch.int32 and ids.shape == (2, 5, 4) and log_q.shape == (2, 5, 5)
+    assert torch.equal(ids.long(), logits.topk(4, dim=-1).indices)
+    assert torch.allclose(log_q[..., :4], logits.log_softmax(-1).gather(-1, ids.long()))
+    assert torch.allclose(log_q.exp().sum(-1), torch.ones(2, 5))  # the bucket holds exactly the rest
+    ids, log_q = topk_targets(logits, 30)  # every token kept: no bucket
+    assert log_q.shape == (2, 5, 30)
+
+
+@pytest.mark.parametrize("k", [1, 4, 11])
+def test_topk_kl_is_zero_for_the_teachers_own_logits_and_exact_with_every_token_kept(k):
+    teacher, student = torch.randn(3, 7, 11), torch.randn(3, 7, 11)
+    ids, log_q = topk_targets(teacher, k)
+    assert float(topk_kl(teacher, ids, log_q)) == pytest.approx(0.0, abs=1e-6)
+    assert float(topk_kl(student, ids, log_q)) > 0
+    if k == 11:
+        expected = torch.nn.functional.kl_div(
+            student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none"
+        ).sum(-1).mean()  # fmt: skip
+        assert float(topk_kl(student, ids, log_q)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_topk_kl_sees_mass_moved_inside_the_rest_only_through_the_bucket():
+    """Coarsened: moving probability between tokens of the bucket changes nothing, moving it into the bucket
+    does."""
+    teacher = torch.tensor([[4.0, 3.0, 0.0, 0.0]])
+    ids, log_q = topk_targets(teacher, 2)
+    inside = torch.tensor(
+        [[4.0, 3.0, torch.log(torch.tensor(2.0)), -1e4]]
+    )  # same bucket mass, moved within it
+    more = torch.tensor([[4.0, 3.0, 2.0, 2.0]])
+    assert float(topk_kl(inside, ids, log_q)) == pytest.approx(0.0, abs=1e-6)
+    assert float(topk_kl(more, ids, log_q)) > 0.05
+
+
+def test_distill_lowers_the_kl_and_keeps_every_zero_exactly():
+    model, ids = make_model("llama"), _ids()
+    targets = teacher_targets(model, ids, topk=16, device=CPU, progress=False)
+    _prune_half(model)
+    zeros = {n: layer.weight.detach() == 0 for n, layer in _linears(model).items()}
+    outside = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.endswith(("embed_tokens.weight", "norm.weight"))
+    }
+    requires = [p.requires_grad for p in model.parameters()]
+    facts = distill(model, ids, targets, DistillSpec(epochs=4, lr=1e-3, topk=16, batch_size=4, holdout=4), CPU,
+                    progress=False)  # fmt: skip
+    assert facts["train_after"] < 0.8 * facts["train_before"]
+    assert facts["held_out_windows"] == 4 and len(facts["held_out"]) == facts["epochs"] + 1
+    for name, layer in _linears(model).items():
+        assert torch.equal(layer.weight.detach() == 0, zeros[name]), name  # the same zeros, exactly
+    for name, value in outside.items():  # only the blocks' linears train
+        assert torch.equal(dict(model.named_parameters())[name].detach(), value), name
+    assert [p.requires_grad for p in model.parameters()] == requires
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_distill_trains_only_on_windows_that_are_not_held_out():
+    model, ids = make_model("llama"), _ids()
+    targets = teacher_targets(model, ids, topk=8, device=CPU, progress=False)
+    _prune_half(model)
+    seen: list[torch.Tensor] = []
+    real = model.forward
+
+    def spy(*args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(kwargs["input_ids"].clone())
+        return real(*args, **kwargs)
+
+    model.forward = spy  # type: ignore[method-assign]
+    distill(model, ids, targets, DistillSpec(epochs=2, lr=1e-4, batch_size=2, holdout=4), CPU, progress=False)
+    trained = torch.cat(seen)
+    assert trained.shape[0] == 2 * 8  # every training window once per epoch
+    for window in ids[8:]:
+        assert not any(torch.equal(window, t) for t in trained)
+
+
+def test_distill_keeps_the_pruned_model_when_the_held_out_kl_never_improves():
+    """Held-out targets taken from the pruned model itself: their KL starts at 0 and can only rise, so the best
+    epoch is 'before training' and the weights come back unchanged."""
+    model, ids = make_model("llama"), _ids()
+    dense = teacher_targets(model, ids, topk=8, device=CPU, progress=False)
+    _prune_half(model)
+    pruned = teacher_targets(model, ids, topk=8, device=CPU, progress=False)
+    dense.ids[8:], dense.log_q[8:] = pruned.ids[8:], pruned.log_q[8:]
+    before = {n: layer.weight.detach().clone() for n, layer in _linears(model).items()}
+    facts = distill(model, ids, dense, DistillSpec(epochs=5, lr=1e-3, batch_size=4, holdout=4, patience=1), CPU,
+                    progress=False)  # fmt: skip
+    assert facts["held_out"][0] == pytest.approx(0.0, abs=1e-5)
+    assert facts["epochs"] == 2
+    for name, layer in _linears(model).items():
+        assert torch.equal(layer.weight.detach(), before[name]), name
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_kl_stage_after_a_method_keeps_its_exact_sparsity_and_reports_its_facts(tokenizer, method):
+    model = make_model("llama")
+    result = besa.prune(model, tokenizer=tokenizer, method=method, sparsity=0.5, calib_ids=_ids(), kl_epochs=2,
+                        kl_lr=1e-3, kl_topk=16, progress=False, checkpoint=False)  # fmt: skip
+    report = result.report
+    assert report["sparsity"]["pruned_layers"] == 0.5
+    assert report["kl"]["train_after"] <= report["kl"]["train_before"]
+    assert report["kl"]["held_out_windows"] == 4
+    assert report["timings_s"]["kl"] > 0
+    assert report["config"]["kl_epochs"] == 2
+
+
+def test_kl_stage_is_refused_with_quantization_and_with_streaming(tokenizer, tmp_path):
+    with pytest.raises(besa.BesaError, match="--kl-epochs"):
+        besa.prune(make_model("llama"), tokenizer=tokenizer, method="wanda", calib_ids=_ids(), kl_epochs=1, wbits=4,
+                   progress=False, checkpoint=False)  # fmt: skip
+    with pytest.raises(besa.BesaError, match="--kl-epochs must be"):
+        besa.prune(make_model("llama"), tokenizer=tokenizer, method="wanda", calib_ids=_ids(), kl_epochs=-1,
+                   progress=False, checkpoint=False)  # fmt: skip
+    with pytest.raises(besa.BesaError, match="--stream"):
+        besa.prune(str(tmp_path), method="wanda", kl_epochs=1, stream=True, out=str(tmp_path / "out"),
+                   progress=False)  # fmt: skip
