@@ -7,8 +7,10 @@ from besa.cli import main
 from besa.plan import (
     BESA_BACKWARD_BYTES_PER_WEIGHT,
     BESA_BYTES_PER_WEIGHT,
+    KL_SAVED_PER_TOKEN_BLOCK,
     activation_bytes,
     hessian_bytes,
+    kl_stage_bytes,
     model_shape,
     plan_run,
     shape_of,
@@ -55,6 +57,23 @@ def test_plan_sums_the_tensors_a_run_keeps():
     assert data_free.forwards == 0 and data_free.peaks["host"] == shape.total_params * 4 + 4 * 64 * 128
 
 
+def test_the_kl_stage_peak_is_the_whole_model_training_not_added_to_the_blocks():
+    shape = shape_of(make_model("llama"))  # hidden 64, 2 blocks, vocab 260 (untied head)
+    base = plan_run(shape, "wanda", 8, 16, torch.float32, torch.float32, stream=False)
+    kl = plan_run(shape, "wanda", 8, 16, torch.float32, torch.float32, stream=False, kl_epochs=1, kl_batch=4,
+                  kl_topk=8)  # fmt: skip
+    trained = sum(o * i for block in shape.blocks for o, i in block.values())
+    parts = kl_stage_bytes(shape, 8, 16, 4, 4, 8)
+    assert parts["KL stage: Adam state of the blocks' linears"] == 3 * trained * 4
+    assert parts["KL stage: the dense targets"] == 8 * 16 * (4 * 8 + 4 * 9)
+    assert parts["KL stage: one batch's activations and logits"] == (
+        4 * 16 * 64 * 4 * KL_SAVED_PER_TOKEN_BLOCK * 2 + 3 * 4 * 16 * shape.vocab * 4
+    )
+    assert shape.vocab == 260
+    assert kl.peaks["host"] == max(base.peaks["host"], sum(parts.values()))
+    assert {r for r, _, _ in kl.rows} >= set(parts)
+
+
 def test_cli_plan_prints_the_peaks_and_refuses_bad_input(model_dir, capsys):
     assert main(["plan", str(model_dir), "--method", "besa", "--nsamples", "4", "--seqlen", "32"]) == 0
     out = capsys.readouterr().out
@@ -62,6 +81,8 @@ def test_cli_plan_prints_the_peaks_and_refuses_bad_input(model_dir, capsys):
     assert main(["plan", str(model_dir / "config.json"), "--method", "sparsegpt", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "peak, device" in out and "one group at a time" in out  # SparseGPT's default: sequential
+    assert main(["plan", str(model_dir), "--method", "wanda", "--kl-epochs", "2"]) == 0
+    assert "KL stage: the whole model" in capsys.readouterr().out
     assert main(["plan", str(model_dir), "--device", "tpu"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "unknown --device" in err[0]

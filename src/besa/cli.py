@@ -212,7 +212,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device=cfg.device.split(":")[0], forward_batch=cfg.forward_batch,
         epochs=getattr(defaults, "epochs", 1), refit_epochs=pruner.refit.epochs if pruner.refit else 0,
         within_block=pruner.within_block, weight_update=getattr(pruner, "weight_update", None),
-        uses_data=pruner.engine_uses_data, dense_stream=pruner.needs_dense_stream,
+        uses_data=pruner.engine_uses_data, dense_stream=pruner.needs_dense_stream, kl_epochs=cfg.kl_epochs,
+        kl_batch=run.kl_batch, kl_topk=run.kl_topk,
     )  # fmt: skip
     print(format_plan(args.model, shape, plan, stored))
     return 0

@@ -28,6 +28,9 @@ BESA_BYTES_PER_WEIGHT = 4 + 2 + 4
 BESA_BACKWARD_BYTES_PER_WEIGHT = 4 + 4 + 8
 # Adam keeps a gradient and two moments per trained weight (the refit trains the block's weights).
 ADAM_COPIES = 3
+# The KL stage's backward keeps, per token and block, about this many hidden-size vectors (the inputs of the
+# linears, norms and activation function; not the attention matrices, which SDPA does not keep).
+KL_SAVED_PER_TOKEN_BLOCK = 16
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ModelShape:
     block_params: list[int]
     outside_params: int
     groups: list[list[list[str]]] = field(default_factory=list)  # per block: linears fed the same input
+    vocab: int = 0  # rows of the output head (the logits per token)
 
     @property
     def total_params(self) -> int:
@@ -68,7 +72,9 @@ def shape_of(model: nn.Module) -> ModelShape:
         params.append(sum(p.numel() for p in block.parameters()))
         groups.append(_input_groups(shapes))
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", 0)
-    return ModelShape(type(model).__name__, int(hidden), blocks, params, outside, groups)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else getattr(model.config, "vocab_size", 0)
+    return ModelShape(type(model).__name__, int(hidden), blocks, params, outside, groups, int(vocab))
 
 
 def _input_groups(shapes: dict[str, tuple[int, int]]) -> list[list[str]]:
@@ -110,6 +116,25 @@ def hessian_bytes(shapes: dict[str, tuple[int, int]], groups: list[list[str]], s
     return 8 * held + 2 * 4 * max(per.values())
 
 
+def kl_stage_bytes(
+    shape: ModelShape, nsamples: int, seqlen: int, compute: int, batch: int, topk: int
+) -> dict[str, int]:
+    """The optional KL stage (``--kl-epochs``), after every block is pruned: the whole model, Adam's state of the
+    blocks' linears (float32), one batch's saved activations and logits (with their gradient and softmax), and the
+    dense model's top-k targets of every window (int32 ids, float32 log-probabilities and the bucket)."""
+    trained = sum(o * i for block in shape.blocks for o, i in block.values())
+    tokens = min(batch, nsamples) * seqlen
+    return {
+        "KL stage: the whole model": shape.total_params * compute,
+        "KL stage: Adam state of the blocks' linears": ADAM_COPIES * trained * 4,
+        "KL stage: one batch's activations and logits": (
+            tokens * shape.hidden * compute * KL_SAVED_PER_TOKEN_BLOCK * len(shape.blocks)
+            + 3 * tokens * shape.vocab * 4
+        ),
+        "KL stage: the dense targets": nsamples * seqlen * (4 * topk + 4 * (topk + 1)),
+    }
+
+
 def block_forwards(method: str, epochs: int, refit_epochs: int, within_block: str) -> float:
     """Block forwards over the calibration set per block (a backward counts as two): the work of a run."""
     base = 2.0  # the statistics pass and the propagation
@@ -126,7 +151,7 @@ def plan_run(
     shape: ModelShape, method: str, nsamples: int, seqlen: int, compute: torch.dtype, stored: torch.dtype,
     stream: bool, device: str = "cpu", forward_batch: int = 8, epochs: int = 1, refit_epochs: int = 0,
     within_block: str = "parallel", weight_update: str | None = None, uses_data: bool = True,
-    dense_stream: bool = False,
+    dense_stream: bool = False, kl_epochs: int = 0, kl_batch: int = 4, kl_topk: int = 64,
 ) -> Plan:  # fmt: skip
     """The memory plan of one run. On a CPU the host is the device: its peak is the weights + the activations +
     the largest working set of a block step. On CUDA the host keeps the model as stored (or, streamed, what lies
@@ -177,6 +202,18 @@ def plan_run(
         rows += [(k, v, "device") for k, v in work.items()]
         peaks = {"host": host_weights + acts, "device": on_device + batch + largest_work}
     notes = ["a block's stages run one after the other: a peak counts the largest working set, not their sum"]
+    if kl_epochs:  # after the blocks: the whole model trains on the device; the engine's stores are gone
+        kl = kl_stage_bytes(shape, nsamples, seqlen, c, kl_batch, kl_topk)
+        where = "host" if device == "cpu" else "device"
+        rows += [(k, v, where if "targets" not in k else "host") for k, v in kl.items()]
+        on_where = sum(v for k, v in kl.items() if "targets" not in k)
+        targets = kl["KL stage: the dense targets"]
+        if device == "cpu":
+            peaks["host"] = max(peaks["host"], on_where + targets)
+        else:
+            peaks["device"] = max(peaks["device"], on_where)
+            peaks["host"] = max(peaks["host"], shape.total_params * s + targets)
+        notes.append("the KL stage runs after the blocks: its peak is compared with theirs, not added")
     if device == "cpu":
         notes.append("--max-memory spills activations beyond it to disk")
     forwards = block_forwards(method, epochs, refit_epochs, within_block) if uses_data else 0.0
