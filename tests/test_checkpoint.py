@@ -213,3 +213,22 @@ def test_run_folder_holds_only_safetensors_and_json(deep_model_dir, ids, tmp_pat
 def test_no_checkpoint_writes_no_run_folder(deep_model_dir, ids, tmp_path):
     _prune(deep_model_dir, "wanda", ids, tmp_path / "out", checkpoint=False)
     assert not (tmp_path / "out.run").exists() and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_kl_stage_resumes_from_finished_blocks_with_the_dense_models_targets(
+    deep_model_dir, ids, tmp_path
+):
+    """The KL stage comes after the checkpointed blocks: a run folder whose blocks are all done resumes into it
+    (its settings are not part of the fingerprint), and its targets are still the dense model's, taken before the
+    engine restores the pruned blocks: the same losses and weights as a run from scratch."""
+    run_dir = tmp_path / "run"
+    _prune(deep_model_dir, "wanda", ids, None, run_dir=run_dir)  # no --out: the run folder stays
+    kl = {"kl_epochs": 2, "kl_lr": 1e-3, "kl_topk": 8, "kl_holdout": 2, "kl_batch": 2}
+    resumed = besa.prune(str(deep_model_dir), method="wanda", sparsity=0.5, calib_ids=ids, run_dir=run_dir,
+                         resume=True, progress=False, forward_batch=2, **kl)  # fmt: skip
+    fresh = besa.prune(str(deep_model_dir), method="wanda", sparsity=0.5, calib_ids=ids, progress=False,
+                       forward_batch=2, checkpoint=False, **kl)  # fmt: skip
+    assert resumed.report["run"]["resumed_blocks"] == LAYERS
+    assert resumed.report["kl"] == fresh.report["kl"]
+    a, b = resumed.model.state_dict(), fresh.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -237,6 +237,8 @@ def _fingerprint(
     """What must match for a run folder to be continued: everything that decides the pruned weights."""
     fields = config.to_dict()
     fields.pop("device")  # where it runs does not change what it computes... up to kernel differences
+    for name in [k for k in fields if k.startswith("kl_")]:  # the KL stage runs after the checkpointed blocks
+        fields.pop(name)
     payload: dict[str, Any] = {f"config.{k}": v for k, v in fields.items()}
     payload.update({f"option.{k}": v for k, v in method_config.to_dict().items()})
     payload["model.class"] = type(model).__name__
