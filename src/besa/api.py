@@ -271,9 +271,9 @@ def _run_stages(
     """
     t = time.perf_counter()
     targets = None
-    if (
-        config.kl_epochs and calib_ids is not None
-    ):  # the dense model's distribution, before anything is pruned
+    if config.kl_epochs and calib_ids is not None:
+        # the dense model's distribution, before anything is pruned (a resumed run restores its pruned blocks
+        # inside the engine, after this)
         targets = teacher_targets(model, calib_ids, config.kl_topk, device, config.kl_batch, options.progress)
     pruner.prepare(model, calib_ids, device, config.forward_batch, options.progress)
     timings["allocation"] = time.perf_counter() - t
