@@ -156,6 +156,33 @@ class BlockWork:
                 h.remove()
 
     @torch.no_grad()
+    def layer_inputs(
+        self, module: nn.Module, hidden: torch.Tensor, names: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Run ``module`` (this block, or a copy of it with the same layout) on one batch and return the inputs of
+        its linears ``names`` (relative names, as in ``linears``); the forward ends once all of them are seen."""
+        modules = dict(module.named_modules())
+        seen: dict[str, torch.Tensor] = {}
+
+        def make(name: str) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple) -> None:
+                seen[name] = args[0].detach()
+                if len(seen) == len(names):
+                    raise _StopBlock
+
+            return hook
+
+        handles = [modules[name].register_forward_pre_hook(make(name)) for name in names]
+        try:
+            self.call(module, hidden.to(self.device, non_blocking=True))
+        except _StopBlock:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    @torch.no_grad()
     def input_groups(self) -> list[list[str]]:
         """The pruned linears in the order the block calls them, those fed the same input grouped: for a LLaMA
         block ``[[q, k, v], [o], [gate, up], [down]]``. Found from one forward of the first calibration sequence."""

@@ -1,10 +1,14 @@
 import pytest
 import torch
 
+import besa
 from besa.config import NMPattern
-from besa.methods.sparsegpt import sparsegpt_prune
+from besa.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
+from besa.modeling import find_blocks, find_linears
 from besa.stages.masks import select_prune_mask
-from besa.stages.selection import HessianStats, wanda_scores
+from besa.stages.selection import CrossStats, HessianStats, wanda_scores
+from besa.stages.update import dense_target_weight
+from conftest import make_model, make_tokenizer
 
 
 def _problem(rows=32, cols=64, tokens=512, seed=0):
@@ -66,3 +70,67 @@ def test_every_column_block_prunes_exactly_its_share():
             share = round(sparsity * 24 * i2) - round(sparsity * 24 * i1)
             assert int((new_w[:, i1:i2] == 0).sum()) == share, (sparsity, i1)
         assert int((new_w == 0).sum()) == round(sparsity * w.numel())
+
+
+def _asymmetric(seed=0, rows=32, cols=64, tokens=2048):
+    """Dense-stream inputs D and pruned-stream inputs X = D + drift (what the blocks pruned before did to them)."""
+    g = torch.Generator().manual_seed(seed)
+    w, d, _ = _problem(rows, cols, tokens, seed)
+    x = d + 0.3 * torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5
+    hs, cs = HessianStats(cols, torch.device("cpu")), CrossStats(cols, torch.device("cpu"))
+    for i in range(0, tokens, 512):  # fed batch by batch, as the engine does
+        hs.add(x[i : i + 512])
+        cs.add(d[i : i + 512], x[i : i + 512])
+    return w, d, x, hs.hessian, cs.cross
+
+
+def test_dense_target_weight_is_the_least_squares_map_to_the_dense_outputs():
+    w, d, x, h, c = _asymmetric()
+    moved = dense_target_weight(w, c, h, percdamp=1e-9)
+    exact = (
+        torch.linalg.lstsq(x.double(), (d @ w.t()).double()).solution.t().float()
+    )  # argmin ||X W'^T - D W^T||
+    assert torch.allclose(moved, exact, atol=1e-3, rtol=1e-3)
+    # no drift: the map is the weight itself
+    _, d2, _, _, _ = _asymmetric()
+    hs, cs = HessianStats(64, torch.device("cpu")), CrossStats(64, torch.device("cpu"))
+    hs.add(d2)
+    cs.add(d2, d2)
+    assert torch.allclose(dense_target_weight(w, cs.cross, hs.hessian, 1e-9), w, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruning_the_dense_target_weight_gets_closer_to_the_dense_outputs(seed):
+    """The asymmetric objective ||W D - W' X||: SparseGPT on the least-squares map beats SparseGPT on W itself, with
+    the same exact sparsity."""
+    w, d, x, h, c = _asymmetric(seed)
+    plain, _, _ = sparsegpt_prune(w, h, 0.5)
+    moved, _, _ = sparsegpt_prune(dense_target_weight(w, c, h, 0.01), h, 0.5)
+    assert int((moved == 0).sum()) == int((plain == 0).sum()) == w.numel() // 2
+    target = d @ w.t()
+    assert float((x @ moved.t() - target).square().sum()) < 0.9 * float(
+        (x @ plain.t() - target).square().sum()
+    )
+
+
+@pytest.mark.parametrize("within_block", ["sequential", "parallel"])
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_obs_target_dense_prunes_exactly_on_a_model(within_block, pattern):
+    model = make_model("llama")
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    result = besa.prune(model, tokenizer=make_tokenizer(), method="sparsegpt", pattern=pattern, calib_ids=ids,
+                        within_block=within_block, method_options={"obs_target": "dense"}, progress=False,
+                        checkpoint=False, forward_batch=4)  # fmt: skip
+    assert result.report["sparsity"]["pruned_layers"] == 0.5
+    assert result.report["method_options"]["obs_target"] == "dense"
+    for _, block in find_blocks(model):
+        for layer in find_linears(block, model).values():
+            w = layer.weight
+            assert int((w == 0).sum()) == w.numel() // 2
+            if pattern:
+                assert torch.all((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2)
+
+
+def test_an_unknown_obs_target_is_refused():
+    with pytest.raises(besa.BesaError, match="--obs-target"):
+        SparseGPTConfig(obs_target="teacher")

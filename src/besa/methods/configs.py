@@ -27,14 +27,26 @@ class SparseGPTConfig(MethodConfig):
     Args:
         blocksize: columns per lazy-update block (must be a multiple of M for N:M patterns).
         percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
+        obs_target: ``pruned`` (the paper: each layer reproduces its own outputs on its inputs in the pruned
+            model) or ``dense`` (each layer reproduces the dense model's outputs, on the dense model's inputs,
+            from its inputs in the pruned model: ``besa.stages.update.dense_target_weight``).
     """
 
     blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per lazy-update block"})
     percdamp: float = field(
         default=0.01, metadata={"help": "SparseGPT: Hessian dampening, fraction of mean diag"}
     )
+    obs_target: str = field(
+        default="pruned",
+        metadata={
+            "help": "SparseGPT: pruned (each layer keeps its own outputs on the pruned model's inputs, the paper) "
+            "or dense (each layer gives the dense model's outputs from the pruned model's inputs)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.obs_target not in ("pruned", "dense"):
+            raise BesaError(f"unknown --obs-target {self.obs_target!r}: choose pruned or dense")
         if self.blocksize < 1:
             raise BesaError(f"--blocksize must be positive, got {self.blocksize}")
         if not 0 < self.percdamp < 1:

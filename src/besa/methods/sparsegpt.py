@@ -3,16 +3,19 @@ block by block during the sweep, and the OBS weight update (``besa.stages.update
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from besa.config import NMPattern
-from besa.methods.base import LayerwisePruner, QuantGrids
+from besa.methods.base import BlockResult, LayerwisePruner, QuantGrids
 from besa.methods.configs import SparseGPTConfig
 from besa.modeling import set_weight_matrix, weight_matrix
+from besa.pipeline import BlockWork
 from besa.quant import QuantSpec
-from besa.stages.selection import HessianStats, LayerStats
-from besa.stages.update import BlockShare, NMGroups, SweepQuantizer, obs_sweep
+from besa.stages.selection import CrossStats, HessianStats, LayerStats
+from besa.stages.update import BlockShare, NMGroups, SweepQuantizer, dense_target_weight, obs_sweep
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "sparsegpt_prune"]
 
@@ -47,6 +50,52 @@ class SparseGPTPruner(LayerwisePruner):
     """
 
     default_within_block = "sequential"
+
+    @property
+    def dense_target(self) -> bool:
+        cfg = self.method_config
+        assert isinstance(cfg, SparseGPTConfig)
+        return cfg.obs_target == "dense"
+
+    @property
+    def needs_dense_stream(self) -> bool:
+        return self.dense_target or super().needs_dense_stream
+
+    def prune_block(self, work: BlockWork) -> BlockResult:
+        """``--obs-target dense``: each layer's statistics pair its inputs in the pruned model with those of the
+        dense model (a copy of the dense block run on the dense stream, group by group like the pruned one); its
+        weight is first moved to the least-squares map of the one to the dense outputs, then pruned by the sweep.
+        Otherwise as every layerwise method."""
+        if not self.dense_target:
+            return super().prune_block(work)
+        assert work.dense_inputs is not None
+        result, rate = BlockResult(), self.allocation.block_rate(work.name)
+        dense = copy.deepcopy(work.module)  # the block as it was, for the dense side of every group
+        groups = work.input_groups() if self.within_block == "sequential" else [list(work.linears)]
+        for group in groups:
+            hessians = {n: HessianStats(weight_matrix(work.linears[n]).shape[1], work.device) for n in group}
+            crosses = {n: CrossStats(weight_matrix(work.linears[n]).shape[1], work.device) for n in group}
+            for d_batch, x_batch in zip(work.dense_inputs, work.inputs, strict=True):
+                d_in = work.layer_inputs(dense, d_batch, group)
+                x_in = work.layer_inputs(work.module, x_batch, group)
+                for n in group:
+                    hessians[n].add(x_in[n])
+                    crosses[n].add(d_in[n], x_in[n])
+            for n in group:
+                hessians[n].reduce()
+                crosses[n].reduce()
+                layer = work.linears[n]
+                cfg = self.method_config
+                assert isinstance(cfg, SparseGPTConfig)
+                moved = dense_target_weight(
+                    weight_matrix(layer), crosses.pop(n).cross, hessians[n].hessian, cfg.percdamp
+                )
+                set_weight_matrix(layer, moved)
+                grids = self.prune_layer(layer, hessians.pop(n), rate)
+                result.targets[f"{work.name}.{n}"] = rate
+                self.finish_layer(result, f"{work.name}.{n}", layer, grids, f"{self.config.method} joint")
+        del dense
+        return result
 
     def make_stats(self, layer: nn.Module) -> LayerStats:
         w = weight_matrix(layer)

@@ -17,6 +17,7 @@ __all__ = [
     "LayerStats",
     "InputNormStats",
     "HessianStats",
+    "CrossStats",
     "Scorer",
     "SCORERS",
     "get_scorer",
@@ -87,6 +88,33 @@ class HessianStats(LayerStats):
     def hessian(self) -> torch.Tensor:
         """H in float32."""
         return (self.xtx * (2.0 / max(self.tokens, 1))).float()
+
+
+class CrossStats:
+    """Running C = 2/N * sum_t d_t x_t^T over N calibration tokens, with ``d_t`` a linear's input on the dense
+    model's stream and ``x_t`` its input on the pruned model's stream at the same token (the cross term of the
+    asymmetric objective ||W D - W' X||^2; ``HessianStats`` is the ``X`` side). Float32 per batch, float64 sums."""
+
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.dtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, dense: torch.Tensor, pruned: torch.Tensor) -> None:
+        d = dense.reshape(-1, dense.shape[-1]).float()
+        x = pruned.reshape(-1, pruned.shape[-1]).float()
+        self.dtx += d.t() @ x
+        self.tokens += x.shape[0]
+
+    def reduce(self) -> None:
+        from besa import distributed
+
+        distributed.sum_(self.dtx)
+        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """C in float32, on the scale of ``HessianStats.hessian``."""
+        return (self.dtx * (2.0 / max(self.tokens, 1))).float()
 
 
 def magnitude_scores(w: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "GivenMask",
     "SweepQuantizer",
     "inverse_hessian_factor",
+    "dense_target_weight",
     "obs_sweep",
 ]
 
@@ -40,6 +41,23 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
             return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
         damp = damp * 10
     raise RuntimeError("SparseGPT: the Hessian is not positive definite even with 1000x the dampening")
+
+
+def dense_target_weight(
+    w: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, percdamp: float
+) -> torch.Tensor:
+    """The weight that best maps the layer's pruned-stream inputs X to its dense outputs W D, in least squares:
+    ``W C (H + damp I)^-1`` with C = 2/N D X^T (``CrossStats``), H = 2/N X X^T, damp as SparseGPT's.
+
+    The residual W D - W~ X is orthogonal to every W' X, so ||W D - W' X||^2 = ||W D - W~ X||^2 + ||(W~ - W') X||^2:
+    pruning W~ by the OBS sweep on H minimises the asymmetric objective (the dense model's outputs from the pruned
+    model's inputs) exactly as far as the sweep minimises its own.
+    """
+    h = hessian.double()
+    diag = torch.arange(h.shape[0], device=h.device)
+    h[diag, diag] += max(float(percdamp * h.diagonal().mean()), 1e-12)
+    rhs = w.double() @ cross.double()  # (out, in)
+    return torch.linalg.solve(h, rhs.t()).t().to(w.dtype)  # H is symmetric: (H^-1 rhs^T)^T = rhs H^-1
 
 
 class MaskChoice:
