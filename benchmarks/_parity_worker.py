@@ -4,7 +4,8 @@ llm-compressor; both read the same calibration windows (a safetensors file with 
 
     python _parity_worker.py ours|ours:VARIANT|peer MODEL_FOLDER IDS_FILE OUT_FOLDER SPARSITY
 
-``ours:sequential`` / ``ours:parallel`` set ``--within-block``; plain ``ours`` runs our defaults.
+``ours:VARIANT`` runs one of ``VARIANTS`` (``--within-block sequential|parallel``, ``--obs-target dense``); plain
+``ours`` runs our defaults.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ import sys
 import time
 from pathlib import Path
 
+VARIANTS: dict[str, dict] = {
+    "sequential": {"within_block": "sequential"},
+    "parallel": {"within_block": "parallel"},
+    "dense-target": {"method_options": {"obs_target": "dense"}},
+}
+
 
 def _ours(model: str, ids, out: str, sparsity: float, variant: str | None = None) -> None:
     import besa
 
-    extra = {"within_block": variant} if variant else {}
+    extra = VARIANTS[variant] if variant else {}
     besa.prune(
         model, method="sparsegpt", sparsity=sparsity, calib_ids=ids, nsamples=ids.shape[0], seqlen=ids.shape[1],
         out=out, overwrite=True, progress=False, checkpoint=False, **extra,

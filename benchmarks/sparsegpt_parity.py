@@ -181,7 +181,8 @@ def _side(variant: str) -> str:
 
 
 def _label(side: str) -> str:
-    return {"ours": "ours", "peer": "llm-compressor"}.get(side, f"ours `--within-block {side[5:]}`")
+    flags = {"dense-target": "--obs-target dense"}.get(side[5:], f"--within-block {side[5:]}")
+    return {"ours": "ours", "peer": "llm-compressor"}.get(side, f"ours `{flags}`")
 
 
 def write_markdown(args: argparse.Namespace, results: dict) -> None:
@@ -261,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setup", action="store_true", help=f"create the peer's virtual environment ({PEER})")
     p.add_argument("--peer-venv", default=str(ROOT / ".bench" / "llmcompressor"))
     p.add_argument(
-        "--ours", default="default", help="our variants: default, parallel, sequential (comma list)"
+        "--ours",
+        default="default",
+        help="our variants: default, parallel, sequential, dense-target (comma list)",
     )
     p.add_argument("--section", default="sparsegpt_parity", help="the BENCHMARKS.md section to write")
     p.add_argument("--note", default="", help="a paragraph under the table")
