@@ -46,17 +46,23 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
 def dense_target_weight(
     w: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor, percdamp: float
 ) -> torch.Tensor:
-    """The weight that best maps the layer's pruned-stream inputs X to its dense outputs W D, in least squares:
-    ``W C (H + damp I)^-1`` with C = 2/N D X^T (``CrossStats``), H = 2/N X X^T, damp as SparseGPT's.
+    """The weight that best maps the layer's pruned-stream inputs X to its dense outputs W D, in least squares,
+    held to W where the inputs say little: ``argmin ||W D - W~ X||^2 + damp ||W~ - W||^2 = W (C + damp I)(H + damp
+    I)^-1`` with C = 2/N D X^T (``CrossStats``), H = 2/N X X^T, damp as SparseGPT's (a fraction of H's mean
+    diagonal). With D = X it is W itself.
 
-    The residual W D - W~ X is orthogonal to every W' X, so ||W D - W' X||^2 = ||W D - W~ X||^2 + ||(W~ - W') X||^2:
-    pruning W~ by the OBS sweep on H minimises the asymmetric objective (the dense model's outputs from the pruned
-    model's inputs) exactly as far as the sweep minimises its own.
+    The residual W D - W~ X is (up to the damping) orthogonal to every W' X, so ||W D - W' X||^2 = ||W D - W~ X||^2
+    + ||(W~ - W') X||^2: pruning W~ by the OBS sweep on H minimises the asymmetric objective (the dense model's
+    outputs from the pruned model's inputs) as far as the sweep minimises its own.
     """
-    h = hessian.double()
+    h, c = hessian.double(), cross.double()
     diag = torch.arange(h.shape[0], device=h.device)
-    h[diag, diag] += max(float(percdamp * h.diagonal().mean()), 1e-12)
-    rhs = w.double() @ cross.double()  # (out, in)
+    damp = max(float(percdamp * h.diagonal().mean()), 1e-12)
+    h[diag, diag] += damp
+    c[diag, diag] += (
+        damp  # the ridge pulls toward W, not toward 0: channels with little input keep their weights
+    )
+    rhs = w.double() @ c  # (out, in)
     return torch.linalg.solve(h, rhs.t()).t().to(w.dtype)  # H is symmetric: (H^-1 rhs^T)^T = rhs H^-1
 
 
