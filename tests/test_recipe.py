@@ -106,7 +106,11 @@ def test_flags_given_with_a_recipe_override_it(tmp_path, model_dir, calib_txt):
     ]
     assert main(argv) == 0
     options = yaml.safe_load((out / RECIPE_NAME).read_text())["options"]
-    assert options == {"blocksize": 32, "percdamp": 0.05}  # the flag wins, the rest comes from the recipe
+    assert options == {
+        "blocksize": 32,
+        "percdamp": 0.05,
+        "obs_target": "pruned",
+    }  # the flag wins, the rest: recipe
 
 
 @pytest.mark.parametrize(
