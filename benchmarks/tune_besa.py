@@ -124,6 +124,8 @@ GRID: dict[str, tuple[str, dict]] = {
         "besa",
         {"optimizer": "adamw", "lr": 0.05, "refit_epochs": 8, "refit_lr": 3e-4},
     ),
+    # the optional last stage: the whole model toward the dense model's next-token distribution, masks fixed
+    "sparsegpt-kl2-lr1e-4": ("sparsegpt", {"kl_epochs": 2, "kl_lr": 1e-4}),
     # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
     "besa-nm-adamw-0.05-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 3}),
     "besa-nm-adamw-0.05-epochs3-obs-seq": (
