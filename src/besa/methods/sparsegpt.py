@@ -69,6 +69,8 @@ class SparseGPTPruner(LayerwisePruner):
         if not self.dense_target:
             return super().prune_block(work)
         assert work.dense_inputs is not None
+        cfg = self.method_config
+        assert isinstance(cfg, SparseGPTConfig)
         result, rate = BlockResult(), self.allocation.block_rate(work.name)
         dense = copy.deepcopy(work.module)  # the block as it was, for the dense side of every group
         groups = work.input_groups() if self.within_block == "sequential" else [list(work.linears)]
@@ -85,8 +87,6 @@ class SparseGPTPruner(LayerwisePruner):
                 hessians[n].reduce()
                 crosses[n].reduce()
                 layer = work.linears[n]
-                cfg = self.method_config
-                assert isinstance(cfg, SparseGPTConfig)
                 moved = dense_target_weight(
                     weight_matrix(layer), crosses.pop(n).cross, hessians[n].hessian, cfg.percdamp
                 )

@@ -42,6 +42,14 @@ class LayerStats:
         """Sum the statistics of every process of a data-parallel run (nothing to do in one process)."""
 
 
+def _sum_over_ranks(total: torch.Tensor, tokens: int) -> int:
+    """Sum ``total`` in place over the processes of a data-parallel run; return the summed token count."""
+    from besa import distributed
+
+    distributed.sum_(total)
+    return int(distributed.sum_(torch.tensor([tokens], dtype=torch.float64))[0])
+
+
 class InputNormStats(LayerStats):
     """Running sum over tokens of the squared input of every input feature."""
 
@@ -55,10 +63,7 @@ class InputNormStats(LayerStats):
         self.tokens += x.shape[0]
 
     def reduce(self) -> None:
-        from besa import distributed
-
-        distributed.sum_(self.sq_sum)
-        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
+        self.tokens = _sum_over_ranks(self.sq_sum, self.tokens)
 
     @property
     def norms(self) -> torch.Tensor:
@@ -79,10 +84,7 @@ class HessianStats(LayerStats):
         self.tokens += x.shape[0]
 
     def reduce(self) -> None:
-        from besa import distributed
-
-        distributed.sum_(self.xtx)
-        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
+        self.tokens = _sum_over_ranks(self.xtx, self.tokens)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -106,10 +108,7 @@ class CrossStats:
         self.tokens += x.shape[0]
 
     def reduce(self) -> None:
-        from besa import distributed
-
-        distributed.sum_(self.dtx)
-        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
+        self.tokens = _sum_over_ranks(self.dtx, self.tokens)
 
     @property
     def cross(self) -> torch.Tensor:
