@@ -126,6 +126,10 @@ GRID: dict[str, tuple[str, dict]] = {
     ),
     # the optional last stage: the whole model toward the dense model's next-token distribution, masks fixed
     "sparsegpt-kl2-lr1e-4": ("sparsegpt", {"kl_epochs": 2, "kl_lr": 1e-4}),
+    "besa-defaults-kl2-lr1e-4": (
+        "besa",
+        {"kl_epochs": 2, "kl_lr": 1e-4},
+    ),  # the defaults (refit included) + KL
     # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
     "besa-nm-adamw-0.05-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 3}),
     "besa-nm-adamw-0.05-epochs3-obs-seq": (
