@@ -68,7 +68,7 @@ def dense_target_weight(
 
 class MaskChoice:
     """Which weights of a column block the sweep prunes, chosen when the sweep enters the block (by the OBS
-    saliency w^2 / [H^-1]_jj^2 of the weights as updated so far)."""
+    saliency w^2 / [H^-1]_jj^2 of the weights as updated so far; the block is ``obs_sweep``'s mask block)."""
 
     group: int | None = None
     """N:M: the width M of groups chosen column group by column group inside the block instead."""
@@ -172,10 +172,14 @@ def obs_sweep(
     blocksize: int = 128,
     percdamp: float = 0.01,
     quantizer: SweepQuantizer | None = None,
+    mask_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune (and quantize) weight ``w`` (out, in) given its inputs' Hessian (in, in); return (new weight, mask).
 
-    The error of every pruned or rounded column is spread over the not-yet-processed columns (OBS update).
+    The error of every pruned or rounded column is spread over the not-yet-processed columns (OBS update), in lazy
+    blocks of ``blocksize`` columns. The choice picks the weights of ``mask_block`` columns at a time (default:
+    the lazy block; sub-blocks start at each lazy block), from their saliency as updated by the columns before
+    them: the smaller, the more the choice sees of the compensation so far. N:M choices go group by group instead.
     Pruned weights are exactly zero in the result. With a quantizer its grids are in ``quantizer.scale/.zero``.
     """
     rows, cols = w.shape
@@ -187,6 +191,9 @@ def obs_sweep(
     hinv = inverse_hessian_factor(h, percdamp)
     if choice.group is not None:
         blocksize = max(choice.group, blocksize - blocksize % choice.group)
+    step = choice.group or min(blocksize if mask_block is None else mask_block, blocksize)
+    if step < 1:
+        raise ValueError(f"obs_sweep: mask_block must be positive, got {mask_block}")
     prune = torch.zeros_like(weight, dtype=torch.bool)
     if quantizer is not None:
         quantizer.start(weight)
@@ -197,11 +204,15 @@ def obs_sweep(
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d = hinv1.diagonal()
-        mask1 = choice.block_mask(w1.square() / d.square(), i1, i2)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if choice.group is not None and i % choice.group == 0:
-                cut = slice(i, i + choice.group)
-                mask1[:, cut] = choice.group_mask(w1[:, cut].square() / d[cut].square())
+            if i % step == 0:  # entering a group (N:M) or a mask block: choose its weights now
+                cut = slice(i, min(i + step, i2 - i1))
+                saliency = w1[:, cut].square() / d[cut].square()
+                if choice.group is not None:
+                    mask1[:, cut] = choice.group_mask(saliency)
+                else:
+                    mask1[:, cut] = choice.block_mask(saliency, i1 + cut.start, i1 + cut.stop)
             col = w1[:, i]
             q = col.masked_fill(mask1[:, i], 0)
             if quantizer is not None:
