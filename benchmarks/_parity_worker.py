@@ -4,8 +4,8 @@ llm-compressor; both read the same calibration windows (a safetensors file with 
 
     python _parity_worker.py ours|ours:VARIANT|peer MODEL_FOLDER IDS_FILE OUT_FOLDER SPARSITY
 
-``ours:VARIANT`` runs one of ``VARIANTS`` (``--within-block sequential|parallel``, ``--obs-target dense``); plain
-``ours`` runs our defaults.
+``ours:VARIANT`` runs one of ``VARIANTS`` (``--within-block sequential|parallel``, ``--obs-target dense``,
+``--mask-block 128``); plain ``ours`` runs our defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ VARIANTS: dict[str, dict] = {
     "sequential": {"within_block": "sequential"},
     "parallel": {"within_block": "parallel"},
     "dense-target": {"method_options": {"obs_target": "dense"}},
+    "mask128": {"method_options": {"mask_block": 128}},  # the paper's (and the peer's) mask block
 }
 
 

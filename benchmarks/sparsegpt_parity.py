@@ -181,7 +181,9 @@ def _side(variant: str) -> str:
 
 
 def _label(side: str) -> str:
-    flags = {"dense-target": "--obs-target dense"}.get(side[5:], f"--within-block {side[5:]}")
+    flags = {"dense-target": "--obs-target dense", "mask128": "--mask-block 128"}.get(
+        side[5:], f"--within-block {side[5:]}"
+    )
     return {"ours": "ours", "peer": "llm-compressor"}.get(side, f"ours `{flags}`")
 
 
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ours",
         default="default",
-        help="our variants: default, parallel, sequential, dense-target (comma list)",
+        help="our variants: default, parallel, sequential, dense-target, mask128 (comma list)",
     )
     p.add_argument("--section", default="sparsegpt_parity", help="the BENCHMARKS.md section to write")
     p.add_argument("--note", default="", help="a paragraph under the table")
