@@ -234,8 +234,8 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
     if any(r.get("rerun_ours") for r in rows):
         lines += [
             "",
-            "\\* our side pruned and scored again with the code at a later commit (`--rerun-ours`: since issue 13 the"
-            " input statistics are float32 per batch summed in float64); the peer's side and its CPU time are from the"
+            "\\* our side pruned and scored again with the code at a later commit (`--rerun-ours`; its earlier"
+            " results are kept in the results file as `ours_earlier`); the peer's side and its CPU time are from the"
             " first run, and `same zeros` is `-` where the peer's output of that first run was not kept.",
         ]
     if args.note:
