@@ -28,8 +28,8 @@ class SparseGPTConfig(MethodConfig):
         blocksize: columns per lazy-update block (must be a multiple of M for N:M patterns).
         mask_block: columns whose weights are chosen together as the sweep reaches them (at most ``blocksize``;
             N:M patterns choose group by group). 16, not the paper's 128 (its lazy block): each choice then sees
-            the compensation of the columns just swept; better on PTB valid on every calibration seed tried
-            (BENCHMARKS.md, SparseGPT parity).
+            the compensation of the columns just swept; better on PTB valid at 50% on every calibration seed tried
+            (BENCHMARKS.md notes; not yet tuned at higher sparsity, where the test table shows 128 ahead).
         percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
         obs_target: ``pruned`` (the paper: each layer reproduces its own outputs on its inputs in the pruned
             model) or ``dense`` (each layer reproduces the dense model's outputs, on the dense model's inputs,
