@@ -81,15 +81,7 @@ def test_a_mask_block_inside_the_lazy_block_chooses_as_a_lazy_block_of_its_width
     fine, _, _ = sparsegpt_prune(w, h, 0.5, blocksize=16)
     assert torch.equal(coarse == 0, fine == 0)
     torch.testing.assert_close(coarse, fine, rtol=1e-4, atol=1e-5)
-    for i1 in (
-        0,
-        16,
-        32,
-        48,
-        64,
-        80,
-        96,
-    ):  # sub-blocks restart at each lazy block: 64 -> [64, 80) ... [96, 100)
+    for i1 in range(0, 100, 16):  # sub-blocks restart at each lazy block: 64 -> [64, 80) ... [96, 100)
         i2 = min(i1 + 16, 100)
         assert int((coarse[:, i1:i2] == 0).sum()) == round(0.5 * 24 * i2) - round(0.5 * 24 * i1)
     default, _, _ = sparsegpt_prune(w, h, 0.5, blocksize=64)
@@ -107,6 +99,32 @@ def test_a_finer_mask_block_reconstructs_the_layer_outputs_better():
             new_w, _, _ = sparsegpt_prune(w, h, 0.6, blocksize=128, mask_block=width)
             errors[width] = float((x @ (new_w - w).t()).square().sum())
         assert errors[16] < 0.95 * errors[128], seed
+
+
+def _holds_its_share_per_16_columns(w: torch.Tensor) -> bool:
+    rows, cols = w.shape
+    return all(
+        int((w[:, i1 : i1 + 16] == 0).sum())
+        == round(0.5 * rows * min(i1 + 16, cols)) - round(0.5 * rows * i1)
+        for i1 in range(0, cols, 16)
+    )
+
+
+def test_the_mask_block_reaches_the_sweep_on_a_model():
+    """``--mask-block`` as the pruner passes it: with the default every 16-column block of every linear holds exactly
+    its share of zeros; with 128 (the paper's, wider than the model) the shares are per layer only."""
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    held = {}
+    for options in ({}, {"mask_block": 128}):
+        model = make_model("llama")
+        besa.prune(model, tokenizer=make_tokenizer(), method="sparsegpt", sparsity=0.5, calib_ids=ids,
+                   method_options=options, progress=False, checkpoint=False)  # fmt: skip
+        linears = [layer for _, block in find_blocks(model) for layer in find_linears(block, model).values()]
+        held[options.get("mask_block", 16)] = [
+            _holds_its_share_per_16_columns(layer.weight) for layer in linears
+        ]
+    assert all(held[16])
+    assert not all(held[128])
 
 
 def test_a_nonpositive_mask_block_is_refused():
