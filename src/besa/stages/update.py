@@ -26,6 +26,7 @@ __all__ = [
     "inverse_hessian_factor",
     "dense_target_weight",
     "obs_sweep",
+    "masked_least_squares",
 ]
 
 
@@ -232,3 +233,52 @@ def obs_sweep(
         weight[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     weight.masked_fill_(prune, 0)
     return weight, prune
+
+
+def masked_least_squares(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    prune: torch.Tensor,
+    start: torch.Tensor,
+    iters: int,
+    percdamp: float = 0.01,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """The kept weights that best reproduce the layer's outputs on its inputs, for a fixed mask: each row solves
+    ``min ||(w' - w) X||^2 + damp ||w' - w||^2`` with ``w'`` zero where ``prune`` is True (H = 2/N X X^T, damp as
+    SparseGPT's: ``percdamp`` times H's mean diagonal), by ``iters`` steps of conjugate gradients preconditioned by
+    H's diagonal, started from ``start`` (the OBS sweep's result), every row at once.
+
+    The OBS sweep's update is exact for each pruned column when it is removed, but the columns swept before it are
+    frozen by then, so the final weights are not the least-squares optimum of the final mask (ALPS, Meng et al.
+    2024, refits the support the same way). Float32 arithmetic (on SmolLM2-like layers with outlier channels the
+    same objective as float64 to 1e-8, at half the time); rows are solved ``chunk`` at a time to bound the memory
+    to a few copies of (chunk, in). Pruned weights, and the weights of inputs that never fire, are exactly 0.
+    """
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0
+    diag = torch.arange(h.shape[0], device=h.device)
+    h[diag, diag] += percdamp * h.diagonal().mean()
+    h[dead, dead] = 1
+    precond = 1.0 / h.diagonal()
+    tiny = torch.finfo(torch.float32).tiny
+    out = torch.empty_like(start)
+    for r1 in range(0, w.shape[0], chunk):
+        rows = slice(r1, min(r1 + chunk, w.shape[0]))
+        keep = (~prune[rows] & ~dead.unsqueeze(0)).float()
+        x = start[rows].float() * keep
+        r = ((w[rows].float() - x) @ h) * keep  # minus the gradient, on the support
+        z = r * precond
+        p, rz = z, (r * z).sum(1, keepdim=True)
+        for _ in range(iters):
+            q = (p @ h) * keep
+            pq = (p * q).sum(1, keepdim=True)
+            alpha = torch.where(pq > 0, rz / pq.clamp_min(tiny), torch.zeros_like(pq))  # converged rows stop
+            x = x + alpha * p
+            r = r - alpha * q
+            z = r * precond
+            rz_next = (r * z).sum(1, keepdim=True)
+            p = z + torch.where(rz > 0, rz_next / rz.clamp_min(tiny), torch.zeros_like(rz)) * p
+            rz = rz_next
+        out[rows] = (x * keep).to(start.dtype)
+    return out
