@@ -108,8 +108,9 @@ def test_flags_given_with_a_recipe_override_it(tmp_path, model_dir, calib_txt):
     options = yaml.safe_load((out / RECIPE_NAME).read_text())["options"]
     assert options == {
         "blocksize": 32,
-        "mask_block": 16,
+        "mask_block": 128,
         "percdamp": 0.05,
+        "lsq_iters": 20,
         "obs_target": "pruned",
     }  # the flag wins, the rest: recipe (or the defaults)
 

@@ -27,10 +27,14 @@ class SparseGPTConfig(MethodConfig):
     Args:
         blocksize: columns per lazy-update block (must be a multiple of M for N:M patterns).
         mask_block: columns whose weights are chosen together as the sweep reaches them (at most ``blocksize``;
-            N:M patterns choose group by group). 16, not the paper's 128 (its lazy block): each choice then sees
-            the compensation of the columns just swept; better on PTB valid at 50% on every calibration seed tried
-            (BENCHMARKS.md notes; not yet tuned at higher sparsity, where the test table shows 128 ahead).
+            N:M patterns choose group by group). The paper's 128 (its lazy block). A finer block (16) lets each
+            choice see the compensation of the columns just swept and beat 128 on PTB valid at 50% without the
+            least-squares solve; with the solve 128 measured better at 50% (3 of 4 seeds) and at 70%
+            (BENCHMARKS.md notes).
         percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
+        lsq_iters: after the sweep, conjugate-gradient steps that solve the kept weights for the sweep's mask in
+            least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights, the paper).
+            Not with ``--wbits`` in joint mode (the sweep's weights are on their grids).
         obs_target: ``pruned`` (the paper: each layer reproduces its own outputs on its inputs in the pruned
             model) or ``dense`` (each layer reproduces the dense model's outputs, on the dense model's inputs,
             from its inputs in the pruned model: ``besa.stages.update.dense_target_weight``).
@@ -38,11 +42,17 @@ class SparseGPTConfig(MethodConfig):
 
     blocksize: int = field(default=128, metadata={"help": "SparseGPT: columns per lazy-update block"})
     mask_block: int = field(
-        default=16,
+        default=128,
         metadata={"help": "SparseGPT: columns whose weights are chosen together during the sweep"},
     )
     percdamp: float = field(
         default=0.01, metadata={"help": "SparseGPT: Hessian dampening, fraction of mean diag"}
+    )
+    lsq_iters: int = field(
+        default=20,
+        metadata={
+            "help": "SparseGPT/BESA OBS: conjugate-gradient steps re-solving the kept weights (0: off)"
+        },
     )
     obs_target: str = field(
         default="pruned",
@@ -59,5 +69,7 @@ class SparseGPTConfig(MethodConfig):
             raise BesaError(f"--blocksize must be positive, got {self.blocksize}")
         if self.mask_block < 1:
             raise BesaError(f"--mask-block must be positive, got {self.mask_block}")
+        if self.lsq_iters < 0:
+            raise BesaError(f"--lsq-iters must be non-negative, got {self.lsq_iters}")
         if not 0 < self.percdamp < 1:
             raise BesaError(f"--percdamp must be in (0, 1), got {self.percdamp}")

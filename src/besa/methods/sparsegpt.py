@@ -15,7 +15,14 @@ from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.quant import QuantSpec
 from besa.stages.selection import CrossStats, HessianStats, LayerStats
-from besa.stages.update import BlockShare, NMGroups, SweepQuantizer, dense_target_weight, obs_sweep
+from besa.stages.update import (
+    BlockShare,
+    NMGroups,
+    SweepQuantizer,
+    dense_target_weight,
+    masked_least_squares,
+    obs_sweep,
+)
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "sparsegpt_prune"]
 
@@ -29,17 +36,21 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     quant: QuantSpec | None = None,
     mask_block: int | None = None,
+    lsq_iters: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """SparseGPT on one weight (out, in): ``(new weight, prune mask, (scale, zero) or None)``.
 
     Unstructured: each mask block of columns (default: the lazy block) prunes its exact share of
     ``round(sparsity * out * in)`` weights by OBS saliency over the whole mask block; N:M: the ``n`` lowest of
     every ``m`` columns of each row. With ``quant`` the kept weights are quantized inside the sweep (GPTQ-style).
-    See ``besa.stages.update.obs_sweep``.
+    With ``lsq_iters`` (and no ``quant``: the weights must stay on their grids) the kept weights are then solved
+    for the sweep's mask in least squares (``masked_least_squares``). See ``besa.stages.update.obs_sweep``.
     """
     choice = NMGroups(pattern) if pattern is not None else BlockShare(sparsity)
     quantizer = SweepQuantizer(quant) if quant is not None else None
     new_w, prune = obs_sweep(w, hessian, choice, blocksize, percdamp, quantizer, mask_block)
+    if lsq_iters and quantizer is None:
+        new_w = masked_least_squares(w, hessian, prune, new_w, lsq_iters, percdamp)
     return new_w, prune, (quantizer.scale, quantizer.zero) if quantizer is not None else None
 
 
@@ -48,8 +59,9 @@ class SparseGPTPruner(LayerwisePruner):
 
     Inside a block the layers are pruned group by group (``--within-block sequential``), each on the inputs left
     by the groups pruned before it: on the same windows this beat the papers' one dense pass on every calibration
-    seed (BENCHMARKS.md, SparseGPT parity). The sweep chooses the weights ``mask_block`` (16) columns at a time
-    rather than per lazy block of 128 as the paper does.
+    seed (BENCHMARKS.md, SparseGPT parity). After each layer's sweep its kept weights are solved for the sweep's
+    mask in least squares (``lsq_iters`` conjugate-gradient steps; the sweep's update is not the optimum of its own
+    final mask): lower perplexity at every sparsity measured on PTB valid, for about a third more prune time.
     """
 
     default_within_block = "sequential"
@@ -118,6 +130,7 @@ class SparseGPTPruner(LayerwisePruner):
             cfg.percdamp,
             joint,
             cfg.mask_block,
+            cfg.lsq_iters,
         )
         set_weight_matrix(layer, new_w)
         return grids
