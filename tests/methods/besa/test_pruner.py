@@ -319,3 +319,25 @@ def test_obs_update_within_block_sees_the_inputs_of_the_pruned_block(
     for name, h in seen.items():
         same = torch.allclose(h, final[name], rtol=1e-4, atol=1e-6)
         assert same == (within_block == "sequential" or name.endswith(("q_proj", "k_proj", "v_proj"))), name
+
+
+def test_the_least_squares_solve_reaches_besas_obs_update(tokenizer):
+    """``lsq_iters`` after BESA's OBS sweep: the first group's layers see the same inputs either way, so they keep
+    the same learned row counts and masks and only their kept weights move; every row keeps its learned count."""
+    ids = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
+    runs = {
+        iters: besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", sparsity=0.5, calib_ids=ids,
+                          method_options={"lsq_iters": iters}, refit_epochs=0, progress=False, checkpoint=False)
+        for iters in (0, 20)
+    }  # fmt: skip
+    assert BesaConfig().lsq_iters == 20
+    first = {
+        iters: _linears(run.model)["model.layers.0.self_attn.q_proj"].weight for iters, run in runs.items()
+    }
+    assert torch.equal(first[0] == 0, first[20] == 0) and not torch.equal(first[0], first[20])
+    info = runs[20].report["method"]["blocks"]
+    for block_name, block in find_blocks(runs[20].model):
+        for name, layer in find_linears(block, runs[20].model).items():
+            w = weight_matrix(layer)
+            learned = torch.tensor(info[block_name]["layers"][name]["row_rates"]) * w.shape[1]
+            assert torch.equal((w == 0).sum(1), learned.round().long()), name

@@ -41,6 +41,9 @@ class BesaConfig(MethodConfig):
             ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
             on grids clipped by it. ``obs`` is the default (measured better on PTB valid at 4 and 3 bits, at 70%, and
             with the refit at 50%: BENCHMARKS.md); ``auto`` is kept for older recipes and means ``obs``.
+        lsq_iters: with the OBS update, conjugate-gradient steps that then solve each layer's kept weights for its
+            final mask in least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights).
+            Not with ``--wbits`` in joint mode (the sweep's weights are on their grids).
         nm_sharpness: with ``--pattern N:M`` BESA learns, for every group of M weights, a distribution over the
             C(M, N) ways to keep M - N of them, started at ``softmax(nm_sharpness * sum of the kept log-scores)``
             of the ranking metric (higher: closer to the metric's own mask, slower to move away from it).
@@ -71,6 +74,12 @@ class BesaConfig(MethodConfig):
         metadata={
             "help": "BESA: obs (SparseGPT's update of the survivors, learned row counts) or none (the paper: "
             "weights frozen)"
+        },
+    )
+    lsq_iters: int = field(
+        default=20,
+        metadata={
+            "help": "SparseGPT/BESA OBS: conjugate-gradient steps re-solving the kept weights (0: off)"
         },
     )
     nm_sharpness: float = field(
@@ -105,6 +114,8 @@ class BesaConfig(MethodConfig):
             raise BesaError(f"--batch-size must be positive, got {self.batch_size}")
         if self.epochs < 1:
             raise BesaError(f"--epochs must be positive, got {self.epochs}")
+        if self.lsq_iters < 0:
+            raise BesaError(f"--lsq-iters must be non-negative, got {self.lsq_iters}")
         if self.retries < 0:
             raise BesaError(f"--retries must be non-negative, got {self.retries}")
         if not self.clip_lr > 0:

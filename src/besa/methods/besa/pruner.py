@@ -28,7 +28,14 @@ from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.record import BlockResult
 from besa.stages.selection import HessianStats, get_scorer
-from besa.stages.update import GivenMask, MaskChoice, RowShares, SweepQuantizer, obs_sweep
+from besa.stages.update import (
+    GivenMask,
+    MaskChoice,
+    RowShares,
+    SweepQuantizer,
+    masked_least_squares,
+    obs_sweep,
+)
 
 __all__ = ["BesaPruner"]
 
@@ -204,10 +211,20 @@ class BesaPruner(Pruner):
         """The OBS sweep on ``choice``'s mask, quantizing on its own grids when the run quantizes jointly."""
         joint = self.config.joint_quant
         quantizer = SweepQuantizer(joint) if joint is not None else None
-        new_w, _ = obs_sweep(weight_matrix(layer), hessian, choice, quantizer=quantizer)
+        new_w = self._sweep(weight_matrix(layer), hessian, choice, quantizer)
         set_weight_matrix(layer, new_w)
         grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
         self.finish_layer(result, name, layer, grids, "besa + sparsegpt joint")
+
+    def _sweep(
+        self, w: torch.Tensor, hessian: torch.Tensor, choice: MaskChoice, quantizer: SweepQuantizer | None
+    ) -> torch.Tensor:
+        """The OBS sweep's new weight; without a quantizer, its kept weights then solved for its mask in least
+        squares (``--lsq-iters``)."""
+        new_w, prune = obs_sweep(w, hessian, choice, quantizer=quantizer)
+        if self.cfg.lsq_iters and quantizer is None:
+            new_w = masked_least_squares(w, hessian, prune, new_w, self.cfg.lsq_iters)
+        return new_w
 
     def _apply_obs(
         self, result: BlockResult, name: str, alloc: LayerAllocation, counts: torch.Tensor, learned_clip: bool
@@ -222,7 +239,7 @@ class BesaPruner(Pruner):
         w = weight_matrix(alloc.layer)
         quantizer = SweepQuantizer(joint, clip) if joint is not None else None
         assert alloc.hessian is not None
-        new_w, _ = obs_sweep(w, alloc.hessian, RowShares(counts, w.shape[1]), quantizer=quantizer)
+        new_w = self._sweep(w, alloc.hessian, RowShares(counts, w.shape[1]), quantizer)
         set_weight_matrix(alloc.layer, new_w)
         alloc.hessian = None
         grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
