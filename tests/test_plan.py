@@ -41,6 +41,10 @@ def test_plan_sums_the_tensors_a_run_keeps():
     assert plain.peaks["host"] == shape.total_params * 4 + 2 * 8 * 16 * 64 * 4 + hessians
     streamed = plan_run(shape, "sparsegpt", 8, 16, torch.float32, torch.bfloat16, stream=True)
     assert streamed.peaks["host"] == shape.outside_params * 2 + block * 4 + 2 * 8 * 16 * 64 * 4 + hessians
+    # the least-squares solve after the sweep: a float32 Hessian and six float32 (rows, in) copies of the largest
+    solve = max(4 * i * i + 24 * min(o, 1024) * i for o, i in shape.blocks[0].values())
+    with_lsq = hessian_bytes(shape.blocks[0], shape.groups[0], sequential=False, lsq=True)
+    assert with_lsq == 8 * sum(i * i for i in ins) + max(8 * max(i * i for i in ins), solve) > hessians
     # sequential holds one group's Hessians at a time: never more than all of them
     assert hessian_bytes(shape.blocks[0], shape.groups[0], sequential=True) < hessians
     besa = plan_run(shape, "besa", 8, 16, torch.float32, torch.float32, stream=False, dense_stream=True,

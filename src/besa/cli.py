@@ -213,7 +213,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         epochs=getattr(defaults, "epochs", 1), refit_epochs=pruner.refit.epochs if pruner.refit else 0,
         within_block=pruner.within_block, weight_update=getattr(pruner, "weight_update", None),
         uses_data=pruner.engine_uses_data, dense_stream=pruner.needs_dense_stream, kl_epochs=cfg.kl_epochs,
-        kl_batch=run.kl_batch, kl_topk=run.kl_topk,
+        kl_batch=run.kl_batch, kl_topk=run.kl_topk, lsq=getattr(defaults, "lsq_iters", 0) > 0,
     )  # fmt: skip
     print(format_plan(args.model, shape, plan, stored))
     return 0

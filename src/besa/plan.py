@@ -107,13 +107,22 @@ def activation_bytes(nsamples: int, seqlen: int, hidden: int, element: int, stor
     return stores * nsamples * seqlen * hidden * element
 
 
-def hessian_bytes(shapes: dict[str, tuple[int, int]], groups: list[list[str]], sequential: bool) -> int:
+LSQ_CHUNK = 1024
+"""Rows per chunk of ``besa.stages.update.masked_least_squares`` (its default)."""
+
+
+def hessian_bytes(
+    shapes: dict[str, tuple[int, int]], groups: list[list[str]], sequential: bool, lsq: bool = False
+) -> int:
     """SparseGPT/OBS statistics: one (in, in) sum per linear, kept in float64; all at once when parallel, one
-    group's at a time when sequential (``groups`` may over-group: then this is an upper bound); plus, for the
-    largest, its float32 Hessian and inverse."""
+    group's at a time when sequential (``groups`` may over-group: then this is an upper bound); plus the largest
+    layer's working set: its float32 Hessian and inverse in the sweep, or (``lsq``, after the sweep) the
+    least-squares solve's float32 Hessian and its six float32 copies of up to ``LSQ_CHUNK`` rows."""
     per = {n: inp * inp for n, (_o, inp) in shapes.items()}
     held = max(sum(per[n] for n in g) for g in groups) if sequential else sum(per.values())
-    return 8 * held + 2 * 4 * max(per.values())
+    sweep = 2 * 4 * max(per.values())
+    solve = max(4 * i * i + 6 * 4 * min(o, LSQ_CHUNK) * i for o, i in shapes.values()) if lsq else 0
+    return 8 * held + max(sweep, solve)
 
 
 def kl_stage_bytes(
@@ -151,7 +160,7 @@ def plan_run(
     shape: ModelShape, method: str, nsamples: int, seqlen: int, compute: torch.dtype, stored: torch.dtype,
     stream: bool, device: str = "cpu", forward_batch: int = 8, epochs: int = 1, refit_epochs: int = 0,
     within_block: str = "parallel", weight_update: str | None = None, uses_data: bool = True,
-    dense_stream: bool = False, kl_epochs: int = 0, kl_batch: int = 4, kl_topk: int = 64,
+    dense_stream: bool = False, kl_epochs: int = 0, kl_batch: int = 4, kl_topk: int = 64, lsq: bool = False,
 ) -> Plan:  # fmt: skip
     """The memory plan of one run. On a CPU the host is the device: its peak is the weights + the activations +
     the largest working set of a block step. On CUDA the host keeps the model as stored (or, streamed, what lies
@@ -169,7 +178,7 @@ def plan_run(
     if method == "sparsegpt" or weight_update == "obs":
         work[
             "Hessians (float64 sums)" + (", one group at a time" if within_block == "sequential" else "")
-        ] = hessian_bytes(shapes, groups, within_block == "sequential")
+        ] = hessian_bytes(shapes, groups, within_block == "sequential", lsq)
     if method == "besa":
         work["BESA's per-weight state"] = (
             BESA_BYTES_PER_WEIGHT * linear_weights
