@@ -114,11 +114,15 @@ def run(args: argparse.Namespace) -> None:
     if args.render_only:
         write_markdown(args, results)
         return
-    peer_python = setup_peer(Path(args.peer_venv)) if args.setup else Path(args.peer_venv) / "bin" / "python"
-    if not peer_python.exists():
-        sys.exit(f"no peer interpreter at {peer_python}: run with --setup")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if any(f"{args.sparsity}@seed{seed}" not in results for seed in seeds):  # the peer must run: make its env
+        peer_python = (
+            setup_peer(Path(args.peer_venv)) if args.setup else Path(args.peer_venv) / "bin" / "python"
+        )
+        if not peer_python.exists():
+            sys.exit(f"no peer interpreter at {peer_python}: run with --setup")
     folder = dense_folder(args.model)
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in seeds:
         key = f"{args.sparsity}@seed{seed}"
         if key in results and args.rerun_ours:
             rerun_ours(args, results, key, folder, seed)
