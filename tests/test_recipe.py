@@ -197,3 +197,27 @@ def test_an_unknown_recipe_names_the_builtin_ones(tmp_path, model_dir, capsys):
     assert (
         "cannot read recipe 'besa-papr'" in err and "besa-paper" in err and len(err.strip().splitlines()) == 1
     )
+
+
+def test_the_builtin_sparsegpt_paper_recipe_is_the_papers_sweep_without_the_solve(tokenizer, calib_ids):
+    """``--recipe sparsegpt-paper``: one dense pass per block, 128-column mask blocks, no least-squares solve: the
+    weights of those flags given by hand, and not those of besa's SparseGPT defaults (group by group, solved)."""
+    import besa
+    from conftest import make_model
+
+    recipe = load_recipe("sparsegpt-paper")
+    assert recipe.method == "sparsegpt" and recipe.prune["within_block"] == "parallel"
+    assert recipe.options["lsq_iters"] == 0 and recipe.options["mask_block"] == 128
+    by_recipe = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, recipe=recipe, calib_ids=calib_ids, progress=False
+    ).model.state_dict()
+    by_hand = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="sparsegpt", calib_ids=calib_ids, progress=False,
+        within_block="parallel", method_options={"lsq_iters": 0, "mask_block": 128},
+    ).model.state_dict()  # fmt: skip
+    default = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="sparsegpt", calib_ids=calib_ids, progress=False
+    ).model.state_dict()
+    linears = [k for k in by_hand if k.endswith("proj.weight")]
+    assert all(by_recipe[k].equal(by_hand[k]) for k in linears)
+    assert not all(default[k].equal(by_hand[k]) for k in linears)

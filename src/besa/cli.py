@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--recipe", default=None, metavar="YAML",
-        help="read the settings from a recipe file (a run's besa_recipe.yaml) or a built-in one (besa-paper); flags given here override it",
+        help="read the settings from a recipe file (a run's besa_recipe.yaml) or a built-in one (besa-paper, sparsegpt-paper); flags given here override it",
     )  # fmt: skip
     _add_dataclass_flags(p, PruneConfig, skip=("method",))
     seen: dict[str, Any] = {}

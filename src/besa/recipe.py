@@ -12,7 +12,7 @@ Layout (every key optional except ``besa_recipe``; what is left out takes its de
 Unknown keys, and values of the wrong type, are refused with one line naming the key.
 
 Built-in recipes (``besa/recipes/NAME.yaml``) are named without a path: ``--recipe besa-paper`` is BESA as the
-paper runs it, whatever the defaults of this version are.
+paper runs it, ``--recipe sparsegpt-paper`` SparseGPT as its paper does, whatever the defaults of this version are.
 """
 
 from __future__ import annotations
