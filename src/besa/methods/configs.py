@@ -29,8 +29,8 @@ class SparseGPTConfig(MethodConfig):
         mask_block: columns whose weights are chosen together as the sweep reaches them (at most ``blocksize``;
             N:M patterns choose group by group). The paper's 128 (its lazy block). A finer block (16) lets each
             choice see the compensation of the columns just swept and beat 128 on PTB valid at 50% without the
-            least-squares solve; with the solve 128 measured better at 50% (3 of 4 seeds) and at 70%
-            (BENCHMARKS.md notes).
+            least-squares solve; with the solve the two tie there (means over four seeds 124.88 vs 124.92,
+            BENCHMARKS.md notes), so the default is the paper's.
         percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
         lsq_iters: after the sweep, conjugate-gradient steps that solve the kept weights for the sweep's mask in
             least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights, the paper).

@@ -174,6 +174,7 @@ def obs_sweep(
     percdamp: float = 0.01,
     quantizer: SweepQuantizer | None = None,
     mask_block: int | None = None,
+    lsq_iters: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune (and quantize) weight ``w`` (out, in) given its inputs' Hessian (in, in); return (new weight, mask).
 
@@ -182,6 +183,8 @@ def obs_sweep(
     the lazy block; sub-blocks start at each lazy block), from their saliency as updated by the columns before
     them: the smaller, the more the choice sees of the compensation so far. N:M choices go group by group instead.
     Pruned weights are exactly zero in the result. With a quantizer its grids are in ``quantizer.scale/.zero``.
+    With ``lsq_iters`` and no quantizer (quantized weights must stay on their grids) the kept weights are then
+    solved for the final mask in least squares (``masked_least_squares``, same damping).
     """
     rows, cols = w.shape
     weight = w.float().clone()
@@ -232,6 +235,8 @@ def obs_sweep(
         prune[:, i1:i2] = mask1
         weight[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     weight.masked_fill_(prune, 0)
+    if lsq_iters and quantizer is None:
+        weight = masked_least_squares(w, hessian, prune, weight, lsq_iters, percdamp)
     return weight, prune
 
 

@@ -33,7 +33,6 @@ from besa.stages.update import (
     MaskChoice,
     RowShares,
     SweepQuantizer,
-    masked_least_squares,
     obs_sweep,
 )
 
@@ -211,20 +210,12 @@ class BesaPruner(Pruner):
         """The OBS sweep on ``choice``'s mask, quantizing on its own grids when the run quantizes jointly."""
         joint = self.config.joint_quant
         quantizer = SweepQuantizer(joint) if joint is not None else None
-        new_w = self._sweep(weight_matrix(layer), hessian, choice, quantizer)
+        new_w, _ = obs_sweep(
+            weight_matrix(layer), hessian, choice, quantizer=quantizer, lsq_iters=self.cfg.lsq_iters
+        )
         set_weight_matrix(layer, new_w)
         grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
         self.finish_layer(result, name, layer, grids, "besa + sparsegpt joint")
-
-    def _sweep(
-        self, w: torch.Tensor, hessian: torch.Tensor, choice: MaskChoice, quantizer: SweepQuantizer | None
-    ) -> torch.Tensor:
-        """The OBS sweep's new weight; without a quantizer, its kept weights then solved for its mask in least
-        squares (``--lsq-iters``)."""
-        new_w, prune = obs_sweep(w, hessian, choice, quantizer=quantizer)
-        if self.cfg.lsq_iters and quantizer is None:
-            new_w = masked_least_squares(w, hessian, prune, new_w, self.cfg.lsq_iters)
-        return new_w
 
     def _apply_obs(
         self, result: BlockResult, name: str, alloc: LayerAllocation, counts: torch.Tensor, learned_clip: bool
@@ -239,7 +230,9 @@ class BesaPruner(Pruner):
         w = weight_matrix(alloc.layer)
         quantizer = SweepQuantizer(joint, clip) if joint is not None else None
         assert alloc.hessian is not None
-        new_w = self._sweep(w, alloc.hessian, RowShares(counts, w.shape[1]), quantizer)
+        new_w, _ = obs_sweep(
+            w, alloc.hessian, RowShares(counts, w.shape[1]), quantizer=quantizer, lsq_iters=self.cfg.lsq_iters
+        )
         set_weight_matrix(alloc.layer, new_w)
         alloc.hessian = None
         grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
