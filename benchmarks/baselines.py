@@ -110,10 +110,12 @@ def prune_and_score(
     threads: int | None,
     common_eval: list[str],
     dataset: str = "wikitext2",
+    also: tuple[str, ...] = (),
 ) -> dict:
     """One ``besa prune`` process at ``setting`` (a sparsity or ``N:M``) with ``flags``, then ``besa eval`` of its
     output (``common_eval``: its ``--ppl``/``--seqlen`` flags; ``dataset``: the result to read): the perplexity
-    on ``dataset``, the counted sparsity, the prune stage's and the process's seconds, the peak RSS.
+    on ``dataset`` (and under ``also`` those of the other ``--ppl`` results named there), the counted sparsity,
+    the prune stage's and the process's seconds, the peak RSS.
     ``args`` gives the model and the calibration (``model``, ``calib``, ``nsamples``, ``seqlen``, ``seed``)."""
     with tempfile.TemporaryDirectory() as tmp:
         target = ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
@@ -126,7 +128,9 @@ def prune_and_score(
         wall = time.perf_counter() - start
         report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
         _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
-        ppl = json.loads(Path(f"{tmp}/ppl.json").read_text())[dataset]
+        scores = json.loads(Path(f"{tmp}/ppl.json").read_text())
+        ppl = scores[dataset]
+    extra = {"also": {name: scores[name] for name in also}} if also else {}
     return {
         "method": method,
         "setting": setting,
@@ -138,6 +142,7 @@ def prune_and_score(
         "threads": threads or torch_threads(),
         "machine": _machine(),
         "flags": " ".join(flags),
+        **extra,
     }
 
 

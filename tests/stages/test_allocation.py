@@ -98,3 +98,20 @@ def test_owl_refuses_an_nm_pattern_and_an_impossible_lambda():
         besa.PruneConfig(sparsity=0.9, allocation="owl", owl_lambda=0.06)
     with pytest.raises(BesaError, match="unknown --allocation"):
         besa.PruneConfig(allocation="learned")
+
+
+@pytest.mark.parametrize(("method", "options"), [("sparsegpt", {}), ("besa", FAST)])
+def test_owl_budget_is_exact_over_the_whole_model(method, options, tokenizer, calib_ids):
+    # the blocks' shares differ, their total is the target's: every layer's count rounds once, nothing else drifts
+    result = besa.prune(
+        _deep_llama(), tokenizer=tokenizer, method=method, sparsity=0.6, calib_ids=calib_ids, progress=False,
+        allocation="owl", owl_m=2.0, owl_lambda=0.1, method_options=options,
+    )  # fmt: skip
+    zeros = total = layers = 0
+    for _, block in find_blocks(result.model):
+        for layer in find_linears(block, result.model).values():
+            w = weight_matrix(layer)
+            zeros, total, layers = zeros + int((w == 0).sum()), total + w.numel(), layers + 1
+    assert abs(zeros - 0.6 * total) <= layers / 2
+    shares = result.report["allocation"]["block_rates"]
+    assert len(set(shares.values())) > 1
