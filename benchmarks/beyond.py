@@ -183,7 +183,34 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
                     else "-"
                 )
                 also_lines.append(f"| {setting} | {label} | {also['ppl']:.2f} | {excess_also} |")
-    replace_section(Path(args.markdown), "beyond", "\n".join(lines + also_lines))
+    replace_section(Path(args.markdown), "beyond", "\n".join(lines + also_lines + curve_lines(args)))
+
+
+def curve_lines(args: argparse.Namespace) -> list[str]:
+    """The quality-vs-epochs curve's points (``--curve``) as a table under its picture; nothing before it ran."""
+    path = Path(args.curve_results)
+    points = _load(path)
+    reference = points.get("sparsegpt")
+    rows = sorted((r for r in points.values() if r["epochs"] is not None), key=lambda r: r["epochs"])
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Quality against cost (`--curve`): the default BESA at 50% with `--refit-epochs N`, on the tuning protocol"
+        " (32 x 256 calibration tokens, PTB **valid** 40 x 512), beside SparseGPT on the same protocol in the same"
+        " invocation.",
+        "",
+        f"![quality vs refit epochs](benchmarks/results/{path.with_suffix('.png').name})",
+        "",
+        "| refit epochs | PTB valid ppl | prune s | time ratio to SparseGPT |",
+        "|---:|---:|---:|---:|",
+    ]
+    if reference:
+        lines.append(f"| SparseGPT | {reference['ppl']['ppl']:.2f} | {reference['prune_s']:.0f} | 1.00 |")
+    for r in rows:
+        ratio = f"{r['prune_s'] / reference['prune_s']:.2f}" if reference else "-"
+        lines.append(f"| {r['epochs']} | {r['ppl']['ppl']:.2f} | {r['prune_s']:.0f} | {ratio} |")
+    return lines
 
 
 def run_dense(args: argparse.Namespace) -> None:
@@ -246,7 +273,7 @@ def draw_curve(results: dict, path: Path) -> None:
     ax.legend()
     ax.set_xlabel("refit epochs per block")
     ax.set_ylabel("PTB valid perplexity (40 x 512)")
-    ax.set_title("BESA defaults at 50%: quality vs refit epochs (prune time labelled)")
+    ax.set_title("BESA at 50%: PTB valid vs refit epochs (prune time labelled)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
