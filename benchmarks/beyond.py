@@ -124,7 +124,9 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
     baselines = json.loads(Path(args.baselines).read_text())
     dense = None if args.max_windows else baselines.get("dense", {}).get("ppl", {}).get("ppl")
     dense_also = results.get("dense", {}).get("also", {}).get(EVAL_ALSO, {}).get("ppl")
-    streams = sorted({r.get("streams", 1) for k, r in results.items() if k != "dense"})
+    rows = [r for k, r in results.items() if k != "dense"]
+    streams = sorted({r.get("streams", 1) for r in rows})
+    threads = sorted({r["threads"] for r in rows})
     lines = [
         "## Beyond BESA: each stage alone and together, against SparseGPT",
         "",
@@ -133,7 +135,7 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
         + (f", first {args.max_windows} windows." if args.max_windows else ", all windows.")
         + (f" Dense: {dense:.2f}." if dense else ""),
         "",
-        f"Machine: {_machine()}. One thread per process, {'/'.join(map(str, streams))} benchmark process(es) at a"
+        f"Machine: {_machine()}. {'/'.join(map(str, threads))} thread(s) per process, {'/'.join(map(str, streams))} benchmark process(es) at a"
         " time on the machine (`--streams`); the streams of one invocation share its name (`--invocation`), so a"
         " row's time ratio is against the SparseGPT run that shared the same load.",
         "",
@@ -237,7 +239,7 @@ def run_dense(args: argparse.Namespace) -> None:
 def run_curve(args: argparse.Namespace) -> None:
     """PTB-valid perplexity and prune time of the default BESA at 50% against the refit's epochs."""
     results_path = Path(args.curve_results)
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results = _load(results_path)
     common_eval = ["--ppl", "ptb:valid", "--seqlen", "512", "--max-windows", "40"]
     curve_args = argparse.Namespace(**{**vars(args), "nsamples": 32, "seqlen": 256})
     points = [("sparsegpt", "sparsegpt", [], None)] + [
@@ -247,11 +249,8 @@ def run_curve(args: argparse.Namespace) -> None:
         if key in results:
             continue
         row = prune_and_score(curve_args, method, "0.5", flags, args.threads, common_eval, "ptb:valid")
-        results[key] = {"epochs": epochs, **row}
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
-        draw_curve(results, Path(args.curve_results).with_suffix(".png"))
-    draw_curve(results, Path(args.curve_results).with_suffix(".png"))
+        results = _store(results_path, key, {"epochs": epochs, **row})
+        draw_curve(results, results_path.with_suffix(".png"))  # what has finished so far
 
 
 def draw_curve(results: dict, path: Path) -> None:
