@@ -111,12 +111,14 @@ def prune_and_score(
     common_eval: list[str],
     dataset: str = "wikitext2",
     also: tuple[str, ...] = (),
+    score: bool = True,
 ) -> dict:
     """One ``besa prune`` process at ``setting`` (a sparsity or ``N:M``) with ``flags``, then ``besa eval`` of its
     output (``common_eval``: its ``--ppl``/``--seqlen`` flags; ``dataset``: the result to read): the perplexity
     on ``dataset`` (and under ``also`` those of the other ``--ppl`` results named there), the counted sparsity,
     the prune stage's and the process's seconds, the peak RSS.
-    ``args`` gives the model and the calibration (``model``, ``calib``, ``nsamples``, ``seqlen``, ``seed``)."""
+    ``args`` gives the model and the calibration (``model``, ``calib``, ``nsamples``, ``seqlen``, ``seed``).
+    ``score=False`` times the prune alone: the row has no ``ppl``."""
     with tempfile.TemporaryDirectory() as tmp:
         target = ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
         start = time.perf_counter()
@@ -127,14 +129,15 @@ def prune_and_score(
         )  # fmt: skip
         wall = time.perf_counter() - start
         report = json.loads(Path(f"{tmp}/model/besa_report.json").read_text())
-        _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
-        scores = json.loads(Path(f"{tmp}/ppl.json").read_text())
-        ppl = scores[dataset]
-    extra = {"also": {name: scores[name] for name in also}} if also else {}
+        if score:
+            _besa("eval", f"{tmp}/model", *common_eval, "--json", f"{tmp}/ppl.json", threads=threads)
+            scores = json.loads(Path(f"{tmp}/ppl.json").read_text())
+    extra = {"ppl": scores[dataset]} if score else {}
+    if score and also:
+        extra["also"] = {name: scores[name] for name in also}
     return {
         "method": method,
         "setting": setting,
-        "ppl": ppl,
         "prune_s": report["timings_s"]["prune"],
         "process_s": wall,
         "peak_rss_mib": report["memory"]["peak_rss_mib"],

@@ -97,6 +97,21 @@ def _store(path: Path, key: str, row: dict) -> dict:
     return results
 
 
+def _timing_key(setting: str, invocation: str) -> str:
+    """Results key of a prune-only SparseGPT timing (no perplexity) made for the rows of ``invocation``."""
+    return f"timing:{invocation}@{setting}"
+
+
+def _reference_s(results: dict, setting: str, invocation: str) -> float | None:
+    """SparseGPT's prune seconds at ``setting`` in ``invocation``: its table row where that invocation made it,
+    else the prune-only timing the invocation made; ``None`` where it has neither."""
+    row = results.get(f"sparsegpt@{setting}")
+    if row is not None and row["invocation"] == invocation:
+        return row["prune_s"]
+    timing = results.get(_timing_key(setting, invocation))
+    return None if timing is None else timing["prune_s"]
+
+
 def run_table(args: argparse.Namespace) -> None:
     results_path = Path(args.results)
     common_eval = ["--ppl", f"wikitext2,{EVAL_ALSO}", "--seqlen", str(args.eval_seqlen)]
@@ -111,6 +126,14 @@ def run_table(args: argparse.Namespace) -> None:
             key = f"{name}@{setting}"
             if key in _load(results_path) or (":" in setting and name in NO_NM):
                 continue
+            if name != "sparsegpt" and _reference_s(_load(results_path), setting, invocation) is None:
+                # this invocation has no SparseGPT row at the setting (an earlier one made it): time its prune
+                # alone under this invocation's load, so that the rows below still get a same-run ratio
+                timing = prune_and_score(
+                    args, "sparsegpt", setting, [], args.threads, common_eval, score=False
+                )
+                _store(results_path, _timing_key(setting, invocation),
+                       {**timing, "config": "sparsegpt", "invocation": invocation, "streams": args.streams})  # fmt: skip
             method, flags, _ = CONFIGS[name]
             row = prune_and_score(args, method, setting, flags, args.threads, common_eval, also=(EVAL_ALSO,))
             results = _store(
@@ -124,7 +147,7 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
     baselines = json.loads(Path(args.baselines).read_text())
     dense = None if args.max_windows else baselines.get("dense", {}).get("ppl", {}).get("ppl")
     dense_also = results.get("dense", {}).get("also", {}).get(EVAL_ALSO, {}).get("ppl")
-    rows = [r for k, r in results.items() if k != "dense"]
+    rows = [r for k, r in results.items() if k != "dense" and not k.startswith("timing:")]
     streams = sorted({r.get("streams", 1) for r in rows})
     threads = sorted({r["threads"] for r in rows})
     lines = [
@@ -146,7 +169,8 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
         "",
         "`excess ratio` is (ppl - dense) / (SparseGPT's ppl - dense) at the same setting (lower is better; the"
         " goal column is issue 11's target perplexity). `time ratio` is the row's prune time over SparseGPT's in the"
-        " same invocation of the script.",
+        " same invocation of the script (where an earlier invocation made the SparseGPT row, the later one timed a"
+        " SparseGPT prune alone under its own load for the ratio).",
         "",
         "| setting | configuration | flags | WikiText-2 ppl | excess ratio | goal | prune s | time ratio |"
         " peak RSS MiB |",
@@ -170,8 +194,8 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
             excess = (
                 f"{(ppl - dense) / (reference['ppl']['ppl'] - dense):.2f}" if dense and reference else "-"
             )
-            same_run = reference is not None and reference["invocation"] == r["invocation"]
-            ratio = f"{r['prune_s'] / reference['prune_s']:.2f}" if same_run else "-"
+            reference_s = _reference_s(results, setting, r["invocation"])
+            ratio = f"{r['prune_s'] / reference_s:.2f}" if reference_s else "-"
             lines.append(
                 f"| {setting} | {label} | `{r['flags'] or '-'}` | {ppl:.2f} | {excess} | {GOALS[setting]:g} |"
                 f" {r['prune_s']:.0f} | {ratio} | {r['peak_rss_mib']:.0f} |"
@@ -249,7 +273,8 @@ def run_curve(args: argparse.Namespace) -> None:
         if key in results:
             continue
         row = prune_and_score(curve_args, method, "0.5", flags, args.threads, common_eval, "ptb:valid")
-        results = _store(results_path, key, {"epochs": epochs, **row})
+        row.update(epochs=epochs, invocation=args.invocation, streams=args.streams)
+        results = _store(results_path, key, row)
         draw_curve(results, results_path.with_suffix(".png"))  # what has finished so far
 
 
@@ -285,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--curve", action="store_true", help="run the refit-epochs curve instead of the table")
-    p.add_argument("--epochs", default="0,1,2,4,8,16", help="--curve: refit epochs of each point")
+    p.add_argument("--epochs", default="0,2,4,8", help="--curve: refit epochs of each point")
     p.add_argument("--render-only", action="store_true")
     p.add_argument(
         "--invocation",
