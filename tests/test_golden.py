@@ -1,5 +1,7 @@
 """Same settings, same results: every tensor a run saves, for each method and mode, against a digest recorded
-before (``tests/golden/digests.json``): its exact count of zeros and its sum, absolute sum and sum of squares.
+before (``tests/golden/digests.json``): its exact count of zeros and its sum, absolute sum, sum of squares and a
+position-weighted sum (each entry times a fixed weight of its flat index), which sees the same values moved to other
+places.
 
 The sums are compared to a relative 1e-4, not bit for bit: CPUs of different makers round the same float32
 arithmetic differently (the digests once were sha256 of the bytes, and a run on another vendor's CPU changed them
@@ -53,14 +55,20 @@ CASES: dict[str, dict] = {
 RTOL = 1e-4
 
 
+POSITION_PERIOD = 13
+"""The position weights are ``index % 13 - 6``: a permutation of the values, or a zero moved, changes their sum."""
+
+
 def tensor_digest(tensor: torch.Tensor) -> dict[str, float]:
-    """The exact zero count and three float64 sums of one tensor: what the golden runs compare."""
-    t = tensor.detach().to(torch.float64)
+    """The exact zero count and four float64 sums of one tensor: what the golden runs compare."""
+    t = tensor.detach().to(torch.float64).flatten()
+    position = (torch.arange(t.numel(), dtype=torch.int64) % POSITION_PERIOD - POSITION_PERIOD // 2).to(t)
     return {
         "zeros": int((tensor == 0).sum()),
         "sum": float(t.sum()),
         "abs": float(t.abs().sum()),
         "sq": float((t * t).sum()),
+        "pos": float((t * position).sum()),
     }
 
 
@@ -71,6 +79,7 @@ def digests_differ(got: dict[str, float], expected: dict[str, float]) -> bool:
     return (
         abs(got["sum"] - expected["sum"]) > RTOL * scale
         or abs(got["abs"] - expected["abs"]) > RTOL * scale
+        or abs(got["pos"] - expected["pos"]) > RTOL * scale * (POSITION_PERIOD // 2)
         or abs(got["sq"] - expected["sq"]) > RTOL * max(expected["sq"], 1e-12)
     )
 
@@ -89,7 +98,7 @@ def saved_digests(case: dict, tokenizer, calib_ids: torch.Tensor, out: Path) -> 
     }
 
 
-def test_digests_see_a_moved_zero_and_a_changed_weight_but_not_float_rounding():
+def test_digests_see_a_moved_zero_a_changed_weight_and_a_permutation_but_not_float_rounding():
     torch.manual_seed(0)
     w = torch.randn(64, 64)
     w[w.abs() < 0.5] = 0
@@ -103,6 +112,13 @@ def test_digests_see_a_moved_zero_and_a_changed_weight_but_not_float_rounding():
     changed = w.clone()
     changed[3] *= 1.05
     assert digests_differ(tensor_digest(changed), base)
+    swapped = w.clone()  # the same values, zeros included, two of them exchanged
+    swapped[0, 0], swapped[0, 1] = 1.5, -1.5
+    permuted = swapped.clone()
+    permuted[0, 0], permuted[0, 1] = swapped[0, 1], swapped[0, 0]
+    same = ["zeros", "sum", "abs", "sq"]
+    assert [tensor_digest(permuted)[k] for k in same] == [tensor_digest(swapped)[k] for k in same]
+    assert digests_differ(tensor_digest(permuted), tensor_digest(swapped))
     assert digests_differ({**base, "zeros": base["zeros"] + 1}, base)
 
 
