@@ -149,6 +149,11 @@ GRID: dict[str, tuple[str, dict]] = {
         {"optimizer": "adamw", "lr": 0.05, "epochs": 3, "weight_update": "obs", "within_block": "sequential"},
     ),
     "besa-nm-adamw-0.2-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.2, "epochs": 3}),
+    # what the learned N:M masks are worth under the defaults' update: the same OBS update, solve and refit on
+    # SparseGPT's own mask (sparsegpt-refit2) and on the metric's mask, never moved (lr 0: the prior's argmax)
+    "sparsegpt-refit2": ("sparsegpt", {"refit_epochs": 2}),
+    "besa-nm-lr0": ("besa", {"lr": 0.0}),
+    "besa-nm-sharpness3": ("besa", {"nm_sharpness": 3.0}),
 }
 SETTINGS = {f.name for f in dataclasses.fields(PruneConfig)}
 """Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""
@@ -253,9 +258,12 @@ def main() -> None:
             max_windows=args.max_windows, progress=False,
         )["ptb:valid"]  # fmt: skip
         results[key] = {"method": method, "options": options, "ptb_valid_ppl": ppl["ppl"], "prune_s": seconds}
-        if method == "besa":
+        if method == "besa" and not args.pattern:  # N:M learns patterns, not rates: no budget shift
             blocks = pruned.report["method"]["blocks"].values()
             results[key]["mean_abs_shift"] = sum(abs(b["shift"]) for b in blocks) / len(blocks)
+        elif method == "besa":
+            layers = [i for b in pruned.report["method"]["blocks"].values() for i in b["layers"].values()]
+            results[key]["patterns_moved"] = sum(i["patterns_moved"] for i in layers) / len(layers)
         if pruned.report.get("refit"):
             refits = pruned.report["refit"]["blocks"].values()
             results[key]["refit_epochs_run"] = [b["epochs"] for b in refits]

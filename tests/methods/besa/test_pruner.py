@@ -174,6 +174,23 @@ def test_nm_patterns_are_learned_exactly(pattern, update, wbits, tokenizer):
 def test_besa_refuses_bad_options(tokenizer):
     with pytest.raises(BesaError, match="--metric must be one of"):
         besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", method_options={"metric": "x"})
+    with pytest.raises(BesaError, match="--lr must be non-negative"):
+        BesaConfig(lr=-0.05)
+
+
+@pytest.mark.parametrize(("lr", "moves"), [(0.0, False), (0.05, True)])
+def test_a_zero_lr_keeps_the_metrics_nm_mask(lr, moves, tokenizer):
+    """``--lr 0`` is a step of 0 (not 'unset', which would take the default 0.05): no group leaves the metric's
+    own N:M pattern, while the default step moves some on the same windows."""
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    result = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="besa", pattern="2:4", calib_ids=ids, progress=False,
+        method_options={"optimizer": "adamw", "lr": lr}, refit_epochs=0,
+    )  # fmt: skip
+    moved = [
+        i["patterns_moved"] for b in result.report["method"]["blocks"].values() for i in b["layers"].values()
+    ]
+    assert (max(moved) > 0) is moves
 
 
 def test_training_batch_is_independent_of_the_forward_batch(tokenizer):

@@ -28,7 +28,8 @@ class BesaConfig(MethodConfig):
         target: ``pruned-input`` (dense block on the pruned model's input, the paper's main setting) or
             ``dense-stream`` (the dense model's own block output).
         optimizer: ``adamw`` (default: measured best on PTB valid) or ``prodigy`` (prodigyopt, the paper's).
-        lr: learning rate (AdamW: 0.05, Prodigy: 1.0 when not given).
+        lr: learning rate (AdamW: 0.05, Prodigy: 1.0 when not given); 0 learns nothing (the metric's own
+            allocation or N:M mask, the control that isolates what the learning is worth).
         d_coef: Prodigy's coefficient on its estimated step size.
         epochs: passes over the calibration windows per block.
         batch_size: calibration sequences per optimizer step (the stored activations are re-cut to this size;
@@ -118,6 +119,8 @@ class BesaConfig(MethodConfig):
             raise BesaError(f"--lsq-iters must be non-negative, got {self.lsq_iters}")
         if self.retries < 0:
             raise BesaError(f"--retries must be non-negative, got {self.retries}")
+        if self.lr is not None and not self.lr >= 0:
+            raise BesaError(f"--lr must be non-negative, got {self.lr}")
         if not self.clip_lr > 0:
             raise BesaError(f"--clip-lr must be positive, got {self.clip_lr}")
         if not self.nm_sharpness > 0:

@@ -23,7 +23,7 @@ def make_optimizers(
     """Fresh optimizers for one block: ``--optimizer`` over the sparsity logits and, when the clipping is
     learned, AdamW at ``--clip-lr`` over the clipping logits (its own optimizer, so the step is its own under
     Prodigy too, which refuses groups with different learning rates)."""
-    lr = (cfg.lr or (5e-2 if cfg.optimizer == "adamw" else 1.0)) * scale
+    lr = (cfg.lr if cfg.lr is not None else (5e-2 if cfg.optimizer == "adamw" else 1.0)) * scale
     thetas = [a.theta for a in allocs.values()]
     if cfg.optimizer == "adamw":
         opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(thetas, lr=lr, weight_decay=0.0)]
