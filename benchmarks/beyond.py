@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
 import sys
 import tempfile
 import time
@@ -86,14 +87,18 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _write(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _store(path: Path, key: str, row: dict) -> dict:
     """Merge one row into the results file (re-read under the lock: another stream may have added rows)."""
     with _locked(path):
         results = _load(path)
         results[key] = row
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(path)
+        _write(path, results)
     return results
 
 
@@ -109,7 +114,36 @@ def _reference_s(results: dict, setting: str, invocation: str) -> float | None:
     if row is not None and row["invocation"] == invocation:
         return row["prune_s"]
     timing = results.get(_timing_key(setting, invocation))
-    return None if timing is None else timing["prune_s"]
+    return None if timing is None else timing.get("prune_s")  # a claim (below) has no seconds yet
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _claim_timing(path: Path, setting: str, invocation: str) -> bool:
+    """Whether this stream should time SparseGPT's prune for ``invocation`` at ``setting``: only the first stream
+    that asks does (its claim, a placeholder with its process id, makes the others go on with their rows; the
+    ratio is read when the table is rendered), and none where the invocation has a SparseGPT row or timing there.
+    A claim whose process is gone is taken over."""
+    key = _timing_key(setting, invocation)
+    with _locked(path):
+        results = _load(path)
+        if _reference_s(results, setting, invocation) is not None:
+            return False
+        if _alive(results.get(key, {}).get("pending")):
+            return False
+        results[key] = {"pending": os.getpid(), "invocation": invocation}
+        _write(path, results)
+    return True
 
 
 def run_table(args: argparse.Namespace) -> None:
@@ -126,7 +160,7 @@ def run_table(args: argparse.Namespace) -> None:
             key = f"{name}@{setting}"
             if key in _load(results_path) or (":" in setting and name in NO_NM):
                 continue
-            if name != "sparsegpt" and _reference_s(_load(results_path), setting, invocation) is None:
+            if name != "sparsegpt" and _claim_timing(results_path, setting, invocation):
                 # this invocation has no SparseGPT row at the setting (an earlier one made it): time its prune
                 # alone under this invocation's load, so that the rows below still get a same-run ratio
                 timing = prune_and_score(
