@@ -319,19 +319,20 @@ def draw_curve(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted((r for r in results.values() if r["epochs"] is not None), key=lambda r: r["epochs"])
+    reference = results.get("sparsegpt")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["epochs"] for r in rows], [r["ppl"]["ppl"] for r in rows], "o-", label="BESA defaults")
     for r in rows:
-        ax.annotate(f"{r['prune_s']:.0f} s", (r["epochs"], r["ppl"]["ppl"]), textcoords="offset points",
+        ratio = f" ({r['prune_s'] / reference['prune_s']:.1f}x)" if reference else ""
+        ax.annotate(f"{r['prune_s']:.0f} s{ratio}", (r["epochs"], r["ppl"]["ppl"]), textcoords="offset points",
                     xytext=(4, 6), fontsize=8)  # fmt: skip
-    reference = results.get("sparsegpt")
     if reference:
         ax.axhline(reference["ppl"]["ppl"], color="grey", ls="--",
                    label=f"SparseGPT ({reference['prune_s']:.0f} s)")  # fmt: skip
     ax.legend()
     ax.set_xlabel("refit epochs per block")
     ax.set_ylabel("PTB valid perplexity (40 x 512)")
-    ax.set_title("BESA at 50%: PTB valid vs refit epochs (prune time labelled)")
+    ax.set_title("BESA at 50%: PTB valid vs refit epochs (prune time, x SparseGPT)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
