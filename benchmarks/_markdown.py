@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
+def excess_ratio(ppl: float, dense: float | None, reference: float | None) -> str:
+    """``(ppl - dense) / (reference - dense)`` to two places, the share of a reference's perplexity excess over the
+    dense model that ``ppl`` keeps (below 1: closer to dense); ``-`` where either is missing."""
+    return f"{(ppl - dense) / (reference - dense):.2f}" if dense and reference else "-"
+
+
 HEADER = "# Benchmarks\n\nEvery table below is written by a script in `benchmarks/`; its command is given with it.\n"
 
 

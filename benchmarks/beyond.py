@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _markdown import protocol_parser, replace_section  # noqa: E402
+from _markdown import excess_ratio, protocol_parser, replace_section  # noqa: E402
 from baselines import _besa, _machine, prune_and_score  # noqa: E402
 
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
@@ -225,9 +225,7 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
             if r is None:
                 continue
             ppl = r["ppl"]["ppl"]
-            excess = (
-                f"{(ppl - dense) / (reference['ppl']['ppl'] - dense):.2f}" if dense and reference else "-"
-            )
+            excess = excess_ratio(ppl, dense, reference and reference["ppl"]["ppl"])
             reference_s = _reference_s(results, setting, r["invocation"])
             ratio = f"{r['prune_s'] / reference_s:.2f}" if reference_s else "-"
             lines.append(
@@ -237,11 +235,7 @@ def write_table(args: argparse.Namespace, results: dict) -> None:
             also = r.get("also", {}).get(EVAL_ALSO)
             if also:
                 ref_also = (reference or {}).get("also", {}).get(EVAL_ALSO)
-                excess_also = (
-                    f"{(also['ppl'] - dense_also) / (ref_also['ppl'] - dense_also):.2f}"
-                    if dense_also and ref_also
-                    else "-"
-                )
+                excess_also = excess_ratio(also["ppl"], dense_also, ref_also and ref_also["ppl"])
                 also_lines.append(f"| {setting} | {label} | {also['ppl']:.2f} | {excess_also} |")
     replace_section(Path(args.markdown), "beyond", "\n".join(lines + also_lines + curve_lines(args)))
 

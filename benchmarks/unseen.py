@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _markdown import protocol_parser, replace_section  # noqa: E402
+from _markdown import excess_ratio, protocol_parser, replace_section  # noqa: E402
 from baselines import _besa, _machine, prune_and_score  # noqa: E402
 from beyond import _load, _store  # noqa: E402
 
@@ -145,10 +145,13 @@ def write_markdown(args, results: dict) -> None:
                 for t in TEXTS:
                     ppl = r["scores"][t]["ppl"]
                     ratio = "-"
-                    if dense and reference and method != "sparsegpt":
-                        base = dense["scores"][t]["ppl"]
-                        ratio = f"{(ppl - base) / (reference['scores'][t]['ppl'] - base):.2f}"
-                    cells.append(f"{ppl:.2f} ({ratio})" if ratio != "-" else f"{ppl:.2f}")
+                    if method != "sparsegpt":
+                        ratio = excess_ratio(
+                            ppl,
+                            dense and dense["scores"][t]["ppl"],
+                            reference and reference["scores"][t]["ppl"],
+                        )
+                    cells.append(f"{ppl:.2f}" if ratio == "-" else f"{ppl:.2f} ({ratio})")
                 same_run = reference is not None and reference["invocation"] == r["invocation"]
                 time_ratio = f"{r['prune_s'] / reference['prune_s']:.2f}" if same_run else "-"
                 lines.append(
