@@ -193,6 +193,32 @@ def test_a_zero_lr_keeps_the_metrics_nm_mask(lr, moves, tokenizer):
     assert (max(moved) > 0) is moves
 
 
+def _frozen_masks(tokenizer, ids, **options):
+    """Every linear's zero mask after BESA at 2:4 with nothing learned (lr 0: each group's prior argmax), the
+    weights frozen and no refit, and the metric the report names."""
+    result = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="besa", pattern="2:4", calib_ids=ids, progress=False,
+        method_options={"lr": 0.0, "weight_update": "none", **options}, refit_epochs=0,
+    )  # fmt: skip
+    return {n: weight_matrix(m) == 0 for n, m in _linears(result.model).items()}, result.report["method"][
+        "metric"
+    ]
+
+
+def test_nm_patterns_start_from_the_obs_saliency_by_default(tokenizer):
+    """With ``--pattern`` the default metric (``auto``) is SparseGPT's OBS saliency, the start measured best on
+    PTB valid; the same masks as ``--metric sparsegpt``, not Wanda's; unstructured runs keep Wanda."""
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    default, metric = _frozen_masks(tokenizer, ids)
+    obs, _ = _frozen_masks(tokenizer, ids, metric="sparsegpt")
+    wanda, _ = _frozen_masks(tokenizer, ids, metric="wanda")
+    assert metric == "sparsegpt"
+    assert all(torch.equal(default[n], obs[n]) for n in default)
+    assert any(not torch.equal(default[n], wanda[n]) for n in default)
+    assert BesaConfig().resolved_metric(nm=False) == "wanda"
+    assert BesaConfig(metric="magnitude").resolved_metric(nm=True) == "magnitude"
+
+
 def test_training_batch_is_independent_of_the_forward_batch(tokenizer):
     ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
     result = besa.prune(

@@ -18,7 +18,9 @@ class BesaConfig(MethodConfig):
     """BESA settings.
 
     Args:
-        metric: importance used to rank the weights of each row once per block: wanda, magnitude, sparsegpt.
+        metric: importance used to rank the weights of each row once per block: wanda, magnitude, sparsegpt
+            (SparseGPT's OBS saliency), or ``auto`` (the default): ``sparsegpt`` with ``--pattern N:M``, where
+            the learned patterns start from it, ``wanda`` otherwise (measured on PTB valid: BENCHMARKS.md).
         granularity: ``row`` (one learned rate per output row, the paper's setting) or ``layer``.
         candidates: number of candidate pruning rates D.
         rate_window: candidates span [target - w, target + w] (clipped to [0, max_rate]); bounds how far one
@@ -53,7 +55,8 @@ class BesaConfig(MethodConfig):
     """
 
     metric: str = field(
-        default="wanda", metadata={"help": "BESA: importance ranking: wanda, magnitude, sparsegpt"}
+        default="auto",
+        metadata={"help": "BESA: importance ranking: wanda, magnitude, sparsegpt, auto (sparsegpt for N:M)"},
     )
     granularity: str = field(default="row", metadata={"help": "BESA: learn a rate per row or per layer"})
     candidates: int = field(default=100, metadata={"help": "BESA: number of candidate pruning rates"})
@@ -94,9 +97,16 @@ class BesaConfig(MethodConfig):
         metadata={"help": "BESA: retries with a 10x smaller step after a NaN/inf loss, then uniform"},
     )
 
+    def resolved_metric(self, nm: bool) -> str:
+        """The importance a run ranks by: ``metric``, with ``auto`` made ``sparsegpt`` for N:M (where it
+        measured best on PTB valid, the patterns started from the OBS saliency) and ``wanda`` otherwise."""
+        if self.metric != "auto":
+            return self.metric
+        return "sparsegpt" if nm else "wanda"
+
     def __post_init__(self) -> None:
         choices = {
-            "metric": METRICS,
+            "metric": (*METRICS, "auto"),
             "granularity": ("row", "layer"),
             "target": ("pruned-input", "dense-stream"),
             "optimizer": ("prodigy", "adamw"),

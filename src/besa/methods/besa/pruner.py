@@ -66,7 +66,8 @@ class BesaPruner(Pruner):
         super().__init__(method_config, config)
         assert isinstance(method_config, BesaConfig)
         self.cfg = method_config
-        self.scorer = get_scorer(method_config.metric)
+        self.metric = method_config.resolved_metric(self.pattern is not None)
+        self.scorer = get_scorer(self.metric)
         self._target: float | None = None
         self._groups: list[list[str]] = []  # the block's layers in the order their masks are applied
 
@@ -289,7 +290,7 @@ class BesaPruner(Pruner):
             fallback = bool(failures) and not losses
             if fallback:
                 log.warning("%s: BESA training failed; falling back to the %s metric's uniform mask",
-                            work.name, self.cfg.metric)  # fmt: skip
+                            work.name, self.metric)  # fmt: skip
             result = BlockResult()
             info = self._finalise(work, allocs, result, uniform=fallback)
         finally:
@@ -300,7 +301,7 @@ class BesaPruner(Pruner):
         info["loss_last"] = losses[-1] if losses else math.nan
         if failures:
             info["non_finite"] = failures
-            info["fallback"] = f"uniform {self.cfg.metric} mask" if fallback else None
+            info["fallback"] = f"uniform {self.metric} mask" if fallback else None
         result.facts = info
         log.info("%s: BESA loss %.4g -> %.4g over %d steps", work.name, info["loss_first"], info["loss_last"],
                  info["steps"])  # fmt: skip
@@ -314,6 +315,7 @@ class BesaPruner(Pruner):
                 "to the rows with the largest fractional parts, so each block holds exactly round(target * params) "
                 "zeros"
             ),
+            "metric": self.metric,
             "weight_update": self.weight_update,
             "fallback_blocks": [name for name, info in facts.items() if info.get("fallback")],
             "blocks": facts,
