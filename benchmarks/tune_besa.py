@@ -155,11 +155,10 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-nm-lr0": ("besa", {"lr": 0.0}),
     "besa-nm-sharpness3": ("besa", {"nm_sharpness": 3.0}),
     # the 2:4 gap on PTB valid: the patterns started from Wanda's metric (the N:M default before it measured
-    # worse) or from SparseGPT's OBS saliency (the default since, `--metric auto`), with and without the refit
+    # worse, with and without the refit) or from SparseGPT's OBS saliency (the default since, `--metric auto`)
     "besa-nm-metric-wanda": ("besa", {"metric": "wanda"}),
     "besa-nm-metric-wanda-refit0": ("besa", {"metric": "wanda", "refit_epochs": 0}),
     "besa-nm-metric-sparsegpt": ("besa", {"metric": "sparsegpt"}),
-    "besa-nm-metric-sparsegpt-refit0": ("besa", {"metric": "sparsegpt", "refit_epochs": 0}),
 }
 SETTINGS = {f.name for f in dataclasses.fields(PruneConfig)}
 """Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""
