@@ -140,6 +140,7 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-lsq0": ("besa", {"lsq_iters": 0}),  # BESA's defaults (refit included) without / with the solve
     "besa-lsq20": ("besa", {"lsq_iters": 20}),
     "besa-lsq20-refit0": ("besa", {"lsq_iters": 20, "refit_epochs": 0}),
+    "besa-refit2": ("besa", {"refit_epochs": 2}),  # the default below 70%; at 70% the default until it lost
     "besa-lsq20-refit2": ("besa", {"lsq_iters": 20, "refit_epochs": 2}),
     "besa-lsq0-refit0": ("besa", {"lsq_iters": 0, "refit_epochs": 0}),
     # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
@@ -159,6 +160,7 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-nm-metric-wanda": ("besa", {"metric": "wanda"}),
     "besa-nm-metric-wanda-refit0": ("besa", {"metric": "wanda", "refit_epochs": 0}),
     "besa-nm-metric-sparsegpt": ("besa", {"metric": "sparsegpt"}),
+    "besa-nm-metric-sparsegpt-refit0": ("besa", {"metric": "sparsegpt", "refit_epochs": 0}),
 }
 SETTINGS = {f.name for f in dataclasses.fields(PruneConfig)}
 """Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""

@@ -122,7 +122,8 @@ class PruneConfig:
             BENCHMARKS.md's parity section, parallel for Wanda as its paper does).
         refit_epochs: epochs of blockwise weight reconstruction after each block is pruned (``besa.stages.
             reconstruct``): the surviving weights of the block's linears are trained with Adam, masks fixed, to
-            reproduce the ``refit_target`` outputs; 0 is off, ``None`` the method's default.
+            reproduce the ``refit_target`` outputs; 0 is off, ``None`` the method's default
+            (``Pruner.refit_default``: BESA's is 2 epochs below 70% sparsity and none from 70% on).
         refit_lr, refit_batch: Adam's learning rate and the windows per step.
         refit_target: ``dense-stream`` (the block fed the pruned model's stream must give the dense model's
             output), ``dense`` (fed the dense stream, give the dense output) or ``pruned-input`` (fed the pruned
@@ -198,7 +199,7 @@ class PruneConfig:
         default=None,
         metadata={
             "help": "train each pruned block's surviving weights to reconstruct its outputs for this many epochs "
-            "(0: off; default: the method's own, 0 for the baselines)"
+            "(0: off; default: the method's own: BESA 2 below 70%% sparsity and 0 from 70%%, the baselines 0)"
         },
     )
     refit_lr: float = field(default=3e-4, metadata={"help": "refit: Adam learning rate"})

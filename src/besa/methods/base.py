@@ -80,11 +80,15 @@ class Pruner(ABC):
                 "--refit-epochs with --wbits is not supported: the refit would move the weights off their grids"
             )
 
+    def refit_default(self) -> int:
+        """Refit epochs when ``--refit-epochs`` is not given (a method may make them depend on the run)."""
+        return self.default_refit_epochs
+
     @property
     def refit(self) -> RefitSpec | None:
         """The blockwise weight reconstruction that follows every block's pruning, or ``None``."""
         given = self.config.refit_epochs
-        epochs = given if given is not None else (0 if self.quant is not None else self.default_refit_epochs)
+        epochs = given if given is not None else (0 if self.quant is not None else self.refit_default())
         if epochs == 0:
             return None
         cfg = self.config

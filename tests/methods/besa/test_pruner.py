@@ -223,6 +223,39 @@ def test_nm_patterns_start_from_the_obs_saliency_by_default(tokenizer):
     assert BesaConfig(metric="magnitude").resolved_metric(nm=True) == "magnitude"
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "epochs"),
+    [
+        ({"sparsity": 0.5}, 2),
+        ({"sparsity": 0.65}, 2),
+        ({"sparsity": 0.7}, None),  # from 70% the default skips the refit (measured on PTB valid)
+        ({"sparsity": 0.8}, None),
+        ({"pattern": "2:4"}, 2),  # N:M means N/M = 50%: refit on
+        ({"sparsity": 0.7, "refit_epochs": 1}, 1),  # a given --refit-epochs always wins
+        ({"sparsity": 0.5, "refit_epochs": 0}, None),
+    ],
+)
+def test_default_refit_turns_off_from_70_percent(kwargs, epochs, tokenizer):
+    """BESA's blockwise refit runs 2 epochs by default below 70% sparsity and not at all from 70% on; the run's
+    report says which, and without a refit the surviving weights are exactly the OBS update's."""
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    result = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
+        method_options={"epochs": 1}, **kwargs,
+    )  # fmt: skip
+    refit = result.report["refit"]
+    assert (refit["epochs"] if refit else None) == epochs
+    if refit:
+        assert len(refit["blocks"]) == len(result.report["method"]["blocks"])
+    elif "refit_epochs" not in kwargs:  # the default's weights are exactly those of --refit-epochs 0
+        explicit = besa.prune(
+            make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
+            method_options={"epochs": 1}, refit_epochs=0, **kwargs,
+        )  # fmt: skip
+        ours, theirs = _linears(result.model), _linears(explicit.model)
+        assert all(torch.equal(weight_matrix(ours[n]), weight_matrix(theirs[n])) for n in ours)
+
+
 def test_training_batch_is_independent_of_the_forward_batch(tokenizer):
     ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
     result = besa.prune(
