@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from besa.config import MethodConfig
 from besa.errors import BesaError
 
-__all__ = ["BesaConfig", "METRICS", "REFIT_OFF_FROM", "default_refit_epochs"]
+__all__ = ["BesaConfig", "METRICS", "REFIT_EPOCHS", "REFIT_OFF_FROM", "default_refit_epochs"]
 
 METRICS = ("wanda", "magnitude", "sparsegpt")
 """Every importance of the selection stage (``besa.stages.selection.SCORERS``; a test keeps them equal)."""
@@ -16,7 +16,7 @@ REFIT_EPOCHS = 2
 """BESA's refit epochs below ``REFIT_OFF_FROM`` (8 scored better at 50% but cost over 5 x SparseGPT's time)."""
 REFIT_OFF_FROM = 0.7
 """Target sparsity from which BESA's default skips the refit: on PTB valid it helped at 60 and 65% (two seeds at
-65%) and hurt at 70% (three seeds), the pruned weights then fit the calibration text too closely (BENCHMARKS.md)."""
+65%) and hurt at 70% (three seeds), presumably by fitting the calibration text too closely (BENCHMARKS.md)."""
 
 
 def default_refit_epochs(sparsity: float) -> int:
