@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from besa.config import MethodConfig
 from besa.errors import BesaError
 
-__all__ = ["BesaConfig", "METRICS", "REFIT_EPOCHS", "REFIT_OFF_FROM", "default_refit_epochs"]
+__all__ = ["BesaConfig", "METRICS", "REFIT_EPOCHS", "REFIT_OFF_FROM", "refit_epochs_at"]
 
 METRICS = ("wanda", "magnitude", "sparsegpt")
 """Every importance of the selection stage (``besa.stages.selection.SCORERS``; a test keeps them equal)."""
@@ -19,7 +19,7 @@ REFIT_OFF_FROM = 0.7
 65%) and hurt at 70% (three seeds), presumably by fitting the calibration text too closely (BENCHMARKS.md)."""
 
 
-def default_refit_epochs(sparsity: float) -> int:
+def refit_epochs_at(sparsity: float) -> int:
     """BESA's blockwise refit epochs when ``--refit-epochs`` is not given, for a run at ``sparsity`` (N:M: N/M)."""
     return 0 if sparsity >= REFIT_OFF_FROM - 1e-9 else REFIT_EPOCHS
 

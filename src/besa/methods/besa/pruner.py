@@ -14,7 +14,7 @@ import torch
 from besa.activations import ActivationStore
 from besa.config import MethodConfig
 from besa.methods.base import Pruner
-from besa.methods.besa.config import REFIT_EPOCHS, BesaConfig, default_refit_epochs
+from besa.methods.besa.config import BesaConfig, refit_epochs_at
 from besa.methods.besa.layer import (
     Allocation,
     LayerAllocation,
@@ -58,12 +58,11 @@ class BesaPruner(Pruner):
 
     # the defaults measured best on PTB valid (BENCHMARKS.md, besa-tuning): AdamW at 0.05, the OBS update group by
     # group with the least-squares solve, then 2 epochs of blockwise refit below 70% sparsity and none from 70% on
-    # (``default_refit_epochs``); `--recipe besa-paper` is the paper's form
+    # (``refit_epochs_at``); `--recipe besa-paper` is the paper's form
     default_within_block = "sequential"
-    default_refit_epochs = REFIT_EPOCHS
 
     def refit_default(self) -> int:
-        return default_refit_epochs(self.sparsity)
+        return refit_epochs_at(self.sparsity)
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
