@@ -150,3 +150,43 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (root / "calibration" / "enwiki-articles.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     monkeypatch.setenv("BESA_DATA_DIR", str(root))
     return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path below ``root`` (``root`` itself included) -> the sha256 of its bytes, ``dir`` or ``link -> target``:
+    two snapshots are equal exactly when nothing below ``root`` was added, removed or changed."""
+    import hashlib
+
+    root = Path(root)
+    if not root.exists() and not root.is_symlink():
+        return {}
+    found: dict[str, str] = {}
+    for path in [root, *sorted(root.rglob("*"))] if root.is_dir() and not root.is_symlink() else [root]:
+        key = str(path.relative_to(root))
+        if path.is_symlink():
+            found[key] = f"link -> {os.readlink(path)}"
+        elif path.is_dir():
+            found[key] = "dir"
+        else:
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """``besa ARGV`` in this process: (exit code, stdout, stderr); argparse's exits are caught too."""
+    from besa.cli import main
+
+    capsys.readouterr()  # drop what fixtures printed
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    """The single non-blank line of ``err`` (fails the test if there are more or none)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    return lines[0]
