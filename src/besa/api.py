@@ -19,7 +19,7 @@ from besa.activations import MemoryBudget
 from besa.checkpoint import RunFolder, model_digest, tensor_digest
 from besa.compressed import check_compressible
 from besa.config import PruneConfig
-from besa.data import load_calibration_documents, resolve_bos, sample_windows, with_bos
+from besa.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
 from besa.evaluation import evaluate
 from besa.fileio import write_json_atomic
@@ -137,9 +137,7 @@ def prune_with(
     spec = get_method(config.method)
     pruner = spec.pruner_cls(method_config, config)  # a method may refuse the shared settings (e.g. N:M)
     needs_data = pruner.needs_calibration or config.kl_epochs > 0  # the KL stage trains on the windows
-    where = options.resolve(needs_data)
-    if isinstance(model, str):
-        resolve_model(model)  # a missing path fails here, before anything is loaded
+    where = options.resolve(needs_data, _inputs(model, config, needs_data and calib_ids is None))
     compute_device = resolve_device(config.device)
     ranks = distributed.start(compute_device)  # torchrun: join the process group (one process: nothing)
     timings: dict[str, Any] = {}
@@ -186,7 +184,7 @@ def prune_with(
     if where.run_dir is not None and (engine_ids is not None or streamer is not None):
         run = _open_run(
             where.run_dir, model, config, method_config, calib_ids if engine_ids is not None else None, record,
-            options.resume, streamer,
+            options.resume or options.redo_from is not None, streamer, options.redo_from,
         )  # fmt: skip
     resumed, kl_facts = _run_stages(
         model, pruner, record, config, local_ids, engine_ids, compute_device, options, budget, run, timings
@@ -228,6 +226,19 @@ def prune_with(
     if streamer is not None:  # its blocks are on the meta device: the pruned model is the one in ``out``
         return PruneResult(model=None, tokenizer=tokenizer, report=report, out=where.out)
     return PruneResult(model=model, tokenizer=tokenizer, report=report, out=where.out)
+
+
+def _inputs(model: str | nn.Module, config: PruneConfig, reads_calibration: bool) -> dict[str, Path]:
+    """What the run reads from disk (name -> path), which no place it writes may overlap. A missing model path
+    fails here, before anything is loaded."""
+    found: dict[str, Path] = {}
+    if isinstance(model, str):
+        source = resolve_model(model)
+        if source.kind != "hub":
+            found["the input model"] = Path(source.location)
+    if reads_calibration and is_text_file(config.calib):
+        found["the calibration file"] = Path(config.calib)
+    return found
 
 
 def _fingerprint(
@@ -330,13 +341,12 @@ def _sample(documents: list[str], tokenizer: Any, config: PruneConfig, bos: int 
 
 def _open_run(
     path: Path, model: nn.Module, config: PruneConfig, method_config: Any, calib_ids: torch.Tensor | None,
-    record: RunRecord, resume: bool, streamer: BlockStreamer | None = None,
+    record: RunRecord, resume: bool, streamer: BlockStreamer | None = None, redo_from: int | None = None,
 ) -> RunFolder:  # fmt: skip
     """The run folder of these settings, model and windows; one of another run is refused."""
     run = RunFolder(
         path, _fingerprint(model, config, method_config, calib_ids, streamer), record.block_json,
-        record.restore_json,
-        record.block_tensors, record.restore_tensors,
+        record.restore_json, record.block_tensors, record.restore_tensors, redo_from=redo_from,
     )  # fmt: skip
     run.check(require=resume)
     return run

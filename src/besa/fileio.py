@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,7 +14,14 @@ from typing import Any
 
 from besa.errors import BesaError
 
-__all__ = ["atomic_folder", "fsync_dir", "write_json_atomic"]
+__all__ = [
+    "atomic_folder",
+    "fsync_dir",
+    "write_bytes_durable",
+    "write_error",
+    "write_json_atomic",
+    "format_bytes",
+]
 
 
 @contextmanager
@@ -80,3 +88,41 @@ def write_json_atomic(path: Path, payload: dict[str, Any], durable: bool = False
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def write_bytes_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, fsync and rename; a failed write leaves nothing."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def write_error(exc: BaseException, what: str, where: Path, needed: int | None = None) -> BesaError:
+    """The one-line error for a failed write of ``what`` into ``where``: a full disk (or a file-size or quota
+    limit) says how much space the write needs, when ``needed`` (bytes) is known."""
+    code = getattr(exc, "errno", None)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if code == errno.EFBIG or "File too large" in text:
+        reason = "a file-size limit was reached"
+    elif code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "quota" in text.lower():
+        reason = "the disk is full"
+    else:
+        return BesaError(f"cannot write {what} to {str(where)!r}: {getattr(exc, 'strerror', None) or text}")
+    need = f" (it needs about {format_bytes(needed)} free)" if needed else ""
+    return BesaError(f"cannot write {what} to {str(where)!r}: {reason}{need}")

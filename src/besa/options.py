@@ -16,7 +16,10 @@ from besa.errors import BesaError
 
 SAVE_FORMATS = ("dense", "sparse", "compressed-tensors")
 
-__all__ = ["SAVE_FORMATS", "RunOptions", "ResolvedRun", "check_output_dir", "check_writable", "parse_size"]
+__all__ = [
+    "SAVE_FORMATS", "OWNED_MARKERS", "RunOptions", "ResolvedRun", "check_apart", "check_output_dir", "check_writable",
+    "overlapping", "parse_size",
+]  # fmt: skip
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}  # fmt: skip
@@ -48,13 +51,47 @@ def check_writable(path: Path, what: str) -> None:
         raise BesaError(f"cannot write {what} {str(path)!r}: {exc.strerror}") from None
 
 
+OWNED_MARKERS = ("besa_report.json", "run.json")
+"""A folder holding one of these was written by ``besa`` (a pruned model's report, a run folder's commit point):
+the only kind of non-empty folder ``--overwrite`` replaces."""
+
+
+def overlapping(a: Path, b: Path) -> bool:
+    """Whether two resolved paths are the same, or one lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_apart(path: Path, what: str, inputs: dict[str, Path]) -> None:
+    """Refuse ``path`` (``what``: the flag) when it is, lies inside, or holds one of ``inputs`` (name -> path);
+    symlinks are resolved, so another name for the same place is caught too."""
+    here = path.expanduser().resolve()
+    for name, there in inputs.items():
+        there = there.expanduser().resolve()
+        if overlapping(here, there):
+            relation = "is" if here == there else "lies inside" if there in here.parents else "holds"
+            raise BesaError(
+                f"{what} {str(path)!r} {relation} {name} {str(there)!r}: besa never writes over or beside its "
+                f"input; choose a {what} outside it"
+            )
+
+
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty ``out`` unless ``overwrite``, a file in its place, or a place we cannot write."""
+    """Refuse an existing non-empty ``out`` unless ``overwrite`` and ``besa`` wrote it, a file in its place, or a
+    place we cannot write."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         raise BesaError(f"--out {str(out)!r} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if entries and not overwrite:
         raise BesaError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
+    if entries and not any(name in entries for name in OWNED_MARKERS):
+        shown = ", ".join(repr(n) for n in entries[:3]) + (
+            f" and {len(entries) - 3} more" if len(entries) > 3 else ""
+        )
+        raise BesaError(
+            f"--out {str(out)!r} was not written by besa (no besa_report.json): --overwrite would delete "
+            f"{shown}; choose another --out or empty it yourself"
+        )
     check_writable(path, "--out")
     return path
 
@@ -79,6 +116,8 @@ class RunOptions:
             continues from its first unfinished block when called again with the same settings; a run folder of
             another run is refused. It is deleted once ``out`` is written unless ``keep_run_dir``.
         resume: insist on continuing: fail if ``run_dir`` holds no checkpoint.
+        redo_from: continue ``run_dir`` from this block, pruning it and those after it again; the blocks before it
+            are replayed from their checkpoints (verified). Implies ``resume``.
         checkpoint: write checkpoints (default ``None``: whenever there is a run folder, i.e. ``out`` or
             ``run_dir`` given); ``False`` writes none.
         keep_run_dir: keep the run folder after a successful run.
@@ -123,6 +162,15 @@ class RunOptions:
             "group": "checkpoints and memory",
         },
     )
+    redo_from: int | None = field(
+        default=None,
+        metadata={
+            "help": "continue a run folder from this block, pruning it and the rest again (the blocks before it are "
+            "taken from their checkpoints): the way on after a checkpoint file was found changed",
+            "group": "checkpoints and memory",
+            "type": int,
+        },
+    )
     keep_run_dir: bool = field(
         default=False,
         metadata={"help": "keep the run folder after a successful run", "group": "checkpoints and memory"},
@@ -160,14 +208,23 @@ class RunOptions:
     progress: bool = field(default=True, metadata={"help": "hide progress bars", "flag": "--no-progress"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub"})
 
-    def resolve(self, needs_calibration: bool = True) -> ResolvedRun:
-        """Check every place this run will write, and the memory size, before any work; raise ``BesaError``."""
+    def resolve(self, needs_calibration: bool = True, inputs: dict[str, Path] | None = None) -> ResolvedRun:
+        """Check every place this run will write, and the memory size, before any work; raise ``BesaError``.
+
+        ``inputs`` (a name such as ``"the input model"`` -> its path) are what the run reads: ``--out`` and the run
+        folder may neither be, lie inside nor hold any of them, nor each other.
+        """
         if self.save_format not in SAVE_FORMATS:
             raise BesaError(f"unknown --save-format {self.save_format!r}: choose {', '.join(SAVE_FORMATS)}")
         if self.stream:
             self._check_stream()
+        inputs = inputs or {}
+        if self.out is not None:
+            check_apart(Path(self.out), "--out", inputs)
         out = check_output_dir(self.out, self.overwrite) if self.out is not None else None
         run_dir = self._run_dir(out) if needs_calibration or self.stream else None
+        if run_dir is not None:
+            check_apart(run_dir, "--run-dir", {**inputs, **({"--out": out} if out is not None else {})})
         return ResolvedRun(out=out, run_dir=run_dir, memory_limit=parse_size(self.max_memory))
 
     def _check_stream(self) -> None:
@@ -185,7 +242,7 @@ class RunOptions:
 
     def _run_dir(self, out: Path | None) -> Path | None:
         if self.checkpoint is False:
-            if self.resume:
+            if self.resume or self.redo_from is not None:
                 raise BesaError("resume needs checkpoints: drop --no-checkpoint")
             return None
         if self.run_dir is not None:
@@ -198,7 +255,9 @@ class RunOptions:
             return None
         if path.exists() and not path.is_dir():
             raise BesaError(f"run folder {str(path)!r} exists and is not a folder")
-        if self.resume:
+        if self.redo_from is not None and self.redo_from < 0:
+            raise BesaError(f"--redo-from must be a block index from 0, got {self.redo_from}")
+        if self.resume or self.redo_from is not None:
             from besa.checkpoint import require_checkpoint
 
             require_checkpoint(path)

@@ -161,6 +161,8 @@ class Checkpointer(Protocol):
         inputs: ActivationStore | None,
         dense_inputs: ActivationStore | None,
     ) -> None: ...
+    def replays(self, index: int) -> bool: ...
+    def replay(self, index: int, name: str, block: nn.Module) -> None: ...
 
 
 def run_sequential(
@@ -240,13 +242,15 @@ def _prune_blocks(
             index=i, name=name, module=block.to(device), linears=find_linears(block, model), inputs=inputs,
             call=calls[i], device=device, num_blocks=len(named_blocks), progress=progress, budget=budget,
         )  # fmt: skip
-        next_inputs, next_dense = _prune_and_propagate(work, prune_block, dense_inputs, data_free)
+        replaying = checkpoint is not None and checkpoint.replays(i)
+        step = _replay_step(checkpoint) if replaying else prune_block
+        next_inputs, next_dense = _prune_and_propagate(work, step, dense_inputs, data_free)
         block.to("cpu")
         block_seconds.append(time.perf_counter() - tb)
         _release(inputs, dense_inputs, keep=(next_inputs, next_dense))
         inputs, dense_inputs = next_inputs, next_dense
         del work
-        if checkpoint is not None:
+        if checkpoint is not None and not replaying:  # a replayed block's checkpoint is the one it came from
             checkpoint.commit(i, name, block, len(named_blocks), block_seconds[-1], inputs, dense_inputs)
         if stream is not None:  # the pruned weights are in the checkpoint (a streamed run always has one)
             stream.unload(block)
@@ -255,6 +259,15 @@ def _prune_blocks(
         log.info("block %d/%d (%s) done in %.1f s", i + 1, len(named_blocks), name, block_seconds[-1])
     bar.close()
     return inputs, dense_inputs
+
+
+def _replay_step(checkpoint: Checkpointer) -> Callable[[BlockWork], None]:
+    """A block step that takes the block's pruned state from its checkpoint instead of pruning it."""
+
+    def step(work: BlockWork) -> None:
+        checkpoint.replay(work.index, work.name, work.module)
+
+    return step
 
 
 @torch.no_grad()
