@@ -231,3 +231,42 @@ def test_the_kl_stage_resumes_from_finished_blocks_with_the_dense_models_targets
     assert resumed.report["kl"] == fresh.report["kl"]
     a, b = resumed.model.state_dict(), fresh.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["besa", "sparsegpt"])
+def test_redo_from_a_tampered_block_replays_the_good_ones_and_ends_bit_identical(
+    method, deep_model_dir, ids, tmp_path, monkeypatch
+):
+    import besa.methods.base
+
+    original = besa.methods.base.Pruner.run_block
+    draws: dict[str, dict[int, float]] = {"stopped": {}, "redone": {}, "reference": {}}
+    run = "stopped"
+
+    def drawing(self, work):  # each block draws from the RNG, as a method that samples would
+        draws[run][work.index] = torch.rand(1).item()
+        if run == "stopped" and work.index == 3:
+            raise KeyboardInterrupt
+        return original(self, work)
+
+    monkeypatch.setattr(besa.methods.base.Pruner, "run_block", drawing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _prune(deep_model_dir, method, ids, out)
+    block = tmp_path / "out.run" / "blocks" / "00001.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-4] ^= 0x01  # one bit of one weight
+    block.write_bytes(bytes(data))
+    with pytest.raises(BesaError, match=r"block 1 .*was changed.*block 0 is intact.*--redo-from 1"):
+        _prune(deep_model_dir, method, ids, out)
+    with pytest.raises(BesaError, match="only blocks 0-2 .* are done"):
+        _prune(deep_model_dir, method, ids, out, redo_from=4)
+    run = "redone"
+    redone = _prune(deep_model_dir, method, ids, out, redo_from=1)
+    run = "reference"
+    reference = _prune(deep_model_dir, method, ids, tmp_path / "reference")
+    assert sorted(draws["redone"]) == [1, 2, 3]  # block 0 was replayed, not pruned
+    assert [draws["redone"][i] for i in (1, 2, 3)] == [draws["reference"][i] for i in (1, 2, 3)]
+    a, b = redone.model.state_dict(), reference.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert redone.report["layers"] == reference.report["layers"]

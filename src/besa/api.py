@@ -22,7 +22,7 @@ from besa.config import PruneConfig
 from besa.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
 from besa.evaluation import evaluate
-from besa.fileio import write_json_atomic
+from besa.fileio import write_error, write_json_atomic
 from besa.loading import (
     check_seqlen,
     model_folder,
@@ -217,7 +217,10 @@ def prune_with(
                     write_weights=write_weights)  # fmt: skip
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        write_json_atomic(where.out / REPORT_NAME, report)  # again, with the saving time
+        try:
+            write_json_atomic(where.out / REPORT_NAME, report)  # again, with the saving time
+        except OSError as exc:
+            raise write_error(exc, "the report", where.out) from None
         if run is not None and not options.keep_run_dir:
             run.remove()
     timings["total"] = time.perf_counter() - t_start

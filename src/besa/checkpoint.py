@@ -39,6 +39,7 @@ from besa import distributed
 from besa.activations import ActivationStore, MemoryBudget
 from besa.errors import BesaError
 from besa.fileio import fsync_dir, write_bytes_durable, write_error, write_json_atomic
+from besa.options import RUN_FILE
 
 __all__ = [
     "RunFolder",
@@ -51,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 _EXTRA = "method::"
 _RNG = "run::rng"
 """The CPU RNG state after a block, kept in its file: a redo from the next block starts from it."""
@@ -364,7 +364,7 @@ class RunFolder:
     def _tampered(self, exc: TamperedCheckpoint) -> BesaError:
         """The one-line answer to a changed checkpoint file: which, what is intact, and how to go on."""
         block = exc.block or 0
-        intact = f"blocks 0-{block - 1} are intact" if block else "no block before it is intact"
+        intact = {0: "no block before it", 1: "block 0 is intact"}.get(block, f"blocks 0-{block - 1} are intact")
         return BesaError(
             f"run folder {str(self.path)!r}: {exc}; {intact}: rerun with --redo-from {block} to prune again from "
             "there, or delete the run folder to start over"

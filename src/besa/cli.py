@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 from besa.config import EvalConfig, PlanConfig, PruneConfig, SpeedConfig
 from besa.errors import BesaError
 from besa.fileio import write_json_atomic
-from besa.options import RunOptions
+from besa.options import RUN_FILE, RunOptions
 from besa.registry import available_methods, get_method
 
 __all__ = ["main", "build_parser"]
@@ -406,7 +407,35 @@ def _run_dir_of(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``besa`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        return _main(args)
+    except KeyboardInterrupt:  # at any point, start-up included: one line, and how to go on
+        print(_interrupted(args, argv), file=sys.stderr)
+        return 130
+
+
+def _interrupted(args: argparse.Namespace | None, argv: list[str]) -> str:
+    """What an interrupted command says: for a prune that left a run folder with finished blocks, the command that
+    continues it."""
+    command = getattr(args, "command", None) or next((a for a in argv if not a.startswith("-")), "")
+    if command != "prune" or args is None or getattr(args, "checkpoint", None) is False:
+        return f"besa {command}: interrupted; nothing was written".replace("besa :", "besa:")
+    run_dir = Path(_run_dir_of(args))
+    try:
+        done = int(json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["completed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "besa prune: interrupted before the first block was finished; nothing was kept"
+    again = [a for a in argv if a != "--resume"]
+    return (
+        f"besa prune: interrupted; {done} finished block{'s' * (done != 1)} kept in {str(run_dir)!r}: "
+        f"continue with: {shlex.join(['besa', *again, '--resume'])}"
+    )
+
+
+def _main(args: argparse.Namespace) -> int:
     # progress bars need a terminal; without one (a log file, a CI job) a line per block says how far it got
     quiet = "WARNING" if sys.stderr.isatty() else "INFO"
     logging.basicConfig(
@@ -414,10 +443,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if getattr(args, "progress", True) is False:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     handler = {
         "prune": _cmd_prune, "eval": _cmd_eval, "report": _cmd_report, "speedup": _cmd_speedup, "plan": _cmd_plan,
     }[args.command]  # fmt: skip
@@ -425,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     if launched:  # torchrun stops the other processes with SIGTERM when one of them dies
         signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
+        if getattr(args, "progress", True) is False:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         return handler(args)
     except BesaError as exc:
         print(f"besa {args.command}: error: {exc}", file=sys.stderr)
@@ -439,9 +468,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 3
-    except KeyboardInterrupt:
-        print(f"besa {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

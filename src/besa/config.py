@@ -255,7 +255,9 @@ class PruneConfig:
             raise BesaError(f"--sparsity must be in [0, 1), got {self.sparsity}")
         for name in ("nsamples", "seqlen", "forward_batch"):
             if getattr(self, name) < 1:
-                raise BesaError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+                raise BesaError(
+                    f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}"
+                )
         if self.allocation not in ("uniform", "owl"):
             raise BesaError(f"unknown --allocation {self.allocation!r}: choose uniform or owl")
         if self.allocation == "owl":

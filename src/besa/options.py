@@ -17,7 +17,7 @@ from besa.errors import BesaError
 SAVE_FORMATS = ("dense", "sparse", "compressed-tensors")
 
 __all__ = [
-    "SAVE_FORMATS", "OWNED_MARKERS", "RunOptions", "ResolvedRun", "check_apart", "check_output_dir", "check_writable",
+    "SAVE_FORMATS", "OWNED_MARKERS", "REPORT_NAME", "RUN_FILE", "RunOptions", "ResolvedRun", "check_apart", "check_output_dir", "check_writable",
     "overlapping", "parse_size",
 ]  # fmt: skip
 
@@ -51,7 +51,11 @@ def check_writable(path: Path, what: str) -> None:
         raise BesaError(f"cannot write {what} {str(path)!r}: {exc.strerror}") from None
 
 
-OWNED_MARKERS = ("besa_report.json", "run.json")
+REPORT_NAME = "besa_report.json"
+"""The report every pruned model folder holds."""
+RUN_FILE = "run.json"
+"""A run folder's commit point (``besa.checkpoint``)."""
+OWNED_MARKERS = (REPORT_NAME, RUN_FILE)
 """A folder holding one of these was written by ``besa`` (a pruned model's report, a run folder's commit point):
 the only kind of non-empty folder ``--overwrite`` replaces."""
 

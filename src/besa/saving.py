@@ -3,19 +3,22 @@ request, the integer codes of quantized weights; all into a temporary sibling fo
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from besa.compressed import save_compressed
 from besa.errors import BesaError
-from besa.fileio import atomic_folder, write_json_atomic
+from besa.fileio import atomic_folder, write_error, write_json_atomic
 from besa.modeling import weight_matrix
-from besa.options import check_output_dir
+from besa.options import REPORT_NAME, check_output_dir
 from besa.plotting import PLOT_NAME, plot_allocation
 from besa.quant import QuantSpec, dequantize_codes, quantize_codes
 from besa.recipe import RECIPE_NAME
@@ -23,7 +26,8 @@ from besa.sparse_format import save_sparse, stored_tensors
 
 __all__ = ["REPORT_NAME", "QUANT_LAYOUT", "save_pruned", "save_quantized_codes", "size_on_disk"]
 
-REPORT_NAME = "besa_report.json"
+
+log = logging.getLogger(__name__)
 
 
 def save_pruned(
@@ -49,6 +53,22 @@ def save_pruned(
     ``besa.streaming.save_streamed``) and returns the ``size_on_disk`` entry.
     """
     out = check_output_dir(out, overwrite)
+    try:
+        _write_folder(
+            model, tokenizer, out, report, grids, recipe, save_format, save_quantized, write_weights
+        )
+    except (OSError, SafetensorError) as exc:
+        needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        raise write_error(exc, "the pruned model", out, needed) from None
+    return out
+
+
+def _write_folder(
+    model: nn.Module, tokenizer: Any, out: Path, report: dict[str, Any],
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, recipe: str | None, save_format: str,
+    save_quantized: bool, write_weights: Callable[[Path], dict[str, Any]] | None,
+) -> None:  # fmt: skip
+    """The body of ``save_pruned`` (same arguments), raising ``OSError`` as it comes."""
     with atomic_folder(out, replace=True) as tmp:
         spec = (
             QuantSpec(report["quantization"]["bits"], report["quantization"]["group_size"]) if grids else None
@@ -72,7 +92,24 @@ def save_pruned(
         if recipe is not None:
             (tmp / RECIPE_NAME).write_text(recipe, encoding="utf-8")
         plot_allocation(report, tmp / PLOT_NAME)
-    return out
+        drop_dangling_auto_map(tmp)
+
+
+def drop_dangling_auto_map(folder: Path) -> None:
+    """Remove ``auto_map`` from a saved ``config.json`` when the code files it names were not saved with it (a
+    model whose custom code was not run, ``trust_remote_code`` off): it would point loaders at files not there."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    names = config.get("auto_map") or {}
+    refs = [r for v in names.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+    modules = {r.split("--")[-1].rsplit(".", 1)[0] for r in refs}
+    missing = sorted(m for m in modules if not (folder / f"{m}.py").is_file())
+    if missing:
+        log.warning("config.json's auto_map names code not saved with the model (%s): dropped it", missing[0])
+        del config["auto_map"]
+        write_json_atomic(path, config)
 
 
 def size_on_disk(model: nn.Module, folder: Path, save_format: str) -> dict[str, Any]:

@@ -125,7 +125,9 @@ class BesaConfig(MethodConfig):
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise BesaError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise BesaError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         if self.candidates < 2:
             raise BesaError(f"--candidates must be at least 2, got {self.candidates}")
         if not 0 < self.rate_window <= 1:

@@ -1,0 +1,300 @@
+"""Hostile inputs and faults against what ``besa prune`` writes: every case is one line on stderr, a non-zero exit,
+and the input model, unrelated files and any earlier output byte-identical afterwards (bad model and text files
+are in ``test_hostile_files.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from besa.options import RUN_FILE
+from conftest import one_line_error, run_cli, snapshot
+
+FAST = ["--method", "magnitude", "--sparsity", "0.5", "--no-progress"]
+CALIBRATED = ["--method", "wanda", "--nsamples", "2", "--seqlen", "16", "--no-progress"]
+
+
+@pytest.fixture
+def parent(tmp_path: Path, model_dir: Path) -> Path:
+    """A folder holding the input model and an unrelated file of the user's."""
+    folder = tmp_path / "parent"
+    folder.mkdir()
+    model_dir.rename(folder / "model")
+    (folder / "notes.txt").write_text("My notes about many things, used as calibration text too. " * 40)
+    return folder
+
+
+def _refused(capsys, root: Path, *argv, needle: str, code: int = 2) -> str:
+    """Run ``besa ARGV``; assert one line with ``needle``, exit ``code``, and nothing below ``root`` changed."""
+    before = snapshot(root)
+    got, _, err = run_cli(capsys, *argv)
+    line = one_line_error(err)
+    assert got == code, err
+    assert needle in line, line
+    assert snapshot(root) == before
+    return line
+
+
+OVERLAPS = [
+    # (--out, extra flags, needle): relative to the parent folder that holds model/ and notes.txt
+    (".", ["--overwrite"], "holds the input model"),
+    (".", [], "holds the input model"),
+    ("model", ["--overwrite"], "is the input model"),
+    ("model", [], "is the input model"),
+    ("model/pruned", [], "lies inside the input model"),
+    ("link-to-model", ["--overwrite"], "is the input model"),  # a symlink: resolved
+    ("elsewhere", ["--run-dir", "model/run"], "--run-dir"),
+    ("elsewhere", ["--run-dir", "."], "holds the input model"),
+    ("elsewhere", ["--run-dir", "elsewhere"], "is --out"),
+    ("elsewhere", ["--run-dir", "elsewhere/run"], "lies inside --out"),
+]
+
+
+@pytest.mark.parametrize("out,flags,needle", OVERLAPS)
+def test_out_and_run_dir_never_touch_the_input_model(capsys, parent, out, flags, needle):
+    (parent / "link-to-model").symlink_to(parent / "model", target_is_directory=True)
+    flags = [str(parent / f) if i and flags[i - 1] == "--run-dir" else f for i, f in enumerate(flags)]
+    args = [
+        "prune",
+        parent / "model",
+        *CALIBRATED,
+        "--calib",
+        parent / "notes.txt",
+        "--out",
+        parent / out,
+        *flags,
+    ]
+    _refused(capsys, parent, *args, needle=needle)
+    assert not (parent / "elsewhere").exists() and not (parent / "elsewhere.run").exists()
+
+
+def test_out_holding_the_calibration_file_is_refused(capsys, parent, tmp_path):
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "besa_report.json").write_text("{}")
+    (out / "calib.txt").write_text("calibration text " * 50)
+    args = ["prune", parent / "model", *CALIBRATED, "--calib", out / "calib.txt", "--out", out, "--overwrite"]
+    _refused(capsys, tmp_path, *args, needle="holds the calibration file")
+
+
+def test_overwrite_refuses_a_folder_besa_did_not_write_and_names_what_it_would_delete(
+    capsys, parent, tmp_path
+):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (theirs / name).write_text(name)
+    args = ["prune", parent / "model", *FAST, "--out", theirs, "--overwrite"]
+    line = _refused(capsys, tmp_path, *args, needle="was not written by besa")
+    assert "'a.txt', 'b.txt', 'c.txt' and 1 more" in line
+
+
+def test_overwrite_replaces_an_earlier_besa_output_and_a_failed_rerun_leaves_it_as_it_was(
+    capsys, parent, tmp_path
+):
+    out = tmp_path / "out"
+    assert run_cli(capsys, "prune", parent / "model", *FAST, "--out", out)[0] == 0
+    assert (
+        run_cli(capsys, "prune", parent / "model", *FAST, "--sparsity", "0.6", "--out", out, "--overwrite")[0]
+        == 0
+    )
+    report = json.loads((out / "besa_report.json").read_text())
+    assert report["config"]["sparsity"] == 0.6
+    args = ["prune", parent / "model", *FAST, "--forward-batch", "0", "--out", out, "--overwrite"]
+    line = _refused(capsys, tmp_path, *args, needle="--forward-batch must be a positive integer")
+    assert "forward_batch" not in line
+
+
+def _stop_at_block(monkeypatch, index: int, exc: type[BaseException] = KeyboardInterrupt) -> None:
+    """Make Wanda raise ``exc`` when it reaches block ``index``: a run stopped midway, its run folder kept."""
+    import besa.methods.base
+
+    original = besa.methods.base.Pruner.run_block
+
+    def run_block(self, work):
+        if work.index == index:
+            raise exc
+        return original(self, work)
+
+    monkeypatch.setattr(besa.methods.base.Pruner, "run_block", run_block)
+
+
+@pytest.fixture
+def stopped_run(capsys, parent, tmp_path, monkeypatch) -> tuple[list, Path, Path]:
+    """(the prune command, its --out, its run folder) after Ctrl-C at block 1 of 2: block 0 is checkpointed."""
+    out = tmp_path / "out"
+    argv = [
+        "prune",
+        str(parent / "model"),
+        *CALIBRATED,
+        "--calib",
+        str(parent / "notes.txt"),
+        "--out",
+        str(out),
+    ]
+    with monkeypatch.context() as m:
+        _stop_at_block(m, 1)
+        code, _, err = run_cli(capsys, *argv)
+    run_dir = tmp_path / "out.run"
+    assert code == 130
+    command = "besa " + " ".join([*argv[:1], *argv[1:], "--resume"])
+    assert one_line_error(err) == (
+        f"besa prune: interrupted; 1 finished block kept in {str(run_dir)!r}: continue with: {command}"
+    )
+    assert json.loads((run_dir / RUN_FILE).read_text())["completed"] == 1 and not out.exists()
+    return argv, out, run_dir
+
+
+def test_ctrl_c_midway_says_how_to_resume_and_that_command_finishes_the_run(capsys, stopped_run, tmp_path):
+    argv, out, run_dir = stopped_run
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0, err
+    assert json.loads((out / "besa_report.json").read_text())["run"]["resumed_blocks"] == 1
+    assert not run_dir.exists()
+
+
+def test_ctrl_c_at_start_up_is_one_line(capsys, monkeypatch, parent, tmp_path):
+    import besa.cli
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(besa.cli, "build_parser", interrupted)
+    code, _, err = run_cli(capsys, "prune", parent / "model", *FAST, "--out", tmp_path / "out")
+    assert code == 130 and one_line_error(err) == "besa prune: interrupted; nothing was written"
+    monkeypatch.undo()
+    monkeypatch.setattr(besa.methods.magnitude.MagnitudePruner, "prepare", interrupted)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, "prune", parent / "model", *FAST, "--out", tmp_path / "out")
+    assert code == 130 and "nothing was" in one_line_error(err)
+    assert snapshot(tmp_path) == before
+
+
+def _edit_run(run_dir: Path, **changes) -> None:
+    state = json.loads((run_dir / RUN_FILE).read_text())
+    state.update(changes)
+    (run_dir / RUN_FILE).write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"activations": "VICTIM"}, "activations names"),  # an absolute path to a folder of the user's
+        ({"activations": "../victim"}, "activations names"),
+        ({"activations": "acts-00001/../../victim"}, "activations names"),
+        ({"completed": 7}, "completed is 7, not a count of blocks from 0 to 2"),
+        ({"completed": "1"}, "completed is '1'"),
+        ({"blocks": []}, "lists 0 blocks for 1 completed"),
+        ({"batches": -1}, "batches is -1"),
+        ({"format": 1}, "made by another version of besa"),
+    ],
+)
+def test_an_edited_run_json_is_refused_and_nothing_outside_the_run_folder_is_read_or_deleted(
+    capsys, stopped_run, tmp_path, changes, needle
+):
+    argv, out, run_dir = stopped_run
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "inputs-00000.safetensors").write_bytes(
+        (run_dir / "acts-00001" / "inputs-00000.safetensors").read_bytes()
+    )
+    (victim / "precious.txt").write_text("keep me\n")
+    changes = {k: str(victim) if v == "VICTIM" else v for k, v in changes.items()}
+    _edit_run(run_dir, **changes)
+    line = _refused(capsys, tmp_path, *argv, "--resume", needle=needle)
+    assert "damaged" in line or "another version" in line
+
+
+def _flip_bytes(path: Path, at: int, count: int = 8) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(at, at + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "file,where,needle",
+    [
+        ("blocks/00000.safetensors", "end", "the checkpoint of block 0 (00000.safetensors) was changed"),
+        ("blocks/00000.safetensors", "header", "the checkpoint of block 0 (00000.safetensors) was changed"),
+        (
+            "acts-00001/inputs-00000.safetensors",
+            "end",
+            "the activations of block 1 (inputs-00000.safetensors)",
+        ),
+        ("acts-00001/rng.safetensors", "end", "the activations of block 1 (rng.safetensors)"),
+    ],
+)
+def test_a_tampered_checkpoint_is_caught_on_resume_and_names_the_block_to_redo_from(
+    capsys, stopped_run, tmp_path, file, where, needle
+):
+    argv, out, run_dir = stopped_run
+    path = run_dir / file
+    _flip_bytes(path, len(path.read_bytes()) - 12 if where == "end" else 10)
+    line = _refused(capsys, tmp_path, *argv, "--resume", needle=needle)
+    block = int(line.split("--redo-from ")[1].split()[0])
+    assert block == (0 if "blocks/" in file else 1)
+    code, _, err = run_cli(capsys, *argv, "--redo-from", block)
+    assert code == 0, err
+    reference = tmp_path / "reference"
+    assert run_cli(capsys, *argv[:-1], reference)[0] == 0
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
+
+
+def test_remove_keeps_a_file_of_the_users_in_the_run_folder(capsys, stopped_run, tmp_path):
+    argv, out, run_dir = stopped_run
+    (run_dir / "mine.txt").write_text("not besa's\n")
+    assert run_cli(capsys, *argv, "--resume")[0] == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["mine.txt"]
+
+
+def test_a_link_in_the_run_folder_is_refused_and_its_target_untouched(capsys, stopped_run, tmp_path):
+    argv, out, run_dir = stopped_run
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me\n")
+    (run_dir / "spill").symlink_to(victim, target_is_directory=True)
+    _refused(capsys, tmp_path, *argv, "--resume", needle="holds a link 'spill'")
+
+
+FILE_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+from besa.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["output", "checkpoint"])
+def test_a_full_disk_is_one_line_saying_how_much_space_is_needed(parent, tmp_path, where):
+    out = tmp_path / "out"
+    flags = [*CALIBRATED, "--calib", str(parent / "notes.txt")]
+    flags += ["--no-checkpoint"] if where == "output" else []
+    before = snapshot(parent)
+    child = subprocess.run(
+        [sys.executable, "-c", FILE_LIMIT, str(64 * 1024), "prune", str(parent / "model"), *flags, "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "BESA_LOG_LEVEL": "ERROR"},
+    )  # fmt: skip
+    assert child.returncode == 2, child.stderr
+    line = one_line_error(child.stderr)
+    what = "the pruned model" if where == "output" else "the checkpoint of block 0"
+    assert f"cannot write {what}" in line and "a file-size limit was reached (it needs about" in line, line
+    assert not out.exists() and snapshot(parent) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary sibling left
+
+
+def test_auto_map_is_dropped_when_its_code_is_not_saved(capsys, parent, tmp_path):
+    config = json.loads((parent / "model" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (parent / "model" / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "prune", parent / "model", *FAST, "--out", out)
+    assert code == 0, err
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
