@@ -44,8 +44,10 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         if not target.exists():
             os.replace(tmp, target)
         elif replace:
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
+            )  # a name no one has
+            os.replace(target, old)  # a folder renamed onto our own empty one
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
