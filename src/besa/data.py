@@ -31,6 +31,7 @@ __all__ = [
     "load_eval_text",
     "sample_windows",
     "read_jsonl_texts",
+    "read_utf8_text",
     "BOS_MODES",
     "resolve_bos",
     "with_bos",
@@ -49,21 +50,54 @@ def data_dir() -> Path | None:
     return fallback if fallback.is_dir() else None
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError, offset: int, lineno: int) -> BesaError:
+    """The one-line error for a text file with a byte that is not UTF-8 at byte ``offset`` (line ``lineno``)."""
+    of = " of the decompressed text" if path.suffix == ".gz" else ""
+    return BesaError(
+        f"{path}: not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {offset}{of} (line {lineno}: "
+        f"{exc.reason}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def read_utf8_text(path: Path) -> str:
+    """The whole of a UTF-8 text file, its line ends translated as text mode does (CRLF and CR become LF); a byte
+    that is not UTF-8 is a ``BesaError`` naming the file and the byte's offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BesaError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc, exc.start, data.count(b"\n", 0, exc.start) + 1) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    """The ``field`` of every JSON line of ``path`` (``.jsonl``, ``.json`` or gzipped). Errors name the line."""
+    """The ``field`` of every JSON line of ``path`` (``.jsonl``, ``.json`` or gzipped). Errors name the line (and
+    for a byte that is not UTF-8, its offset)."""
     opener = gzip.open if path.suffix == ".gz" else open
     texts: list[str] = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BesaError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or field not in record or not isinstance(record[field], str):
-                raise BesaError(f"{path}: line {lineno} has no string field {field!r}")
-            texts.append(record[field])
+    offset = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:  # line by line: a UTF-8 character never holds a newline byte, so the offset is exact
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(path, exc, offset + exc.start, lineno) from None
+                offset += len(raw)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BesaError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or field not in record or not isinstance(record[field], str):
+                    raise BesaError(f"{path}: line {lineno} has no string field {field!r}")
+                texts.append(record[field])
+    except (OSError, EOFError) as exc:  # a truncated or corrupt .gz, an unreadable file
+        raise BesaError(f"cannot read {path}: {exc}; copy or download it again") from None
     return texts
 
 
@@ -103,7 +137,7 @@ def _wikitext(split: str) -> list[str]:
 def _ptb(split: str) -> list[str]:
     local = _local("ptb", f"{'valid' if split == 'validation' else split}.txt")
     if local:
-        return [line.strip() for line in local.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in read_utf8_text(local).splitlines() if line.strip()]
     return [s.strip() for s in _hub("ptb_text_only", "penn_treebank", split, "sentence")]
 
 
@@ -158,7 +192,7 @@ def read_text_file(source: str, role: str) -> list[str]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise BesaError(f"{role} {source!r} does not exist")
-    docs = [path.read_text(encoding="utf-8")] if path.suffix == ".txt" else read_jsonl_texts(path)
+    docs = [read_utf8_text(path)] if path.suffix == ".txt" else read_jsonl_texts(path)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise BesaError(f"{role} {source!r} holds no text")
