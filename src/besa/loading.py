@@ -85,6 +85,14 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BesaError(f"model folder {spec!r} has no config.json")
+        pickles = sorted(path.glob("pytorch_model*.bin"))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise BesaError(
+                f"model folder {spec!r} holds pickle weights only ({pickles[0].name}): besa reads safetensors and "
+                "never unpickles; if you trust the file, convert it once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER) writes model.safetensors "
+                "(save the tokenizer there too)"
+            )
         return ModelSource("folder", str(path.resolve()), spec)
     if path.is_file():
         if path.suffix != ".gguf":
