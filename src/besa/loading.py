@@ -23,6 +23,7 @@ __all__ = [
     "model_folder",
     "load_config",
     "load_error",
+    "check_safetensors",
     "position_limit",
     "check_seqlen",
 ]  # fmt: skip
@@ -124,6 +125,24 @@ def _gguf_cache_folder(gguf_path: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
+def check_safetensors(folder: Path) -> None:
+    """Open the header of every ``*.safetensors`` file in ``folder`` (no tensor data is read; the header check
+    also finds a file whose tensors do not fit in it): a truncated or corrupt file is a one-line ``BesaError``
+    naming it, before any work."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BesaError(
+                f"weights file {str(file)!r} ({file.stat().st_size} bytes) is not readable safetensors, it is "
+                f"truncated or corrupt ({reason}); copy, download or save it again"
+            ) from None
+
+
 def _dequantize_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into a plain safetensors folder under the cache; return that folder."""
     target = _gguf_cache_folder(gguf_path)
@@ -196,7 +215,9 @@ def model_folder(spec: str) -> tuple[Path, ModelSource]:
             )
         except Exception as exc:  # the hub client raises many kinds: offline, missing, gated
             raise BesaError(f"could not download model {spec!r}: {str(exc).splitlines()[0]}") from exc
+        check_safetensors(Path(where))
         return Path(where), source
+    check_safetensors(Path(source.location))
     return Path(source.location), source
 
 
@@ -204,12 +225,15 @@ def load_model(
     spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, object, ModelSource]:
     """Load ``(model, tokenizer, source)`` on the CPU in ``dtype``, in eval mode, with the KV cache off."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from besa.sparse_format import is_sparse_folder, load_sparse_state_dict
 
     source = resolve_model(spec)
     location = str(_dequantize_gguf(Path(source.location))) if source.kind == "gguf" else source.location
+    if source.kind != "hub":
+        check_safetensors(Path(location))
     try:
         if is_sparse_folder(location):  # written by --save-format sparse: densified here
             config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -217,11 +241,11 @@ def load_model(
             model.load_state_dict(load_sparse_state_dict(location))
             model.to(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=dtype, trust_remote_code=trust_remote_code
+            model = AutoModelForCausalLM.from_pretrained(  # never a pickle, not even from the hub
+                location, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
             )
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise load_error(spec, exc) from exc
     model.eval()
     model.config.use_cache = False

@@ -132,13 +132,23 @@ def is_sparse_folder(folder: str | Path) -> bool:
 def load_sparse_state_dict(folder: str | Path) -> dict[str, Any]:
     """The full (dense) state dict of a folder written by ``save_sparse``, tied tensors included."""
     folder = Path(folder)
-    meta = json.loads((folder / FORMAT_FILE).read_text(encoding="utf-8"))
-    if meta.get("format") != "besa-sparse-bitmask" or meta.get("version") != 1:
-        raise BesaError(f"{folder / FORMAT_FILE}: not a besa sparse folder this version reads")
-    flat = load_file(str(folder / meta["weights"]))
-    state = {k: v for k, v in flat.items() if not k.endswith((".bitmask", ".values"))}
-    for name, (rows, cols) in meta["sparse"].items():
-        state[name] = unpack_weight(flat[f"{name}.bitmask"], flat[f"{name}.values"], rows, cols)
-    for alias, stored in meta["tied"].items():
-        state[alias] = state[stored]
+    where = folder / FORMAT_FILE
+    try:
+        meta = json.loads(where.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BesaError(f"{where}: not valid JSON ({exc}); save the model again") from None
+    if not isinstance(meta, dict) or meta.get("format") != "besa-sparse-bitmask" or meta.get("version") != 1:
+        raise BesaError(f"{where}: not a besa sparse folder this version reads")
+    try:
+        flat = load_file(str(folder / meta["weights"]))
+        state = {k: v for k, v in flat.items() if not k.endswith((".bitmask", ".values"))}
+        for name, (rows, cols) in meta["sparse"].items():
+            state[name] = unpack_weight(flat[f"{name}.bitmask"], flat[f"{name}.values"], rows, cols)
+        for alias, stored in meta["tied"].items():
+            state[alias] = state[stored]
+    except (KeyError, TypeError, ValueError) as exc:  # the listing and the weights file disagree
+        detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise BesaError(
+            f"{where} does not match its weights file ({detail}); the folder is damaged: save the model again"
+        ) from None
     return state

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -83,8 +83,12 @@ class ShardIndex:
                     f"{INDEX_NAME}"
                 )
             return cls(folder, weight_map)
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-            raise BesaError(f"cannot read the weights of {str(folder)!r}: {exc}") from None
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:  # a truncated or corrupt file
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BesaError(
+                f"cannot read the weights of {str(folder)!r}: {reason} (a truncated or corrupt file: copy, download "
+                "or save it again)"
+            ) from None
 
     @staticmethod
     def _by_file(weight_map: dict[str, str], names: Iterable[str] | None = None) -> dict[str, list[str]]:
