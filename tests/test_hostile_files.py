@@ -122,6 +122,12 @@ def _bad_utf8_jsonl_gz(inputs: Path) -> Path:
     return path
 
 
+def _deeply_nested_jsonl(inputs: Path) -> Path:
+    path = inputs / "deep.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    return path
+
+
 def _truncated_jsonl_gz(inputs: Path) -> Path:
     path = inputs / "cut.jsonl.gz"
     whole = gzip.compress((json.dumps({"text": GOOD_TEXT}) + "\n").encode() * 20)
@@ -147,6 +153,7 @@ TEXT_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "latin1-jsonl": (_bad_utf8_jsonl, ("latin1.jsonl", "not UTF-8", "line 2")),
     "latin1-jsonl-gz": (_bad_utf8_jsonl_gz, ("latin1.jsonl.gz", "offset 11 of the decompressed text")),
     "truncated-jsonl-gz": (_truncated_jsonl_gz, ("cut.jsonl.gz", "cannot read")),
+    "deeply-nested-jsonl": (_deeply_nested_jsonl, ("deep.jsonl", "line 2 nests JSON too deeply")),
 }
 
 PRUNE = ("prune", "--method", "magnitude", "--sparsity", "0.5", "--seqlen", "16")

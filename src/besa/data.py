@@ -93,6 +93,8 @@ def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise BesaError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise BesaError(f"{path}: line {lineno} nests JSON too deeply to read") from None
                 if not isinstance(record, dict) or field not in record or not isinstance(record[field], str):
                     raise BesaError(f"{path}: line {lineno} has no string field {field!r}")
                 texts.append(record[field])
