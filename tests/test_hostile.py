@@ -298,3 +298,26 @@ def test_auto_map_is_dropped_when_its_code_is_not_saved(capsys, parent, tmp_path
     code, _, err = run_cli(capsys, "prune", parent / "model", *FAST, "--out", out)
     assert code == 0, err
     assert "auto_map" not in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "stream,needle",
+    [
+        (True, "'../outside.safetensors', not a file of its own folder"),  # besa's own reader
+        (False, "points outside the model directory"),  # transformers' loader refuses it too
+    ],
+)
+def test_a_shard_index_naming_a_file_outside_the_model_folder_is_refused(
+    capsys, parent, tmp_path, stream, needle
+):
+    model = parent / "model"
+    names = list(load_file(str(model / "model.safetensors")))
+    (parent / "outside.safetensors").write_bytes((model / "model.safetensors").read_bytes())
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    weight_map = dict.fromkeys(names, "../outside.safetensors")
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    flags = ["--stream"] if stream else []
+    args = ["prune", model, *FAST, *flags, "--out", tmp_path / "out"]
+    _refused(capsys, tmp_path, *args, needle=needle)

@@ -194,7 +194,7 @@ def prune_with(
         distributed.stop()
         return PruneResult(model=None if streamer else model, tokenizer=tokenizer, report={}, out=where.out)
     counts = (
-        count_streamed(model, streamer, where.run_dir) if streamer is not None and where.run_dir else None
+        count_streamed(model, streamer, run.read_block) if streamer is not None and run is not None else None
     )
     report = build_report(
         model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed, counts
@@ -206,11 +206,11 @@ def prune_with(
         t = time.perf_counter()
         recipe = recipe_text(config, method_config, _ids_digest(calib_ids) if given_ids else None)
         write_weights = None
-        if streamer is not None and where.run_dir is not None:
-            run_dir = where.run_dir
+        if streamer is not None and run is not None:
+            read = run.read_block
 
             def write_weights(folder: Path) -> dict[str, Any]:
-                return save_streamed(model, streamer, run_dir, folder)
+                return save_streamed(model, streamer, read, folder)
 
         save_pruned(model, tokenizer, where.out, report, options.overwrite, grids=record.grids, recipe=recipe,
                     save_format=options.save_format, save_quantized=options.save_quantized,

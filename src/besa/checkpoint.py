@@ -361,10 +361,29 @@ class RunFolder:
         self.restore_record(name, entry["record"])
         return own
 
+    def read_block(self, index: int) -> dict[str, torch.Tensor]:
+        """Pruned block ``index``'s own tensors from its checkpoint, checked against its digest (a streamed run's
+        report and output are made from these)."""
+        assert self.state is not None
+        path = self.path / "blocks" / f"{index:05d}.safetensors"
+        try:
+            tensors = _read_tensors(
+                path, self.state["blocks"][index]["sha256"], f"the checkpoint of block {index}", index
+            )
+        except TamperedCheckpoint as exc:
+            raise self._tampered(exc) from None
+        except OSError as exc:
+            raise BesaError(
+                f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over"
+            ) from None
+        return {k: v for k, v in tensors.items() if "::" not in k}
+
     def _tampered(self, exc: TamperedCheckpoint) -> BesaError:
         """The one-line answer to a changed checkpoint file: which, what is intact, and how to go on."""
         block = exc.block or 0
-        intact = {0: "no block before it", 1: "block 0 is intact"}.get(block, f"blocks 0-{block - 1} are intact")
+        intact = {0: "no block before it", 1: "block 0 is intact"}.get(
+            block, f"blocks 0-{block - 1} are intact"
+        )
         return BesaError(
             f"run folder {str(self.path)!r}: {exc}; {intact}: rerun with --redo-from {block} to prune again from "
             "there, or delete the run folder to start over"

@@ -20,13 +20,13 @@ import json
 import logging
 import shutil
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from besa.activations import trim_heap
@@ -81,6 +81,16 @@ class ShardIndex:
                 raise BesaError(
                     f"--stream reads safetensors weights, and {str(folder)!r} holds neither {SINGLE_NAME} nor "
                     f"{INDEX_NAME}"
+                )
+            outside = [
+                f
+                for f in set(weight_map.values())
+                if not isinstance(f, str) or Path(f).name != f or f == ".."
+            ]
+            if outside:
+                raise BesaError(
+                    f"{str(folder / INDEX_NAME)!r} names {outside[0]!r}, not a file of its own folder: besa reads "
+                    "weights only from the model folder"
                 )
             return cls(folder, weight_map)
         except (OSError, KeyError, ValueError, SafetensorError) as exc:  # a truncated or corrupt file
@@ -232,23 +242,19 @@ def _load_outside(model: nn.Module, streamer: BlockStreamer) -> None:
     embedding.register_forward_hook(lambda _m, _args, out: out.to(dtype) if out.is_floating_point() else out)
 
 
-def _block_file(run_dir: Path, index: int) -> Path:
-    return run_dir / "blocks" / f"{index:05d}.safetensors"
+BlockReader = Callable[[int], dict[str, torch.Tensor]]
+"""``read(i)``: pruned block ``i``'s own tensors from its checkpoint, verified (``RunFolder.read_block``)."""
 
 
-def _pruned_block(run_dir: Path, index: int) -> dict[str, torch.Tensor]:
-    """A pruned block's own tensors from its checkpoint (the method's extra tensors left out)."""
-    tensors = load_file(str(_block_file(run_dir, index)))
-    return {k: v for k, v in tensors.items() if "::" not in k}
-
-
-def count_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path) -> tuple[dict, dict[str, Any]]:
+def count_streamed(
+    model: nn.Module, streamer: BlockStreamer, read: BlockReader
+) -> tuple[dict, dict[str, Any]]:
     """``report.count_layer_sparsity`` and ``report.model_sparsity`` of a streamed run, block by block from the
     checkpoints (one block in memory at a time)."""
     layers: dict[str, dict[str, Any]] = {}
     all_zeros = all_numel = 0
     for i, (block_name, block) in enumerate(streamer.blocks):
-        tensors = _pruned_block(run_dir, i)
+        tensors = read(i)
         for name in find_linears(block, model):
             w = tensors[f"{name}.weight"]
             zeros = _zeros(w)
@@ -281,7 +287,9 @@ def _zeros(t: torch.Tensor) -> int:
     return t.numel() - int(torch.count_nonzero(t))
 
 
-def save_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path, folder: Path) -> dict[str, Any]:
+def save_streamed(
+    model: nn.Module, streamer: BlockStreamer, read: BlockReader, folder: Path
+) -> dict[str, Any]:
     """Write the pruned model into ``folder``: one shard per block (from its checkpoint), a last shard with the
     rest, each tensor in the dtype the source stored it in, the index, the config; return ``size_on_disk``."""
     index = streamer.index
@@ -289,7 +297,7 @@ def save_streamed(model: nn.Module, streamer: BlockStreamer, run_dir: Path, fold
     weight_map: dict[str, str] = {}
     size = 0
     for i, (block_name, _) in enumerate(streamer.blocks):
-        tensors = {f"{block_name}.{k}": v for k, v in _pruned_block(run_dir, i).items()}
+        tensors = {f"{block_name}.{k}": v for k, v in read(i).items()}
         tensors = {k: _cast(v, index.dtypes.get(k, v.dtype)).contiguous() for k, v in tensors.items()}
         size += _write_shard(folder, shard_name(i + 1, total), tensors, weight_map)
         del tensors
