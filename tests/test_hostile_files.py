@@ -146,7 +146,7 @@ MODEL_CASES: dict[str, tuple[Callable[[Path, Path], Path], tuple[str, ...]]] = {
     "pickle-only": (_pickle_only, ("pytorch_model.bin", "safetensors", "never unpickles", "save_pretrained")),
     "random-gguf": (_random_gguf, ("random.gguf", "not a GGUF file", "magic")),
     "garbage-after-gguf-magic": (_garbage_after_gguf_magic, ("GGUF file", "garbage.gguf", "corrupt")),
-    "truncated-gguf": (_truncated_gguf, ("GGUF file", "cut.gguf", "past the end of the file")),
+    "truncated-gguf": (_truncated_gguf, ("GGUF file", "cut.gguf", "truncated")),
 }
 TEXT_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
     "latin1-txt": (_bad_utf8_txt, ("latin1.txt", "not UTF-8", "byte 0xe9 at offset 3", "line 1")),

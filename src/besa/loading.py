@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import math
-import mmap
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,132 +126,35 @@ def _gguf_cache_folder(gguf_path: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
-# GGUF metadata value types (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): the fixed-size ones as
-# struct formats; 8 is a string (uint64 length + UTF-8 bytes), 9 an array (item type, uint64 count, items)
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_GGUF_VERSIONS = (2, 3)  # version 1 counted in 32 bits and is long gone
-
-
-class _GgufFault(Exception):
-    """Why a GGUF file cannot be read; ``check_gguf`` turns it into a ``BesaError``."""
-
-
-class _GgufCursor:
-    """Reads a GGUF header field by field and refuses to step past the end of the file."""
-
-    def __init__(self, blob: mmap.mmap, order: str) -> None:
-        self.blob, self.order, self.pos = blob, order, 0
-
-    def skip(self, count: int, what: str) -> int:
-        start = self.pos
-        if start + count > len(self.blob):
-            raise _GgufFault(f"{what} at byte {start} runs past the end of the file ({len(self.blob)} bytes)")
-        self.pos += count
-        return start
-
-    def number(self, fmt: str, what: str) -> Any:
-        start = self.skip(struct.calcsize(self.order + fmt), what)
-        return struct.unpack_from(self.order + fmt, self.blob, start)[0]
-
-    def string(self, what: str) -> str:
-        length = self.number("Q", what)
-        start = self.skip(length, what)
-        try:
-            return self.blob[start : self.pos].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise _GgufFault(f"{what} at byte {start} is not UTF-8 (byte {start + exc.start})") from None
-
-    def value(self, kind: int, what: str, depth: int = 0) -> Any:
-        if kind in _GGUF_SCALARS:
-            return self.number(_GGUF_SCALARS[kind], what)
-        if kind == _GGUF_STRING:
-            return self.string(what)
-        if kind != _GGUF_ARRAY:
-            raise _GgufFault(f"{what} at byte {self.pos} has unknown value type {kind}")
-        if depth > 4:
-            raise _GgufFault(f"{what} at byte {self.pos} nests arrays {depth} deep")
-        item, count = self.number("I", what), self.number("Q", what)
-        if item in _GGUF_SCALARS:  # skipped whole: a tokenizer's scores are 100k+ numbers
-            self.skip(count * struct.calcsize(self.order + _GGUF_SCALARS[item]), what)
-        else:
-            for _ in range(count):  # every item takes bytes, so a garbage count ends at the end of the file
-                self.value(item, what, depth + 1)
-        return None
-
-
-def _gguf_fault(blob: mmap.mmap) -> str | None:
-    """What is wrong with a GGUF file's header or tensor table (``None``: nothing): version, counts, every
-    metadata entry, every tensor's type, and whether every tensor's bytes lie inside the file."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    size = len(blob)
-    if size < 24:
-        return f"it has {size} bytes, fewer than the 24 of a GGUF header"
-    order = "<"
-    version = struct.unpack_from("<I", blob, 4)[0]
-    if version not in _GGUF_VERSIONS:
-        if struct.unpack_from(">I", blob, 4)[0] not in _GGUF_VERSIONS:
-            return f"its version field reads {version} (GGUF files are version 2 or 3)"
-        order = ">"  # a big-endian GGUF
-    cursor = _GgufCursor(blob, order)
-    cursor.pos = 8
-    try:
-        tensor_count = cursor.number("Q", "the tensor count")
-        entries = cursor.number("Q", "the metadata count")
-        alignment = 32
-        for i in range(entries):
-            key = cursor.string(f"the key of metadata entry {i}")
-            value = cursor.value(cursor.number("I", f"metadata {key!r}"), f"metadata {key!r}")
-            if key == "general.alignment":
-                if not isinstance(value, int) or value <= 0 or value & (value - 1):
-                    return f"its general.alignment is {value!r}, not a power of two"
-                alignment = value
-        tensors = []
-        for i in range(tensor_count):
-            name = cursor.string(f"the name of tensor {i}")
-            dims = cursor.number("I", f"tensor {name!r}")
-            if dims > 8:
-                return f"tensor {name!r} claims {dims} dimensions"
-            shape = [cursor.number("Q", f"tensor {name!r}") for _ in range(dims)]
-            tensors.append(
-                (name, shape, cursor.number("I", f"tensor {name!r}"), cursor.number("Q", f"tensor {name!r}"))
-            )
-    except _GgufFault as fault:
-        return str(fault)
-    data_start = -(-cursor.pos // alignment) * alignment
-    for name, shape, kind, offset in tensors:
-        try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-        except (ValueError, KeyError):
-            return f"tensor {name!r} has tensor type {kind}, unknown to the installed gguf package"
-        count = math.prod(shape)
-        if count % block:
-            return f"tensor {name!r} of shape {shape} does not fill whole blocks of its type {kind}"
-        end = data_start + offset + count // block * type_size
-        if end > size:
-            return f"tensor {name!r} ends at byte {end}, past the end of the file ({size} bytes): it is truncated"
-    return None
-
-
 def check_gguf(path: Path, spec: str | None = None) -> None:
-    """Walk ``path``'s GGUF header and tensor table (no tensor data is read): a file that is not GGUF, or is
-    truncated or corrupt, is a one-line ``BesaError`` here rather than a traceback deep inside transformers."""
+    """Read ``path``'s GGUF header and tensor table with the ``gguf`` package (tensor data stays memory-mapped,
+    unread): a file that is not GGUF, or is truncated or corrupt, is a one-line ``BesaError`` here rather than a
+    traceback deep inside transformers (which blames an invalid JSON config)."""
+    from gguf import GGUFReader
+
     name = spec or str(path)
     try:
         with path.open("rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise BesaError(
-                    f"model file {name!r} is not a GGUF file: it does not start with the GGUF magic bytes (a "
-                    "corrupt download, or another format named .gguf); download or convert it again"
-                )
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as blob:
-                fault = _gguf_fault(blob)
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise BesaError(
+                f"model file {name!r} is not a GGUF file: it does not start with the GGUF magic bytes (a "
+                "corrupt download, or another format named .gguf); download or convert it again"
+            )
+        reader = GGUFReader(path)
+        size = path.stat().st_size
+        ends = [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors]
     except OSError as exc:
         raise BesaError(f"cannot read GGUF file {name!r}: {exc.strerror or exc}") from None
-    if fault is not None:
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BesaError(
-            f"GGUF file {name!r} is unreadable, truncated or corrupt: {fault}; download or convert it again"
+            f"GGUF file {name!r} is unreadable, truncated or corrupt (gguf: {reason}); download or convert it again"
+        ) from None
+    if ends and max(ends) > size:
+        raise BesaError(
+            f"GGUF file {name!r} is truncated: its tensors end at byte {max(ends)}, the file has {size}; "
+            "download or convert it again"
         )
 
 
