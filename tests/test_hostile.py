@@ -321,3 +321,24 @@ def test_a_shard_index_naming_a_file_outside_the_model_folder_is_refused(
     flags = ["--stream"] if stream else []
     args = ["prune", model, *FAST, *flags, "--out", tmp_path / "out"]
     _refused(capsys, tmp_path, *args, needle=needle)
+
+
+def test_a_sparse_folder_naming_weights_outside_it_is_refused(capsys, parent, tmp_path):
+    out = tmp_path / "sparse"
+    assert run_cli(capsys, "prune", parent / "model", *FAST, "--save-format", "sparse", "--out", out)[0] == 0
+    meta = json.loads((out / "sparse_format.json").read_text())
+    (out / meta["weights"]).rename(tmp_path / "outside.safetensors")
+    meta["weights"] = "../outside.safetensors"
+    (out / "sparse_format.json").write_text(json.dumps(meta))
+    args = [
+        "eval",
+        out,
+        "--ppl",
+        parent / "notes.txt",
+        "--seqlen",
+        "16",
+        "--max-windows",
+        "1",
+        "--no-progress",
+    ]
+    _refused(capsys, tmp_path, *args, needle="names '../outside.safetensors', not a file of its own folder")

@@ -139,8 +139,13 @@ def load_sparse_state_dict(folder: str | Path) -> dict[str, Any]:
         raise BesaError(f"{where}: not valid JSON ({exc}); save the model again") from None
     if not isinstance(meta, dict) or meta.get("format") != "besa-sparse-bitmask" or meta.get("version") != 1:
         raise BesaError(f"{where}: not a besa sparse folder this version reads")
+    weights = meta.get("weights")
+    if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
+        raise BesaError(
+            f"{where} names {weights!r}, not a file of its own folder: besa reads only from the folder"
+        )
     try:
-        flat = load_file(str(folder / meta["weights"]))
+        flat = load_file(str(folder / weights))
         state = {k: v for k, v in flat.items() if not k.endswith((".bitmask", ".values"))}
         for name, (rows, cols) in meta["sparse"].items():
             state[name] = unpack_weight(flat[f"{name}.bitmask"], flat[f"{name}.values"], rows, cols)
