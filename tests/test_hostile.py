@@ -272,22 +272,31 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("where", ["output", "checkpoint"])
-def test_a_full_disk_is_one_line_saying_how_much_space_is_needed(parent, tmp_path, where):
-    out = tmp_path / "out"
-    flags = [*CALIBRATED, "--calib", str(parent / "notes.txt")]
-    flags += ["--no-checkpoint"] if where == "output" else []
+@pytest.mark.parametrize(
+    "where,flags,what",
+    [
+        ("output", ["--no-checkpoint"], "the pruned model"),
+        ("checkpoint", [], "the checkpoint of block 0"),
+        ("spill", ["--no-checkpoint", "--max-memory", "1KiB"], "spilled activations"),
+    ],
+)
+def test_a_full_disk_is_one_line_saying_how_much_space_is_needed(parent, tmp_path, where, flags, what):
+    out, temp = tmp_path / "out", tmp_path / "temp"
+    temp.mkdir()
+    flags = [*CALIBRATED, "--calib", str(parent / "notes.txt"), *flags]
     before = snapshot(parent)
     child = subprocess.run(
-        [sys.executable, "-c", FILE_LIMIT, str(64 * 1024), "prune", str(parent / "model"), *flags, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "BESA_LOG_LEVEL": "ERROR"},
+        [sys.executable, "-c", FILE_LIMIT, str(64 * 1024 if where != "spill" else 4096), "prune",
+         str(parent / "model"), *flags, "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "BESA_LOG_LEVEL": "ERROR", "TMPDIR": str(temp)},
     )  # fmt: skip
     assert child.returncode == 2, child.stderr
     line = one_line_error(child.stderr)
-    what = "the pruned model" if where == "output" else "the checkpoint of block 0"
     assert f"cannot write {what}" in line and "a file-size limit was reached (it needs about" in line, line
     assert not out.exists() and snapshot(parent) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary sibling left
+    assert not list(temp.iterdir())  # the spill folder is gone
 
 
 def test_auto_map_is_dropped_when_its_code_is_not_saved(capsys, parent, tmp_path):

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from besa.errors import BesaError
+from besa.fileio import write_error
 from besa.options import parse_size  # noqa: F401  (re-exported: it used to live here)
 
 __all__ = ["ActivationStore", "MemoryBudget", "parse_size"]
@@ -140,9 +142,9 @@ class ActivationStore(Sequence[torch.Tensor]):
             path = self.budget.spill_path()
             try:
                 save_file({"x": batch.contiguous()}, str(path))
-            except OSError as exc:
+            except (OSError, SafetensorError) as exc:
                 path.unlink(missing_ok=True)
-                raise BesaError(f"cannot spill activations to {str(path.parent)!r}: {exc.strerror}") from None
+                raise write_error(exc, "spilled activations", path.parent, nbytes) from None
             self._items.append(path)
             self.budget.spilled_batches += 1
             self.budget.spilled_bytes += nbytes

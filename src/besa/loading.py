@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from besa.errors import BesaError
-from besa.fileio import atomic_folder
+from besa.fileio import atomic_folder, write_error
 
 __all__ = [
     "BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype", "resolve_device",
@@ -162,7 +163,7 @@ def check_safetensors(folder: Path) -> None:
     """Open the header of every ``*.safetensors`` file in ``folder`` (no tensor data is read; the header check
     also finds a file whose tensors do not fit in it): a truncated or corrupt file is a one-line ``BesaError``
     naming it, before any work."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     for file in sorted(folder.glob("*.safetensors")):
         try:
@@ -199,9 +200,13 @@ def _dequantize_gguf(gguf_path: Path) -> Path:
         plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantized.state_dict(), assign=True)
     plain.tie_weights()
-    with atomic_folder(target) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    try:
+        with atomic_folder(target) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except (OSError, SafetensorError) as exc:
+        needed = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+        raise write_error(exc, "the dequantized model", target.parent, needed) from None
     return target
 
 
