@@ -121,10 +121,23 @@ def test_save_refuses_non_empty_out_without_overwrite(tmp_path, tokenizer):
     with pytest.raises(BesaError, match="not empty"):
         besa.prune(make_model("llama"), tokenizer=tokenizer, method="magnitude", out=out, progress=False)
     assert (out / "keep.txt").read_text() == "precious"
-    besa.prune(
-        make_model("llama"), tokenizer=tokenizer, method="magnitude", out=out, overwrite=True, progress=False
-    )
-    assert not (out / "keep.txt").exists() and (out / "besa_report.json").is_file()
+    with pytest.raises(BesaError, match="was not written by besa .*would delete 'keep.txt'"):
+        besa.prune(
+            make_model("llama"),
+            tokenizer=tokenizer,
+            method="magnitude",
+            out=out,
+            overwrite=True,
+            progress=False,
+        )
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()  # an empty folder, then one besa wrote: both are replaced
+    for sparsity in (0.5, 0.6):
+        besa.prune(
+            make_model("llama"), tokenizer=tokenizer, method="magnitude", sparsity=sparsity, out=out,
+            overwrite=True, progress=False,
+        )  # fmt: skip
+        assert json.loads((out / "besa_report.json").read_text())["config"]["sparsity"] == sparsity
 
 
 def test_interrupted_save_leaves_nothing(tmp_path, tokenizer, monkeypatch):
