@@ -348,3 +348,65 @@ def test_eval_tasks_flag_alone_means_the_papers_six():
     assert not hasattr(parser.parse_args(["eval", "m"]), "tasks")  # the dataclass default (none) applies
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert "(default: )" not in sub.choices["eval"].format_help()
+
+
+@pytest.fixture
+def mixtral_dir(tmp_path):
+    """A tiny Mixtral (fused 3-D experts, a bare-parameter router) saved as a folder."""
+    import transformers
+
+    from conftest import make_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+    )  # fmt: skip
+    path = tmp_path / "tiny-mixtral"
+    transformers.MixtralForCausalLM(config).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_weights_no_method_prunes_stop_the_run_before_work_or_stay_dense_on_purpose(
+    capsys, tmp_path, mixtral_dir, calib_txt
+):
+    from conftest import one_line_error, snapshot
+
+    out = tmp_path / "out"
+    argv = [
+        "prune",
+        mixtral_dir,
+        "--method",
+        "wanda",
+        "--calib",
+        calib_txt,
+        "--nsamples",
+        "2",
+        "--seqlen",
+        "16",
+    ]
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, *[str(a) for a in argv], "--out", str(out), "--no-progress")
+    assert code == 2 and snapshot(tmp_path) == before
+    line = one_line_error(err)
+    assert "model.layers.0.mlp.experts.gate_up_proj [4, 256, 64]" in line and "--leave-unknown-dense" in line
+    code, printed, err = _run(
+        capsys, *[str(a) for a in argv], "--out", str(out), "--no-progress", "--leave-unknown-dense"
+    )
+    assert code == 0, err
+    assert (
+        "6 block weights" in err and "stay dense: 2 routers, 4 unknown layouts" in err
+    )  # said before the work
+    report = json.loads((out / "besa_report.json").read_text())
+    dense = {d["name"]: (d["kind"], d["rule"]) for d in report["weights"]["dense"]}
+    assert dense["model.layers.1.mlp.gate.weight"] == ("kept", "router")
+    assert dense["model.layers.0.mlp.experts.down_proj"] == ("unknown", "unknown layout")
+    s = report["sparsity"]
+    linears = sum(v["numel"] for v in report["layers"].values())
+    assert (
+        s["block_weights_numel"] > linears
+        and s["block_weights_pruned_share"] == linears / s["block_weights_numel"]
+    )
+    assert s["block_weights"] == pytest.approx(0.5 * s["block_weights_pruned_share"], rel=1e-3)
+    assert f"{s['block_weights']:.2%} of all block weights (6 block weights kept dense)" in printed

@@ -3,7 +3,15 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from besa.errors import BesaError
-from besa.modeling import find_blocks, find_linears, set_weight_matrix, weight_matrix
+from besa.modeling import (
+    classify_block_weights,
+    find_blocks,
+    find_linears,
+    num_experts,
+    set_weight_matrix,
+    unknown_weights,
+    weight_matrix,
+)
 from conftest import ARCHS, make_model
 
 
@@ -43,3 +51,60 @@ def test_conv1d_weight_matrix_is_out_by_in_view():
     assert torch.equal(layer.weight.data, new.t())
     x = torch.randn(3, 4)
     assert torch.allclose(layer(x), x @ new.t() + layer.bias, atol=1e-6)
+
+
+def _moe(kind: str) -> torch.nn.Module:
+    """A tiny Mixture-of-Experts model: Mixtral (fused experts, a linear router) or Qwen2-MoE (fused experts, a
+    linear router, a shared expert and its one-output gate)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128,
+    )  # fmt: skip
+    if kind == "mixtral":
+        return transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_local_experts=4))
+    config = transformers.Qwen2MoeConfig(
+        **common, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64
+    )
+    return transformers.Qwen2MoeForCausalLM(config)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_weight_of_a_dense_model_is_pruned_by_rule(arch):
+    weights = classify_block_weights(make_model(arch))
+    assert weights and all(w.kind == "pruned" and w.rule == "linear" for w in weights)
+    assert unknown_weights(weights) == []
+
+
+@pytest.mark.parametrize(
+    "kind,kept,unknown",
+    [
+        ("mixtral", {"mlp.gate.weight": "router"}, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+        (
+            "qwen2moe",
+            {"mlp.gate.weight": "router", "mlp.shared_expert_gate.weight": "router"},
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    ],
+)
+def test_moe_routers_are_kept_and_fused_experts_are_unknown_never_skipped_in_silence(kind, kept, unknown):
+    model = _moe(kind)
+    weights = classify_block_weights(model)
+    by_name = {w.name.split(".", 3)[3]: w for w in weights if w.name.startswith("model.layers.0.")}
+    assert {n: w.rule for n, w in by_name.items() if w.kind == "kept"} == kept
+    assert sorted(n for n, w in by_name.items() if w.kind == "unknown") == sorted(unknown)
+    assert by_name["mlp.experts.gate_up_proj"].shape == tuple(
+        model.model.layers[0].mlp.experts.gate_up_proj.shape
+    )
+    _, block = find_blocks(model)[0]
+    linears = find_linears(block, model)
+    assert not set(kept) & {f"{n}.weight" for n in linears} and "self_attn.q_proj" in linears
+    # --prune-routers hands over the routers built as linears (Qwen2-MoE's shared-expert gate); a router that is a
+    # bare parameter (both models' mlp.gate here) stays kept: no method prunes a bare parameter
+    as_linears = {f"{n}.weight" for n in find_linears(block, model, routers=True)} & set(kept)
+    assert as_linears == ({"mlp.shared_expert_gate.weight"} if kind == "qwen2moe" else set())
+    flagged = {w.name.split(".", 3)[3]: w.kind for w in classify_block_weights(model, routers=True)}
+    assert all(flagged[n] == ("pruned" if n in as_linears else "kept") for n in kept)
+    assert num_experts(model.config) == 4 and num_experts(make_model("llama").config) is None

@@ -31,7 +31,14 @@ from besa.loading import (
     resolve_dtype,
     resolve_model,
 )
-from besa.modeling import find_blocks, find_linears, weight_matrix
+from besa.modeling import (
+    BlockWeight,
+    classify_block_weights,
+    find_blocks,
+    find_linears,
+    unknown_weights,
+    weight_matrix,
+)
 from besa.options import RunOptions
 from besa.pipeline import run_sequential
 from besa.recipe import Recipe, load_recipe, recipe_text
@@ -73,6 +80,35 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
                 raise BesaError(
                     f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
                 )
+
+
+def _check_weights(model: nn.Module, config: PruneConfig) -> list[BlockWeight]:
+    """Classify every block weight before any work (``classify_block_weights``): stop at one no method can prune
+    unless ``leave_unknown_dense``, and say up front what stays dense."""
+    weights = classify_block_weights(model, routers=config.prune_routers)
+    unknown = unknown_weights(weights)
+    if unknown and not config.leave_unknown_dense:
+        first = unknown[0]
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        raise BesaError(
+            f"block weight {first.name} {list(first.shape)} has a layout besa cannot prune yet{more} (no method "
+            "would touch it, so the run would report a sparsity it does not have); pass --leave-unknown-dense to "
+            "keep such weights dense on purpose"
+        )
+    dense = [w for w in weights if w.kind != "pruned"]
+    if dense:
+        total = sum(w.numel for w in weights)
+        kept = sum(w.numel for w in dense)
+        rules: dict[str, int] = {}
+        for w in dense:
+            rules[w.rule] = rules.get(w.rule, 0) + 1
+        said = ", ".join(f"{n} {rule}{'s' * (n > 1)}" for rule, n in rules.items())
+        message = (
+            f"besa prune: {len(dense)} block weights ({kept / total:.1%} of the blocks' weights) stay dense: {said} "
+            f"(e.g. {dense[0].name}); the report lists them"
+        )
+        tqdm.write(message, file=sys.stderr)  # with or without progress bars: a skip is said before the work
+    return weights
 
 
 def prune(
@@ -164,6 +200,7 @@ def prune_with(
         )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
+    weights = _check_weights(model, config)
     if options.save_format == "compressed-tensors" and where.out is not None:
         check_compressible(model, config.quant)
     if needs_data:
@@ -194,11 +231,14 @@ def prune_with(
         distributed.stop()
         return PruneResult(model=None if streamer else model, tokenizer=tokenizer, report={}, out=where.out)
     counts = (
-        count_streamed(model, streamer, run.read_block) if streamer is not None and run is not None else None
+        count_streamed(model, streamer, run.read_block, config.prune_routers)
+        if streamer is not None and run is not None
+        else None
     )
     report = build_report(
-        model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed, counts
-    )
+        model, source, config, method_config, pruner, record, timings, budget, where.run_dir, resumed, counts,
+        weights,
+    )  # fmt: skip
     report["config"]["bos_added"] = bos is not None  # what --bos resolved to (False for given token ids)
     if kl_facts is not None:
         report["kl"] = kl_facts
@@ -298,7 +338,7 @@ def _run_stages(
 
     engine = run_sequential(
         model, engine_ids, step, device, config.forward_batch, options.progress,
-        dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run,
+        dense_stream=pruner.needs_dense_stream, budget=budget, checkpoint=run, routers=config.prune_routers,
     )  # fmt: skip
     timings["capture"] = engine.capture_seconds
     timings["per_block"] = engine.block_seconds

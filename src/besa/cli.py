@@ -315,10 +315,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not result.report:  # a data-parallel run's other ranks: rank 0 reports
         return 0
     s = result.report["sparsity"]
+    dense = len(result.report["weights"]["dense"])
     print(
         f"pruned {args.model} with {method}: the masks zero {s['masked']:.4%} of {len(result.report['layers'])} "
-        f"linears ({s['pruned_layers']:.4%} zeros counted, the dense model's own zeros included; "
-        f"{s['all_parameters']:.2%} of all parameters) -> {result.out}"
+        f"linears ({s['pruned_layers']:.4%} zeros counted, the dense model's own zeros included); "
+        f"{s['block_weights']:.2%} of all block weights ({dense} block weight{'s' * (dense != 1)} kept dense), "
+        f"{s['all_parameters']:.2%} of all parameters -> {result.out}"
     )
     return 0
 

@@ -111,6 +111,10 @@ class PruneConfig:
         group_size: input columns sharing one scale and zero point; 0 means one per output row.
         allocation: ``uniform`` (every block gets ``sparsity``) or ``owl`` (block rates from the dense model's
             outlier ratios, spread over ``2 * owl_lambda`` around ``sparsity``; see ``besa.stages.allocation``).
+        prune_routers: prune the routers of Mixture-of-Experts blocks too (``besa.modeling.classify_block_weights``
+            says which weights are routers); by default they stay dense.
+        leave_unknown_dense: go on when a block holds weights of a layout no method prunes, leaving them dense
+            (by default the run stops before any work, naming the first).
         owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
         owl_lambda: OWL's spread: the block rates span ``2 * owl_lambda`` and average to ``sparsity``.
         within_block: how a layerwise method (Wanda, SparseGPT) or BESA's OBS update gathers its layers' statistics
@@ -185,6 +189,20 @@ class PruneConfig:
         default="uniform",
         metadata={
             "help": "how the target is spread over the blocks: uniform, or owl (outlier-weighted, Yin et al.)"
+        },
+    )
+    prune_routers: bool = field(
+        default=False,
+        metadata={
+            "help": "also prune the routers of Mixture-of-Experts blocks (linears making one logit per expert, and "
+            "shared-expert gates); by default they stay dense and the report lists them"
+        },
+    )
+    leave_unknown_dense: bool = field(
+        default=False,
+        metadata={
+            "help": "leave block weights of a layout besa cannot prune (e.g. fused 3-D expert tensors) dense and go "
+            "on, instead of stopping before any work; the report lists them"
         },
     )
     within_block: str | None = field(

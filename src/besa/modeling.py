@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from besa.errors import BesaError
 
-__all__ = ["find_blocks", "find_linears", "weight_matrix", "set_weight_matrix", "is_prunable_linear"]
+__all__ = [
+    "BlockWeight", "classify_block_weights", "find_blocks", "find_linears", "weight_matrix", "set_weight_matrix",
+    "is_prunable_linear", "num_experts", "unknown_weights",
+]  # fmt: skip
 
 
 def is_prunable_linear(module: nn.Module) -> bool:
@@ -45,18 +51,106 @@ def find_blocks(model: nn.Module, block_class: str | None = None) -> list[tuple[
     return best
 
 
-def find_linears(block: nn.Module, model: nn.Module | None = None) -> dict[str, nn.Module]:
-    """All prunable linears inside ``block`` by name relative to the block, excluding the model's output head."""
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def num_experts(config: Any) -> int | None:
+    """The number of routed experts a model's config declares (``None`` for a dense model), whatever the
+    attribute is called, nested configs (``text_config``, ``ffn_config``) included."""
+    for holder in (config, getattr(config, "text_config", None), getattr(config, "ffn_config", None)):
+        for key in _EXPERT_COUNTS:
+            value = getattr(holder, key, None) if holder is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+                return value
+    return None
+
+
+def _is_router(matrix_shape: tuple[int, ...], experts: int | None) -> bool:
+    """A matrix that makes one logit per expert (``[E, hidden]``, as an ``nn.Linear`` or a bare parameter), or one
+    gate value per token (``[1, hidden]``, a shared expert's gate): routing, not computation."""
+    return len(matrix_shape) == 2 and (
+        matrix_shape[0] == 1 or experts is not None and matrix_shape[0] == experts
+    )
+
+
+def find_linears(
+    block: nn.Module, model: nn.Module | None = None, routers: bool = False
+) -> dict[str, nn.Module]:
+    """All prunable linears inside ``block`` by name relative to the block, excluding the model's output head and,
+    unless ``routers``, the routers of a Mixture-of-Experts block (``classify_block_weights`` says which)."""
     head = (
         model.get_output_embeddings()
         if model is not None and hasattr(model, "get_output_embeddings")
         else None
     )
+    experts = num_experts(getattr(model, "config", None)) if model is not None else None
     return {
         name: module
         for name, module in block.named_modules()
-        if name and is_prunable_linear(module) and module is not head
+        if name
+        and is_prunable_linear(module)
+        and module is not head
+        and (routers or experts is None or not _is_router(tuple(weight_matrix(module).shape), experts))
     }
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """One weight (a parameter of two or more dimensions) of a decoder block, and what a run does with it.
+
+    ``kind`` is ``pruned`` (a linear the methods prune), ``kept`` (left dense by a rule: ``rule`` says which) or
+    ``unknown`` (a layout no method understands: the run stops before any work unless told to leave it dense).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    rule: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+_KEPT_MODULES = ((nn.modules.conv._ConvNd, "convolution"), (nn.Embedding, "embedding"))
+
+
+def classify_block_weights(model: nn.Module, routers: bool = False) -> list[BlockWeight]:
+    """Every weight of two or more dimensions in the decoder blocks, classified (``BlockWeight``): the linears of
+    ``find_linears`` are pruned; routers (unless ``routers``, which prunes those built as linears), convolutions
+    and embeddings are kept by rule;
+    anything else is unknown. Reads shapes only, so a model on the meta device (``--stream``) works too."""
+    experts = num_experts(getattr(model, "config", None))
+    found: list[BlockWeight] = []
+    for block_name, block in find_blocks(model):
+        pruned = {id(layer.weight) for layer in find_linears(block, model, routers=routers).values()}
+        owner = {id(p): m for m in block.modules() for p in m.parameters(recurse=False)}
+        seen: set[int] = set()
+        for name, param in block.named_parameters():
+            if param.dim() < 2 or id(param) in seen:
+                continue
+            seen.add(id(param))
+            module = owner[id(param)]
+            shape = tuple(weight_matrix(module).shape) if is_prunable_linear(module) else tuple(param.shape)
+            kept = next((rule for cls, rule in _KEPT_MODULES if isinstance(module, cls)), None)
+            if id(param) in pruned:
+                kind, rule = "pruned", "linear"
+            elif kept is not None:
+                kind, rule = "kept", kept
+            elif experts is not None and _is_router(shape, experts):  # a bare parameter: kept, flag or not
+                kind, rule = "kept", "router"
+            else:
+                kind, rule = "unknown", "unknown layout"
+            found.append(BlockWeight(f"{block_name}.{name}", tuple(param.shape), kind, rule))
+    return found
+
+
+def unknown_weights(weights: list[BlockWeight]) -> list[BlockWeight]:
+    """The weights no method knows how to prune."""
+    return [w for w in weights if w.kind == "unknown"]
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:

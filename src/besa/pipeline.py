@@ -176,6 +176,7 @@ def run_sequential(
     dense_stream: bool = False,
     budget: MemoryBudget | None = None,
     checkpoint: Checkpointer | None = None,
+    routers: bool = False,
 ) -> SequentialResult:
     """Prune ``model`` in place block by block with ``prune_block``, calibrating on ``input_ids`` (N, T).
 
@@ -183,7 +184,8 @@ def run_sequential(
     embedding pass and returned to the CPU at the end. With ``dense_stream`` the engine also carries the dense
     model's own activations and hands each step the dense block's outputs on them (``BlockWork.dense_outputs``).
     Activations are kept within ``budget`` (spilled to disk beyond it). With ``checkpoint`` every finished block is
-    saved, and blocks finished by an earlier, interrupted run are loaded instead of pruned again. Without
+    saved, and blocks finished by an earlier, interrupted run are loaded instead of pruned again. ``routers`` hands
+    a Mixture-of-Experts block's routers to ``prune_block`` among its linears (``find_linears``). Without
     ``input_ids`` (a data-free method) every block is still handed to ``prune_block`` in turn, with no inputs.
     """
     named_blocks = find_blocks(model, block_class)
@@ -210,7 +212,7 @@ def run_sequential(
         capture_seconds = time.perf_counter() - t0
         inputs, dense_inputs = _prune_blocks(
             model, named_blocks, start, calls, inputs, dense_inputs, prune_block, device, progress, budget,
-            checkpoint, block_seconds, data_free,
+            checkpoint, block_seconds, data_free, routers,
         )  # fmt: skip
     finally:
         _move_outside_blocks(model, blocks, torch.device("cpu"))
@@ -226,7 +228,7 @@ def _prune_blocks(
     model: nn.Module, named_blocks: list[tuple[str, nn.Module]], start: int, calls: list[BlockCall],
     inputs: Sequence[torch.Tensor] | None, dense_inputs: Sequence[torch.Tensor] | None,
     prune_block: Callable[[BlockWork], None], device: torch.device, progress: bool, budget: MemoryBudget,
-    checkpoint: Checkpointer | None, block_seconds: list[float], data_free: bool,
+    checkpoint: Checkpointer | None, block_seconds: list[float], data_free: bool, routers: bool = False,
 ) -> tuple[Sequence[torch.Tensor] | None, Sequence[torch.Tensor] | None]:  # fmt: skip
     """Blocks ``start`` onwards, one on the device at a time: prune, propagate, checkpoint; return what is left."""
     bar = tqdm(
@@ -239,7 +241,7 @@ def _prune_blocks(
         if stream is not None:
             stream.load(name, block)
         work = BlockWork(
-            index=i, name=name, module=block.to(device), linears=find_linears(block, model), inputs=inputs,
+            index=i, name=name, module=block.to(device), linears=find_linears(block, model, routers), inputs=inputs,
             call=calls[i], device=device, num_blocks=len(named_blocks), progress=progress, budget=budget,
         )  # fmt: skip
         replaying = checkpoint is not None and checkpoint.replays(i)

@@ -16,17 +16,19 @@ from besa import distributed
 from besa.activations import MemoryBudget
 from besa.config import PruneConfig
 from besa.loading import ModelSource
-from besa.modeling import find_blocks, find_linears
+from besa.modeling import BlockWeight, find_blocks, find_linears
 from besa.record import RunRecord
 
 __all__ = ["count_layer_sparsity", "model_sparsity", "library_versions", "peak_memory", "build_report"]
 
 
-def count_layer_sparsity(model: nn.Module, block_class: str | None = None) -> dict[str, dict[str, Any]]:
-    """Zeros counted in every prunable linear of every decoder block, by qualified name."""
+def count_layer_sparsity(
+    model: nn.Module, block_class: str | None = None, routers: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Zeros counted in every prunable linear of every decoder block (routers too if ``routers``), by name."""
     layers: dict[str, dict[str, Any]] = {}
     for block_name, block in find_blocks(model, block_class):
-        for name, layer in find_linears(block, model).items():
+        for name, layer in find_linears(block, model, routers).items():
             w = layer.weight.data
             zeros = int((w == 0).sum())
             layers[f"{block_name}.{name}"] = {
@@ -56,6 +58,36 @@ def model_sparsity(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[
     }
 
 
+def block_weight_shares(weights: list[BlockWeight], layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What share of all the blocks' weights (every parameter of two or more dimensions) the pruned linears hold,
+    and the counted zeros of those linears over all of them: the figures a weight left dense cannot hide from."""
+    total = sum(w.numel for w in weights)
+    if not total:
+        return {}
+    covered = sum(w.numel for w in weights if w.kind == "pruned")
+    zeros = sum(v["zeros"] for v in layers.values())
+    return {
+        "block_weights_numel": total,
+        "block_weights_pruned_share": covered / total,
+        "block_weights": zeros / total,
+    }
+
+
+def weights_section(weights: list[BlockWeight]) -> dict[str, Any]:
+    """The report's account of every block weight: how many of each kind and rule, and each one left dense."""
+    by_rule: dict[str, dict[str, int]] = {}
+    for w in weights:
+        entry = by_rule.setdefault(f"{w.kind}:{w.rule}", {"tensors": 0, "numel": 0})
+        entry["tensors"] += 1
+        entry["numel"] += w.numel
+    dense = [
+        {"name": w.name, "shape": list(w.shape), "kind": w.kind, "rule": w.rule}
+        for w in weights
+        if w.kind != "pruned"
+    ]
+    return {"by_rule": by_rule, "dense": dense}
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide the numbers."""
     import transformers
@@ -83,15 +115,18 @@ def build_report(
     model: nn.Module, source: ModelSource, config: PruneConfig, method_config: Any, pruner: Any,
     record: RunRecord, timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
     counts: tuple[dict[str, dict[str, Any]], dict[str, Any]] | None = None,
+    weights: list[BlockWeight] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end).
 
     ``counts`` (layers, totals) replaces counting the model's zeros when its blocks are not in memory (a streamed
-    run counts them from the checkpoints: ``besa.streaming.count_streamed``).
+    run counts them from the checkpoints: ``besa.streaming.count_streamed``). ``weights`` (every block weight,
+    classified: ``besa.modeling.classify_block_weights``) gives the ``weights`` section and the pruned linears'
+    share of all block weights.
     """
     layers, totals = counts if counts is not None else (None, None)
     if layers is None:
-        layers = count_layer_sparsity(model)
+        layers = count_layer_sparsity(model, routers=config.prune_routers)
         totals = model_sparsity(model, layers)
     targets = record.targets
     for name, info in layers.items():
@@ -111,8 +146,10 @@ def build_report(
             "pattern": config.pattern,
             "masked": masked,
             **totals,
+            **block_weight_shares(weights or [], layers),
         },  # fmt: skip
         "layers": layers,
+        "weights": weights_section(weights or []),
         "allocation": pruner.report_allocation(),
         "method": pruner.report_extra(record.facts),
         "quantization": pruner.report_quantization(record.quant_info),

@@ -247,7 +247,7 @@ BlockReader = Callable[[int], dict[str, torch.Tensor]]
 
 
 def count_streamed(
-    model: nn.Module, streamer: BlockStreamer, read: BlockReader
+    model: nn.Module, streamer: BlockStreamer, read: BlockReader, routers: bool = False
 ) -> tuple[dict, dict[str, Any]]:
     """``report.count_layer_sparsity`` and ``report.model_sparsity`` of a streamed run, block by block from the
     checkpoints (one block in memory at a time)."""
@@ -255,7 +255,7 @@ def count_streamed(
     all_zeros = all_numel = 0
     for i, (block_name, block) in enumerate(streamer.blocks):
         tensors = read(i)
-        for name in find_linears(block, model):
+        for name in find_linears(block, model, routers):
             w = tensors[f"{name}.weight"]
             zeros = _zeros(w)
             layers[f"{block_name}.{name}"] = {
