@@ -64,6 +64,11 @@ ARCHS: dict[str, Callable[[], transformers.PreTrainedModel]] = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=128)
     ),
+    # ALiBi: each block gets a (batch * heads, 1, T) bias, which grows with the batch along a dimension of size
+    # heads rather than 1
+    "bloom": lambda: transformers.BloomForCausalLM(
+        transformers.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=2, n_head=4)
+    ),
 }  # fmt: skip
 
 

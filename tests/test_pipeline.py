@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+import besa
+from besa.modeling import find_blocks, find_linears, weight_matrix
 from besa.pipeline import BlockWork, rebatch, run_sequential
-from conftest import ARCHS, make_model
+from conftest import ARCHS, make_model, make_tokenizer
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -65,3 +67,51 @@ def test_rebatch_recuts_stored_batches_in_order():
         out = list(rebatch(chunks, size))
         assert torch.equal(torch.cat(out), torch.arange(9))
         assert all(len(b) == size for b in out[:-1]) and 0 < len(out[-1]) <= size
+
+
+def _zero_masks(model) -> dict[str, torch.Tensor]:
+    return {
+        f"{block_name}.{name}": weight_matrix(layer) == 0
+        for block_name, block in find_blocks(model)
+        for name, layer in find_linears(block, model).items()
+    }
+
+
+@pytest.fixture
+def bloom_wanda_masks_at_batch_1(calib_ids) -> dict[str, torch.Tensor]:
+    result = besa.prune(
+        make_model("bloom"), tokenizer=make_tokenizer(), method="wanda", sparsity=0.5, calib_ids=calib_ids,
+        forward_batch=1, progress=False,
+    )  # fmt: skip
+    return _zero_masks(result.model)
+
+
+@pytest.mark.parametrize("forward_batch", [2, 4])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "besa", "besa-2:4"])
+def test_bloom_prunes_at_a_forward_batch_above_one(
+    method, forward_batch, calib_ids, bloom_wanda_masks_at_batch_1
+):
+    """BLOOM's blocks take an ALiBi bias laid out (batch * heads, 1, T): the engine widens it to every batch size
+    (it once crashed at any batch above 1). Each linear ends at exactly 50% (BESA: each block, its budget; with
+    2:4, each linear too), wanda's masks are those of a batch-1 run (its statistics are sums) and the pruned
+    model's forward is finite. BESA trains on batches of the same size, through the same block calls."""
+    name, _, pattern = method.partition("-")
+    settings = {"pattern": pattern} if pattern else {"sparsity": 0.5}
+    options = {"batch_size": forward_batch} if name == "besa" else {}
+    result = besa.prune(
+        make_model("bloom"), tokenizer=make_tokenizer(), method=name, calib_ids=calib_ids,
+        forward_batch=forward_batch, progress=False, method_options=options, **settings,
+    )  # fmt: skip
+    masks = _zero_masks(result.model)
+    if method == "besa":
+        for block_name, block in find_blocks(result.model):
+            ws = [weight_matrix(layer) for layer in find_linears(block, result.model).values()]
+            assert sum(int((w == 0).sum()) for w in ws) == sum(w.numel() for w in ws) // 2, block_name
+    else:
+        for layer_name, zeros in masks.items():
+            assert int(zeros.sum()) == zeros.numel() // 2, layer_name
+    if method == "wanda":
+        for layer_name, zeros in masks.items():
+            assert torch.equal(zeros, bloom_wanda_masks_at_batch_1[layer_name]), layer_name
+    with torch.no_grad():
+        assert torch.isfinite(result.model(calib_ids, use_cache=False).logits).all()

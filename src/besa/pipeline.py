@@ -109,29 +109,46 @@ def capture_block_calls(
 
     These may differ per block (sliding-window layers, per-layer rotary settings). The blocks are replaced by
     pass-through stand-ins for one batch-1 forward of ``sample_ids`` (1, T), so this costs about one embedding
-    lookup; the forward stops at the last block.
+    lookup; the forward stops at the last block. A second such forward, of the same sequence twice, shows which
+    dimension of each captured tensor grows with the batch and how (``BlockCall.axes``, ``BatchAxis``): a
+    leading batch dimension, or one that packs the batch with the heads (an ALiBi bias laid out
+    ``(B * H, 1, T)``), so that a block can then be run on a batch of any size.
     """
+    sample = sample_ids[:1]
     calls: list[BlockCall] = []
+    _each_block_call(model, blocks, sample, calls.append)
+    pending = iter(calls)
+    _each_block_call(model, blocks, torch.cat([sample, sample]), lambda wider: next(pending).find_axes(wider))
+    return calls
+
+
+def _each_block_call(
+    model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, record: Callable[[BlockCall], None]
+) -> None:
+    """One forward of ``ids`` with every block a pass-through stand-in: ``record`` is handed each block's call,
+    in order; the forward stops at the last block."""
+    seen = 0
 
     def stand_in(*args: Any, **kwargs: Any) -> Any:
+        nonlocal seen
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        calls.append(BlockCall(args=args[1:], kwargs=kwargs))
-        if len(calls) == len(blocks):
+        record(BlockCall(args=args[1:], kwargs=kwargs))
+        seen += 1
+        if seen == len(blocks):
             raise _StopForward
         return hidden
 
     for block in blocks:
         block.forward = stand_in
     try:
-        model(sample_ids[:1], use_cache=False)
+        model(ids, use_cache=False)
     except _StopForward:
         pass
     finally:
         for block in blocks:
             del block.forward
-    if len(calls) != len(blocks):
-        raise RuntimeError(f"captured {len(calls)} block calls for {len(blocks)} blocks")
-    return calls
+    if seen != len(blocks):
+        raise RuntimeError(f"captured {seen} block calls for {len(blocks)} blocks")
 
 
 @dataclass
