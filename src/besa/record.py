@@ -29,6 +29,8 @@ class BlockResult:
     """The method's own JSON-able facts about the block (BESA: learned rates, losses, fallbacks)."""
     refit: dict[str, Any] | None = None
     """The blockwise weight reconstruction's facts (losses before/after, held-out loss per epoch), if it ran."""
+    left_dense: dict[str, str] = field(default_factory=dict)
+    """Linears the run left dense although they were to be pruned, and why (``Pruner.run_block``)."""
 
     def add_grids(self, name: str, grids: QuantGrids, info: dict[str, Any]) -> None:
         h, z = grids
@@ -63,6 +65,11 @@ class RunRecord:
         return {b: r.refit for b, r in self.blocks.items() if r.refit is not None}
 
     @property
+    def left_dense(self) -> dict[str, str]:
+        """Every linear left dense although it was to be pruned, and why."""
+        return {n: why for r in self.blocks.values() for n, why in r.left_dense.items()}
+
+    @property
     def facts(self) -> dict[str, dict[str, Any]]:
         """The method's facts of every block that has some."""
         return {b: r.facts for b, r in self.blocks.items() if r.facts is not None}
@@ -70,7 +77,10 @@ class RunRecord:
     # -- checkpoints: what a block's checkpoint keeps, and taking it back ------------------------------------
     def block_json(self, block: str) -> dict[str, Any]:
         r = self.blocks.get(block, BlockResult())
-        return {"layer_targets": r.targets, "quant_info": r.quant_info, "facts": r.facts, "refit": r.refit}
+        return {
+            "layer_targets": r.targets, "quant_info": r.quant_info, "facts": r.facts, "refit": r.refit,
+            "left_dense": r.left_dense,
+        }  # fmt: skip
 
     def restore_json(self, block: str, record: dict[str, Any]) -> None:
         r = self.blocks.setdefault(block, BlockResult())
@@ -78,6 +88,7 @@ class RunRecord:
         r.quant_info.update(record.get("quant_info", {}))
         r.facts = record.get("facts")
         r.refit = record.get("refit")
+        r.left_dense.update(record.get("left_dense", {}))
 
     def block_tensors(self, block: str) -> dict[str, torch.Tensor]:
         r = self.blocks.get(block, BlockResult())

@@ -73,8 +73,9 @@ def block_weight_shares(weights: list[BlockWeight], layers: dict[str, dict[str, 
     }
 
 
-def weights_section(weights: list[BlockWeight]) -> dict[str, Any]:
-    """The report's account of every block weight: how many of each kind and rule, and each one left dense."""
+def weights_section(weights: list[BlockWeight], left_dense: dict[str, str]) -> dict[str, Any]:
+    """The report's account of every block weight: how many of each kind and rule, each one kept dense, and the
+    linears left dense although they were to be pruned (``left_dense``: name -> why)."""
     by_rule: dict[str, dict[str, int]] = {}
     for w in weights:
         entry = by_rule.setdefault(f"{w.kind}:{w.rule}", {"tensors": 0, "numel": 0})
@@ -85,7 +86,7 @@ def weights_section(weights: list[BlockWeight]) -> dict[str, Any]:
         for w in weights
         if w.kind != "pruned"
     ]
-    return {"by_rule": by_rule, "dense": dense}
+    return {"by_rule": by_rule, "dense": dense, "left_dense": left_dense}
 
 
 def library_versions() -> dict[str, str]:
@@ -149,7 +150,7 @@ def build_report(
             **block_weight_shares(weights or [], layers),
         },  # fmt: skip
         "layers": layers,
-        "weights": weights_section(weights or []),
+        "weights": weights_section(weights or [], record.left_dense),
         "allocation": pruner.report_allocation(),
         "method": pruner.report_extra(record.facts),
         "quantization": pruner.report_quantization(record.quant_info),

@@ -3,6 +3,7 @@ import torch
 
 import besa
 from besa.methods.sparsegpt import SparseGPTPruner
+from besa.modeling import find_blocks
 from besa.pipeline import BlockWork, run_sequential
 from besa.stages.selection import HessianStats
 from conftest import make_model
@@ -73,3 +74,56 @@ def test_within_block_default_is_the_methods_own_and_reported(
         json.loads((tmp_path / "given" / "besa_report.json").read_text())["config"]["within_block"]
         == "parallel"
     )
+
+
+def _with_idle_linears() -> torch.nn.Module:
+    """A tiny LLaMA whose MLPs each hold two more linears: ``unused``, never called, and ``zero_fed``, called on
+    zeros only (it adds nothing to the output): no calibration statistics reach either."""
+    model = make_model("llama")
+    for _, block in find_blocks(model):
+        mlp = block.mlp
+        torch.manual_seed(1)
+        mlp.unused = torch.nn.Linear(64, 64, bias=False)
+        mlp.zero_fed = torch.nn.Linear(64, 64, bias=False)
+        original = mlp.forward
+
+        def forward(x, original=original, mlp=mlp):
+            return original(x) + mlp.zero_fed(torch.zeros_like(x))
+
+        mlp.forward = forward
+    return model
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("wanda", {"pattern": "2:4"}),
+        ("sparsegpt", {"pattern": "2:4"}), ("besa", {"method_options": {"optimizer": "adamw", "lr": 0.05}}),
+    ],
+)  # fmt: skip
+def test_no_method_destroys_a_tensor_and_layers_no_calibration_reaches_stay_dense(
+    method, options, tokenizer, calib_ids
+):
+    model = _with_idle_linears()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
+    result = besa.prune(
+        model, tokenizer=tokenizer, method=method, calib_ids=calib_ids, progress=False, checkpoint=False,
+        **({"sparsity": 0.5} if "pattern" not in options else {}), **options,
+    )  # fmt: skip
+    after = dict(model.named_parameters())
+    for name, w in before.items():  # the invariant, for every method: nothing non-zero comes out all zeros
+        assert not (w.count_nonzero() and not after[name].count_nonzero()), name
+    left = result.report["weights"]["left_dense"]
+    for block in ("model.layers.0", "model.layers.1"):
+        unused, zero_fed = f"{block}.mlp.unused", f"{block}.mlp.zero_fed"
+        if method == "magnitude":  # needs no calibration: it prunes them like any other
+            assert unused not in left and result.report["layers"][unused]["sparsity"] == 0.5
+            continue
+        assert left[unused] == "its forward never ran on the calibration windows"
+        assert torch.equal(after[f"{unused}.weight"], before[f"{unused}.weight"])
+        assert result.report["layers"][unused]["target"] == 0.0
+        if method == "sparsegpt":  # all-zero inputs: every column dead, the solve would zero it whole
+            assert left[zero_fed] == "pruning would have left it all zeros"
+            assert torch.equal(after[f"{zero_fed}.weight"], before[f"{zero_fed}.weight"])
+    down = result.report["layers"]["model.layers.0.mlp.down_proj"]["sparsity"]
+    assert down == 0.5 if method != "besa" else 0.4 < down < 0.6  # the other linears are pruned as ever

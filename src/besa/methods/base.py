@@ -34,6 +34,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def destroyed(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Whether pruning left all zeros where there were weights."""
+    return bool(before.count_nonzero()) and not bool(after.count_nonzero())
+
+
+def unreached_linears(work: BlockWork) -> list[str]:
+    """The block's linears whose forward does not run when the block runs on one calibration window."""
+    seen = work.layer_inputs(work.module, next(iter(work.inputs))[:1], list(work.linears))
+    return [name for name in work.linears if name not in seen]
+
+
 class Pruner(ABC):
     """Base class of every pruning method; subclasses are registered with ``besa.registry.register_method``.
 
@@ -95,7 +106,32 @@ class Pruner(ABC):
         return RefitSpec(epochs, cfg.refit_lr, cfg.refit_batch, cfg.refit_holdout)
 
     def run_block(self, work: BlockWork) -> BlockResult:
-        """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one."""
+        """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one.
+
+        No tensor is destroyed: a linear whose forward never runs on the calibration windows (a weight the block
+        uses as a matrix of its own, say) is handed to no method, and one that pruning would leave all zeros is
+        put back as it was; both stay dense, at target 0, and ``BlockResult.left_dense`` says why."""
+        unreached = unreached_linears(work) if self.engine_uses_data and work.inputs else []
+        for name in unreached:
+            del work.linears[name]
+        originals = {
+            name: weight_matrix(layer).detach().to("cpu", copy=True) for name, layer in work.linears.items()
+        }
+        result = self._prune_and_refit(work)
+        wiped = [n for n, layer in work.linears.items() if destroyed(originals[n], weight_matrix(layer))]
+        for name in wiped:
+            set_weight_matrix(work.linears[name], originals[name])
+        reasons = {n: "its forward never ran on the calibration windows" for n in unreached}
+        reasons |= {n: "pruning would have left it all zeros" for n in wiped}
+        for name, why in reasons.items():
+            full = f"{work.name}.{name}"
+            result.targets[full] = 0.0
+            result.left_dense[full] = why
+            log.warning("%s: left dense: %s", full, why)
+        return result
+
+    def _prune_and_refit(self, work: BlockWork) -> BlockResult:
+        """``prune_block``, then the refit of the survivors if the run has one."""
         spec = self.refit
         if spec is None:
             return self.prune_block(work)
