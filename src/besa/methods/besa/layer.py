@@ -3,9 +3,13 @@ masked forward used while learning, and the block loss."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from besa.config import NMPattern
 from besa.methods.besa.patterns import (
@@ -34,6 +38,8 @@ __all__ = [
     "Allocation",
     "clip_stats",
     "masked_forward",
+    "stored_layout",
+    "weight_replaced",
 ]
 
 
@@ -236,9 +242,33 @@ def clip_stats(alloc: LayerAllocation) -> dict[str, float]:
     }
 
 
-def masked_forward(layer: nn.Module, alloc: Allocation, x: torch.Tensor) -> torch.Tensor:
-    """The training forward of an allocated linear: its weight under the step's mask (``prepare_step`` first)."""
+def stored_layout(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """An (out, in) matrix in the layout ``layer`` keeps its weight in (the inverse of ``weight_matrix``:
+    ``Conv1D`` stores it transposed)."""
+    return w.t() if isinstance(layer, Conv1D) else w
+
+
+@contextmanager
+def weight_replaced(layer: nn.Module, weight: torch.Tensor) -> Iterator[None]:
+    """While active, ``layer.weight`` is ``weight`` (any tensor, one that carries gradients too) instead of its
+    parameter, which comes back afterwards, untouched."""
+    param = layer._parameters["weight"]
+    layer._parameters["weight"] = weight  # not a Parameter: set in the dict, past nn.Module.__setattr__
+    try:
+        yield
+    finally:
+        layer._parameters["weight"] = param
+
+
+def masked_forward(layer: nn.Module, alloc: Allocation, *args: Any, **kwargs: Any) -> Any:
+    """The training forward of an allocated linear: its weight under the step's mask (``prepare_step`` first).
+
+    The layer's own forward runs with the masked weight in place of its parameter, so whatever the layer's class
+    does around the product stays: an ``nn.Linear`` subclass's extra outputs (a router's scores and logits),
+    ``Conv1D``'s transposed weight. (Its class's forward: the caller has put this function where the instance's
+    ``forward`` was.)"""
     w = weight_matrix(layer).detach()
     if alloc.clip is not None:  # joint: learned clipping, rounding passed straight through
         w = alloc.quantized(w, ste=True).to(w.dtype)
-    return F.linear(x, alloc.masked_weight(w), layer.bias)
+    with weight_replaced(layer, stored_layout(layer, alloc.masked_weight(w))):
+        return type(layer).forward(layer, *args, **kwargs)

@@ -1,0 +1,112 @@
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import besa
+from besa.methods.besa.layer import LayerAllocation
+from besa.methods.besa.rates import candidate_rates, tilted_logits
+from besa.methods.besa.training import masked
+from besa.modeling import find_blocks, find_linears, weight_matrix
+from conftest import make_tokenizer
+
+
+class _TupleLinear(nn.Linear):
+    """An ``nn.Linear`` subclass whose own forward returns a tuple, as a Mixture-of-Experts router does."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(x)
+        return torch.sigmoid(logits), logits
+
+
+def _allocation(layer: nn.Module) -> LayerAllocation:
+    """A row-wise BESA allocation of ``layer`` with uneven logits, set up for one training step."""
+    w = weight_matrix(layer)
+    rates = candidate_rates(10, 0.3, 0.7)
+    theta = tilted_logits(rates, 0.5).expand(w.shape[0], -1).clone()
+    alloc = LayerAllocation("layer", layer, torch.argsort(w.abs(), dim=1, stable=True), rates, theta)
+    with torch.no_grad():
+        alloc.theta.add_(torch.randn(alloc.theta.shape, generator=torch.Generator().manual_seed(1)))
+    alloc.prepare_step()
+    return alloc
+
+
+def test_a_masked_linear_subclass_keeps_its_own_forward_with_the_masked_weight():
+    """BESA's training forward runs the layer's own forward (here one that returns a tuple) on the masked weight;
+    the gradients reach BESA's logits, not the weight, and the layer is itself again afterwards."""
+    torch.manual_seed(0)
+    layer = _TupleLinear(8, 6)
+    dense = layer.weight.detach().clone()
+    alloc = _allocation(layer)
+    mask = alloc.mask().detach()
+    assert 0 < int((mask == 0).sum()) < mask.numel()
+    x = torch.randn(5, 8)
+    with torch.enable_grad(), masked({"layer": alloc}):
+        out = layer(x)
+        assert isinstance(out, tuple) and len(out) == 2
+        scores, logits = out
+        expected = F.linear(x, dense * mask, layer.bias)
+        torch.testing.assert_close(logits, expected)
+        torch.testing.assert_close(scores, torch.sigmoid(expected))
+        (scores.sum() + logits.square().sum()).backward()
+    assert alloc.theta.grad is not None and alloc.theta.grad.abs().sum() > 0
+    assert layer.weight.grad is None
+    assert isinstance(layer._parameters["weight"], nn.Parameter) and torch.equal(layer.weight, dense)
+    assert "forward" not in vars(layer)
+    torch.testing.assert_close(layer(x)[1], F.linear(x, dense, layer.bias))
+
+
+def test_a_masked_conv1d_applies_the_mask_in_its_transposed_layout():
+    """``Conv1D`` keeps its weight (in, out): the masked (out, in) matrix goes back into that layout."""
+    torch.manual_seed(0)
+    layer = Conv1D(nf=6, nx=8)
+    nn.init.normal_(layer.bias)
+    alloc = _allocation(layer)
+    mask = alloc.mask().detach()  # (out, in)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad(), masked({"layer": alloc}):
+        out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, weight_matrix(layer) * mask, layer.bias))
+
+
+def _tiny_llama4() -> transformers.PreTrainedModel:
+    """A tiny Llama 4 text model: every block a Mixture of Experts (router, fused experts, shared expert)."""
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=128, interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=8,
+        layer_types=["chunked_attention", "full_attention"],
+    )  # fmt: skip
+    model = transformers.Llama4ForCausalLM(config)
+    model.config.use_cache = False
+    return model.eval()
+
+
+@pytest.mark.parametrize("forward_batch", [1, 2])
+def test_besa_prunes_llama4_with_its_router_whose_forward_returns_a_tuple(forward_batch, calib_ids):
+    """Llama 4's router is an ``nn.Linear`` subclass returning (scores, logits); pruned with the rest (its fused
+    experts stay dense), BESA's masked training forward keeps that output, and the run ends at the target."""
+    model = _tiny_llama4()
+    router_outputs: list[object] = []
+    routers = [m for m in model.modules() if type(m).__name__ == "Llama4Router"]
+    assert routers and all(isinstance(m, nn.Linear) for m in routers)
+    for router in routers:  # what the router returns while BESA's masked forward stands in for its own
+        router.register_forward_hook(
+            lambda module, _args, out: router_outputs.append(out) if "forward" in vars(module) else None
+        )
+    result = besa.prune(
+        model, tokenizer=make_tokenizer(), method="besa", sparsity=0.5, calib_ids=calib_ids,
+        forward_batch=forward_batch, progress=False, prune_routers=True, leave_unknown_dense=True,
+        method_options={"batch_size": forward_batch},
+    )  # fmt: skip
+    assert router_outputs and all(isinstance(out, tuple) and len(out) == 2 for out in router_outputs)
+    for block_name, block in find_blocks(result.model):
+        linears = find_linears(block, result.model, routers=True)
+        assert "feed_forward.router" in linears, block_name
+        ws = [weight_matrix(layer) for layer in linears.values()]
+        assert sum(int((w == 0).sum()) for w in ws) == sum(w.numel() for w in ws) // 2, block_name
+    with torch.no_grad():
+        assert torch.isfinite(result.model(calib_ids, use_cache=False).logits).all()
