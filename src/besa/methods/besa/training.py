@@ -41,7 +41,7 @@ def make_optimizers(
 def masked(allocs: dict[str, Allocation]) -> Iterator[None]:
     """While active, every allocated linear runs with its current training mask (``masked_forward``)."""
     for alloc in allocs.values():
-        alloc.layer.forward = lambda x, _l=alloc.layer, _a=alloc: masked_forward(_l, _a, x)
+        alloc.layer.forward = lambda *a, _l=alloc.layer, _a=alloc, **k: masked_forward(_l, _a, *a, **k)
     try:
         yield
     finally:
