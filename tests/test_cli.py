@@ -351,32 +351,35 @@ def test_eval_tasks_flag_alone_means_the_papers_six():
 
 
 @pytest.fixture
-def mixtral_dir(tmp_path):
-    """A tiny Mixtral (fused 3-D experts, a bare-parameter router) saved as a folder."""
+def llama4_dir(tmp_path):
+    """A tiny Llama 4: its experts are 3-D tensors its own forward multiplies in one batched product, a layout no
+    method prunes yet (not a ``use_experts_implementation`` class: ``besa.experts`` does not unfuse it)."""
     import transformers
 
     from conftest import make_tokenizer
 
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(
-        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+    config = transformers.Llama4TextConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=128, interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=8,
+        layer_types=["chunked_attention", "full_attention"],
     )  # fmt: skip
-    path = tmp_path / "tiny-mixtral"
-    transformers.MixtralForCausalLM(config).save_pretrained(path)
+    path = tmp_path / "tiny-llama4"
+    transformers.Llama4ForCausalLM(config).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
 
 
 def test_weights_no_method_prunes_stop_the_run_before_work_or_stay_dense_on_purpose(
-    capsys, tmp_path, mixtral_dir, calib_txt
+    capsys, tmp_path, llama4_dir, calib_txt
 ):
     from conftest import one_line_error, snapshot
 
     out = tmp_path / "out"
     argv = [
         "prune",
-        mixtral_dir,
+        llama4_dir,
         "--method",
         "wanda",
         "--calib",
@@ -390,18 +393,21 @@ def test_weights_no_method_prunes_stop_the_run_before_work_or_stay_dense_on_purp
     code, _, err = _run(capsys, *[str(a) for a in argv], "--out", str(out), "--no-progress")
     assert code == 2 and snapshot(tmp_path) == before
     line = one_line_error(err)
-    assert "model.layers.0.mlp.experts.gate_up_proj [4, 256, 64]" in line and "--leave-unknown-dense" in line
+    assert (
+        "model.layers.0.feed_forward.experts.gate_up_proj [4, 64, 128]" in line
+        and "--leave-unknown-dense" in line
+    )
     code, printed, err = _run(
         capsys, *[str(a) for a in argv], "--out", str(out), "--no-progress", "--leave-unknown-dense"
     )
     assert code == 0, err
     assert (
-        "6 block weights" in err and "stay dense: 2 routers, 4 unknown layouts" in err
+        "6 block weights" in err and "stay dense: 4 unknown layouts, 2 routers" in err
     )  # said before the work
     report = json.loads((out / "besa_report.json").read_text())
     dense = {d["name"]: (d["kind"], d["rule"]) for d in report["weights"]["dense"]}
-    assert dense["model.layers.1.mlp.gate.weight"] == ("kept", "router")
-    assert dense["model.layers.0.mlp.experts.down_proj"] == ("unknown", "unknown layout")
+    assert dense["model.layers.1.feed_forward.router.weight"] == ("kept", "router")
+    assert dense["model.layers.0.feed_forward.experts.down_proj"] == ("unknown", "unknown layout")
     s = report["sparsity"]
     linears = sum(v["numel"] for v in report["layers"].values())
     assert (

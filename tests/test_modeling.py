@@ -79,22 +79,21 @@ def test_every_weight_of_a_dense_model_is_pruned_by_rule(arch):
 
 
 @pytest.mark.parametrize(
-    "kind,kept,unknown",
+    "kind,kept",
     [
-        ("mixtral", {"mlp.gate.weight": "router"}, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
-        (
-            "qwen2moe",
-            {"mlp.gate.weight": "router", "mlp.shared_expert_gate.weight": "router"},
-            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-        ),
+        ("mixtral", {"mlp.gate.weight": "router"}),
+        ("qwen2moe", {"mlp.gate.weight": "router", "mlp.shared_expert_gate.weight": "router"}),
     ],
 )
-def test_moe_routers_are_kept_and_fused_experts_are_unknown_never_skipped_in_silence(kind, kept, unknown):
+def test_moe_routers_are_kept_and_fused_experts_are_pruned_as_experts(kind, kept):
     model = _moe(kind)
     weights = classify_block_weights(model)
     by_name = {w.name.split(".", 3)[3]: w for w in weights if w.name.startswith("model.layers.0.")}
     assert {n: w.rule for n, w in by_name.items() if w.kind == "kept"} == kept
-    assert sorted(n for n, w in by_name.items() if w.kind == "unknown") == sorted(unknown)
+    assert not [n for n, w in by_name.items() if w.kind == "unknown"]
+    experts = {n: w.rule for n, w in by_name.items() if w.rule == "experts"}
+    assert experts == {"mlp.experts.gate_up_proj": "experts", "mlp.experts.down_proj": "experts"}
+    assert all(by_name[n].kind == "pruned" for n in experts)
     assert by_name["mlp.experts.gate_up_proj"].shape == tuple(
         model.model.layers[0].mlp.experts.gate_up_proj.shape
     )

@@ -22,6 +22,7 @@ from besa.config import PruneConfig
 from besa.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
 from besa.evaluation import evaluate
+from besa.experts import expert_matrices, fused_experts
 from besa.fileio import write_error, write_json_atomic
 from besa.loading import (
     check_seqlen,
@@ -74,8 +75,11 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
     if nm is None:
         return
     for block_name, block in find_blocks(model):
-        for name, layer in find_linears(block, model).items():
-            width = weight_matrix(layer).shape[1]
+        matrices = {name: weight_matrix(layer) for name, layer in find_linears(block, model).items()}
+        for prefix, experts in fused_experts(block):
+            matrices.update({f"{prefix}.{key}": w for key, w in expert_matrices(experts).items()})
+        for name, w in matrices.items():
+            width = w.shape[1]
             if width % nm.m:
                 raise BesaError(
                     f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
@@ -200,6 +204,11 @@ def prune_with(
         )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
+    if options.stream and fused_experts(model):
+        raise BesaError(
+            "--stream does not read Mixture-of-Experts checkpoints yet (their files name each expert apart): run "
+            "without --stream"
+        )
     weights = _check_weights(model, config)
     if options.save_format == "compressed-tensors" and where.out is not None:
         check_compressible(model, config.quant)

@@ -113,6 +113,8 @@ class PruneConfig:
             outlier ratios, spread over ``2 * owl_lambda`` around ``sparsity``; see ``besa.stages.allocation``).
         prune_routers: prune the routers of Mixture-of-Experts blocks too (``besa.modeling.classify_block_weights``
             says which weights are routers); by default they stay dense.
+        expert_min_tokens: an expert (``besa.experts``) the calibration routes fewer tokens to is pruned by
+            magnitude at the block's rate (N:M: the pattern); 16 is a first guess, not yet measured.
         leave_unknown_dense: go on when a block holds weights of a layout no method prunes, leaving them dense
             (by default the run stops before any work, naming the first).
         owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
@@ -198,6 +200,14 @@ class PruneConfig:
             "shared-expert gates); by default they stay dense and the report lists them"
         },
     )
+    expert_min_tokens: int = field(
+        default=16,
+        metadata={
+            "help": "a Mixture-of-Experts expert the calibration windows route fewer tokens to is pruned by weight "
+            "magnitude at the block's rate instead (its statistics would be too thin); the report gives every "
+            "expert's token count"
+        },
+    )
     leave_unknown_dense: bool = field(
         default=False,
         metadata={
@@ -271,6 +281,8 @@ class PruneConfig:
             self.sparsity = 0.5
         if not 0.0 <= self.sparsity < 1.0:
             raise BesaError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.expert_min_tokens < 0:
+            raise BesaError(f"--expert-min-tokens must be 0 or more, got {self.expert_min_tokens}")
         for name in ("nsamples", "seqlen", "forward_batch"):
             if getattr(self, name) < 1:
                 raise BesaError(

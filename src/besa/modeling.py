@@ -120,13 +120,20 @@ _KEPT_MODULES = ((nn.modules.conv._ConvNd, "convolution"), (nn.Embedding, "embed
 
 def classify_block_weights(model: nn.Module, routers: bool = False) -> list[BlockWeight]:
     """Every weight of two or more dimensions in the decoder blocks, classified (``BlockWeight``): the linears of
-    ``find_linears`` are pruned; routers (unless ``routers``, which prunes those built as linears), convolutions
-    and embeddings are kept by rule;
+    ``find_linears`` and the fused experts of ``besa.experts`` (each expert's matrices) are pruned; routers (unless
+    ``routers``, which prunes those built as linears), convolutions, embeddings and the experts' biases are kept by
+    rule;
     anything else is unknown. Reads shapes only, so a model on the meta device (``--stream``) works too."""
+    from besa.experts import fused_experts, projections
+
     experts = num_experts(getattr(model, "config", None))
     found: list[BlockWeight] = []
     for block_name, block in find_blocks(model):
         pruned = {id(layer.weight) for layer in find_linears(block, model, routers=routers).values()}
+        fused = {id(getattr(m, n)): n for _, m in fused_experts(block) for n in projections(m)}
+        fused_bias = {
+            id(getattr(m, f"{n}_bias")) for _, m in fused_experts(block) if m.has_bias for n in projections(m)
+        }
         owner = {id(p): m for m in block.modules() for p in m.parameters(recurse=False)}
         seen: set[int] = set()
         for name, param in block.named_parameters():
@@ -138,6 +145,10 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
             kept = next((rule for cls, rule in _KEPT_MODULES if isinstance(module, cls)), None)
             if id(param) in pruned:
                 kind, rule = "pruned", "linear"
+            elif id(param) in fused:  # each expert's matrix is pruned as a linear (besa.experts)
+                kind, rule = "pruned", "experts"
+            elif id(param) in fused_bias:
+                kind, rule = "kept", "experts' bias"
             elif kept is not None:
                 kind, rule = "kept", kept
             elif experts is not None and _is_router(shape, experts):  # a bare parameter: kept, flag or not

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from besa.activations import ActivationStore, MemoryBudget, trim_heap
+from besa.experts import unfused_experts, uses_besa_experts
 from besa.modeling import find_blocks, find_linears
 from besa.streaming import streamer_of
 from besa.work import BlockCall, BlockWork
@@ -212,6 +214,7 @@ def run_sequential(
     model.eval()
     t0 = time.perf_counter()
     start, block_seconds, inputs, dense_inputs = 0, [], None, None
+    scope = ExitStack()
     if checkpoint is not None:  # a streamed model's finished blocks stay in the checkpoints
         start, block_seconds, inputs, dense_inputs = checkpoint.resume(
             named_blocks, budget, load_blocks=streamer_of(model) is None
@@ -220,6 +223,9 @@ def run_sequential(
     if not data_free:
         _move_outside_blocks(model, blocks, device)
     try:
+        scope.enter_context(
+            uses_besa_experts(model)
+        )  # one experts implementation for every forward of the engine
         if data_free:  # each block is handed over on its own; nothing runs through it
             calls, inputs = [BlockCall() for _ in blocks], []
         else:
@@ -232,6 +238,7 @@ def run_sequential(
             checkpoint, block_seconds, data_free, routers,
         )  # fmt: skip
     finally:
+        scope.close()
         _move_outside_blocks(model, blocks, torch.device("cpu"))
         model.train(was_training)
         _release(inputs, dense_inputs)
@@ -257,13 +264,15 @@ def _prune_blocks(
         tb = time.perf_counter()
         if stream is not None:
             stream.load(name, block)
-        work = BlockWork(
-            index=i, name=name, module=block.to(device), linears=find_linears(block, model, routers), inputs=inputs,
-            call=calls[i], device=device, num_blocks=len(named_blocks), progress=progress, budget=budget,
-        )  # fmt: skip
         replaying = checkpoint is not None and checkpoint.replays(i)
         step = _replay_step(checkpoint) if replaying else prune_block
-        next_inputs, next_dense = _prune_and_propagate(work, step, dense_inputs, data_free)
+        with nullcontext() if replaying else unfused_experts(block):  # experts as linears for the step
+            work = BlockWork(
+                index=i, name=name, module=block.to(device), linears=find_linears(block, model, routers),
+                inputs=inputs, call=calls[i], device=device, num_blocks=len(named_blocks), progress=progress,
+                budget=budget,
+            )  # fmt: skip
+            next_inputs, next_dense = _prune_and_propagate(work, step, dense_inputs, data_free)
         block.to("cpu")
         block_seconds.append(time.perf_counter() - tb)
         _release(inputs, dense_inputs, keep=(next_inputs, next_dense))

@@ -31,6 +31,10 @@ class BlockResult:
     """The blockwise weight reconstruction's facts (losses before/after, held-out loss per epoch), if it ran."""
     left_dense: dict[str, str] = field(default_factory=dict)
     """Linears the run left dense although they were to be pruned, and why (``Pruner.run_block``)."""
+    expert_tokens: dict[str, int] = field(default_factory=dict)
+    """Every expert linear's count of calibration tokens routed to it."""
+    fallback: dict[str, str] = field(default_factory=dict)
+    """Expert linears pruned by the fallback rule instead of the method, and why."""
 
     def add_grids(self, name: str, grids: QuantGrids, info: dict[str, Any]) -> None:
         h, z = grids
@@ -70,6 +74,16 @@ class RunRecord:
         return {n: why for r in self.blocks.values() for n, why in r.left_dense.items()}
 
     @property
+    def expert_tokens(self) -> dict[str, int]:
+        """Every expert linear's count of routed calibration tokens."""
+        return {n: t for r in self.blocks.values() for n, t in r.expert_tokens.items()}
+
+    @property
+    def fallback(self) -> dict[str, str]:
+        """Every expert linear pruned by the fallback rule, and why."""
+        return {n: why for r in self.blocks.values() for n, why in r.fallback.items()}
+
+    @property
     def facts(self) -> dict[str, dict[str, Any]]:
         """The method's facts of every block that has some."""
         return {b: r.facts for b, r in self.blocks.items() if r.facts is not None}
@@ -79,7 +93,7 @@ class RunRecord:
         r = self.blocks.get(block, BlockResult())
         return {
             "layer_targets": r.targets, "quant_info": r.quant_info, "facts": r.facts, "refit": r.refit,
-            "left_dense": r.left_dense,
+            "left_dense": r.left_dense, "expert_tokens": r.expert_tokens, "fallback": r.fallback,
         }  # fmt: skip
 
     def restore_json(self, block: str, record: dict[str, Any]) -> None:
@@ -89,6 +103,8 @@ class RunRecord:
         r.facts = record.get("facts")
         r.refit = record.get("refit")
         r.left_dense.update(record.get("left_dense", {}))
+        r.expert_tokens.update(record.get("expert_tokens", {}))
+        r.fallback.update(record.get("fallback", {}))
 
     def block_tensors(self, block: str) -> dict[str, torch.Tensor]:
         r = self.blocks.get(block, BlockResult())

@@ -15,6 +15,7 @@ from torch import nn
 from besa import distributed
 from besa.activations import MemoryBudget
 from besa.config import PruneConfig
+from besa.experts import expert_matrices, fused_experts
 from besa.loading import ModelSource
 from besa.modeling import BlockWeight, find_blocks, find_linears
 from besa.record import RunRecord
@@ -28,8 +29,10 @@ def count_layer_sparsity(
     """Zeros counted in every prunable linear of every decoder block (routers too if ``routers``), by name."""
     layers: dict[str, dict[str, Any]] = {}
     for block_name, block in find_blocks(model, block_class):
-        for name, layer in find_linears(block, model, routers).items():
-            w = layer.weight.data
+        matrices = {name: layer.weight.data for name, layer in find_linears(block, model, routers).items()}
+        for prefix, experts in fused_experts(block):  # every expert's matrices, as the engine pruned them
+            matrices.update({f"{prefix}.{key}": w for key, w in expert_matrices(experts).items()})
+        for name, w in matrices.items():
             zeros = int((w == 0).sum())
             layers[f"{block_name}.{name}"] = {
                 "block": block_name,
@@ -73,9 +76,10 @@ def block_weight_shares(weights: list[BlockWeight], layers: dict[str, dict[str, 
     }
 
 
-def weights_section(weights: list[BlockWeight], left_dense: dict[str, str]) -> dict[str, Any]:
-    """The report's account of every block weight: how many of each kind and rule, each one kept dense, and the
-    linears left dense although they were to be pruned (``left_dense``: name -> why)."""
+def weights_section(weights: list[BlockWeight], record: RunRecord) -> dict[str, Any]:
+    """The report's account of every block weight: how many of each kind and rule, each one kept dense, the
+    linears left dense although they were to be pruned (name -> why), every expert's routed calibration tokens and
+    the experts pruned by the fallback rule (name -> why)."""
     by_rule: dict[str, dict[str, int]] = {}
     for w in weights:
         entry = by_rule.setdefault(f"{w.kind}:{w.rule}", {"tensors": 0, "numel": 0})
@@ -86,7 +90,10 @@ def weights_section(weights: list[BlockWeight], left_dense: dict[str, str]) -> d
         for w in weights
         if w.kind != "pruned"
     ]
-    return {"by_rule": by_rule, "dense": dense, "left_dense": left_dense}
+    return {
+        "by_rule": by_rule, "dense": dense, "left_dense": record.left_dense, "expert_tokens": record.expert_tokens,
+        "fallback": record.fallback,
+    }  # fmt: skip
 
 
 def library_versions() -> dict[str, str]:
@@ -150,7 +157,7 @@ def build_report(
             **block_weight_shares(weights or [], layers),
         },  # fmt: skip
         "layers": layers,
-        "weights": weights_section(weights or [], record.left_dense),
+        "weights": weights_section(weights or [], record),
         "allocation": pruner.report_allocation(),
         "method": pruner.report_extra(record.facts),
         "quantization": pruner.report_quantization(record.quant_info),

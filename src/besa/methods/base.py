@@ -12,6 +12,7 @@ from torch import nn
 
 from besa.config import MethodConfig, NMPattern, PruneConfig
 from besa.errors import BesaError
+from besa.experts import ExpertLinear
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.quant import QuantSpec, fake_quantize, quant_params
@@ -19,7 +20,7 @@ from besa.record import BlockResult, QuantGrids
 from besa.stages.allocation import Allocation, make_allocation
 from besa.stages.masks import select_prune_mask
 from besa.stages.reconstruct import RefitSpec, refit_block
-from besa.stages.selection import SCORERS, LayerStats
+from besa.stages.selection import SCORERS, LayerStats, magnitude_scores
 
 __all__ = [
     "Pruner",
@@ -37,6 +38,29 @@ log = logging.getLogger(__name__)
 def destroyed(before: torch.Tensor, after: torch.Tensor) -> bool:
     """Whether pruning left all zeros where there were weights."""
     return bool(before.count_nonzero()) and not bool(after.count_nonzero())
+
+
+class _TokenCount(LayerStats):
+    """How many tokens reach a linear (a routed expert sees only its own)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.tokens += x.numel() // max(x.shape[-1], 1)
+
+    def reduce(self) -> None:
+        from besa import distributed
+
+        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
+
+
+def routed_tokens(work: BlockWork, names: list[str]) -> dict[str, int]:
+    """One pass of the dense block over every calibration window, counting the tokens each linear of ``names``
+    receives (for the experts of a Mixture-of-Experts block: the tokens routed to it)."""
+    counts = {name: _TokenCount() for name in names}
+    work.calibrate(counts, desc="Routed tokens")
+    return {name: c.tokens for name, c in counts.items()}
 
 
 def unreached_linears(work: BlockWork) -> list[str]:
@@ -110,14 +134,22 @@ class Pruner(ABC):
 
         No tensor is destroyed: a linear whose forward never runs on the calibration windows (a weight the block
         uses as a matrix of its own, say) is handed to no method, and one that pruning would leave all zeros is
-        put back as it was; both stay dense, at target 0, and ``BlockResult.left_dense`` says why."""
-        unreached = unreached_linears(work) if self.engine_uses_data and work.inputs else []
-        for name in unreached:
+        put back as it was; both stay dense, at target 0, and ``BlockResult.left_dense`` says why. The experts of
+        a Mixture-of-Experts block (``besa.experts``) are counted their routed tokens over every window first; one
+        with fewer than ``expert_min_tokens`` is pruned by magnitude instead (``BlockResult.fallback``)."""
+        data = self.engine_uses_data and bool(work.inputs)
+        experts = [n for n, layer in work.linears.items() if isinstance(layer, ExpertLinear)]
+        tokens = routed_tokens(work, experts) if data and experts else {}
+        thin = {n: t for n, t in tokens.items() if t < self.config.expert_min_tokens}
+        unreached = [n for n in unreached_linears(work) if n not in tokens] if data else []
+        for name in [*unreached, *thin]:
             del work.linears[name]
         originals = {
             name: weight_matrix(layer).detach().to("cpu", copy=True) for name, layer in work.linears.items()
         }
         result = self._prune_and_refit(work)
+        self._fall_back(work, result, thin)
+        result.expert_tokens = {f"{work.name}.{n}": t for n, t in tokens.items()}
         wiped = [n for n, layer in work.linears.items() if destroyed(originals[n], weight_matrix(layer))]
         for name in wiped:
             set_weight_matrix(work.linears[name], originals[name])
@@ -129,6 +161,24 @@ class Pruner(ABC):
             result.left_dense[full] = why
             log.warning("%s: left dense: %s", full, why)
         return result
+
+    def _fall_back(self, work: BlockWork, result: BlockResult, thin: dict[str, int]) -> None:
+        """Prune the experts in ``thin`` (name -> routed tokens) by weight magnitude at the block's rate (N:M: the
+        pattern): the calibration sent them too few tokens for the method's statistics."""
+        modules = dict(work.module.named_modules())
+        rate = self.allocation.block_rate(work.name)
+        for name, count in thin.items():
+            layer, full = modules[name], f"{work.name}.{name}"
+            apply_prune_mask(
+                layer, select_prune_mask(magnitude_scores(weight_matrix(layer)), rate, self.config.nm)
+            )
+            result.targets[full] = rate
+            result.fallback[full] = (
+                f"magnitude: {count} routed calibration tokens, fewer than --expert-min-tokens "
+                f"{self.config.expert_min_tokens}"
+            )
+            self.finish_layer(result, full, layer, None, "magnitude fallback")
+            log.info("%s: %s", full, result.fallback[full])
 
     def _prune_and_refit(self, work: BlockWork) -> BlockResult:
         """``prune_block``, then the refit of the survivors if the run has one."""

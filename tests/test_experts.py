@@ -1,0 +1,209 @@
+"""Mixture-of-Experts experts are layers: every expert of every fused experts module is pruned like a linear of its
+own, on the tokens its router sends it (``besa.experts``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import besa
+from besa.experts import (
+    ExpertLinear,
+    besa_experts,
+    expert_matrices,
+    fused_experts,
+    unfused_experts,
+    uses_besa_experts,
+)
+from besa.modeling import find_blocks, find_linears
+
+COMMON = dict(
+    vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=128,
+)  # fmt: skip
+MOES = {
+    # fused [E, 2I, H] / [E, H, I], a bare-parameter router
+    "mixtral": lambda **kw: transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(
+            **COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **kw
+        )
+    ),
+    # a shared expert (plain linears) and its one-output gate beside the routed experts
+    "qwen2_moe": lambda **kw: transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            **COMMON,
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **kw,
+        )
+    ),  # fmt: skip
+    # transposed [E, H, 2I], interleaved gate and up, biases, a clamped gate of its own
+    "gpt_oss": lambda **kw: transformers.GptOssForCausalLM(
+        transformers.GptOssConfig(
+            **COMMON,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=16,
+            **kw,
+        )
+    ),  # fmt: skip
+}
+
+
+def make_moe(arch: str, seed: int = 0, **config) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    model = MOES[arch](**config)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def _ids(n: int = 4, t: int = 32) -> torch.Tensor:
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", list(MOES))
+def test_the_besa_loop_and_the_unfused_experts_compute_the_eager_forward_bit_for_bit(arch):
+    model = make_moe(arch)
+    ids = _ids(2, 16)
+    model.set_experts_implementation("eager")
+    with torch.no_grad():
+        eager = model(ids).logits
+        with uses_besa_experts(model):
+            looped = model(ids).logits
+            _, block = find_blocks(model)[0]
+            before = {k: v.clone() for k, v in block.state_dict().items()}
+            with unfused_experts(block) as names:
+                linears = find_linears(block, model)
+                assert set(names) <= set(linears) and all(isinstance(linears[n], ExpertLinear) for n in names)
+                assert len(names) == 2 * 4  # gate_up (or up) and down of 4 experts
+                unfused = model(ids).logits
+            after = block.state_dict()
+    assert torch.equal(looped, eager) and torch.equal(unfused, eager)
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(after[k].stride() == before[k].stride() for k in before)
+
+
+def test_the_besa_loop_sends_each_expert_exactly_its_routed_tokens():
+    model = make_moe("mixtral")
+    experts = fused_experts(find_blocks(model)[0][1])[0][1]
+    hidden = torch.randn(10, 64)
+    index = torch.tensor([[0, 1]] * 5 + [[2, 0]] * 5)
+    weights = torch.full((10, 2), 0.5)
+    seen: dict[str, int] = {}
+    with torch.no_grad(), unfused_experts(experts):
+        for name, layer in experts.named_modules():
+            if isinstance(layer, ExpertLinear):
+                layer.register_forward_pre_hook(
+                    lambda _m, a, name=name: seen.__setitem__(name, a[0].shape[0])
+                )
+        besa_experts(experts, hidden, index, weights)
+    assert seen == {
+        "gate_up_proj.0": 10,
+        "down_proj.0": 10,
+        "gate_up_proj.1": 5,
+        "down_proj.1": 5,
+        "gate_up_proj.2": 5,
+        "down_proj.2": 5,
+    }  # fmt: skip  (expert 3 gets no token: never called)
+
+
+CASES = [
+    ("wanda", {"sparsity": 0.5}), ("sparsegpt", {"sparsity": 0.5}), ("wanda", {"pattern": "2:4"}),
+    ("sparsegpt", {"pattern": "2:4"}), ("besa", {"sparsity": 0.5, "method_options": {"optimizer": "adamw"}}),
+]  # fmt: skip
+
+
+def _is_2_4(w: torch.Tensor) -> bool:
+    return bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+
+
+@pytest.mark.parametrize("arch", list(MOES))
+@pytest.mark.parametrize("method,settings", CASES, ids=lambda c: str(c))
+def test_every_expert_reaches_the_target_routers_stay_dense_and_the_save_reloads(
+    arch, method, settings, tokenizer, tmp_path
+):
+    model = make_moe(arch)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = besa.prune(
+        model, tokenizer=tokenizer, method=method, calib_ids=_ids(), expert_min_tokens=0, progress=False,
+        checkpoint=False, out=tmp_path / "out", **settings,
+    )  # fmt: skip
+    report = result.report
+    for _, block in find_blocks(model):
+        (_, experts), *_ = fused_experts(block)
+        for key, w in expert_matrices(experts).items():
+            if "pattern" in settings:
+                assert _is_2_4(w), key
+            elif method == "besa":  # a learned allocation: the block holds the target, not each matrix
+                assert 0.3 < float((w == 0).float().mean()) < 0.7, key
+            else:
+                assert float((w == 0).float().mean()) == 0.5, key
+    tokens = report["weights"]["expert_tokens"]
+    first_up = [n for n in tokens if n.startswith("model.layers.0.") and ".down_proj." not in n]
+    assert sum(tokens[n] for n in first_up) == 4 * 32 * 2  # every window's tokens, top-2
+    assert not report["weights"]["fallback"]
+    for name, before in dense.items():  # routers dense; nothing non-zero comes out all zeros
+        after = dict(model.named_parameters())[name]
+        assert not (before.count_nonzero() and not after.count_nonzero()), name
+        if name.endswith("mlp.router.weight") or name.endswith("mlp.gate.weight"):
+            assert torch.equal(after, before), name
+    routers = [d["name"] for d in report["weights"]["dense"] if d["rule"] == "router"]
+    assert len(routers) >= 2
+    layers = report["layers"]
+    assert sum(1 for n in layers if ".experts." in n) == 2 * 2 * 4  # blocks x projections x experts
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    got = dict(reloaded.named_parameters())
+    assert all(torch.equal(got[n], p) for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(_ids(1, 16)).logits).all()
+
+
+def test_experts_the_router_sends_nothing_fall_back_to_magnitude_and_the_report_says_so(tokenizer):
+    model = make_moe("mixtral")
+    for _, block in find_blocks(model):  # every token to expert 0 (twice): experts 1-3 see none
+        block.mlp.gate.register_forward_hook(
+            lambda _m, _a, out: (out[0], torch.full_like(out[1], 0.5), torch.zeros_like(out[2]))
+        )
+    dense = {
+        f"{b}.mlp.experts.{k}": w.clone()
+        for b, block in find_blocks(model)
+        for k, w in expert_matrices(block.mlp.experts).items()
+    }
+    result = besa.prune(
+        model, tokenizer=tokenizer, method="sparsegpt", sparsity=0.5, calib_ids=_ids(), progress=False,
+        checkpoint=False,
+    )  # fmt: skip
+    weights = result.report["weights"]
+    for block in ("model.layers.0", "model.layers.1"):
+        for proj in ("gate_up_proj", "down_proj"):
+            assert weights["expert_tokens"][f"{block}.mlp.experts.{proj}.0"] == 4 * 32 * 2
+            assert f"{block}.mlp.experts.{proj}.0" not in weights["fallback"]
+            for e in (1, 2, 3):
+                name = f"{block}.mlp.experts.{proj}.{e}"
+                assert weights["expert_tokens"][name] == 0
+                assert weights["fallback"][name].startswith("magnitude: 0 routed calibration tokens")
+                w = expert_matrices(model.get_submodule(f"{block}.mlp.experts"))[f"{proj}.{e}"]
+                assert (
+                    float((w == 0).float().mean()) == 0.5 and result.report["layers"][name]["target"] == 0.5
+                )
+                magnitude = dense[name].abs()  # the larger half of every row survives, unchanged
+                kept = w != 0
+                assert torch.equal(w[kept], dense[name][kept])
+                low = torch.where(kept, magnitude, torch.inf).min(dim=1).values
+                high = torch.where(kept, -torch.inf, magnitude).max(dim=1).values
+                assert (low >= high).all()
+
+
+def test_stream_refuses_moe_checkpoints_up_front(tmp_path, tokenizer):
+    path = tmp_path / "moe"
+    make_moe("mixtral").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(besa.BesaError, match="--stream does not read Mixture-of-Experts"):
+        besa.prune(str(path), method="magnitude", stream=True, out=tmp_path / "out", progress=False)
