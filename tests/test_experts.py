@@ -207,3 +207,29 @@ def test_stream_refuses_moe_checkpoints_up_front(tmp_path, tokenizer):
     tokenizer.save_pretrained(path)
     with pytest.raises(besa.BesaError, match="--stream does not read Mixture-of-Experts"):
         besa.prune(str(path), method="magnitude", stream=True, out=tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("stats", ["routed", "pooled"])
+def test_expert_statistics_come_from_the_routed_tokens_or_from_all_of_them(stats, tokenizer, monkeypatch):
+    from besa.methods.wanda import WandaPruner
+
+    seen: list[int] = []  # the tokens behind each expert linear's statistics, in pruning order
+    real = WandaPruner.prune_layer
+
+    def spy(self, layer, layer_stats, rate):
+        if isinstance(layer, ExpertLinear):
+            seen.append(layer_stats.tokens)
+        return real(self, layer, layer_stats, rate)
+
+    monkeypatch.setattr(WandaPruner, "prune_layer", spy)
+    model = make_moe("mixtral")
+    result = besa.prune(
+        model, tokenizer=tokenizer, method="wanda", sparsity=0.5, calib_ids=_ids(), expert_stats=stats,
+        progress=False, checkpoint=False,
+    )  # fmt: skip
+    routed = result.report["weights"]["expert_tokens"]
+    assert len(seen) == 2 * 2 * 4 and sum(routed.values()) == 2 * 2 * (4 * 32 * 2)
+    if stats == "pooled":  # every expert saw every token of the block
+        assert set(seen) == {4 * 32}
+    else:  # each saw its own share: the counts the report gives
+        assert sorted(seen) == sorted(routed.values()) and len(set(seen)) > 1

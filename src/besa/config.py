@@ -115,6 +115,8 @@ class PruneConfig:
             says which weights are routers); by default they stay dense.
         expert_min_tokens: an expert (``besa.experts``) the calibration routes fewer tokens to is pruned by
             magnitude at the block's rate (N:M: the pattern); 16 is a first guess, not yet measured.
+        expert_stats: ``routed`` (an expert's statistics come from the tokens its router sends it) or ``pooled``
+            (from every token of the block: every expert runs on all of them while the method calibrates).
         leave_unknown_dense: go on when a block holds weights of a layout no method prunes, leaving them dense
             (by default the run stops before any work, naming the first).
         owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
@@ -208,6 +210,13 @@ class PruneConfig:
             "expert's token count"
         },
     )
+    expert_stats: str = field(
+        default="routed",
+        metadata={
+            "help": "the calibration statistics of a Mixture-of-Experts expert: routed (the tokens its router "
+            "sends it) or pooled (every token of the block, as if every expert saw them all)"
+        },
+    )
     leave_unknown_dense: bool = field(
         default=False,
         metadata={
@@ -281,6 +290,8 @@ class PruneConfig:
             self.sparsity = 0.5
         if not 0.0 <= self.sparsity < 1.0:
             raise BesaError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.expert_stats not in ("routed", "pooled"):
+            raise BesaError(f"unknown --expert-stats {self.expert_stats!r}: choose routed or pooled")
         if self.expert_min_tokens < 0:
             raise BesaError(f"--expert-min-tokens must be 0 or more, got {self.expert_min_tokens}")
         for name in ("nsamples", "seqlen", "forward_batch"):

@@ -32,7 +32,7 @@ from torch import nn
 
 __all__ = [
     "IMPLEMENTATION", "ExpertLinear", "besa_experts", "expert_matrices", "fused_experts", "is_fused_experts",
-    "projections", "unfused_experts", "uses_besa_experts",
+    "pooled_statistics", "projections", "unfused_experts", "uses_besa_experts",
 ]  # fmt: skip
 
 IMPLEMENTATION = "besa"
@@ -98,18 +98,23 @@ def _project(experts: nn.Module, name: str, e: int, x: torch.Tensor) -> torch.Te
 def besa_experts(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The ``besa`` experts implementation: each expert on the tokens routed to it, weighted and summed back."""
+    """The ``besa`` experts implementation: each expert on the tokens routed to it, weighted and summed back.
+
+    With ``besa_pooled`` set on the module (``--expert-stats pooled``) every expert also runs on every token, so
+    its linears' statistics come from all of them; the output still takes only the routed tokens' rows."""
     out = torch.zeros_like(hidden_states)
     first, down = projections(self)
+    pooled = getattr(self, "besa_pooled", False)
     for e in range(self.num_experts):
         token, slot = torch.where(top_k_index == e)
-        if token.numel() == 0:
+        if token.numel() == 0 and not pooled:
             continue
-        h = _project(self, first, e, hidden_states[token])
+        h = _project(self, first, e, hidden_states if pooled else hidden_states[token])
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
         y = _project(self, down, e, h)
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
+        y = y[token] if pooled else y
         out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
     return out
 
@@ -118,6 +123,19 @@ def _register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(IMPLEMENTATION, besa_experts)
+
+
+@contextmanager
+def pooled_statistics(block: nn.Module, on: bool = True) -> Iterator[None]:
+    """While active (and ``on``), every expert of ``block`` runs on every token (``besa_experts``)."""
+    found = [m for _, m in fused_experts(block)] if on else []
+    for module in found:
+        module.besa_pooled = True
+    try:
+        yield
+    finally:
+        for module in found:
+            module.besa_pooled = False
 
 
 @contextmanager

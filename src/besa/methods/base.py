@@ -12,7 +12,7 @@ from torch import nn
 
 from besa.config import MethodConfig, NMPattern, PruneConfig
 from besa.errors import BesaError
-from besa.experts import ExpertLinear
+from besa.experts import ExpertLinear, pooled_statistics
 from besa.modeling import set_weight_matrix, weight_matrix
 from besa.pipeline import BlockWork
 from besa.quant import QuantSpec, fake_quantize, quant_params
@@ -140,14 +140,16 @@ class Pruner(ABC):
         data = self.engine_uses_data and bool(work.inputs)
         experts = [n for n, layer in work.linears.items() if isinstance(layer, ExpertLinear)]
         tokens = routed_tokens(work, experts) if data and experts else {}
-        thin = {n: t for n, t in tokens.items() if t < self.config.expert_min_tokens}
+        routed = self.config.expert_stats == "routed"  # pooled statistics are never thin
+        thin = {n: t for n, t in tokens.items() if routed and t < self.config.expert_min_tokens}
         unreached = [n for n in unreached_linears(work) if n not in tokens] if data else []
         for name in [*unreached, *thin]:
             del work.linears[name]
         originals = {
             name: weight_matrix(layer).detach().to("cpu", copy=True) for name, layer in work.linears.items()
         }
-        result = self._prune_and_refit(work)
+        with pooled_statistics(work.module, self.config.expert_stats == "pooled"):
+            result = self._prune_and_refit(work)
         self._fall_back(work, result, thin)
         result.expert_tokens = {f"{work.name}.{n}": t for n, t in tokens.items()}
         wiped = [n for n, layer in work.linears.items() if destroyed(originals[n], weight_matrix(layer))]
