@@ -233,3 +233,33 @@ def test_expert_statistics_come_from_the_routed_tokens_or_from_all_of_them(stats
         assert set(seen) == {4 * 32}
     else:  # each saw its own share: the counts the report gives
         assert sorted(seen) == sorted(routed.values()) and len(set(seen)) > 1
+
+
+def test_a_stopped_moe_run_resumes_and_redoes_to_bit_identical_experts(tokenizer, tmp_path, monkeypatch):
+    import besa.methods.base
+
+    original = besa.methods.base.Pruner.run_block
+
+    def stop_at_1(self, work):
+        if work.index == 1:
+            raise KeyboardInterrupt
+        return original(self, work)
+
+    path = tmp_path / "moe"
+    make_moe("qwen2_moe").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    settings = dict(method="sparsegpt", sparsity=0.5, calib_ids=_ids(), progress=False, expert_min_tokens=0)
+    with monkeypatch.context() as m:
+        m.setattr(besa.methods.base.Pruner, "run_block", stop_at_1)
+        with pytest.raises(KeyboardInterrupt):
+            besa.prune(str(path), out=tmp_path / "out", **settings)
+    resumed = besa.prune(str(path), out=tmp_path / "out", **settings)
+    redone = besa.prune(str(path), run_dir=tmp_path / "kept", keep_run_dir=True, **settings)
+    again = besa.prune(str(path), run_dir=tmp_path / "kept", redo_from=1, **settings)  # block 0 replayed
+    reference = besa.prune(str(path), out=tmp_path / "reference", **settings)
+    assert resumed.report["run"]["resumed_blocks"] == 1
+    want = reference.model.state_dict()
+    for model in (resumed.model, redone.model, again.model):
+        got = model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert resumed.report["weights"]["expert_tokens"] == reference.report["weights"]["expert_tokens"]
