@@ -90,3 +90,19 @@ def test_cli_plan_prints_the_peaks_and_refuses_bad_input(model_dir, capsys):
     assert main(["plan", str(model_dir), "--device", "tpu"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "unknown --device" in err[0]
+
+
+def test_a_moe_block_is_planned_with_every_expert_matrix():
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    shape = model_shape(config)
+    experts = {n: s for n, s in shape.blocks[0].items() if ".experts." in n}
+    assert experts == {
+        **{f"mlp.experts.gate_up_proj.{e}": (64, 64) for e in range(4)},
+        **{f"mlp.experts.down_proj.{e}": (64, 32) for e in range(4)},
+    }
+    assert "mlp.gate" not in shape.blocks[0]  # the router stays dense
