@@ -37,3 +37,11 @@ def test_the_per_block_panel_labels_blocks_with_whole_numbers(tokenizer, calib_i
     ticks = [t for t in per_block.get_yticks() if 0 <= t <= 2]
     plt.close(fig)
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_heatmap_columns_name_an_experts_projection_and_number():
+    from besa.plotting import short_layer_name
+
+    assert short_layer_name("self_attn.q_proj") == "q_proj"
+    assert short_layer_name("mlp.experts.down_proj.3") == "down_proj.3"
+    assert short_layer_name("c_fc") == "c_fc"

@@ -33,6 +33,13 @@ def allocation_table(report: dict[str, Any]) -> tuple[list[str], list[str], list
     return list(blocks), layer_names, grid, per_block
 
 
+def short_layer_name(name: str) -> str:
+    """A heatmap column's label: the linear's own name (``q_proj``), with its projection for an expert's
+    (``down_proj.3``)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def plot_allocation(report: dict[str, Any], path: str | Path) -> Path:
     """Draw the heatmap and the per-block line into ``path`` (PNG, written atomically)."""
     import matplotlib.pyplot as plt
@@ -66,7 +73,7 @@ def allocation_figure(report: dict[str, Any]) -> Any:
     spread = max(float(np.nanmax(np.abs(data - target))), 0.01)
     image = ax_map.imshow(data, aspect="auto", cmap="RdBu_r", vmin=target - spread, vmax=target + spread)
     ax_map.set_xticks(
-        range(len(layer_names)), [n.split(".")[-1] for n in layer_names], rotation=45, ha="right"
+        range(len(layer_names)), [short_layer_name(n) for n in layer_names], rotation=45, ha="right"
     )
     ax_map.set_yticks(range(len(block_names)), [str(i) for i in range(len(block_names))])
     ax_map.set_ylabel("block")
