@@ -263,3 +263,32 @@ def test_a_stopped_moe_run_resumes_and_redoes_to_bit_identical_experts(tokenizer
         got = model.state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert resumed.report["weights"]["expert_tokens"] == reference.report["weights"]["expert_tokens"]
+
+
+def test_experts_are_saved_quantized_and_sparse_and_compressed_tensors_refuses_them_up_front(
+    tokenizer, tmp_path
+):
+    from safetensors.torch import load_file
+
+    from besa.loading import load_model
+    from besa.quant import QuantSpec, dequantize_codes
+
+    settings = dict(tokenizer=tokenizer, method="wanda", sparsity=0.5, calib_ids=_ids(), progress=False)
+    model = make_moe("mixtral")
+    besa.prune(model, wbits=4, group_size=32, save_quantized=True, out=tmp_path / "q", **settings)
+    codes = load_file(str(tmp_path / "q" / "quantized.safetensors"))
+    experts = model.get_submodule("model.layers.1.mlp.experts")
+    for key, w in expert_matrices(experts).items():  # every expert's codes give back its weights exactly
+        name = f"model.layers.1.mlp.experts.{key}"
+        back = dequantize_codes(codes[f"{name}.codes"], codes[f"{name}.scales"], codes[f"{name}.zeros"].float(),
+                                QuantSpec(4, 32))  # fmt: skip
+        assert torch.equal(back, w.float())
+    sparse = make_moe("mixtral")
+    besa.prune(sparse, save_format="sparse", out=tmp_path / "sparse", **settings)
+    reloaded, _, _ = load_model(str(tmp_path / "sparse"))
+    got, want = reloaded.state_dict(), sparse.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(besa.BesaError, match="cannot pack Mixture-of-Experts experts yet"):
+        besa.prune(make_moe("mixtral"), wbits=4, group_size=32, save_format="compressed-tensors",
+                   out=tmp_path / "ct", **settings)  # fmt: skip
+    assert not (tmp_path / "ct").exists()

@@ -22,7 +22,7 @@ from besa.config import PruneConfig
 from besa.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
 from besa.evaluation import evaluate
-from besa.experts import expert_matrices, fused_experts
+from besa.experts import fused_experts
 from besa.fileio import write_error, write_json_atomic
 from besa.loading import (
     check_seqlen,
@@ -35,10 +35,8 @@ from besa.loading import (
 from besa.modeling import (
     BlockWeight,
     classify_block_weights,
-    find_blocks,
-    find_linears,
+    pruned_matrices,
     unknown_weights,
-    weight_matrix,
 )
 from besa.options import RunOptions
 from besa.pipeline import run_sequential
@@ -74,16 +72,10 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
     nm = config.nm
     if nm is None:
         return
-    for block_name, block in find_blocks(model):
-        matrices = {name: weight_matrix(layer) for name, layer in find_linears(block, model).items()}
-        for prefix, experts in fused_experts(block):
-            matrices.update({f"{prefix}.{key}": w for key, w in expert_matrices(experts).items()})
-        for name, w in matrices.items():
-            width = w.shape[1]
-            if width % nm.m:
-                raise BesaError(
-                    f"--pattern {nm} does not divide the input width {width} of {block_name}.{name}"
-                )
+    for name, w in pruned_matrices(model, routers=config.prune_routers).items():
+        width = w.shape[1]
+        if width % nm.m:
+            raise BesaError(f"--pattern {nm} does not divide the input width {width} of {name}")
 
 
 def _check_weights(model: nn.Module, config: PruneConfig) -> list[BlockWeight]:

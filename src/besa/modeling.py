@@ -13,7 +13,7 @@ from besa.errors import BesaError
 
 __all__ = [
     "BlockWeight", "classify_block_weights", "find_blocks", "find_linears", "weight_matrix", "set_weight_matrix",
-    "is_prunable_linear", "num_experts", "unknown_weights",
+    "is_prunable_linear", "num_experts", "pruned_matrices", "unknown_weights",
 ]  # fmt: skip
 
 
@@ -156,6 +156,20 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
             else:
                 kind, rule = "unknown", "unknown layout"
             found.append(BlockWeight(f"{block_name}.{name}", tuple(param.shape), kind, rule))
+    return found
+
+
+def pruned_matrices(model: nn.Module, routers: bool = True) -> dict[str, torch.Tensor]:
+    """Every matrix the methods prune, by qualified name, as an (out, in) view: the linears of every block
+    (``find_linears``; routers too unless ``routers`` is off) and each expert's matrices (``besa.experts``)."""
+    from besa.experts import expert_matrices, fused_experts
+
+    found: dict[str, torch.Tensor] = {}
+    for block_name, block in find_blocks(model):
+        for name, layer in find_linears(block, model, routers=routers).items():
+            found[f"{block_name}.{name}"] = weight_matrix(layer)
+        for prefix, experts in fused_experts(block):
+            found.update({f"{block_name}.{prefix}.{k}": w for k, w in expert_matrices(experts).items()})
     return found
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from besa.compressed import save_compressed
 from besa.errors import BesaError
 from besa.fileio import atomic_folder, write_error, write_json_atomic
-from besa.modeling import weight_matrix
+from besa.modeling import pruned_matrices
 from besa.options import REPORT_NAME, check_output_dir
 from besa.plotting import PLOT_NAME, plot_allocation
 from besa.quant import QuantSpec, dequantize_codes, quantize_codes
@@ -141,10 +141,10 @@ def save_quantized_codes(
     model: nn.Module, grids: dict[str, tuple[torch.Tensor, torch.Tensor]], spec: QuantSpec, folder: Path
 ) -> None:
     """Write the integer codes, scales and zero points of every quantized linear (layout: ``QUANT_LAYOUT``)."""
-    modules = dict(model.named_modules())
+    matrices = pruned_matrices(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, (h, z) in grids.items():
-        w = weight_matrix(modules[name]).detach().float().cpu()
+        w = matrices[name].detach().float().cpu()
         codes = quantize_codes(w, h, z, spec)
         back = dequantize_codes(codes, h, z, spec)
         if not torch.equal(back, w):
