@@ -127,3 +127,24 @@ def test_no_method_destroys_a_tensor_and_layers_no_calibration_reaches_stay_dens
             assert torch.equal(after[f"{zero_fed}.weight"], before[f"{zero_fed}.weight"])
     down = result.report["layers"]["model.layers.0.mlp.down_proj"]["sparsity"]
     assert down == 0.5 if method != "besa" else 0.4 < down < 0.6  # the other linears are pruned as ever
+
+
+def test_a_linear_the_first_window_misses_but_others_reach_is_pruned_not_left_dense(tokenizer, calib_ids):
+    """As a per-expert ``nn.Linear`` that the router happens to skip on the first window: the one-window probe
+    misses it, the count over every window finds it, and the method prunes it."""
+    model = make_model("llama")
+    for _, block in find_blocks(model):
+        mlp = block.mlp
+        mlp.sometimes = torch.nn.Linear(64, 64, bias=False)
+        original, calls = mlp.forward, [0]
+
+        def forward(x, original=original, mlp=mlp, calls=calls):
+            calls[0] += 1
+            out = original(x)
+            return out + 0 * mlp.sometimes(x) if calls[0] % 2 == 0 else out  # every other call: not the first
+
+        mlp.forward = forward
+    result = besa.prune(model, tokenizer=tokenizer, method="wanda", sparsity=0.5, calib_ids=calib_ids,
+                        forward_batch=2, progress=False, checkpoint=False)  # fmt: skip
+    assert result.report["weights"]["left_dense"] == {}
+    assert result.report["layers"]["model.layers.0.mlp.sometimes"]["sparsity"] == 0.5

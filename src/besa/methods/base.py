@@ -139,10 +139,14 @@ class Pruner(ABC):
         with fewer than ``expert_min_tokens`` is pruned by magnitude instead (``BlockResult.fallback``)."""
         data = self.engine_uses_data and bool(work.inputs)
         experts = [n for n, layer in work.linears.items() if isinstance(layer, ExpertLinear)]
-        tokens = routed_tokens(work, experts) if data and experts else {}
+        unseen = (
+            [n for n in unreached_linears(work) if n not in experts] if data else []
+        )  # on the first window
+        counted = routed_tokens(work, experts + unseen) if experts or unseen else {}  # over every window
+        tokens = {n: counted[n] for n in experts}
         routed = self.config.expert_stats == "routed"  # pooled statistics are never thin
         thin = {n: t for n, t in tokens.items() if routed and t < self.config.expert_min_tokens}
-        unreached = [n for n in unreached_linears(work) if n not in tokens] if data else []
+        unreached = [n for n in unseen if counted[n] == 0]
         for name in [*unreached, *thin]:
             del work.linears[name]
         originals = {
