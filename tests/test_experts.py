@@ -165,7 +165,10 @@ def test_every_expert_reaches_the_target_routers_stay_dense_and_the_save_reloads
         assert torch.isfinite(reloaded(_ids(1, 16)).logits).all()
 
 
-def test_experts_the_router_sends_nothing_fall_back_to_magnitude_and_the_report_says_so(tokenizer):
+@pytest.mark.parametrize(
+    "least", [16, 0]
+)  # 0: no threshold, but an expert with no token at all still falls back
+def test_experts_the_router_sends_nothing_fall_back_to_magnitude_and_the_report_says_so(tokenizer, least):
     model = make_moe("mixtral")
     for _, block in find_blocks(model):  # every token to expert 0 (twice): experts 1-3 see none
         block.mlp.gate.register_forward_hook(
@@ -178,7 +181,7 @@ def test_experts_the_router_sends_nothing_fall_back_to_magnitude_and_the_report_
     }
     result = besa.prune(
         model, tokenizer=tokenizer, method="sparsegpt", sparsity=0.5, calib_ids=_ids(), progress=False,
-        checkpoint=False,
+        checkpoint=False, expert_min_tokens=least,
     )  # fmt: skip
     weights = result.report["weights"]
     for block in ("model.layers.0", "model.layers.1"):

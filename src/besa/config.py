@@ -114,7 +114,8 @@ class PruneConfig:
         prune_routers: prune the routers of Mixture-of-Experts blocks too (``besa.modeling.classify_block_weights``
             says which weights are routers); by default they stay dense.
         expert_min_tokens: an expert (``besa.experts``) the calibration routes fewer tokens to is pruned by
-            magnitude at the block's rate (N:M: the pattern); 16 is a first guess, not yet measured.
+            magnitude at the block's rate (N:M: the pattern); 16 is a first guess, not yet measured. An expert no
+            token reaches falls back whatever this is.
         expert_stats: ``routed`` (an expert's statistics come from the tokens its router sends it) or ``pooled``
             (from every token of the block: every expert runs on all of them while the method calibrates).
         leave_unknown_dense: go on when a block holds weights of a layout no method prunes, leaving them dense

@@ -145,7 +145,8 @@ class Pruner(ABC):
         counted = routed_tokens(work, experts + unseen) if experts or unseen else {}  # over every window
         tokens = {n: counted[n] for n in experts}
         routed = self.config.expert_stats == "routed"  # pooled statistics are never thin
-        thin = {n: t for n, t in tokens.items() if routed and t < self.config.expert_min_tokens}
+        least = max(self.config.expert_min_tokens, 1)  # an expert no token reaches has no statistics at all
+        thin = {n: t for n, t in tokens.items() if t < least and (routed or t == 0)}
         unreached = [n for n in unseen if counted[n] == 0]
         for name in [*unreached, *thin]:
             del work.linears[name]

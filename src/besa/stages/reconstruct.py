@@ -93,6 +93,11 @@ def train_masked(
                 loss = batch_loss(order[i : i + batch_size])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for (
+                    p
+                ) in params:  # an expert no token of this batch was routed to: a zero gradient, on every rank
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 distributed.mean_grads(params)
                 for p, keep in zip(params, masks, strict=True):
                     p.grad.mul_(keep)
