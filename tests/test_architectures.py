@@ -236,10 +236,6 @@ NOT_YET = {  # what stops each of these today: besa refuses a block weight befor
     "ffn.experts.mlp.w1/v1/w2 [128, 64] 'has a layout besa cannot prune yet'",
     "jetmoe": "JetMoeParallelExperts (MoE MLP and mixture of attention heads) is no use_experts_implementation "
     "class: mlp.input_linear.weight [4, 64, 64] 'has a layout besa cannot prune yet'",
-    "jamba": "Mamba's mamba.A_log [128, 8] is a 2-D weight no method prunes: "
-    "'has a layout besa cannot prune yet'",
-    "kimi_linear": "KimiLinearDeltaAttention's self_attn.forget_gate.A_log [1, 1, 8, 1] is a 4-D weight no "
-    "method prunes: 'has a layout besa cannot prune yet'",
 }
 
 
@@ -287,13 +283,25 @@ def test_every_architecture_is_pruned_to_its_target_and_reloads(arch, case, tmp_
     settings = CASES[case]
     model = make_arch(arch)
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
-    besa.prune(
+    result = besa.prune(
         model, tokenizer=make_tokenizer(), calib_ids=_ids(), progress=False, checkpoint=False,
         expert_min_tokens=0, out=tmp_path / "out", **settings,
     )  # fmt: skip
     matrices = _pruned_matrices(model)
     checked = {param for found in matrices.values() for param, _ in found.values()}
     assert checked == {w.name for w in classify_block_weights(model) if w.kind != "kept"}
+    # left dense by the stated rule only: a linear whose forward never runs (Jamba's dt_proj, used as a matrix)
+    left = result.report["weights"]["left_dense"]
+    assert set(left.values()) <= {"its forward never ran on the calibration windows"}, left
+    for found in matrices.values():
+        for name in [n for n in left if n in found]:
+            assert torch.equal(found.pop(name)[1], dense[f"{name}.weight"]), name  # exactly as it was
+    if (
+        arch == "jamba"
+    ):  # its dt_proj weight is used as a matrix, its forward never called: never zeroed whole
+        assert {n for n in left if n.endswith("mamba.dt_proj")} and all(
+            n.endswith("mamba.dt_proj") for n in left
+        )
     for block, found in matrices.items():
         for name, (_, w) in found.items():
             if "pattern" in settings:

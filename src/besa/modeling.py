@@ -116,13 +116,16 @@ class BlockWeight:
 
 
 _KEPT_MODULES = ((nn.modules.conv._ConvNd, "convolution"), (nn.Embedding, "embedding"))
+_KEPT_NAMES = {"A_log": "state-space decay"}
+"""Parameters kept by their conventional name: a state-space layer's log decay rates (Mamba, Jamba, gated delta
+nets) are used elementwise in the recurrence, not multiplied with the activations as a weight matrix is."""
 
 
 def classify_block_weights(model: nn.Module, routers: bool = False) -> list[BlockWeight]:
     """Every weight of two or more dimensions in the decoder blocks, classified (``BlockWeight``): the linears of
     ``find_linears`` and the fused experts of ``besa.experts`` (each expert's matrices) are pruned; routers (unless
-    ``routers``, which prunes those built as linears), convolutions, embeddings and the experts' biases are kept by
-    rule;
+    ``routers``, which prunes those built as linears), convolutions, embeddings, the experts' biases and state-space
+    decays (``A_log``) are kept by rule;
     anything else is unknown. Reads shapes only, so a model on the meta device (``--stream``) works too."""
     from besa.experts import fused_experts, projections
 
@@ -143,6 +146,7 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
             module = owner[id(param)]
             shape = tuple(weight_matrix(module).shape) if is_prunable_linear(module) else tuple(param.shape)
             kept = next((rule for cls, rule in _KEPT_MODULES if isinstance(module, cls)), None)
+            kept = kept or _KEPT_NAMES.get(name.rsplit(".", 1)[-1])
             if id(param) in pruned:
                 kind, rule = "pruned", "linear"
             elif id(param) in fused:  # each expert's matrix is pruned as a linear (besa.experts)
