@@ -176,14 +176,14 @@ def test_resume_without_a_checkpoint_and_unwritable_places_are_refused(deep_mode
 def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(
     deep_model_dir, ids, tmp_path, monkeypatch
 ):
-    original = besa.checkpoint.write_bytes_durable
+    original = besa.checkpoint.replace_with
 
-    def full_disk(path, data):
+    def full_disk(path, write, durable=False):
         if path.parent.name == "blocks" and "00002" in path.name:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(path, data)
+        return original(path, write, durable)
 
-    monkeypatch.setattr(besa.checkpoint, "write_bytes_durable", full_disk)
+    monkeypatch.setattr(besa.checkpoint, "replace_with", full_disk)
     out = tmp_path / "out"
     needs = r"the disk is full \(it needs about [0-9.]+ KiB free\); block 1 is the last good checkpoint"
     with pytest.raises(BesaError, match="checkpoint of block 2 .*" + needs):
@@ -192,7 +192,7 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(
     state = json.loads((run_dir / RUN_FILE).read_text())
     assert state["completed"] == 2 and not out.exists()
     assert not list(run_dir.rglob(".*.tmp"))  # no half-written file left behind
-    monkeypatch.setattr(besa.checkpoint, "write_bytes_durable", original)
+    monkeypatch.setattr(besa.checkpoint, "replace_with", original)
     resumed = _prune(deep_model_dir, "sparsegpt", ids, out)
     reference = _prune(deep_model_dir, "sparsegpt", ids, tmp_path / "reference")
     assert resumed.report["run"]["resumed_blocks"] == 2

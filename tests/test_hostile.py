@@ -351,3 +351,21 @@ def test_a_sparse_folder_naming_weights_outside_it_is_refused(capsys, parent, tm
         "--no-progress",
     ]
     _refused(capsys, tmp_path, *args, needle="names '../outside.safetensors', not a file of its own folder")
+
+
+def test_links_inside_the_run_folder_never_lead_a_write_or_a_read_elsewhere(capsys, stopped_run, tmp_path):
+    argv, out, run_dir = stopped_run
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    # a leftover temporary name that points at the user's file: the next write replaces the name, not the file
+    (run_dir / "blocks" / ".00001.safetensors.tmp").symlink_to(victim)
+    (run_dir / "acts-00001" / ".sha256.json.tmp").symlink_to(victim)
+    code, _, err = run_cli(capsys, *argv, "--resume", "--keep-run-dir")
+    assert code == 0, err
+    assert victim.read_text() == "keep me\n"
+    # a block file that is a link (to the user's file, or to a device) is damage, never read
+    block = run_dir / "blocks" / "00000.safetensors"
+    block.unlink()
+    block.symlink_to(victim)
+    again = [*argv[:-1], str(tmp_path / "again"), "--run-dir", str(run_dir), "--resume"]
+    _refused(capsys, tmp_path, *again, needle="00000.safetensors is not a regular file")

@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from besa import distributed
 from besa.activations import ActivationStore, MemoryBudget
 from besa.errors import BesaError
-from besa.fileio import fsync_dir, write_bytes_durable, write_error, write_json_atomic
+from besa.fileio import fsync_dir, replace_with, sha256_of, write_error, write_json_atomic
 from besa.options import RUN_FILE
 
 __all__ = [
@@ -92,18 +91,24 @@ def model_digest(model: nn.Module, sample: int = 4096) -> str:
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write ``tensors`` to ``path`` as safetensors through a temporary file, fsync and rename; return the sha256
     of the bytes written."""
-    data = save_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    write_bytes_durable(path, data)
-    return hashlib.sha256(data).hexdigest()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    digest: list[str] = []
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp))
+        digest.append(sha256_of(tmp))
+
+    replace_with(path, write)
+    return digest[0]
 
 
 def _read_tensors(path: Path, sha256: str, what: str, block: int | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file whose bytes must hash to ``sha256`` (``what`` names it in the error)."""
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
+    """The tensors of a checkpoint file (a regular file, never a link) whose bytes must hash to ``sha256``
+    (``what`` names it in the error); read memory-mapped, not held twice."""
+    if sha256_of(path) != sha256:
         raise TamperedCheckpoint(f"{what} ({path.name}) was changed after it was written", block)
     try:
-        return load_bytes(data)
+        return load_file(str(path))
     except SafetensorError as exc:  # the digest matched, so the writer itself wrote this: report it as damage
         raise OSError(f"{path.name} is not a safetensors file ({exc})") from None
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,9 @@ from typing import Any
 from besa.errors import BesaError
 
 __all__ = [
-    "atomic_folder",
-    "fsync_dir",
-    "write_bytes_durable",
-    "write_error",
+    "atomic_folder", "format_bytes", "fresh_temporary", "fsync_dir", "replace_with", "sha256_of", "write_error",
     "write_json_atomic",
-    "format_bytes",
-]
+]  # fmt: skip
 
 
 @contextmanager
@@ -71,19 +69,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any], durable: bool = False) -> None:
-    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename.
-
-    ``durable`` also fsyncs the file before the rename and the folder after it, so a power cut cannot leave an
-    empty or stale file in its place (checkpoints' commit point). A failed write leaves no temporary file behind.
-    """
+def fresh_temporary(path: Path) -> Path:
+    """A new, empty regular file ``.<name>.tmp`` beside ``path``: a leftover of that name (a link someone put there
+    included) is removed first, as a name, never what it points to, and the file is created exclusively without
+    following links, so writing it can touch nothing else."""
     tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    os.close(os.open(tmp, flags, 0o666))
+    return tmp
+
+
+def replace_with(path: Path, write: Callable[[Path], None], durable: bool = False) -> None:
+    """``write(tmp)`` into a ``fresh_temporary`` of ``path``, fsync it, rename it over ``path`` (a link there is
+    replaced, not followed); a failed write leaves no temporary file. ``durable`` also fsyncs the folder."""
+    tmp = fresh_temporary(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(payload, indent=2, default=str) + "\n")
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -92,27 +96,35 @@ def write_json_atomic(path: Path, payload: dict[str, Any], durable: bool = False
         fsync_dir(path.parent)
 
 
-def write_bytes_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, fsync and rename; a failed write leaves nothing."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write_json_atomic(path: Path, payload: dict[str, Any], durable: bool = False) -> None:
+    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename (``replace_with``).
+
+    ``durable`` also fsyncs the folder after the rename, so a power cut cannot leave an empty or stale file in its
+    place (checkpoints' commit point). A failed write leaves no temporary file behind.
+    """
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    replace_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a regular file's bytes, read in chunks; ``OSError`` for anything else (a link, a pipe)."""
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        raise OSError(f"{path.name} is not a regular file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def format_bytes(n: float) -> str:
     """``1536`` -> ``"1.5 KiB"``."""
+    unit = "B"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def write_error(exc: BaseException, what: str, where: Path, needed: int | None = None) -> BesaError:
