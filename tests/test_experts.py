@@ -295,3 +295,13 @@ def test_experts_are_saved_quantized_and_sparse_and_compressed_tensors_refuses_t
         besa.prune(make_moe("mixtral"), wbits=4, group_size=32, save_format="compressed-tensors",
                    out=tmp_path / "ct", **settings)  # fmt: skip
     assert not (tmp_path / "ct").exists()
+
+
+def test_a_data_free_method_prunes_every_expert_by_its_own_rule_without_counting_tokens(tokenizer):
+    model = make_moe("mixtral")
+    result = besa.prune(model, tokenizer=tokenizer, method="magnitude", sparsity=0.5, progress=False)
+    weights = result.report["weights"]
+    assert weights["expert_tokens"] == {} and weights["fallback"] == {}
+    for _, block in find_blocks(model):
+        for key, w in expert_matrices(block.mlp.experts).items():
+            assert float((w == 0).float().mean()) == 0.5, key

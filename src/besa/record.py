@@ -36,6 +36,13 @@ class BlockResult:
     fallback: dict[str, str] = field(default_factory=dict)
     """Expert linears pruned by the fallback rule instead of the method, and why."""
 
+    def merge(self, other: BlockResult) -> None:
+        """Take ``other``'s per-linear entries (targets, grids, facts of the fallback) into this result."""
+        self.targets.update(other.targets)
+        self.grids.update(other.grids)
+        self.quant_info.update(other.quant_info)
+        self.fallback.update(other.fallback)
+
     def add_grids(self, name: str, grids: QuantGrids, info: dict[str, Any]) -> None:
         h, z = grids
         self.grids[name] = (h.detach().float().cpu(), z.detach().float().cpu())

@@ -148,3 +148,16 @@ def test_a_linear_the_first_window_misses_but_others_reach_is_pruned_not_left_de
                         forward_batch=2, progress=False, checkpoint=False)  # fmt: skip
     assert result.report["weights"]["left_dense"] == {}
     assert result.report["layers"]["model.layers.0.mlp.sometimes"]["sparsity"] == 0.5
+
+
+def test_a_layer_put_back_dense_leaves_the_quantized_save_whole(tokenizer, calib_ids, tmp_path):
+    model = _with_idle_linears()
+    result = besa.prune(
+        model, tokenizer=tokenizer, method="sparsegpt", sparsity=0.5, calib_ids=calib_ids, wbits=4, group_size=32,
+        save_quantized=True, out=tmp_path / "q", progress=False,
+    )  # fmt: skip
+    left = result.report["weights"]["left_dense"]
+    assert left["model.layers.0.mlp.zero_fed"] == "pruning would have left it all zeros"
+    layers = result.report["quantization"]["layers"]
+    assert "model.layers.0.mlp.zero_fed" not in layers and "model.layers.0.mlp.down_proj" in layers
+    assert (tmp_path / "q" / "quantized.safetensors").is_file()

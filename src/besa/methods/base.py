@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from besa import distributed
 from besa.config import MethodConfig, NMPattern, PruneConfig
 from besa.errors import BesaError
 from besa.experts import ExpertLinear, pooled_statistics
@@ -50,8 +53,6 @@ class _TokenCount(LayerStats):
         self.tokens += x.numel() // max(x.shape[-1], 1)
 
     def reduce(self) -> None:
-        from besa import distributed
-
         self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
 
 
@@ -64,9 +65,32 @@ def routed_tokens(work: BlockWork, names: list[str]) -> dict[str, int]:
 
 
 def unreached_linears(work: BlockWork) -> list[str]:
-    """The block's linears whose forward does not run when the block runs on one calibration window."""
-    seen = work.layer_inputs(work.module, next(iter(work.inputs))[:1], list(work.linears))
-    return [name for name in work.linears if name not in seen]
+    """The block's linears whose forward runs on no process's first calibration window (agreed over the ranks of a
+    data-parallel run, so every rank then makes the same collective calls)."""
+    names = list(work.linears)
+    seen = work.layer_inputs(work.module, next(iter(work.inputs))[:1], names)
+    reached = distributed.sum_(torch.tensor([float(n in seen) for n in names], dtype=torch.float64))
+    return [n for n, r in zip(names, reached.tolist(), strict=True) if r == 0]
+
+
+@contextmanager
+def _pooled_calibration(work: BlockWork, on: bool) -> Iterator[None]:
+    """While active (and ``on``), every statistics pass of ``work`` (``BlockWork.calibrate``) runs each expert on
+    every token (``besa.experts.pooled_statistics``); the method's other forwards stay routed."""
+    if not on:
+        yield
+        return
+    calibrate = work.calibrate
+
+    def pooled(*args: Any, **kwargs: Any) -> Any:
+        with pooled_statistics(work.module):
+            return calibrate(*args, **kwargs)
+
+    work.calibrate = pooled  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del work.calibrate
 
 
 class Pruner(ABC):
@@ -134,30 +158,33 @@ class Pruner(ABC):
 
         No tensor is destroyed: a linear whose forward never runs on the calibration windows (a weight the block
         uses as a matrix of its own, say) is handed to no method, and one that pruning would leave all zeros is
-        put back as it was; both stay dense, at target 0, and ``BlockResult.left_dense`` says why. The experts of
-        a Mixture-of-Experts block (``besa.experts``) are counted their routed tokens over every window first; one
-        with fewer than ``expert_min_tokens`` is pruned by magnitude instead (``BlockResult.fallback``)."""
+        put back as it was (unquantized); both stay dense, at target 0, and ``BlockResult.left_dense`` says why.
+        The experts of a Mixture-of-Experts block (``besa.experts``) are counted their routed tokens over every
+        window first; one with fewer than ``expert_min_tokens`` (or none) is pruned by magnitude before the method
+        runs (``BlockResult.fallback``). With ``expert_stats == "pooled"`` every expert runs on every token while
+        the method gathers statistics."""
         data = self.engine_uses_data and bool(work.inputs)
-        experts = [n for n, layer in work.linears.items() if isinstance(layer, ExpertLinear)]
-        unseen = (
-            [n for n in unreached_linears(work) if n not in experts] if data else []
-        )  # on the first window
-        counted = routed_tokens(work, experts + unseen) if experts or unseen else {}  # over every window
+        experts = [n for n, layer in work.linears.items() if isinstance(layer, ExpertLinear)] if data else []
+        unseen = [n for n in unreached_linears(work) if n not in experts] if data else []  # the first window
+        counted = routed_tokens(work, experts + unseen) if experts or unseen else {}  # every window
         tokens = {n: counted[n] for n in experts}
         routed = self.config.expert_stats == "routed"  # pooled statistics are never thin
         least = max(self.config.expert_min_tokens, 1)  # an expert no token reaches has no statistics at all
         thin = {n: t for n, t in tokens.items() if t < least and (routed or t == 0)}
         unreached = [n for n in unseen if counted[n] == 0]
+        fallback = self._fall_back(work, thin)
         for name in [*unreached, *thin]:
             del work.linears[name]
+        guard = self.may_zero_layers or self.refit is not None
         originals = {
-            name: weight_matrix(layer).detach().to("cpu", copy=True) for name, layer in work.linears.items()
+            n: weight_matrix(layer).detach().to("cpu", copy=True) for n, layer in work.linears.items()
         }
-        with pooled_statistics(work.module, self.config.expert_stats == "pooled"):
+        originals = originals if guard else {}
+        with _pooled_calibration(work, not routed):
             result = self._prune_and_refit(work)
-        self._fall_back(work, result, thin)
+        result.merge(fallback)
         result.expert_tokens = {f"{work.name}.{n}": t for n, t in tokens.items()}
-        wiped = [n for n, layer in work.linears.items() if destroyed(originals[n], weight_matrix(layer))]
+        wiped = [n for n, w in originals.items() if destroyed(w, weight_matrix(work.linears[n]))]
         for name in wiped:
             set_weight_matrix(work.linears[name], originals[name])
         reasons = {n: "its forward never ran on the calibration windows" for n in unreached}
@@ -166,16 +193,22 @@ class Pruner(ABC):
             full = f"{work.name}.{name}"
             result.targets[full] = 0.0
             result.left_dense[full] = why
+            result.grids.pop(full, None)  # put back dense: no longer on any quantization grid
+            result.quant_info.pop(full, None)
             log.warning("%s: left dense: %s", full, why)
         return result
 
-    def _fall_back(self, work: BlockWork, result: BlockResult, thin: dict[str, int]) -> None:
+    may_zero_layers: bool = True
+    """Whether the method could leave a linear all zeros (a weight update, a learned rate): ``run_block`` then keeps
+    a copy of the block's linears to put such a one back. Selection alone at a rate below 1 cannot."""
+
+    def _fall_back(self, work: BlockWork, thin: dict[str, int]) -> BlockResult:
         """Prune the experts in ``thin`` (name -> routed tokens) by weight magnitude at the block's rate (N:M: the
         pattern): the calibration sent them too few tokens for the method's statistics."""
-        modules = dict(work.module.named_modules())
+        result = BlockResult()
         rate = self.allocation.block_rate(work.name)
         for name, count in thin.items():
-            layer, full = modules[name], f"{work.name}.{name}"
+            layer, full = work.linears[name], f"{work.name}.{name}"
             apply_prune_mask(
                 layer, select_prune_mask(magnitude_scores(weight_matrix(layer)), rate, self.config.nm)
             )
@@ -186,6 +219,7 @@ class Pruner(ABC):
             )
             self.finish_layer(result, full, layer, None, "magnitude fallback")
             log.info("%s: %s", full, result.fallback[full])
+        return result
 
     def _prune_and_refit(self, work: BlockWork) -> BlockResult:
         """``prune_block``, then the refit of the survivors if the run has one."""
@@ -331,6 +365,7 @@ class ScoredPruner(LayerwisePruner):
     the lowest ``rate`` share of every row (or ``n`` of every ``m`` with a pattern); the survivors stay as they are."""
 
     score: str = "magnitude"
+    may_zero_layers = False  # a share of every row below 1 is zeroed: a row, and so the layer, keeps weights
 
     def make_stats(self, layer: nn.Module) -> LayerStats | None:
         return SCORERS[self.score].stats_for(layer)
