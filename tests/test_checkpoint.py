@@ -18,6 +18,7 @@ import besa
 import besa.checkpoint
 from besa.checkpoint import RUN_FILE
 from besa.errors import BesaError
+from besa.options import RUN_MARKER
 from conftest import make_tokenizer
 
 LAYERS = 4
@@ -203,8 +204,9 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(
 def test_run_folder_holds_only_safetensors_and_json(deep_model_dir, ids, tmp_path):
     run_dir = tmp_path / "run"
     _prune(deep_model_dir, "besa", ids, None, run_dir=run_dir, checkpoint=True)
-    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    files = [p for p in run_dir.rglob("*") if p.is_file() and p.name != RUN_MARKER]
     assert files and all(p.suffix in (".safetensors", ".json") for p in files)
+    assert (run_dir / RUN_MARKER).stat().st_size == 0  # the marker that the folder is besa's: empty
     assert len(list((run_dir / "blocks").iterdir())) == LAYERS
     assert not [p for p in run_dir.iterdir() if p.name.startswith("acts-")]  # nothing left to propagate
 

@@ -369,3 +369,22 @@ def test_links_inside_the_run_folder_never_lead_a_write_or_a_read_elsewhere(caps
     block.symlink_to(victim)
     again = [*argv[:-1], str(tmp_path / "again"), "--run-dir", str(run_dir), "--resume"]
     _refused(capsys, tmp_path, *again, needle="00000.safetensors is not a regular file")
+
+
+def test_a_user_folder_with_run_json_or_a_fake_report_is_not_besas_to_overwrite_or_clean(
+    capsys, parent, tmp_path
+):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "run.json").write_text("{}")  # a common name: no proof besa wrote the folder
+    (theirs / "besa_report.json").write_text("not a report")
+    args = ["prune", parent / "model", *FAST, "--out", theirs, "--overwrite"]
+    _refused(capsys, tmp_path, *args, needle="was not written by besa")
+    mine = (
+        tmp_path / "mine"
+    )  # a run folder of the user's own, with names besa also uses, but not besa's marker
+    (mine / "blocks").mkdir(parents=True)
+    (mine / "blocks" / "thesis.tex").write_text("precious")
+    args = ["prune", parent / "model", *CALIBRATED, "--calib", parent / "notes.txt", "--out", tmp_path / "out",
+            "--run-dir", mine]  # fmt: skip
+    _refused(capsys, tmp_path, *args, needle="holds 'blocks' and no run.json")

@@ -38,7 +38,7 @@ from besa import distributed
 from besa.activations import ActivationStore, MemoryBudget
 from besa.errors import BesaError
 from besa.fileio import fsync_dir, replace_with, sha256_of, write_error, write_json_atomic
-from besa.options import RUN_FILE
+from besa.options import RUN_FILE, RUN_MARKER
 
 __all__ = [
     "RunFolder",
@@ -174,8 +174,8 @@ def require_checkpoint(path: Path) -> None:
 def _is_run_artifact(name: str) -> bool:
     """Whether a file or folder name is one this module writes into a run folder."""
     return (
-        name in ("blocks", "spill")
-        or name.startswith("acts-")
+        name in ("blocks", "spill", RUN_MARKER)
+        or bool(_ACTS.fullmatch(name))
         or (name.startswith(".") and name.endswith(".tmp"))
     )
 
@@ -235,15 +235,18 @@ class RunFolder:
         if not run_file.exists():
             if require:
                 require_checkpoint(self.path)
-            if self.path.is_dir():
-                foreign = [p.name for p in self.path.iterdir() if not _is_run_artifact(p.name)]
-                if foreign:
-                    raise BesaError(
-                        f"run folder {str(self.path)!r} holds {foreign[0]!r} and no {RUN_FILE}: pass another --run-dir"
-                    )
-                if distributed.world().writer:
-                    for p in self.path.iterdir():  # left by a run killed before its first checkpoint
-                        _remove(p)
+            entries = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+            foreign = [n for n in entries if not _is_run_artifact(n)]
+            if foreign or entries and not (self.path / RUN_MARKER).is_file():
+                raise BesaError(
+                    f"run folder {str(self.path)!r} holds {(foreign or entries)[0]!r} and no {RUN_FILE}: pass "
+                    "another --run-dir"
+                )
+            if distributed.world().writer:
+                for name in entries:  # left by a run killed before its first checkpoint
+                    _remove(self.path / name)
+                self.path.mkdir(parents=True, exist_ok=True)
+                (self.path / RUN_MARKER).touch()  # the folder is ours: what it holds from now on, we wrote
             distributed.barrier()
             self.state = None
             return 0

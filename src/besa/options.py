@@ -7,6 +7,7 @@ and checks every place the run will write before any work is done.
 from __future__ import annotations
 
 import errno
+import json
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from besa.errors import BesaError
 SAVE_FORMATS = ("dense", "sparse", "compressed-tensors")
 
 __all__ = [
-    "SAVE_FORMATS", "OWNED_MARKERS", "REPORT_NAME", "RUN_FILE", "RunOptions", "ResolvedRun", "check_apart", "check_output_dir", "check_writable",
+    "SAVE_FORMATS", "REPORT_NAME", "RUN_FILE", "RUN_MARKER", "RunOptions", "ResolvedRun", "check_apart", "check_output_dir", "check_writable", "written_by_besa",
     "overlapping", "parse_size",
 ]  # fmt: skip
 
@@ -55,9 +56,20 @@ REPORT_NAME = "besa_report.json"
 """The report every pruned model folder holds."""
 RUN_FILE = "run.json"
 """A run folder's commit point (``besa.checkpoint``)."""
-OWNED_MARKERS = (REPORT_NAME, RUN_FILE)
-"""A folder holding one of these was written by ``besa`` (a pruned model's report, a run folder's commit point):
-the only kind of non-empty folder ``--overwrite`` replaces."""
+RUN_MARKER = ".besa-run"
+"""The empty file a run folder gets when ``besa`` takes it (``besa.checkpoint``): what it may clean up is its own."""
+
+
+def written_by_besa(folder: Path) -> bool:
+    """Whether ``folder`` holds a pruned model's report (a JSON object with ``config`` and ``sparsity``) or a run
+    folder's marker: the only kind of non-empty folder ``--overwrite`` replaces."""
+    if (folder / RUN_MARKER).is_file():
+        return True
+    try:
+        report = json.loads((folder / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(report, dict) and {"config", "sparsity"} <= report.keys()
 
 
 def overlapping(a: Path, b: Path) -> bool:
@@ -88,12 +100,12 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     if entries and not overwrite:
         raise BesaError(f"--out {str(out)!r} exists and is not empty (pass --overwrite to replace it)")
-    if entries and not any(name in entries for name in OWNED_MARKERS):
+    if entries and not written_by_besa(path):
         shown = ", ".join(repr(n) for n in entries[:3]) + (
             f" and {len(entries) - 3} more" if len(entries) > 3 else ""
         )
         raise BesaError(
-            f"--out {str(out)!r} was not written by besa (no besa_report.json): --overwrite would delete "
+            f"--out {str(out)!r} was not written by besa (no besa report in it): --overwrite would delete "
             f"{shown}; choose another --out or empty it yourself"
         )
     check_writable(path, "--out")
