@@ -221,8 +221,8 @@ class PruneConfig:
     leave_unknown_dense: bool = field(
         default=False,
         metadata={
-            "help": "leave block weights of a layout besa cannot prune (e.g. fused 3-D expert tensors) dense and go "
-            "on, instead of stopping before any work; the report lists them"
+            "help": "leave block weights of a layout besa cannot prune (e.g. the experts of DBRX or Llama 4) dense "
+            "and go on, instead of stopping before any work; the report lists them"
         },
     )
     within_block: str | None = field(
