@@ -178,6 +178,8 @@ def test_ctrl_c_at_start_up_is_one_line(capsys, monkeypatch, parent, tmp_path):
 
 def _edit_run(run_dir: Path, **changes) -> None:
     state = json.loads((run_dir / RUN_FILE).read_text())
+    if "record" in changes:
+        state["blocks"][0]["record"] = changes.pop("record")
     state.update(changes)
     (run_dir / RUN_FILE).write_text(json.dumps(state))
 
@@ -193,6 +195,8 @@ def _edit_run(run_dir: Path, **changes) -> None:
         ({"blocks": []}, "lists 0 blocks for 1 completed"),
         ({"batches": -1}, "batches is -1"),
         ({"format": 1}, "made by another version of besa"),
+        ({"fingerprint": ["not", "a", "dict"]}, "belongs to another run"),
+        ({"record": {"layer_targets": [1]}}, "damaged"),  # block 0's record: its file is intact
     ],
 )
 def test_an_edited_run_json_is_refused_and_nothing_outside_the_run_folder_is_read_or_deleted(
@@ -208,7 +212,7 @@ def test_an_edited_run_json_is_refused_and_nothing_outside_the_run_folder_is_rea
     changes = {k: str(victim) if v == "VICTIM" else v for k, v in changes.items()}
     _edit_run(run_dir, **changes)
     line = _refused(capsys, tmp_path, *argv, "--resume", needle=needle)
-    assert "damaged" in line or "another version" in line
+    assert "damaged" in line or "another version" in line or "another run" in line
 
 
 def _flip_bytes(path: Path, at: int, count: int = 8) -> None:
@@ -388,3 +392,28 @@ def test_a_user_folder_with_run_json_or_a_fake_report_is_not_besas_to_overwrite_
     args = ["prune", parent / "model", *CALIBRATED, "--calib", parent / "notes.txt", "--out", tmp_path / "out",
             "--run-dir", mine]  # fmt: skip
     _refused(capsys, tmp_path, *args, needle="holds 'blocks' and no run.json")
+
+
+def test_the_resume_command_after_ctrl_c_names_the_real_run_folder_and_redoes_nothing(
+    capsys, parent, tmp_path, monkeypatch
+):
+    out = f"{tmp_path / 'out'}/"  # a trailing slash: the run folder is still out.run beside it
+    argv = ["prune", str(parent / "model"), *CALIBRATED, "--calib", str(parent / "notes.txt"), "--out", out]
+    with monkeypatch.context() as m:
+        _stop_at_block(m, 1)
+        assert run_cli(capsys, *argv)[0] == 130
+        code, _, err = run_cli(capsys, *argv, "--redo-from", "0")
+    line = one_line_error(err)
+    assert code == 130 and f"kept in {str(tmp_path / 'out.run')!r}" in line
+    assert line.endswith(f"continue with: besa {' '.join(argv)} --resume")  # no --redo-from 0 in it
+
+
+def test_a_corrupt_gzip_body_is_one_line(capsys, parent, tmp_path):
+    import gzip
+
+    data = bytearray(gzip.compress(b'{"text": "some calibration text"}\n' * 200))
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "calib.jsonl.gz"
+    bad.write_bytes(bytes(data))
+    args = ["prune", parent / "model", *CALIBRATED, "--calib", bad, "--out", tmp_path / "out"]
+    _refused(capsys, tmp_path, *args, needle="cannot read")

@@ -103,7 +103,8 @@ def _check_weights(model: nn.Module, config: PruneConfig) -> list[BlockWeight]:
             f"besa prune: {len(dense)} block weights ({kept / total:.1%} of the blocks' weights) stay dense: {said} "
             f"(e.g. {dense[0].name}); the report lists them"
         )
-        tqdm.write(message, file=sys.stderr)  # with or without progress bars: a skip is said before the work
+        if distributed.world().writer:  # with or without progress bars: a skip is said before the work, once
+            tqdm.write(message, file=sys.stderr)
     return weights
 
 

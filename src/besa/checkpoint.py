@@ -261,7 +261,10 @@ class RunFolder:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BesaError(f"cannot read {str(run_file)!r}: {exc}") from None
         _check_state(state, repr(str(run_file)))
-        diffs = _differences(self.fingerprint, state.get("fingerprint", {}))
+        fingerprint = state.get("fingerprint")
+        diffs = _differences(
+            self.fingerprint, fingerprint if isinstance(fingerprint, dict) else {"": fingerprint}
+        )
         if diffs:
             raise BesaError(
                 f"run folder {str(self.path)!r} belongs to another run ({'; '.join(diffs[:3])}); "
@@ -328,7 +331,7 @@ class RunFolder:
                 torch.set_rng_state(rng["cpu"])
         except TamperedCheckpoint as exc:
             raise self._tampered(exc) from None
-        except (OSError, KeyError, RuntimeError) as exc:
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
             raise BesaError(
                 f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over"
             ) from None
@@ -346,7 +349,7 @@ class RunFolder:
             extra = self._restore_block(index, name, block)
         except TamperedCheckpoint as exc:
             raise self._tampered(exc) from None
-        except (OSError, KeyError, RuntimeError) as exc:
+        except (OSError, KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
             raise BesaError(
                 f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over"
             ) from None

@@ -400,11 +400,15 @@ def _is_collective_failure(exc: BaseException) -> bool:
 
 
 def _run_dir_of(args: argparse.Namespace) -> str:
+    """The run folder a prune command uses: ``--run-dir``, else ``OUT.run`` beside ``--out`` (as ``RunOptions``)."""
     given = getattr(args, "run_dir", None)
     if given:
-        return str(given)
+        return str(Path(given).expanduser())
     out = getattr(args, "out", None)
-    return f"{out}.run" if out else "the run folder"
+    if not out:
+        return "the run folder"
+    out = Path(out).expanduser()
+    return str(out.parent / f"{out.name}.run")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,11 +434,25 @@ def _interrupted(args: argparse.Namespace | None, argv: list[str]) -> str:
         done = int(json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["completed"])
     except (OSError, ValueError, KeyError, TypeError):
         return "besa prune: interrupted before the first block was finished; nothing was kept"
-    again = [a for a in argv if a != "--resume"]
+    again = _without(argv, "--resume", "--redo-from")  # continuing must not prune the finished blocks again
     return (
         f"besa prune: interrupted; {done} finished block{'s' * (done != 1)} kept in {str(run_dir)!r}: "
         f"continue with: {shlex.join(['besa', *again, '--resume'])}"
     )
+
+
+def _without(argv: list[str], *flags: str) -> list[str]:
+    """``argv`` without ``flags`` (and the value of one that takes it: ``--redo-from 3`` or ``--redo-from=3``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = arg != "--resume"
+        elif not any(arg.startswith(f"{flag}=") for flag in flags):
+            kept.append(arg)
+    return kept
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,7 @@ def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
                 if not isinstance(record, dict) or field not in record or not isinstance(record[field], str):
                     raise BesaError(f"{path}: line {lineno} has no string field {field!r}")
                 texts.append(record[field])
-    except (OSError, EOFError) as exc:  # a truncated or corrupt .gz, an unreadable file
+    except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz, an unreadable file
         raise BesaError(f"cannot read {path}: {exc}; copy or download it again") from None
     return texts
 

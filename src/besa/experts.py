@@ -175,7 +175,7 @@ def unfused_experts(block: nn.Module) -> Iterator[list[str]]:
                     ExpertLinear(_copy_matrix(fused.data[e], experts.is_transposed), name, e)
                     for e in range(experts.num_experts)
                 )
-                del experts._parameters[name]
+                del experts._parameters[name], fused  # the fused copy goes now, not at the end of the step
                 setattr(experts, name, linears)
                 names += [
                     f"{prefix}.{name}.{e}" if prefix else f"{name}.{e}" for e in range(experts.num_experts)

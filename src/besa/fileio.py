@@ -42,11 +42,17 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         if not target.exists():
             os.replace(tmp, target)
         elif replace:
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
-            )  # a name no one has
-            os.replace(target, old)  # a folder renamed onto our own empty one
-            os.replace(tmp, target)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))  # no one's name
+            try:
+                os.replace(target, old)  # a folder renamed onto our own empty one
+            except BaseException:
+                old.rmdir()
+                raise
+            try:
+                os.replace(tmp, target)
+            except BaseException:  # the earlier output goes back where it was
+                os.replace(old, target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             shutil.rmtree(tmp, ignore_errors=True)

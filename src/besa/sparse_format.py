@@ -151,7 +151,7 @@ def load_sparse_state_dict(folder: str | Path) -> dict[str, Any]:
             state[name] = unpack_weight(flat[f"{name}.bitmask"], flat[f"{name}.values"], rows, cols)
         for alias, stored in meta["tied"].items():
             state[alias] = state[stored]
-    except (KeyError, TypeError, ValueError) as exc:  # the listing and the weights file disagree
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # the listing and the weights disagree
         detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise BesaError(
             f"{where} does not match its weights file ({detail}); the folder is damaged: save the model again"

@@ -93,7 +93,13 @@ class ShardIndex:
                     "weights only from the model folder"
                 )
             return cls(folder, weight_map)
-        except (OSError, KeyError, ValueError, SafetensorError) as exc:  # a truncated or corrupt file
+        except (
+            OSError,
+            KeyError,
+            ValueError,
+            TypeError,
+            SafetensorError,
+        ) as exc:  # a truncated or corrupt file
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BesaError(
                 f"cannot read the weights of {str(folder)!r}: {reason} (a truncated or corrupt file: copy, download "
