@@ -22,7 +22,10 @@ What is compared (``TensorGap``, ``case_gaps``), each as a fraction:
 Two promises, two kinds of test:
 
 - Same machine, same settings: bit for bit. Two runs in one process save byte-identical tensors
-  (``test_a_second_run_in_the_same_process_saves_the_same_bytes``).
+  (``test_a_second_run_in_the_same_process_saves_the_same_bytes``); and on the kind of CPU and kernel that made
+  the record (``tests/golden/recorded_on.json``: vendor, family, model, torch's kernel choice and version) every
+  case must match it exactly (``EXACT``), so a single moved weight fails there even where the tolerances below
+  would let it pass.
 - Another CPU: the same results up to float rounding, which the runs amplify (SparseGPT's least-squares solve,
   BESA's training, a weight that rounds to the other side of a quantization step, a near tie in a mask). The
   record is that of an AMD EPYC (Zen 4) with torch's own choice of kernel (AVX512) and 1 thread. Each case
@@ -72,6 +75,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +170,30 @@ def tolerance(name: str, noise: dict[str, dict[str, float]] | None = None) -> di
     if flips:
         reported |= dict.fromkeys(METRICS[1:], INTEL_FLIP)
     return {m: max(FLOOR[m], MARGIN * max(noise[name][m], reported.get(m, 0.0))) for m in METRICS}
+
+
+RECORDED_ON = GOLDEN / "recorded_on.json"
+EXACT = dict.fromkeys(METRICS, 0.0)
+"""The tolerances on the recording kind of CPU and kernel: none (the runs there reproduce the record bit for bit,
+so a single moved weight, which the cross-vendor tolerances of the SparseGPT and BESA cases let pass, fails)."""
+
+
+def kernel_identity() -> dict[str, str]:
+    """What decides the float rounding of a run: the CPU (vendor, family, model), torch's kernel choice
+    (``ATEN_CPU_CAPABILITY``) and torch's version; the tests run on 1 thread (conftest)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    found = {}
+    for key in ("vendor_id", "cpu family", "model", "model name"):
+        match = re.search(rf"^{key}\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+        found[key] = match.group(1).strip() if match else ""
+    return found | {"capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
+def on_the_recording_kernel() -> bool:
+    return RECORDED_ON.exists() and json.loads(RECORDED_ON.read_text()) == kernel_identity()
 
 
 POSITION_PERIOD = 13
@@ -387,7 +415,9 @@ def test_saved_tensors_match_the_recorded_digests(name, tokenizer, calib_ids, tm
     tensors = saved_tensors(CASES[name], tokenizer, calib_ids, tmp_path / "out")
     if RECORD:
         record_case(name, tensors)
-    tol = dict.fromkeys(METRICS, 0.0) if RECORD else tolerance(name)  # a fresh record: no gap at all
+        RECORDED_ON.write_text(json.dumps(kernel_identity(), indent=1) + "\n")
+    # on the kind of CPU and kernel that made the record (and a fresh record) no gap at all: bit for bit
+    tol = EXACT if RECORD or on_the_recording_kernel() else tolerance(name)
     gaps = case_gaps(tensors, name)
     found = differences(gaps, tol)
     assert not found, f"{name} differs from its record in {len(found)} ways, first: {found[:4]}"
@@ -434,3 +464,16 @@ def test_a_changed_seed_or_rule_is_flagged(mutation, tokenizer, tmp_path):
     ids = calib_ids_from(seeds.get("calib_seed", 0))
     tensors = saved_tensors(case, tokenizer, ids, tmp_path / "out", seed=seeds.get("seed", 0))
     assert differences(case_gaps(tensors, name), tolerance(name)), f"{mutation} passes as {name}"
+
+
+def test_on_the_recording_kernel_one_moved_weight_of_the_loosest_case_fails(tokenizer, calib_ids, tmp_path):
+    tensors = saved_tensors(CASES["sparsegpt-2:4"], tokenizer, calib_ids, tmp_path / "out")
+    key = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    moved = tensors[key].clone()
+    zero, kept = (moved == 0).nonzero()[0], (moved != 0).nonzero()[0]
+    moved[tuple(zero)], moved[tuple(kept)] = moved[tuple(kept)], 0.0  # one weight moved to a pruned place
+    gaps = case_gaps({**tensors, key: moved}, "sparsegpt-2:4")
+    assert differences(gaps, EXACT)  # the exact comparison sees it ...
+    assert not differences(gaps, tolerance("sparsegpt-2:4"))  # ... which the cross-vendor tolerance cannot
+    if on_the_recording_kernel():  # and here the unmoved run is the record, bit for bit
+        assert not differences(case_gaps(tensors, "sparsegpt-2:4"), EXACT)
