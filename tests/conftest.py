@@ -80,6 +80,21 @@ def make_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
+def make_llama4() -> transformers.PreTrainedModel:
+    """A tiny Llama 4 text model: every block a Mixture of Experts (an ``nn.Linear`` router returning a tuple,
+    3-D experts its own forward multiplies in one batched product, a shared expert), in eval mode."""
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, intermediate_size_mlp=FFN, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        max_position_embeddings=128, interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=8,
+        layer_types=["chunked_attention", "full_attention"],
+    )  # fmt: skip
+    model = transformers.Llama4ForCausalLM(config)
+    model.config.use_cache = False
+    return model.eval()
+
+
 def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with no merges: one token per byte, 256 + 2 special tokens; with ``bos`` a third,
     ``<bos>`` (258), that it puts in front of every text by itself (as Gemma and LLaMA-3 tokenizers do)."""

@@ -354,19 +354,10 @@ def test_eval_tasks_flag_alone_means_the_papers_six():
 def llama4_dir(tmp_path):
     """A tiny Llama 4: its experts are 3-D tensors its own forward multiplies in one batched product, a layout no
     method prunes yet (not a ``use_experts_implementation`` class: ``besa.experts`` does not unfuse it)."""
-    import transformers
+    from conftest import make_llama4, make_tokenizer
 
-    from conftest import make_tokenizer
-
-    torch.manual_seed(0)
-    config = transformers.Llama4TextConfig(
-        vocab_size=260, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
-        max_position_embeddings=128, interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=8,
-        layer_types=["chunked_attention", "full_attention"],
-    )  # fmt: skip
     path = tmp_path / "tiny-llama4"
-    transformers.Llama4ForCausalLM(config).save_pretrained(path)
+    make_llama4().save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
 

@@ -68,6 +68,10 @@ class TamperedCheckpoint(BesaError):
         self.block = block
 
 
+_DAMAGE = (TamperedCheckpoint, OSError, KeyError, RuntimeError, TypeError, ValueError, AttributeError)
+"""What reading a run folder's files raises when one is changed after it was written, or damaged."""
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes."""
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
@@ -329,12 +333,8 @@ class RunFolder:
                     acts / name, digests.get(name, ""), f"the activations of block {done}", done
                 )
                 torch.set_rng_state(rng["cpu"])
-        except TamperedCheckpoint as exc:
-            raise self._tampered(exc) from None
-        except (OSError, KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
-            raise BesaError(
-                f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over"
-            ) from None
+        except _DAMAGE as exc:
+            raise self._one_line(exc) from None
         log.info("resuming %s after %d of %d blocks", self.path, done, len(named_blocks))
         return done, seconds, inputs, dense
 
@@ -347,12 +347,8 @@ class RunFolder:
         the RNG is where the original run had it, so the redone blocks are pruned as they were the first time."""
         try:
             extra = self._restore_block(index, name, block)
-        except TamperedCheckpoint as exc:
-            raise self._tampered(exc) from None
-        except (OSError, KeyError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
-            raise BesaError(
-                f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over"
-            ) from None
+        except _DAMAGE as exc:
+            raise self._one_line(exc) from None
         if index + 1 == self.redo_from:
             torch.set_rng_state(extra[_RNG])
 
@@ -388,6 +384,12 @@ class RunFolder:
                 f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over"
             ) from None
         return {k: v for k, v in tensors.items() if "::" not in k}
+
+    def _one_line(self, exc: BaseException) -> BesaError:
+        """A file of the run folder that could not be used: changed after it was written, or damaged."""
+        if isinstance(exc, TamperedCheckpoint):
+            return self._tampered(exc)
+        return BesaError(f"run folder {str(self.path)!r} is damaged ({exc}); delete it to start over")
 
     def _tampered(self, exc: TamperedCheckpoint) -> BesaError:
         """The one-line answer to a changed checkpoint file: which, what is intact, and how to go on."""

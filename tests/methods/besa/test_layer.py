@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -10,7 +9,7 @@ from besa.methods.besa.layer import LayerAllocation
 from besa.methods.besa.rates import candidate_rates, tilted_logits
 from besa.methods.besa.training import masked
 from besa.modeling import find_blocks, find_linears, weight_matrix
-from conftest import make_tokenizer
+from conftest import make_llama4, make_tokenizer
 
 
 class _TupleLinear(nn.Linear):
@@ -71,25 +70,11 @@ def test_a_masked_conv1d_applies_the_mask_in_its_transposed_layout():
     torch.testing.assert_close(out, F.linear(x, weight_matrix(layer) * mask, layer.bias))
 
 
-def _tiny_llama4() -> transformers.PreTrainedModel:
-    """A tiny Llama 4 text model: every block a Mixture of Experts (router, fused experts, shared expert)."""
-    torch.manual_seed(0)
-    config = transformers.Llama4TextConfig(
-        vocab_size=260, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
-        max_position_embeddings=128, interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=8,
-        layer_types=["chunked_attention", "full_attention"],
-    )  # fmt: skip
-    model = transformers.Llama4ForCausalLM(config)
-    model.config.use_cache = False
-    return model.eval()
-
-
 @pytest.mark.parametrize("forward_batch", [1, 2])
 def test_besa_prunes_llama4_with_its_router_whose_forward_returns_a_tuple(forward_batch, calib_ids):
     """Llama 4's router is an ``nn.Linear`` subclass returning (scores, logits); pruned with the rest (its fused
     experts stay dense), BESA's masked training forward keeps that output, and the run ends at the target."""
-    model = _tiny_llama4()
+    model = make_llama4()
     router_outputs: list[object] = []
     routers = [m for m in model.modules() if type(m).__name__ == "Llama4Router"]
     assert routers and all(isinstance(m, nn.Linear) for m in routers)
