@@ -95,6 +95,53 @@ def make_llama4() -> transformers.PreTrainedModel:
     return model.eval()
 
 
+class EinsumMoeConfig(transformers.LlamaConfig):
+    model_type = "besa_test_einsum_moe"
+
+
+class EinsumExperts(torch.nn.Module):
+    """A Mixture of Experts of a layout besa cannot follow: 4 experts stacked in ``w_in`` [4, 32, HIDDEN] and
+    ``w_out`` [4, HIDDEN, 32], every token through every expert in one ``einsum``, a linear router."""
+
+    def __init__(self, config: transformers.PretrainedConfig) -> None:
+        super().__init__()
+        self.num_experts = 4
+        self.router = torch.nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        self.w_in = torch.nn.Parameter(torch.randn(self.num_experts, 32, config.hidden_size) * 0.05)
+        self.w_out = torch.nn.Parameter(torch.randn(self.num_experts, config.hidden_size, 32) * 0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.router(x).softmax(-1)
+        h = torch.relu(torch.einsum("bth,eih->btei", x, self.w_in))
+        return torch.einsum("btei,ehi,bte->bth", h, self.w_out, gates)
+
+
+class EinsumMoeForCausalLM(transformers.LlamaForCausalLM):
+    config_class = EinsumMoeConfig
+
+    def __init__(self, config: EinsumMoeConfig) -> None:
+        super().__init__(config)
+        for layer in self.model.layers:
+            layer.mlp = EinsumExperts(config)
+        self.post_init()
+
+
+def make_einsum_moe() -> transformers.PreTrainedModel:
+    """A tiny causal LM whose blocks hold experts besa cannot follow (``EinsumExperts``), registered with the Auto
+    classes so it saves and loads (in this process) like any model."""
+    if EinsumMoeConfig.model_type not in transformers.CONFIG_MAPPING:
+        transformers.AutoConfig.register(EinsumMoeConfig.model_type, EinsumMoeConfig)
+        transformers.AutoModelForCausalLM.register(EinsumMoeConfig, EinsumMoeForCausalLM)
+    torch.manual_seed(0)
+    config = EinsumMoeConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    model = EinsumMoeForCausalLM(config)
+    model.config.use_cache = False
+    return model.eval()
+
+
 def make_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with no merges: one token per byte, 256 + 2 special tokens; with ``bos`` a third,
     ``<bos>`` (258), that it puts in front of every text by itself (as Gemma and LLaMA-3 tokenizers do)."""

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import besa
-from besa.experts import expert_matrices, fused_experts
+from besa.experts import block_expert_matrices, expert_matrices
 from besa.modeling import classify_block_weights, find_blocks, find_linears, weight_matrix
 from conftest import make_tokenizer
 
@@ -229,16 +229,6 @@ def make_arch(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-NOT_YET = {  # what stops each of these today: besa refuses a block weight before any work
-    "llama4_text": "Llama4TextExperts is no use_experts_implementation class: "
-    "feed_forward.experts.gate_up_proj [4, 64, 64] 'has a layout besa cannot prune yet'",
-    "dbrx": "DbrxExpertGLU is no use_experts_implementation class: "
-    "ffn.experts.mlp.w1/v1/w2 [128, 64] 'has a layout besa cannot prune yet'",
-    "jetmoe": "JetMoeParallelExperts (MoE MLP and mixture of attention heads) is no use_experts_implementation "
-    "class: mlp.input_linear.weight [4, 64, 64] 'has a layout besa cannot prune yet'",
-}
-
-
 CASES = {
     "wanda": dict(method="wanda", sparsity=0.5),
     "sparsegpt": dict(method="sparsegpt", sparsity=0.5),
@@ -259,9 +249,9 @@ def _pruned_matrices(model: torch.nn.Module) -> dict[str, dict[str, tuple[str, t
         mine = found.setdefault(block_name, {})
         for name, layer in find_linears(block, model).items():
             mine[f"{block_name}.{name}"] = (f"{block_name}.{name}.weight", weight_matrix(layer))
-        for prefix, experts in fused_experts(block):
-            for key, w in expert_matrices(experts).items():
-                mine[f"{block_name}.{prefix}.{key}"] = (f"{block_name}.{prefix}.{key.split('.')[0]}", w)
+        for key, w in block_expert_matrices(block).items():  # <param>.<e> or <param>_experts.<e>
+            param = key.rsplit(".", 1)[0].removesuffix("_experts")
+            mine[f"{block_name}.{key}"] = (f"{block_name}.{param}", w)
     return found
 
 
@@ -270,15 +260,7 @@ def _is_2_4(w: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(
-    "arch",
-    [
-        pytest.param(a, marks=pytest.mark.xfail(strict=True, raises=besa.BesaError, reason=NOT_YET[a]))
-        if a in NOT_YET
-        else a
-        for a in ARCHS
-    ],
-)
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_every_architecture_is_pruned_to_its_target_and_reloads(arch, case, tmp_path):
     settings = CASES[case]
     model = make_arch(arch)

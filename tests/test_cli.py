@@ -351,26 +351,26 @@ def test_eval_tasks_flag_alone_means_the_papers_six():
 
 
 @pytest.fixture
-def llama4_dir(tmp_path):
-    """A tiny Llama 4: its experts are 3-D tensors its own forward multiplies in one batched product, a layout no
-    method prunes yet (not a ``use_experts_implementation`` class: ``besa.experts`` does not unfuse it)."""
-    from conftest import make_llama4, make_tokenizer
+def einsum_moe_dir(tmp_path):
+    """A tiny MoE whose experts are 3-D tensors its own forward multiplies in an ``einsum`` over every expert, a
+    layout no method can prune (``conftest.EinsumExperts``)."""
+    from conftest import make_einsum_moe, make_tokenizer
 
-    path = tmp_path / "tiny-llama4"
-    make_llama4().save_pretrained(path)
+    path = tmp_path / "tiny-einsum-moe"
+    make_einsum_moe().save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
 
 
 def test_weights_no_method_prunes_stop_the_run_before_work_or_stay_dense_on_purpose(
-    capsys, tmp_path, llama4_dir, calib_txt
+    capsys, tmp_path, einsum_moe_dir, calib_txt
 ):
     from conftest import one_line_error, snapshot
 
     out = tmp_path / "out"
     argv = [
         "prune",
-        llama4_dir,
+        einsum_moe_dir,
         "--method",
         "wanda",
         "--calib",
@@ -385,7 +385,8 @@ def test_weights_no_method_prunes_stop_the_run_before_work_or_stay_dense_on_purp
     assert code == 2 and snapshot(tmp_path) == before
     line = one_line_error(err)
     assert (
-        "model.layers.0.feed_forward.experts.gate_up_proj [4, 64, 128]" in line
+        "model.layers.0.mlp.w_in [4, 32, 64]" in line
+        and "used by einsum" in line
         and "--leave-unknown-dense" in line
     )
     code, printed, err = _run(
@@ -397,8 +398,13 @@ def test_weights_no_method_prunes_stop_the_run_before_work_or_stay_dense_on_purp
     )  # said before the work
     report = json.loads((out / "besa_report.json").read_text())
     dense = {d["name"]: (d["kind"], d["rule"]) for d in report["weights"]["dense"]}
-    assert dense["model.layers.1.feed_forward.router.weight"] == ("kept", "router")
-    assert dense["model.layers.0.feed_forward.experts.down_proj"] == ("unknown", "unknown layout")
+    assert dense["model.layers.1.mlp.router.weight"] == ("kept", "router")
+    assert dense["model.layers.0.mlp.w_out"] == ("unknown", "unknown layout")
+    whys = {d["name"]: d.get("why") for d in report["weights"]["dense"]}
+    assert (
+        whys["model.layers.0.mlp.w_out"]
+        == "model.layers.0.mlp.w_out is used by einsum, not as one expert's matrix"
+    )
     s = report["sparsity"]
     linears = sum(v["numel"] for v in report["layers"].values())
     assert (

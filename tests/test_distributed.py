@@ -122,3 +122,49 @@ def test_a_killed_rank_stops_the_run_clearly_and_a_rerun_resumes(deep_model_dir,
     assert one.returncode == 0
     a, b = _weights(tmp_path / "one"), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(params=["mixtral", "llama4"])
+def moe_model_dir(request, tmp_path: Path) -> Path:
+    """A tiny Mixture of Experts: Mixtral's experts are a decorated fused class, Llama 4's stacks its own forward
+    multiplies in one ``bmm`` (``besa.experts``)."""
+    from conftest import make_llama4
+
+    torch.manual_seed(0)
+    if request.param == "llama4":
+        model = make_llama4()
+    else:
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=260, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+        ))  # fmt: skip
+    path = tmp_path / request.param
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_two_processes_prune_every_expert_as_one_process_does(moe_model_dir, data_dir, tmp_path):
+    flags = [
+        "--method",
+        "sparsegpt",
+        "--expert-min-tokens",
+        "24",
+    ]  # some experts fall back, on every rank alike
+    one = _prune(moe_model_dir, tmp_path / "one", flags, data_dir, 1)
+    two = _prune(moe_model_dir, tmp_path / "two", flags, data_dir, 2)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first, second = (
+        json.loads((tmp_path / f / "besa_report.json").read_text())["weights"] for f in ("one", "two")
+    )
+    assert first["expert_tokens"] == second["expert_tokens"]  # every rank's routed tokens, summed
+    assert sum(first["expert_tokens"].values()) > 0 and first["fallback"] == second["fallback"]
+    experts = [
+        n
+        for n in json.loads((tmp_path / "two" / "besa_report.json").read_text())["layers"]
+        if ".experts." in n
+    ]
+    assert len(experts) == 2 * 2 * 4  # blocks x projections x experts, all counted

@@ -11,12 +11,15 @@ import besa
 from besa.experts import (
     ExpertLinear,
     besa_experts,
+    block_expert_matrices,
     expert_matrices,
     fused_experts,
+    learn_expert_layouts,
     unfused_experts,
     uses_besa_experts,
 )
-from besa.modeling import find_blocks, find_linears
+from besa.modeling import classify_block_weights, find_blocks, find_linears
+from conftest import make_tokenizer
 
 COMMON = dict(
     vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -305,3 +308,109 @@ def test_a_data_free_method_prunes_every_expert_by_its_own_rule_without_counting
     for _, block in find_blocks(model):
         for key, w in expert_matrices(block.mlp.experts).items():
             assert float((w == 0).float().mean()) == 0.5, key
+
+
+# --- experts no class records: Llama 4's bmm over every expert, DBRX's 2-D stacks, JetMoE's F.linear per expert ---
+
+UNDECORATED = {  # arch -> (expert parameters of block 0, each expert's (out, in) matrix shape)
+    "llama4_text": (
+        {"feed_forward.experts.gate_up_proj": (64, 64), "feed_forward.experts.down_proj": (64, 32)}
+    ),
+    "dbrx": {"ffn.experts.mlp.w1": (32, 64), "ffn.experts.mlp.v1": (32, 64), "ffn.experts.mlp.w2": (64, 32)},
+    "jetmoe": {
+        "mlp.input_linear.weight": (64, 64),
+        "mlp.output_linear.weight": (64, 32),
+        "self_attention.experts.input_linear.weight": (64, 64),
+        "self_attention.experts.output_linear.weight": (64, 64),
+    },  # fmt: skip
+}
+
+
+def _undecorated(arch: str) -> transformers.PreTrainedModel:
+    from test_architectures import make_arch
+
+    model = make_arch(arch)
+    learn_expert_layouts(model, find_blocks(model), torch.arange(1, 17).unsqueeze(0))
+    return model
+
+
+@pytest.mark.parametrize("arch", list(UNDECORATED))
+def test_a_forward_shows_each_stack_s_layout_and_the_unfused_block_computes_the_same(arch):
+    model = _undecorated(arch)
+    ids = _ids(2, 16)
+    _, block = find_blocks(model)[0]
+    matrices = block_expert_matrices(block)
+    shapes = {key.rsplit(".", 1)[0].removesuffix("_experts"): tuple(w.shape) for key, w in matrices.items()}
+    assert shapes == UNDECORATED[arch]  # (out, in) as the forward multiplies them, square stacks included
+    assert {w.rule for w in classify_block_weights(model) if w.name.removeprefix(find_blocks(model)[0][0] + ".")
+            in UNDECORATED[arch]} == {"experts"}  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows: dict[str, int] = {}
+    with torch.no_grad():
+        dense = model(ids).logits
+        with unfused_experts(block) as names:
+            linears = find_linears(block, model)
+            assert set(names) <= set(linears) and all(isinstance(linears[n], ExpertLinear) for n in names)
+            for name in names:
+                linears[name].register_forward_pre_hook(
+                    lambda _m, a, name=name: rows.__setitem__(
+                        name, rows.get(name, 0) + a[0].shape[:-1].numel()
+                    )
+                )
+            unfused = model(ids).logits
+            for name in names:
+                linears[name]._forward_pre_hooks.clear()
+            # pruning an unfused expert's linear is what the model computes with, and what goes back to the stack
+            first = sorted(names)[0]
+            linears[first].weight[:, ::2] = 0
+            pruned = model(ids).logits
+        after_step = model(ids).logits
+    assert torch.equal(unfused, dense)  # the same products, bit for bit
+    assert torch.equal(pruned, after_step) and not torch.equal(pruned, dense)
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    owner = first.rsplit(".", 1)[0].removesuffix("_experts")
+    assert list(model.state_dict()) == list(before) and changed == [f"{find_blocks(model)[0][0]}.{owner}"]
+    # every expert's linears see only the tokens routed to it: k routed slots per token in all
+    top_k = model.config.num_experts_per_tok if arch != "dbrx" else model.config.ffn_config.moe_top_k
+    for param in UNDECORATED[arch]:
+        if param.startswith(("feed_forward.", "ffn.", "mlp.")):
+            seen = sum(n for name, n in rows.items() if name.startswith(param + "_experts."))
+            assert seen == 2 * 16 * top_k, (param, seen)
+
+
+def test_a_stack_multiplied_in_a_way_besa_cannot_follow_stops_the_run_before_work(tmp_path):
+    from test_architectures import make_arch
+
+    model = make_arch("jetmoe")
+    experts = model.model.layers[0].mlp.output_linear  # its own forward, now an einsum over every expert
+    experts.forward = lambda inputs, expert_size: (
+        torch.einsum("ti,eoi->to", inputs, experts.weight) / experts.num_experts
+    )
+    with pytest.raises(besa.BesaError) as err:
+        besa.prune(model, method="wanda", sparsity=0.5, calib_ids=_ids(), progress=False, checkpoint=False,
+                   tokenizer=make_tokenizer(), out=tmp_path / "out")  # fmt: skip
+    message = str(err.value)
+    assert "\n" not in message and "model.layers.0.mlp.output_linear.weight" in message
+    assert "einsum" in message and "--leave-unknown-dense" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stack_used_otherwise_during_a_step_stops_the_step_rather_than_compute_with_stale_weights():
+    model = _undecorated("jetmoe")
+    _, block = find_blocks(model)[0]
+    with unfused_experts(block):
+        experts = block.mlp.output_linear
+        experts.forward = lambda inputs, expert_size: inputs @ experts.weight.sum(0).t()
+        with pytest.raises(besa.BesaError, match="mlp.output_linear.*is used by sum"), torch.no_grad():
+            model(_ids(1, 8))
+    del experts.forward
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(1, 8)).logits).all()  # the hooks are gone with the step
+
+
+def test_pooled_expert_statistics_are_refused_for_stacks_the_model_multiplies_itself(tmp_path):
+    from test_architectures import make_arch
+
+    with pytest.raises(besa.BesaError, match="--expert-stats pooled .*routed"):
+        besa.prune(make_arch("dbrx"), method="wanda", sparsity=0.5, calib_ids=_ids(), progress=False,
+                   checkpoint=False, expert_stats="pooled", tokenizer=make_tokenizer(), out=tmp_path / "out")  # fmt: skip

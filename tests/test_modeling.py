@@ -1,5 +1,6 @@
 import pytest
 import torch
+import transformers
 from transformers.pytorch_utils import Conv1D
 
 from besa.errors import BesaError
@@ -107,3 +108,26 @@ def test_moe_routers_are_kept_and_fused_experts_are_pruned_as_experts(kind, kept
     flagged = {w.name.split(".", 3)[3]: w.kind for w in classify_block_weights(model, routers=True)}
     assert all(flagged[n] == ("pruned" if n in as_linears else "kept") for n in kept)
     assert num_experts(model.config) == 4 and num_experts(make_model("llama").config) is None
+
+
+def test_a_projection_with_as_many_outputs_as_experts_outside_the_moe_block_is_no_router():
+    # one key/value head of width 8 beside 8 experts: k_proj and v_proj are [8, 64] like the router
+    config = transformers.MixtralConfig(
+        vocab_size=260, hidden_size=64, num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=1,
+        head_dim=8, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = transformers.MixtralForCausalLM(config)
+    weights = {w.name: (w.kind, w.rule) for w in classify_block_weights(model)}
+    assert weights["model.layers.0.self_attn.k_proj.weight"] == ("pruned", "linear")
+    assert weights["model.layers.0.self_attn.v_proj.weight"] == ("pruned", "linear")
+    assert weights["model.layers.0.mlp.gate.weight"] == ("kept", "router")
+    assert {"self_attn.k_proj", "self_attn.v_proj"} <= set(find_linears(find_blocks(model)[0][1], model))
+
+
+def test_a_router_is_found_by_the_count_its_moe_block_states_when_the_config_states_none():
+    from conftest import make_einsum_moe
+
+    model = make_einsum_moe()
+    weights = {w.name: (w.kind, w.rule) for w in classify_block_weights(model)}
+    assert weights["model.layers.0.mlp.router.weight"] == ("kept", "router")
+    assert weights["model.layers.0.self_attn.q_proj.weight"] == ("pruned", "linear")

@@ -156,3 +156,15 @@ def _model_block_args(model: _PackedHeadsModel, ids: torch.Tensor) -> tuple[torc
         model(ids)
     handle.remove()
     return seen[0]
+
+
+def test_the_experts_of_one_projection_form_one_group_whichever_of_them_a_window_reaches():
+    x, h, y = torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(1, 4)
+    names = ["q", "e.up.0", "e.up.1", "e.up.2", "e.down.0", "e.down.1", "e.down.2"]
+    families = {n: n.rsplit(".", 1)[0] for n in names if n.startswith("e.")}
+    # a window that reaches experts 2 and 0 (in that order) but not 1
+    calls = [("q", x), ("e.up.2", h), ("e.up.0", y), ("e.down.2", h), ("e.down.0", y)]
+    groups = group_by_input(calls, names, families)
+    assert groups == [["q"], ["e.up.0", "e.up.1", "e.up.2"], ["e.down.0", "e.down.1", "e.down.2"]]
+    other = [("q", x), ("e.up.1", y), ("e.down.1", y)]  # another rank's window: the same groups
+    assert group_by_input(other, names, families) == groups

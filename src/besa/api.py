@@ -22,7 +22,7 @@ from besa.config import PruneConfig
 from besa.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
 from besa.evaluation import evaluate
-from besa.experts import fused_experts
+from besa.experts import expert_slabs, has_experts, learn_expert_layouts
 from besa.fileio import write_error, write_json_atomic
 from besa.loading import (
     check_seqlen,
@@ -35,6 +35,7 @@ from besa.loading import (
 from besa.modeling import (
     BlockWeight,
     classify_block_weights,
+    find_blocks,
     pruned_matrices,
     unknown_weights,
 )
@@ -78,6 +79,15 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
             raise BesaError(f"--pattern {nm} does not divide the input width {width} of {name}")
 
 
+def _probe_ids(model: nn.Module) -> torch.Tensor:
+    """A short token sequence for ``learn_expert_layouts`` (any tokens do: only how the experts are multiplied is
+    watched), on the device of the model's input embedding."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0) or 2
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = embed.weight.device if embed is not None else torch.device("cpu")
+    return (torch.arange(1, 17, device=device) * 7919 % vocab).unsqueeze(0)
+
+
 def _check_weights(model: nn.Module, config: PruneConfig) -> list[BlockWeight]:
     """Classify every block weight before any work (``classify_block_weights``): stop at one no method can prune
     unless ``leave_unknown_dense``, and say up front what stays dense."""
@@ -86,8 +96,9 @@ def _check_weights(model: nn.Module, config: PruneConfig) -> list[BlockWeight]:
     if unknown and not config.leave_unknown_dense:
         first = unknown[0]
         more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        why = f" ({first.why})" if first.why else ""
         raise BesaError(
-            f"block weight {first.name} {list(first.shape)} has a layout besa cannot prune yet{more} (no method "
+            f"block weight {first.name} {list(first.shape)} has a layout besa cannot prune yet{why}{more} (no method "
             "would touch it, so the run would report a sparsity it does not have); pass --leave-unknown-dense to "
             "keep such weights dense on purpose"
         )
@@ -197,12 +208,21 @@ def prune_with(
         )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
-    if options.stream and fused_experts(model):
+    if options.stream and any(has_experts(b) for _, b in find_blocks(model)):
         raise BesaError(
             "--stream does not read Mixture-of-Experts checkpoints yet (their files name each expert apart): run "
             "without --stream"
         )
+    if not options.stream:  # how a model's own forward multiplies experts no class records: one short forward
+        learn_expert_layouts(model, find_blocks(model), _probe_ids(model))
     weights = _check_weights(model, config)
+    slabs = [f"{b}.{p}.{n}" for b, block in find_blocks(model) for p, _, n, _ in expert_slabs(block)]
+    if slabs and config.expert_stats == "pooled":
+        raise BesaError(
+            f"--expert-stats pooled runs every expert on every token, which besa can do only for experts transformers "
+            f"dispatches (use_experts_implementation); {slabs[0]} is multiplied by the model's own forward: use "
+            "--expert-stats routed"
+        )
     if options.save_format == "compressed-tensors" and where.out is not None:
         check_compressible(model, config.quant)
     if needs_data:

@@ -37,9 +37,9 @@ def check_compressible(model: nn.Module, spec: QuantSpec | None) -> None:
         raise BesaError(f"--save-format compressed-tensors needs {INSTALL}") from None
     if spec is None:
         raise BesaError("--save-format compressed-tensors stores quantized weights: add --wbits 4 (or 2-8)")
-    from besa.experts import fused_experts
+    from besa.experts import block_expert_matrices
 
-    moe = next((f"{b}.{n}" for b, block in find_blocks(model) for n, _ in fused_experts(block)), None)
+    moe = next((f"{b}.{n}" for b, block in find_blocks(model) for n in block_expert_matrices(block)), None)
     if moe is not None:
         raise BesaError(
             f"--save-format compressed-tensors cannot pack Mixture-of-Experts experts yet ({moe}): save with "

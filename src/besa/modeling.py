@@ -65,12 +65,43 @@ def num_experts(config: Any) -> int | None:
     return None
 
 
-def _is_router(matrix_shape: tuple[int, ...], experts: int | None) -> bool:
-    """A matrix that makes one logit per expert (``[E, hidden]``, as an ``nn.Linear`` or a bare parameter), or one
-    gate value per token (``[1, hidden]``, a shared expert's gate): routing, not computation."""
-    return len(matrix_shape) == 2 and (
-        matrix_shape[0] == 1 or experts is not None and matrix_shape[0] == experts
-    )
+def _is_router(matrix_shape: tuple[int, ...], experts: set[int]) -> bool:
+    """Within a Mixture-of-Experts scope (``experts``: its expert counts, ``router_counts``), a matrix that makes
+    one logit per expert (``[E, hidden]``, as an ``nn.Linear`` or a bare parameter), or one gate value per token
+    (``[1, hidden]``, a shared expert's gate): routing, not computation."""
+    return bool(experts) and len(matrix_shape) == 2 and (matrix_shape[0] == 1 or matrix_shape[0] in experts)
+
+
+def router_counts(block: nn.Module, experts: int | None) -> dict[str, set[int]]:
+    """Module path -> the expert counts a router under it would have one output each for. Within a
+    Mixture-of-Experts scope (the parent of a module that states an expert count, ``num_experts`` and the like:
+    the MoE block holding the experts and their router) the counts stated there and ``experts`` (the config's);
+    outside every scope none, so an attention projection that happens to have E outputs is no router. A block in
+    which no module states a count falls back to ``experts`` everywhere."""
+    stated = {path: c for path, m in block.named_modules() if (c := _stated_count(m))}
+    scopes: dict[str, set[int]] = {}
+    for path, count in stated.items():
+        scopes.setdefault(path.rsplit(".", 1)[0] if "." in path else "", set()).add(count)
+    default = {experts} if experts else set()
+    if not scopes:
+        return {path: default for path, _ in block.named_modules()}
+    found: dict[str, set[int]] = {}
+    for path, _ in block.named_modules():
+        counts = {c for scope, cs in scopes.items() if _under(path, scope) for c in cs}
+        found[path] = counts | default if counts else set()
+    return found
+
+
+def _under(path: str, scope: str) -> bool:
+    return scope == "" or path == scope or path.startswith(scope + ".")
+
+
+def _stated_count(module: nn.Module) -> int | None:
+    for key in _EXPERT_COUNTS:
+        value = getattr(module, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return None
 
 
 def find_linears(
@@ -83,14 +114,18 @@ def find_linears(
         if model is not None and hasattr(model, "get_output_embeddings")
         else None
     )
-    experts = num_experts(getattr(model, "config", None)) if model is not None else None
+    counts = router_counts(block, num_experts(getattr(model, "config", None)) if model is not None else None)
     return {
         name: module
         for name, module in block.named_modules()
         if name
         and is_prunable_linear(module)
         and module is not head
-        and (routers or experts is None or not _is_router(tuple(weight_matrix(module).shape), experts))
+        and (
+            routers
+            or hasattr(module, "expert")  # an expert's own matrix is no router
+            or not _is_router(tuple(weight_matrix(module).shape), counts[name])
+        )
     }
 
 
@@ -106,6 +141,7 @@ class BlockWeight:
     shape: tuple[int, ...]
     kind: str
     rule: str
+    why: str = ""  # for an unknown weight, what besa saw (e.g. the product that multiplies an experts stack)
 
     @property
     def numel(self) -> int:
@@ -127,22 +163,25 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
     ``routers``, which prunes those built as linears), convolutions, embeddings, the experts' biases and state-space
     decays (``A_log``) are kept by rule;
     anything else is unknown. Reads shapes only, so a model on the meta device (``--stream``) works too."""
-    from besa.experts import fused_experts, projections
+    from besa.experts import expert_slabs, fused_experts, projections, unknown_slab
 
     experts = num_experts(getattr(model, "config", None))
     found: list[BlockWeight] = []
     for block_name, block in find_blocks(model):
+        counts = router_counts(block, experts)
         pruned = {id(layer.weight) for layer in find_linears(block, model, routers=routers).values()}
         fused = {id(getattr(m, n)): n for _, m in fused_experts(block) for n in projections(m)}
+        slabs = {id(o._parameters[n]): unknown_slab(o, n) for _, o, n, _ in expert_slabs(block)}
         fused_bias = {
             id(getattr(m, f"{n}_bias")) for _, m in fused_experts(block) if m.has_bias for n in projections(m)
         }
         owner = {id(p): m for m in block.modules() for p in m.parameters(recurse=False)}
-        seen: set[int] = set()
+        done: set[int] = set()
         for name, param in block.named_parameters():
-            if param.dim() < 2 or id(param) in seen:
+            if param.dim() < 2 or id(param) in done:
                 continue
-            seen.add(id(param))
+            done.add(id(param))
+            why = ""
             module = owner[id(param)]
             shape = tuple(weight_matrix(module).shape) if is_prunable_linear(module) else tuple(param.shape)
             kept = next((rule for cls, rule in _KEPT_MODULES if isinstance(module, cls)), None)
@@ -155,25 +194,29 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
                 kind, rule = "kept", "experts' bias"
             elif kept is not None:
                 kind, rule = "kept", kept
-            elif experts is not None and _is_router(shape, experts):  # a bare parameter: kept, flag or not
+            elif id(param) in slabs:  # one matrix per expert, multiplied as the probe forward showed
+                seen = slabs[id(param)]
+                kind, rule, why = (
+                    ("pruned", "experts", "") if seen is None else ("unknown", "unknown layout", seen)
+                )
+            elif _is_router(shape, counts[name.rsplit(".", 1)[0] if "." in name else ""]):  # a bare parameter
                 kind, rule = "kept", "router"
             else:
                 kind, rule = "unknown", "unknown layout"
-            found.append(BlockWeight(f"{block_name}.{name}", tuple(param.shape), kind, rule))
+            found.append(BlockWeight(f"{block_name}.{name}", tuple(param.shape), kind, rule, why))
     return found
 
 
 def pruned_matrices(model: nn.Module, routers: bool = True) -> dict[str, torch.Tensor]:
     """Every matrix the methods prune, by qualified name, as an (out, in) view: the linears of every block
     (``find_linears``; routers too unless ``routers`` is off) and each expert's matrices (``besa.experts``)."""
-    from besa.experts import expert_matrices, fused_experts
+    from besa.experts import block_expert_matrices
 
     found: dict[str, torch.Tensor] = {}
     for block_name, block in find_blocks(model):
         for name, layer in find_linears(block, model, routers=routers).items():
             found[f"{block_name}.{name}"] = weight_matrix(layer)
-        for prefix, experts in fused_experts(block):
-            found.update({f"{block_name}.{prefix}.{k}": w for k, w in expert_matrices(experts).items()})
+        found.update({f"{block_name}.{k}": w for k, w in block_expert_matrices(block).items()})
     return found
 
 

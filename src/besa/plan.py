@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from besa.experts import expert_matrices, fused_experts
+from besa.experts import block_expert_matrices
 from besa.modeling import find_blocks, find_linears, weight_matrix
 
 __all__ = [
@@ -69,8 +69,8 @@ def shape_of(model: nn.Module) -> ModelShape:
     for _, block in named:
         linears = find_linears(block, model)
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
-        for prefix, experts in fused_experts(block):  # every expert's matrices are pruned as linears
-            shapes.update({f"{prefix}.{key}": tuple(w.shape) for key, w in expert_matrices(experts).items()})
+        # every expert's matrices are pruned as linears
+        shapes.update({key: tuple(w.shape) for key, w in block_expert_matrices(block, unshown=True).items()})
         blocks.append(shapes)
         params.append(sum(p.numel() for p in block.parameters()))
         groups.append(_input_groups(shapes))

@@ -15,7 +15,7 @@ from torch import nn
 from besa import distributed
 from besa.activations import MemoryBudget
 from besa.config import PruneConfig
-from besa.experts import expert_matrices, fused_experts
+from besa.experts import block_expert_matrices
 from besa.loading import ModelSource
 from besa.modeling import BlockWeight, find_blocks, find_linears
 from besa.record import RunRecord
@@ -30,8 +30,7 @@ def count_layer_sparsity(
     layers: dict[str, dict[str, Any]] = {}
     for block_name, block in find_blocks(model, block_class):
         matrices = {name: layer.weight.data for name, layer in find_linears(block, model, routers).items()}
-        for prefix, experts in fused_experts(block):  # every expert's matrices, as the engine pruned them
-            matrices.update({f"{prefix}.{key}": w for key, w in expert_matrices(experts).items()})
+        matrices.update(block_expert_matrices(block))  # every expert's matrices, as the engine pruned them
         for name, w in matrices.items():
             zeros = int((w == 0).sum())
             layers[f"{block_name}.{name}"] = {
@@ -86,7 +85,13 @@ def weights_section(weights: list[BlockWeight], record: RunRecord) -> dict[str, 
         entry["tensors"] += 1
         entry["numel"] += w.numel
     dense = [
-        {"name": w.name, "shape": list(w.shape), "kind": w.kind, "rule": w.rule}
+        {
+            "name": w.name,
+            "shape": list(w.shape),
+            "kind": w.kind,
+            "rule": w.rule,
+            **({"why": w.why} if w.why else {}),
+        }
         for w in weights
         if w.kind != "pruned"
     ]

@@ -26,15 +26,31 @@ def _layout(x: torch.Tensor) -> tuple:
     return x.data_ptr(), x.shape, x.stride()
 
 
-def group_by_input(calls: Sequence[tuple[str, torch.Tensor]], names: Sequence[str]) -> list[list[str]]:
+def group_by_input(
+    calls: Sequence[tuple[str, torch.Tensor]], names: Sequence[str], families: dict[str, str] | None = None
+) -> list[list[str]]:
     """Group layers by the input they were called with, in calling order (``calls``: ``(name, input)`` as seen
     during one forward). Consecutive layers fed the very same tensor (q/k/v, gate/up) form one group; a layer
-    called again keeps its first place; layers of ``names`` never called come last, one group each."""
+    called again keeps its first place; layers of ``names`` never called come last, one group each.
+
+    ``families`` (name -> key) groups layers whatever their inputs: the experts of one projection, each on its own
+    routed tokens, form one group where the first of them is called, all of them in ``names`` order, so the
+    groups do not depend on which experts one window happens to reach."""
+    families = families or {}
+    members: dict[str, list[str]] = {}
+    for name in names:
+        if name in families:
+            members.setdefault(families[name], []).append(name)
     groups: list[list[str]] = []
     placed: set[str] = set()
     last: torch.Tensor | None = None
     for name, x in calls:
         if name in placed:
+            continue
+        if name in families:
+            groups.append(members[families[name]])
+            placed.update(groups[-1])
+            last = None
             continue
         if last is not None and _layout(x) == _layout(last):
             groups[-1].append(name)
@@ -292,7 +308,8 @@ class BlockWork:
         calls: list[tuple[str, torch.Tensor]] = []
         with self.input_hooks(lambda name, x: calls.append((name, x))):
             self.forward(next(iter(self.inputs))[:1])
-        return group_by_input(calls, list(self.linears))
+        families = {n: n.rsplit(".", 1)[0] for n, layer in self.linears.items() if hasattr(layer, "expert")}
+        return group_by_input(calls, list(self.linears), families)
 
     def calibrate(
         self,

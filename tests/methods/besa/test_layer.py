@@ -5,6 +5,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import besa
+from besa.experts import block_expert_matrices
 from besa.methods.besa.layer import LayerAllocation
 from besa.methods.besa.rates import candidate_rates, tilted_logits
 from besa.methods.besa.training import masked
@@ -72,8 +73,9 @@ def test_a_masked_conv1d_applies_the_mask_in_its_transposed_layout():
 
 @pytest.mark.parametrize("forward_batch", [1, 2])
 def test_besa_prunes_llama4_with_its_router_whose_forward_returns_a_tuple(forward_batch, calib_ids):
-    """Llama 4's router is an ``nn.Linear`` subclass returning (scores, logits); pruned with the rest (its fused
-    experts stay dense), BESA's masked training forward keeps that output, and the run ends at the target."""
+    """Llama 4's router is an ``nn.Linear`` subclass returning (scores, logits); pruned with the rest (its experts,
+    stacked in parameters its own forward multiplies in one ``bmm``, pruned per expert), BESA's masked training
+    forward keeps that output, and the run ends at the target."""
     model = make_llama4()
     router_outputs: list[object] = []
     routers = [m for m in model.modules() if type(m).__name__ == "Llama4Router"]
@@ -84,14 +86,17 @@ def test_besa_prunes_llama4_with_its_router_whose_forward_returns_a_tuple(forwar
         )
     result = besa.prune(
         model, tokenizer=make_tokenizer(), method="besa", sparsity=0.5, calib_ids=calib_ids,
-        forward_batch=forward_batch, progress=False, prune_routers=True, leave_unknown_dense=True,
+        forward_batch=forward_batch, progress=False, prune_routers=True,
         method_options={"batch_size": forward_batch},
     )  # fmt: skip
     assert router_outputs and all(isinstance(out, tuple) and len(out) == 2 for out in router_outputs)
     for block_name, block in find_blocks(result.model):
         linears = find_linears(block, result.model, routers=True)
         assert "feed_forward.router" in linears, block_name
-        ws = [weight_matrix(layer) for layer in linears.values()]
+        ws = [weight_matrix(layer) for layer in linears.values()] + list(
+            block_expert_matrices(block).values()
+        )
+        assert len(ws) == len(linears) + 2 * 4  # gate_up and down of 4 experts
         assert sum(int((w == 0).sum()) for w in ws) == sum(w.numel() for w in ws) // 2, block_name
     with torch.no_grad():
         assert torch.isfinite(result.model(calib_ids, use_cache=False).logits).all()
