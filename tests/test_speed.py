@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -88,3 +89,37 @@ def test_speedup_simulate_prints_cycles_per_layer_type(tmp_path, capsys):
     assert "mlp.down_proj" in stdout and "pruned cycles" in stdout
     sim = json.loads(out.read_text())
     assert all(e["cycles"] <= e["dense_cycles"] for e in sim["by_type"].values())
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "llama4_text"])
+def test_experts_are_timed_and_sparsified_as_the_linears_they_are_pruned_as(arch):
+    import besa
+    from besa.experts import block_expert_matrices, experts_as_linears
+    from conftest import make_tokenizer
+    from test_architectures import make_arch
+
+    model = besa.prune(
+        make_arch(arch),
+        method="magnitude",
+        sparsity=0.5,
+        progress=False,
+        checkpoint=False,
+        tokenizer=make_tokenizer(),
+    ).model
+    experts = {f"{b}.{n}" for b, block in find_blocks(model) for n in block_expert_matrices(block)}
+    assert len(experts) == 2 * 2 * 4  # blocks x projections x experts
+    result = measure_speed(
+        model, SpeedConfig(batch=(1,), seqlen=8, repeats=1, decode_tokens=2), progress=False
+    )
+    timed = {r["layer"] for r in result["layers"]}
+    assert experts <= timed and all(r["kind"] == "csr" for r in result["layers"])
+    assert not any(hasattr(m, "expert") for m in model.modules())  # the experts are stacked back
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with experts_as_linears(model, ids[:1]):
+            twin = copy.deepcopy(model)  # what measure_speed does
+            kinds = sparsify_model(twin)
+            assert experts <= set(kinds)  # every expert now runs on its sparse twin
+            sparse = twin(ids).logits
+    assert torch.allclose(sparse, dense, atol=1e-4, rtol=1e-4)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from besa.errors import BesaError
 
 __all__ = [
     "IMPLEMENTATION", "ExpertLinear", "besa_experts", "block_expert_matrices", "expert_matrices", "expert_slabs",
+    "experts_as_linears",
     "fused_experts", "has_experts", "is_fused_experts", "learn_expert_layouts", "pooled_statistics", "projections",
     "slab_matrices", "unfused_experts", "unknown_slab", "uses_besa_experts",
 ]  # fmt: skip
@@ -169,6 +170,22 @@ def unfused_experts(block: nn.Module) -> Iterator[list[str]]:
     (``expert_slabs``) are unfused too, by ``_unfused_slabs``."""
     with _unfused_decorated(block) as names, _unfused_slabs(block) as more:
         yield names + more
+
+
+@contextmanager
+def experts_as_linears(model: nn.Module, probe_ids: torch.Tensor) -> Iterator[None]:
+    """While active, the whole ``model`` runs with every block's experts as linears (``unfused_experts``, the
+    ``besa`` implementation), for work on a whole model outside the engine (``besa speedup``); ``probe_ids`` shows
+    the layout of stacks no class records (``learn_expert_layouts``)."""
+    from besa.modeling import find_blocks  # modeling imports this module
+
+    blocks = find_blocks(model)
+    learn_expert_layouts(model, blocks, probe_ids)
+    with ExitStack() as stack:
+        stack.enter_context(uses_besa_experts(model))
+        for _, block in blocks:
+            stack.enter_context(unfused_experts(block))
+        yield
 
 
 def has_experts(module: nn.Module) -> bool:
@@ -321,7 +338,7 @@ def slab_matrices(owner: nn.Module, name: str, count: int) -> dict[int, torch.Te
 
 
 def _aliases(x: Any, storages: dict[int, Any]) -> Any:
-    if torch.is_tensor(x) and x.device.type != "meta":
+    if torch.is_tensor(x) and x.layout == torch.strided and x.device.type != "meta":
         return storages.get(x.untyped_storage().data_ptr())
     return None
 
@@ -387,7 +404,7 @@ class _ExpertProducts(TorchFunctionMode):
                     return _rerouted(slab, e, args[0], w, bias)
         out = func(*args, **kwargs)
         touched = [s for s in map(lambda a: _aliases(a, self.by_storage), (*args, *kwargs.values())) if s]
-        if touched and torch.is_tensor(out) and out.device.type != "meta":
+        if touched and torch.is_tensor(out) and out.layout == torch.strided and out.device.type != "meta":
             if out.untyped_storage().data_ptr() != touched[0].param.untyped_storage().data_ptr():
                 self._escape(touched[0], func)
         return out
@@ -405,7 +422,7 @@ def _rerouted(slab: _Slab, e: int | None, x: torch.Tensor, w: torch.Tensor, bias
     did not send there: their output is zero either way, and no statistic should count them)."""
     linears = slab.owner._modules[f"{slab.name}_experts"]
     if e is not None:
-        y = linears[e](x) if x.shape[:-1].numel() else F.linear(x, linears[e].weight)
+        y = linears[e](x) if x.shape[:-1].numel() else x.new_zeros(*x.shape[:-1], linears[e].out_features)
         return y if bias is None else y + bias
     if x.dim() != 3 or x.shape[0] != slab.count or bias is not None:
         raise BesaError(f"{slab.qualified}: a product over every expert of input shape {list(x.shape)} is not one "

@@ -51,7 +51,7 @@ class SparseLinear(nn.Module):
         if self.kind == "2:4":
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        y = torch.sparse.mm(self.weight_csr, flat.t()).t()
+        y = torch.sparse.mm(self.weight_csr, flat.t()).t().contiguous()  # row-major, as F.linear gives
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -66,7 +66,8 @@ def _kind(w: torch.Tensor, device: torch.device) -> str:
 
 
 def sparsify_model(model: nn.Module) -> dict[str, str]:
-    """Swap every pruned linear of every block (one with zeros) for its ``SparseLinear``; return name -> kind."""
+    """Swap every pruned linear of every block (one with zeros) for its ``SparseLinear``; return name -> kind.
+    Experts count as linears while they are (``besa.experts.experts_as_linears``)."""
     device = next(model.parameters()).device
     kinds: dict[str, str] = {}
     for block_name, block in find_blocks(model):
@@ -96,14 +97,27 @@ def median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -
 
 def measure_speed(model: nn.Module, config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
     """Dense vs sparse seconds of every pruned linear, of one forward and of a greedy decode (``model`` is left
-    dense; a sparse copy is built for the whole-model rows)."""
+    dense; a sparse copy is built for the whole-model rows).
+
+    Mixture-of-Experts experts are timed as the linears they are pruned as: while measuring, both models run every
+    expert as a linear of its own on its routed tokens (``besa.experts.experts_as_linears``), so the two sides
+    differ in their kernels only, not in how the experts are dispatched."""
+    from besa.experts import experts_as_linears
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probe = torch.arange(1, 17, device=device).unsqueeze(0) % vocab
+    with experts_as_linears(model, probe):
+        return _measure(model, config, device, progress)
+
+
+def _measure(model: nn.Module, config: SpeedConfig, device: torch.device, progress: bool) -> dict[str, Any]:
     import copy
 
     from tqdm.auto import tqdm
 
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model = model.to(device).eval()
     dtype = next(model.parameters()).dtype
     linears = {(b, n): lin for b, blk in find_blocks(model) for n, lin in find_linears(blk, model).items()}
     pruned = {key: lin for key, lin in linears.items() if bool((weight_matrix(lin) == 0).any())}
