@@ -221,7 +221,7 @@ class PruneConfig:
     leave_unknown_dense: bool = field(
         default=False,
         metadata={
-            "help": "leave block weights of a layout besa cannot prune (e.g. the experts of DBRX or Llama 4) dense "
+            "help": "leave block weights of a layout besa cannot prune (e.g. experts a model multiplies in an einsum) dense "
             "and go on, instead of stopping before any work; the report lists them"
         },
     )
