@@ -207,14 +207,6 @@ def test_experts_the_router_sends_nothing_fall_back_to_magnitude_and_the_report_
                 assert (low >= high).all()
 
 
-def test_stream_refuses_moe_checkpoints_up_front(tmp_path, tokenizer):
-    path = tmp_path / "moe"
-    make_moe("mixtral").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with pytest.raises(besa.BesaError, match="--stream does not read Mixture-of-Experts"):
-        besa.prune(str(path), method="magnitude", stream=True, out=tmp_path / "out", progress=False)
-
-
 @pytest.mark.parametrize("stats", ["routed", "pooled"])
 def test_expert_statistics_come_from_the_routed_tokens_or_from_all_of_them(stats, tokenizer, monkeypatch):
     from besa.methods.wanda import WandaPruner

@@ -189,3 +189,42 @@ def test_cli_stream_flag_prunes_and_refuses_in_one_line(source, data_dir, tmp_pa
     code = main(["prune", str(source), "--stream", "--no-checkpoint", "--out", str(tmp_path / "x")])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "drop --no-checkpoint" in err[0]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_moe_checkpoint_that_stores_each_expert_apart_streams_to_the_unstreamed_weights(
+    arch, method, ids, tmp_path
+):
+    # transformers 5 writes Mixtral's experts apart (block_sparse_moe.experts.<e>.w1/w2/w3) and fuses them on loading
+    from test_architectures import make_arch
+
+    source = tmp_path / "source"
+    make_arch(arch).save_pretrained(source, max_shard_size="100KB")
+    make_tokenizer().save_pretrained(source)
+    stored = set(json.loads((source / INDEX_NAME).read_text())["weight_map"])
+    plain = _prune(source, method, ids, tmp_path / "plain", expert_min_tokens=0)
+    streamed = _prune(source, method, ids, tmp_path / "streamed", stream=True, expert_min_tokens=0)
+    want, got = _weights(tmp_path / "plain"), _weights(tmp_path / "streamed")
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    assert streamed.report["layers"] == plain.report["layers"]
+    assert streamed.report["sparsity"] == plain.report["sparsity"]
+    assert streamed.report["weights"]["expert_tokens"] == plain.report["weights"]["expert_tokens"]
+    experts = [n for n in streamed.report["layers"] if ".experts." in n]
+    assert len(experts) == 2 * 2 * 4 and all(streamed.report["layers"][n]["sparsity"] == 0.5 for n in experts)
+    if arch == "mixtral":
+        assert any(".block_sparse_moe.experts.0.w1." in k for k in stored)  # the source did store them apart
+
+
+def test_streaming_refuses_experts_only_a_whole_forward_shows(ids, tmp_path):
+    from conftest import make_llama4
+
+    source = tmp_path / "llama4"
+    make_llama4().save_pretrained(source)
+    make_tokenizer().save_pretrained(source)
+    with pytest.raises(
+        BesaError, match="--stream cannot prune model.layers.0.feed_forward.experts.gate_up_proj"
+    ):
+        _prune(source, "wanda", ids, tmp_path / "out", stream=True)
+    assert not (tmp_path / "out").exists()

@@ -22,7 +22,7 @@ from besa.config import PruneConfig
 from besa.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
 from besa.errors import BesaError
 from besa.evaluation import evaluate
-from besa.experts import expert_slabs, has_experts, learn_expert_layouts
+from besa.experts import expert_slabs, learn_expert_layouts
 from besa.fileio import write_error, write_json_atomic
 from besa.loading import (
     check_seqlen,
@@ -208,19 +208,19 @@ def prune_with(
         )
     timings["load_model"] = time.perf_counter() - t
     _check_pattern_fits(model, config)
-    if options.stream and any(has_experts(b) for _, b in find_blocks(model)):
+    stacked = [f"{b}.{p}.{n}" for b, block in find_blocks(model) for p, _, n, _ in expert_slabs(block)]
+    if options.stream and stacked:
         raise BesaError(
-            "--stream does not read Mixture-of-Experts checkpoints yet (their files name each expert apart): run "
-            "without --stream"
+            f"--stream cannot prune {stacked[0]}: experts the model's own forward multiplies show their layout in a "
+            "forward of the whole model, which a streamed model cannot run; run without --stream"
         )
     if not options.stream:  # how a model's own forward multiplies experts no class records: one short forward
         learn_expert_layouts(model, find_blocks(model), _probe_ids(model))
     weights = _check_weights(model, config)
-    slabs = [f"{b}.{p}.{n}" for b, block in find_blocks(model) for p, _, n, _ in expert_slabs(block)]
-    if slabs and config.expert_stats == "pooled":
+    if stacked and config.expert_stats == "pooled":
         raise BesaError(
             f"--expert-stats pooled runs every expert on every token, which besa can do only for experts transformers "
-            f"dispatches (use_experts_implementation); {slabs[0]} is multiplied by the model's own forward: use "
+            f"dispatches (use_experts_implementation); {stacked[0]} is multiplied by the model's own forward: use "
             "--expert-stats routed"
         )
     if options.save_format == "compressed-tensors" and where.out is not None:

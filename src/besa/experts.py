@@ -36,7 +36,7 @@ from besa.errors import BesaError
 __all__ = [
     "IMPLEMENTATION", "ExpertLinear", "besa_experts", "block_expert_matrices", "expert_matrices", "expert_slabs",
     "experts_as_linears",
-    "fused_experts", "has_experts", "is_fused_experts", "learn_expert_layouts", "pooled_statistics", "projections",
+    "fused_experts", "is_fused_experts", "learn_expert_layouts", "pooled_statistics", "projections",
     "slab_matrices", "unfused_experts", "unknown_slab", "uses_besa_experts",
 ]  # fmt: skip
 
@@ -186,11 +186,6 @@ def experts_as_linears(model: nn.Module, probe_ids: torch.Tensor) -> Iterator[No
         for _, block in blocks:
             stack.enter_context(unfused_experts(block))
         yield
-
-
-def has_experts(module: nn.Module) -> bool:
-    """Whether ``module`` holds experts stacked in parameters (decorated classes or ``expert_slabs``)."""
-    return bool(fused_experts(module)) or bool(expert_slabs(module))
 
 
 def block_expert_matrices(block: nn.Module, unshown: bool = False) -> dict[str, torch.Tensor]:

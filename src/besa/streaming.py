@@ -31,7 +31,7 @@ from torch import nn
 
 from besa.activations import trim_heap
 from besa.errors import BesaError
-from besa.modeling import find_blocks, find_linears
+from besa.modeling import find_blocks, find_linears, weight_matrix
 
 __all__ = [
     "INDEX_NAME", "ShardIndex", "BlockStreamer", "open_streamed", "streamer_of", "count_streamed",
@@ -173,13 +173,46 @@ class BlockStreamer:
         self.dtype = dtype
         self.blocks = find_blocks(model)
         self.block_names = [name for name, _ in self.blocks]
+        self.sources = checkpoint_sources(model, index.weight_map)
+        for target, (_, keys) in self.sources.items():  # a fused tensor is saved as its parts were stored
+            index.dtypes.setdefault(target, index.dtypes.get(keys[0][1], torch.float32))
 
     def load(self, name: str, block: nn.Module) -> None:
         """Read block ``name``'s tensors into ``block`` (in the compute dtype)."""
         keys = list(block.state_dict())
-        stored = self.index.read(f"{name}.{k}" for k in keys)
+        stored = self.read_as_model(f"{name}.{k}" for k in keys)
         state = {k: _cast(stored[f"{name}.{k}"], self.dtype) for k in keys}
         block.load_state_dict(state, strict=True, assign=True)
+
+    def read_as_model(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The model's tensors ``names``: read as stored, or, where the checkpoint names them otherwise (a
+        Mixture-of-Experts checkpoint stores each expert apart), built from their parts by the model's own
+        conversion (``checkpoint_sources``)."""
+        names = list(names)
+        direct = [n for n in names if n in self.index.weight_map or n not in self.sources]
+        out = self.index.read(direct)
+        for name in names:
+            if name in out:
+                continue
+            converter, parts = self.sources[name]
+            tensors = self.index.read(key for _, key in parts)
+            if converter is None:  # stored under another name only
+                out[name] = tensors[parts[0][1]]
+                continue
+            collected: dict[str, Any] = {}
+            for pattern, key in parts:
+                collected.setdefault(pattern, []).append(tensors.pop(key))
+            for op in converter.operations:
+                collected = op.convert(
+                    collected,
+                    source_patterns=converter.source_patterns,
+                    target_patterns=converter.target_patterns,
+                )
+            if len(collected) != 1:
+                raise BesaError(f"cannot stream {name!r}: its conversion from the checkpoint gives {len(collected)} "
+                                "tensors; run without --stream")  # fmt: skip
+            out[name] = next(iter(collected.values()))
+        return out
 
     def unload(self, block: nn.Module) -> None:
         """Free the block's weights (its checkpoint in the run folder holds the pruned ones)."""
@@ -195,6 +228,33 @@ class BlockStreamer:
         """Those tensors as the model holds them (loaded as stored and never pruned): no second read."""
         state = self.model.state_dict()
         return {n: state[n] for n in self.outside_names()}
+
+
+def checkpoint_sources(
+    model: nn.Module, weight_map: dict[str, str]
+) -> dict[str, tuple[Any, list[tuple[str, str]]]]:
+    """The model's tensors that a checkpoint stores in parts or under another name: model name -> (transformers'
+    ``WeightConverter`` for them or ``None`` for a renaming, ``[(source pattern, checkpoint name), ...]`` in natural
+    order). transformers 5 fuses a Mixture-of-Experts
+    block's experts on loading (``mlp.experts.gate_up_proj`` from ``block_sparse_moe.experts.<e>.w1/w3.weight``)
+    and writes them apart again on saving; this is that mapping, from the model's own conversion rules
+    (``transformers.conversion_mapping``), so nothing is named by model class here."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+    except ImportError:  # an older transformers: checkpoints named as the model
+        return {}
+    rules = get_model_conversion_mapping(model) if hasattr(model, "config") else []
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    renamings = [r for r in rules if not isinstance(r, WeightConverter)]
+    found: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
+    for key in sorted(weight_map, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters)
+        if target == key or target in weight_map:
+            continue
+        converter = next((c for c in converters if pattern in c.source_patterns), None)  # None: renamed only
+        found.setdefault(target, (converter, []))[1].append((pattern or "", key))
+    return found
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -259,10 +319,16 @@ def count_streamed(
     checkpoints (one block in memory at a time)."""
     layers: dict[str, dict[str, Any]] = {}
     all_zeros = all_numel = 0
+    from besa.experts import block_expert_matrices
+
     for i, (block_name, block) in enumerate(streamer.blocks):
         tensors = read(i)
-        for name in find_linears(block, model, routers):
-            w = tensors[f"{name}.weight"]
+        block.load_state_dict(
+            tensors, strict=True, assign=True
+        )  # to see each expert's matrix as the engine did
+        matrices = {name: weight_matrix(layer) for name, layer in find_linears(block, model, routers).items()}
+        matrices.update(block_expert_matrices(block))
+        for name, w in matrices.items():
             zeros = _zeros(w)
             layers[f"{block_name}.{name}"] = {
                 "block": block_name, "layer": name, "shape": list(w.shape), "zeros": zeros, "numel": w.numel(),
@@ -271,7 +337,8 @@ def count_streamed(
         for t in tensors.values():
             all_zeros += _zeros(t)
             all_numel += t.numel()
-        del tensors
+        del tensors, matrices
+        _to_meta(block)
         trim_heap()
     for t in streamer.outside_tensors().values():
         all_zeros += _zeros(t)
