@@ -286,7 +286,7 @@ def test_experts_are_saved_quantized_and_sparse_and_compressed_tensors_refuses_t
     reloaded, _, _ = load_model(str(tmp_path / "sparse"))
     got, want = reloaded.state_dict(), sparse.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    with pytest.raises(besa.BesaError, match="cannot pack Mixture-of-Experts experts yet"):
+    with pytest.raises(besa.BesaError, match="cannot pack Mixture-of-Experts experts .*zero points"):
         besa.prune(make_moe("mixtral"), wbits=4, group_size=32, save_format="compressed-tensors",
                    out=tmp_path / "ct", **settings)  # fmt: skip
     assert not (tmp_path / "ct").exists()

@@ -42,8 +42,9 @@ def check_compressible(model: nn.Module, spec: QuantSpec | None) -> None:
     moe = next((f"{b}.{n}" for b, block in find_blocks(model) for n in block_expert_matrices(block)), None)
     if moe is not None:
         raise BesaError(
-            f"--save-format compressed-tensors cannot pack Mixture-of-Experts experts yet ({moe}): save with "
-            "--save-format dense or sparse"
+            f"--save-format compressed-tensors cannot pack Mixture-of-Experts experts ({moe}): transformers' loader "
+            "drops the zero points of packed experts, so besa's asymmetric grids would not reload; save with "
+            "--save-format dense or sparse (with --save-quantized for the codes)"
         )
     for block_name, block in find_blocks(model):
         for name, layer in find_linears(block, model).items():
