@@ -406,3 +406,19 @@ def test_pooled_expert_statistics_are_refused_for_stacks_the_model_multiplies_it
     with pytest.raises(besa.BesaError, match="--expert-stats pooled .*routed"):
         besa.prune(make_arch("dbrx"), method="wanda", sparsity=0.5, calib_ids=_ids(), progress=False,
                    checkpoint=False, expert_stats="pooled", tokenizer=make_tokenizer(), out=tmp_path / "out")  # fmt: skip
+
+
+def test_a_model_whose_short_forward_fails_leaves_its_stacks_unknown_with_the_reason():
+    from test_architectures import make_arch
+
+    model = make_arch("dbrx")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("needs pixel_values")
+
+    model.forward = broken
+    learn_expert_layouts(model, find_blocks(model), torch.arange(1, 17).unsqueeze(0))
+    unknown = [w for w in classify_block_weights(model) if w.kind == "unknown"]
+    assert len(unknown) == 2 * 3  # w1, v1, w2 of both blocks
+    assert all(w.why == "a short forward to see how it is multiplied failed (RuntimeError: needs pixel_values)"
+               for w in unknown)  # fmt: skip

@@ -442,11 +442,19 @@ def learn_expert_layouts(
         return
     slabs = [_Slab(*f) for f in found]
     mode = _ExpertProducts(slabs, record=True)
-    with torch.no_grad(), mode:
-        model(input_ids=input_ids)
+    failed = None
+    try:
+        with torch.no_grad(), mode:
+            model(input_ids=input_ids)
+    except Exception as exc:  # the layouts stay unknown, which stops the run with this reason
+        failed = (
+            f"a short forward to see how it is multiplied failed ({type(exc).__name__}: {exc})".splitlines()[
+                0
+            ]
+        )
     for slab in slabs:
         sides = mode.seen.get(slab, set())
-        why = mode.escaped.get(slab) or (
+        why = failed or mode.escaped.get(slab) or (
             "its forward multiplies it both ways" if len(sides) > 1 else None
         ) or (None if sides else "the forward never multiplied it as experts' matrices")  # fmt: skip
         if why is None:
