@@ -211,6 +211,57 @@ MOES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 # fmt: on
+
+# More of the installed transformers' Mixture-of-Experts (and hybrid) models, each from the shared tiny defaults below,
+# filtered to the fields its config takes, and a few settings of its own
+TINY = dict(
+    vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, shared_intermediate_size=32,
+    max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts_per_tok=2, moe_topk=2,
+    moe_k=2, top_k_experts=2, num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4,
+    n_shared_experts=1, num_shared_experts=1, moe_num_shared_experts=1, n_group=1, topk_group=1, kv_lora_rank=16,
+    q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, sliding_window=16, first_k_dense_replace=1,
+)  # fmt: skip
+INDEXER = dict(index_topk=8, index_head_dim=16, index_n_heads=2)
+LINEAR = dict(
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16
+)
+MORE = {  # model type -> its own settings
+    "aria_text": dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1),
+    "axk1": dict(mlp_layer_types=["dense", "sparse"]),
+    "axk2": dict(mlp_layer_types=["dense", "sparse"], num_key_value_heads=4, **INDEXER),
+    "bailing_hybrid": {},
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=8),
+    "beam": dict(mlp_layer_types=["dense", "sparse"]),
+    "deepseek_v32": dict(num_key_value_heads=4, **INDEXER),
+    "dots3_note_text": dict(num_key_value_heads=4, **INDEXER),
+    "ergo": dict(first_dense_intermediate_size=64, num_dense_blocks=1),
+    "flint": dict(mlp_only_layers=[0]),
+    "gemma4_text": dict(enable_moe_block=True, num_experts=4, top_k_experts=2, hidden_size_per_layer_input=16,
+                        vocab_size_per_layer_input=260, layer_types=["sliding_attention", "full_attention"]),
+    "granitemoe_swa": {},
+    "kolibri1": {},
+    "laguna": {},
+    "lara_mini": dict(LINEAR),
+    "mellum": {},
+    "mimo_v2_flash": {},
+    "minimax_m3_vl_text": {},
+    "qwen4_exp_text": dict(LINEAR),
+    "sarvam_mla": {},
+    "sarvam_moe": {},
+}  # fmt: skip
+
+
+def _tiny(model_type: str, **own: Any) -> tuple[str, dict[str, Any]]:
+    """(config class name, keywords): ``TINY`` limited to what the config class takes, then ``own``."""
+    import inspect
+
+    cls = transformers.CONFIG_MAPPING[model_type]
+    fields = getattr(cls, "__dataclass_fields__", None) or inspect.signature(cls.__init__).parameters
+    return cls.__name__, {**{k: v for k, v in TINY.items() if k in fields}, **own}
+
+
+MOES.update({name: _tiny(name, **own) for name, own in MORE.items() if name in transformers.CONFIG_MAPPING})
 ARCHS = {**DENSE, **MOES}
 
 
@@ -323,3 +374,43 @@ def test_the_refit_takes_an_expert_that_one_batch_routes_no_token():
     assert not weights["fallback"] and not weights["left_dense"] and result.report["refit"]
     for key, w in expert_matrices(model.model.layers[0].mlp.experts).items():
         assert int((w == 0).sum()) * 2 == w.numel(), key
+
+
+REFUSED = {  # model type -> (its own settings, what the one line says)
+    "zaya": (dict(num_experts_per_tok=1), "hand the next block something besides hidden states"),
+    "glm_moe_dsa": (
+        dict(num_key_value_heads=4, **INDEXER),
+        "hand the next block something besides hidden states",
+    ),
+    "kolibri1_1": (dict(index_num_heads=2), "hand the next block something besides hidden states"),
+    "gemma3n_text": (
+        dict(
+            num_kv_shared_layers=0,
+            vocab_size_per_layer_input=260,
+            hidden_size_per_layer_input=16,
+            layer_types=["sliding_attention", "full_attention"],
+            activation_sparsity_pattern=[0.0, 0.0],
+        ),
+        "take hidden states of shape [4, 2, 32, 64] for a batch of 2, the batch not first",
+    ),  # fmt: skip
+    "hrm_text": (
+        {},
+        "holds two stacks of HrmTextDecoderLayer blocks (model.L_module.layers and model.H_module.layers)",
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", [a for a in REFUSED if a in transformers.CONFIG_MAPPING])
+def test_blocks_besa_cannot_run_one_at_a_time_are_refused_in_one_line_before_any_work(arch, tmp_path):
+    own, said = REFUSED[arch]
+    cls, kwargs = _tiny(arch, **own)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kwargs)).eval()
+    model.config.use_cache = False
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(besa.BesaError) as err:
+        besa.prune(model, tokenizer=make_tokenizer(), calib_ids=_ids(), method="wanda", sparsity=0.5,
+                   progress=False, checkpoint=False, out=tmp_path / "out")  # fmt: skip
+    assert said in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -48,6 +48,17 @@ def find_blocks(model: nn.Module, block_class: str | None = None) -> list[tuple[
             f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of "
             f"{sorted(wanted) or 'any _no_split_modules class'}"
         )
+    kind = {type(m).__name__ for _, m in best}
+    first = best[0][0].rsplit(".", 1)[0]
+    for list_name, module in model.named_modules():  # a second stack of the same blocks would go unpruned
+        if (
+            isinstance(module, nn.ModuleList) and list_name != first and len(module)
+            and {type(m).__name__ for m in module} == kind
+        ):  # fmt: skip
+            raise BesaError(
+                f"{type(model).__name__} holds two stacks of {sorted(kind)[0]} blocks ({first} and {list_name}); besa "
+                "prunes one sequential stack of decoder blocks and would leave the other dense"
+            )
     return best
 
 
@@ -72,24 +83,30 @@ def _is_router(matrix_shape: tuple[int, ...], experts: set[int]) -> bool:
     return bool(experts) and len(matrix_shape) == 2 and (matrix_shape[0] == 1 or matrix_shape[0] in experts)
 
 
-def router_counts(block: nn.Module, experts: int | None) -> dict[str, set[int]]:
+def router_counts(block: nn.Module, experts: int | None, fallback: bool = True) -> dict[str, set[int]]:
     """Module path -> the expert counts a router under it would have one output each for. Within a
     Mixture-of-Experts scope (the parent of a module that states an expert count, ``num_experts`` and the like:
     the MoE block holding the experts and their router) the counts stated there and ``experts`` (the config's);
     outside every scope none, so an attention projection that happens to have E outputs is no router. A block in
-    which no module states a count falls back to ``experts`` everywhere."""
+    which no module states a count falls back to ``experts`` everywhere if ``fallback`` (a model whose modules
+    never state one); in a model whose other blocks do, it is a dense block and has no router."""
     stated = {path: c for path, m in block.named_modules() if (c := _stated_count(m))}
     scopes: dict[str, set[int]] = {}
     for path, count in stated.items():
         scopes.setdefault(path.rsplit(".", 1)[0] if "." in path else "", set()).add(count)
     default = {experts} if experts else set()
     if not scopes:
-        return {path: default for path, _ in block.named_modules()}
+        return {path: default if fallback else set() for path, _ in block.named_modules()}
     found: dict[str, set[int]] = {}
     for path, _ in block.named_modules():
         counts = {c for scope, cs in scopes.items() if _under(path, scope) for c in cs}
         found[path] = counts | default if counts else set()
     return found
+
+
+def _states_counts(model: nn.Module) -> bool:
+    """Whether any module of ``model`` states an expert count (its MoE blocks can then be told from dense ones)."""
+    return any(_stated_count(m) for m in model.modules())
 
 
 def _under(path: str, scope: str) -> bool:
@@ -114,7 +131,11 @@ def find_linears(
         if model is not None and hasattr(model, "get_output_embeddings")
         else None
     )
-    counts = router_counts(block, num_experts(getattr(model, "config", None)) if model is not None else None)
+    counts = (
+        router_counts(block, num_experts(getattr(model, "config", None)), not _states_counts(model))
+        if model is not None
+        else router_counts(block, None)
+    )
     return {
         name: module
         for name, module in block.named_modules()
@@ -152,6 +173,9 @@ class BlockWeight:
 
 
 _KEPT_MODULES = ((nn.modules.conv._ConvNd, "convolution"), (nn.Embedding, "embedding"))
+_NORM = "norm"
+"""A module whose class name says it is a norm (``RMSNorm``, ``LayerNorm``, a per-expert ``post_expert_norm``): its
+weights scale activations elementwise, whatever their shape."""
 _KEPT_NAMES = {"A_log": "state-space decay"}
 """Parameters kept by their conventional name: a state-space layer's log decay rates (Mamba, Jamba, gated delta
 nets) are used elementwise in the recurrence, not multiplied with the activations as a weight matrix is."""
@@ -166,9 +190,10 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
     from besa.experts import expert_slabs, fused_experts, projections, unknown_slab
 
     experts = num_experts(getattr(model, "config", None))
+    stated = _states_counts(model)
     found: list[BlockWeight] = []
     for block_name, block in find_blocks(model):
-        counts = router_counts(block, experts)
+        counts = router_counts(block, experts, not stated)
         pruned = {id(layer.weight) for layer in find_linears(block, model, routers=routers).values()}
         fused = {id(getattr(m, n)): n for _, m in fused_experts(block) for n in projections(m)}
         slabs = {id(o._parameters[n]): unknown_slab(o, n) for _, o, n, _ in expert_slabs(block)}
@@ -186,6 +211,7 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
             shape = tuple(weight_matrix(module).shape) if is_prunable_linear(module) else tuple(param.shape)
             kept = next((rule for cls, rule in _KEPT_MODULES if isinstance(module, cls)), None)
             kept = kept or _KEPT_NAMES.get(name.rsplit(".", 1)[-1])
+            kept = kept or (_NORM if "norm" in type(module).__name__.lower() else None)
             if id(param) in pruned:
                 kind, rule = "pruned", "linear"
             elif id(param) in fused:  # each expert's matrix is pruned as a linear (besa.experts)

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from besa.activations import ActivationStore, MemoryBudget, trim_heap
+from besa.errors import BesaError
 from besa.experts import unfused_experts, uses_besa_experts
 from besa.modeling import find_blocks, find_linears
 from besa.streaming import streamer_of
@@ -118,30 +119,80 @@ def capture_block_calls(
     """
     sample = sample_ids[:1]
     calls: list[BlockCall] = []
-    _each_block_call(model, blocks, sample, calls.append)
+    try:
+        tuple_out = _each_block_call(model, blocks, sample, calls.append, None)
+    except BesaError:
+        raise
+    except (
+        Exception
+    ) as exc:  # the model's own loop may unpack what a block returns: try a (hidden, extra) pair
+        calls.clear()
+        try:
+            tuple_out = _each_block_call(model, blocks, sample, calls.append, _HANDED_ON)
+        except BesaError:
+            raise
+        except Exception:
+            raise BesaError(
+                f"{type(model).__name__}'s forward fails with besa's pass-through blocks "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): its blocks must take and "
+                "give hidden states (a tuple that starts with them) for besa to prune them one at a time"
+            ) from None
+    hidden: list[torch.Tensor] = []
     pending = iter(calls)
-    _each_block_call(model, blocks, torch.cat([sample, sample]), lambda wider: next(pending).find_axes(wider))
+    wider = torch.cat([sample, sample])
+    _each_block_call(model, blocks, wider, lambda w: next(pending).find_axes(w), tuple_out, hidden.append)
+    if hidden and hidden[0].shape[0] != 2:  # the second forward had batch 2: so must the hidden states
+        raise BesaError(
+            f"{type(model).__name__}'s blocks take hidden states of shape {list(hidden[0].shape)} for a batch of 2, "
+            "the batch not first (e.g. several residual streams stacked in front); besa prunes blocks whose hidden "
+            "states are (batch, tokens, width)"
+        )
     return calls
 
 
+class _HandedOn:
+    """What a pass-through block gives besides its hidden states, where the model's loop unpacks a pair: seen again
+    in a later block's call, it means the blocks hand each other state, which besa cannot reproduce one block at a
+    time."""
+
+
+_HANDED_ON = _HandedOn()
+
+
 def _each_block_call(
-    model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, record: Callable[[BlockCall], None]
-) -> None:
+    model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, record: Callable[[BlockCall], None],
+    extra: _HandedOn | None, hidden_seen: Callable[[torch.Tensor], None] | None = None,
+) -> _HandedOn | None:  # fmt: skip
     """One forward of ``ids`` with every block a pass-through stand-in: ``record`` is handed each block's call,
-    in order; the forward stops at the last block."""
-    seen = 0
+    in order; the forward stops at the last block. With ``extra`` a block gives ``(hidden, extra)``. A block called
+    twice before the last one is reached (a stack run in cycles) is refused; so is a call that receives ``extra``."""
+    seen: list[int] = []
 
-    def stand_in(*args: Any, **kwargs: Any) -> Any:
-        nonlocal seen
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        record(BlockCall(args=args[1:], kwargs=kwargs))
-        seen += 1
-        if seen == len(blocks):
-            raise _StopForward
-        return hidden
+    def stand_in_for(index: int) -> Callable[..., Any]:
+        def stand_in(*args: Any, **kwargs: Any) -> Any:
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if index in seen:
+                raise BesaError(
+                    f"{type(model).__name__} runs its decoder block {index} more than once per forward (blocks "
+                    "run in cycles); besa prunes a stack of blocks that each run once"
+                )
+            if extra is not None and any(a is extra for a in (*args[1:], *kwargs.values())):
+                raise BesaError(
+                    f"{type(model).__name__}'s blocks hand the next block something besides hidden states; besa "
+                    "prunes blocks one at a time from their hidden states and cannot pass that on"
+                )
+            record(BlockCall(args=args[1:], kwargs=kwargs))
+            if hidden_seen is not None:
+                hidden_seen(hidden)
+            seen.append(index)
+            if len(seen) == len(blocks):
+                raise _StopForward
+            return hidden if extra is None else (hidden, extra)
 
-    for block in blocks:
-        block.forward = stand_in
+        return stand_in
+
+    for index, block in enumerate(blocks):
+        block.forward = stand_in_for(index)
     try:
         model(ids, use_cache=False)
     except _StopForward:
@@ -149,8 +200,12 @@ def _each_block_call(
     finally:
         for block in blocks:
             del block.forward
-    if seen != len(blocks):
-        raise RuntimeError(f"captured {seen} block calls for {len(blocks)} blocks")
+    if len(seen) != len(blocks):
+        raise BesaError(
+            f"{type(model).__name__}'s forward ran {len(seen)} of its {len(blocks)} decoder blocks; besa prunes a "
+            "stack of blocks that each run once"
+        )
+    return extra
 
 
 @dataclass
