@@ -129,9 +129,9 @@ def run(args: argparse.Namespace) -> dict:
                     x = pool[order[:n]]
                     for method in METHODS:
                         ratio = relative_error(w, prune(method, w, x, setting), held) / base
-                        rows.setdefault(setting, {}).setdefault(method, {}).setdefault(str(n), []).append(
-                            ratio
-                        )
+                        key = str(n) if n in counts else "all"
+                        rows.setdefault(setting, {}).setdefault(method, {}).setdefault(key, []).append(ratio)
+        Path(args.results + ".partial").write_text(json.dumps(rows) + "\n")  # what is done so far
         print(setting, {m: {n: round(statistics.median(r), 3) for n, r in v.items()} for m, v in rows[setting].items()},
               flush=True)  # fmt: skip
     wins = {
