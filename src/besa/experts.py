@@ -35,9 +35,8 @@ from besa.errors import BesaError
 
 __all__ = [
     "IMPLEMENTATION", "ExpertLinear", "besa_experts", "block_expert_matrices", "expert_matrices", "expert_slabs",
-    "experts_as_linears",
-    "fused_experts", "is_fused_experts", "learn_expert_layouts", "pooled_statistics", "projections",
-    "slab_matrices", "unfused_experts", "unknown_slab", "uses_besa_experts",
+    "experts_as_linears", "fused_experts", "is_fused_experts", "learn_expert_layouts", "pooled_statistics",
+    "projections", "slab_matrices", "stated_expert_count", "unfused_experts", "unknown_slab", "uses_besa_experts",
 ]  # fmt: skip
 
 IMPLEMENTATION = "besa"
@@ -270,7 +269,8 @@ _LAYOUT_KEY = (
 _UNKNOWN_KEY = "_besa_expert_unknown"  # owner.__dict__: parameter name -> why its layout is not known
 
 
-def _count(module: nn.Module) -> int | None:
+def stated_expert_count(module: nn.Module) -> int | None:
+    """The expert count ``module`` itself states (``num_experts`` and the like, above 1), else ``None``."""
     for key in _COUNTS:
         value = getattr(module, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 1:
@@ -297,7 +297,7 @@ def expert_slabs(block: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
     found = []
     for path, owner in block.named_modules():
         parent = path.rsplit(".", 1)[0] if "." in path else ""
-        counts[path] = _count(owner) or (counts.get(parent) if path else None)
+        counts[path] = stated_expert_count(owner) or (counts.get(parent) if path else None)
         if isinstance(owner, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)) or hasattr(owner, "nf"):
             continue  # a linear (Conv1D has ``nf``), an embedding or a convolution: not an experts tensor
         for name, param in owner.named_parameters(recurse=False):

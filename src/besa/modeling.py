@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from besa.errors import BesaError
+from besa.experts import stated_expert_count
 
 __all__ = [
     "BlockWeight", "classify_block_weights", "find_blocks", "find_linears", "weight_matrix", "set_weight_matrix",
@@ -90,7 +91,7 @@ def router_counts(block: nn.Module, experts: int | None, fallback: bool = True) 
     outside every scope none, so an attention projection that happens to have E outputs is no router. A block in
     which no module states a count falls back to ``experts`` everywhere if ``fallback`` (a model whose modules
     never state one); in a model whose other blocks do, it is a dense block and has no router."""
-    stated = {path: c for path, m in block.named_modules() if (c := _stated_count(m))}
+    stated = {path: c for path, m in block.named_modules() if (c := stated_expert_count(m))}
     scopes: dict[str, set[int]] = {}
     for path, count in stated.items():
         scopes.setdefault(path.rsplit(".", 1)[0] if "." in path else "", set()).add(count)
@@ -106,19 +107,11 @@ def router_counts(block: nn.Module, experts: int | None, fallback: bool = True) 
 
 def _states_counts(model: nn.Module) -> bool:
     """Whether any module of ``model`` states an expert count (its MoE blocks can then be told from dense ones)."""
-    return any(_stated_count(m) for m in model.modules())
+    return any(stated_expert_count(m) for m in model.modules())
 
 
 def _under(path: str, scope: str) -> bool:
     return scope == "" or path == scope or path.startswith(scope + ".")
-
-
-def _stated_count(module: nn.Module) -> int | None:
-    for key in _EXPERT_COUNTS:
-        value = getattr(module, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
-            return value
-    return None
 
 
 def find_linears(
