@@ -242,6 +242,7 @@ def main() -> None:
     else:
         results = run(args)
         path.write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.results + ".partial").unlink(missing_ok=True)
     write_markdown(results, Path(args.markdown))
 
 

@@ -531,7 +531,7 @@ def _fallback_lines(results: dict) -> list[str]:
     return [
         "",
         f"Routed calibration tokens per expert linear over all runs: {low:,} to {high:,}. Pruned by magnitude"
-        " (fewer than `expert_min_tokens`, 16, routed calibration tokens; with pooled statistics too, as the"
+        " (fewer than `expert_min_tokens` routed calibration tokens, 16 when these rows ran; with pooled statistics too, as the"
         f" report's `weights.fallback` says): {said}.",
     ]
 

@@ -422,3 +422,17 @@ def test_a_model_whose_short_forward_fails_leaves_its_stacks_unknown_with_the_re
     assert len(unknown) == 2 * 3  # w1, v1, w2 of both blocks
     assert all(w.why == "a short forward to see how it is multiplied failed (RuntimeError: needs pixel_values)"
                for w in unknown)  # fmt: skip
+
+
+def test_the_expert_min_tokens_default_is_the_one_the_benchmark_decided():
+    import json
+    from pathlib import Path
+
+    from besa.config import PruneConfig
+
+    measured = json.loads(
+        (
+            Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "expert_min_tokens.json"
+        ).read_text()
+    )
+    assert PruneConfig().expert_min_tokens == measured["default"] == 4

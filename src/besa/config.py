@@ -114,8 +114,9 @@ class PruneConfig:
         prune_routers: prune the routers of Mixture-of-Experts blocks too (``besa.modeling.classify_block_weights``
             says which weights are routers); by default they stay dense.
         expert_min_tokens: an expert (``besa.experts``) the calibration routes fewer tokens to is pruned by
-            magnitude at the block's rate (N:M: the pattern); 16 is a first guess, not yet measured. An expert no
-            token reaches falls back whatever this is.
+            magnitude at the block's rate (N:M: the pattern). The default, 4, is where Wanda and SparseGPT start to
+            beat magnitude on real linears pruned from that few tokens (``benchmarks/expert_min_tokens.py``). An
+            expert no token reaches falls back whatever this is.
         expert_stats: ``routed`` (an expert's statistics come from the tokens its router sends it) or ``pooled``
             (from every token of the block: every expert runs on all of them while the method calibrates).
         leave_unknown_dense: go on when a block holds weights of a layout no method prunes, leaving them dense
@@ -204,11 +205,11 @@ class PruneConfig:
         },
     )
     expert_min_tokens: int = field(
-        default=16,
+        default=4,
         metadata={
             "help": "a Mixture-of-Experts expert the calibration windows route fewer tokens to is pruned by weight "
-            "magnitude at the block's rate instead (its statistics would be too thin); the report gives every "
-            "expert's token count"
+            "magnitude at the block's rate instead (its statistics would be too thin: measured in BENCHMARKS.md, "
+            "expert-min-tokens); the report gives every expert's token count"
         },
     )
     expert_stats: str = field(
