@@ -123,10 +123,8 @@ def capture_block_calls(
         tuple_out = _each_block_call(model, blocks, sample, calls.append, None)
     except BesaError:
         raise
-    except (
-        Exception
-    ) as exc:  # the model's own loop may unpack what a block returns: try a (hidden, extra) pair
-        calls.clear()
+    except Exception as exc:
+        calls.clear()  # the model's own loop may unpack what a block returns: try a (hidden, extra) pair
         try:
             tuple_out = _each_block_call(model, blocks, sample, calls.append, _HANDED_ON)
         except BesaError:
