@@ -226,6 +226,9 @@ class RunFolder:
         self.tensors = tensors or (lambda _name: {})
         self.restore_tensors = restore_tensors or (lambda _name, _tensors: None)
         self.state: dict[str, Any] | None = None
+        self.checked = (
+            False  # ``check`` ran: a second look would clean the folder under the other ranks' feet
+        )
 
     # -- opening ----------------------------------------------------------------------------------------------
     def check(self, require: bool = False) -> int:
@@ -246,13 +249,14 @@ class RunFolder:
                     f"run folder {str(self.path)!r} holds {(foreign or entries)[0]!r} and no {RUN_FILE}: pass "
                     "another --run-dir"
                 )
+            distributed.barrier()  # every process has looked at the folder before the first one cleans it
             if distributed.world().writer:
                 for name in entries:  # left by a run killed before its first checkpoint
                     _remove(self.path / name)
                 self.path.mkdir(parents=True, exist_ok=True)
                 (self.path / RUN_MARKER).touch()  # the folder is ours: what it holds from now on, we wrote
             distributed.barrier()
-            self.state = None
+            self.state, self.checked = None, True
             return 0
         links = [p.name for p in self.path.iterdir() if p.is_symlink()]
         if links:
@@ -274,7 +278,7 @@ class RunFolder:
                 f"run folder {str(self.path)!r} belongs to another run ({'; '.join(diffs[:3])}); "
                 "pass another --run-dir or delete that folder"
             )
-        self.state = state
+        self.state, self.checked = state, True
         return int(state["completed"])
 
     # -- resuming ---------------------------------------------------------------------------------------------
@@ -289,7 +293,7 @@ class RunFolder:
         Every file read is checked against its digest; one changed after it was written stops the run with one
         line naming the block and what to rerun.
         """
-        if self.state is None:
+        if not self.checked:
             self.check()
         if self.state is None or self.state["completed"] == 0:
             if self.redo_from:
