@@ -79,15 +79,6 @@ def _check_pattern_fits(model: nn.Module, config: PruneConfig) -> None:
             raise BesaError(f"--pattern {nm} does not divide the input width {width} of {name}")
 
 
-def _probe_ids(model: nn.Module) -> torch.Tensor:
-    """A short token sequence for ``learn_expert_layouts`` (any tokens do: only how the experts are multiplied is
-    watched), on the device of the model's input embedding."""
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0) or 2
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    device = embed.weight.device if embed is not None else torch.device("cpu")
-    return (torch.arange(1, 17, device=device) * 7919 % vocab).unsqueeze(0)
-
-
 def _check_weights(model: nn.Module, config: PruneConfig) -> list[BlockWeight]:
     """Classify every block weight before any work (``classify_block_weights``): stop at one no method can prune
     unless ``leave_unknown_dense``, and say up front what stays dense."""
@@ -215,7 +206,7 @@ def prune_with(
             "forward of the whole model, which a streamed model cannot run; run without --stream"
         )
     if not options.stream:  # how a model's own forward multiplies experts no class records: one short forward
-        learn_expert_layouts(model, find_blocks(model), _probe_ids(model))
+        learn_expert_layouts(model, find_blocks(model))
     weights = _check_weights(model, config)
     if stacked and config.expert_stats == "pooled":
         raise BesaError(

@@ -35,7 +35,7 @@ from besa.errors import BesaError
 
 __all__ = [
     "IMPLEMENTATION", "ExpertLinear", "besa_experts", "block_expert_matrices", "expert_matrices", "expert_slabs",
-    "experts_as_linears", "fused_experts", "is_fused_experts", "learn_expert_layouts", "pooled_statistics",
+    "experts_as_linears", "fused_experts", "is_fused_experts", "learn_expert_layouts", "pooled_statistics", "probe_ids",
     "projections", "slab_matrices", "stated_expert_count", "unfused_experts", "unknown_slab", "uses_besa_experts",
 ]  # fmt: skip
 
@@ -172,14 +172,14 @@ def unfused_experts(block: nn.Module) -> Iterator[list[str]]:
 
 
 @contextmanager
-def experts_as_linears(model: nn.Module, probe_ids: torch.Tensor) -> Iterator[None]:
+def experts_as_linears(model: nn.Module, input_ids: torch.Tensor | None = None) -> Iterator[None]:
     """While active, the whole ``model`` runs with every block's experts as linears (``unfused_experts``, the
-    ``besa`` implementation), for work on a whole model outside the engine (``besa speedup``); ``probe_ids`` shows
-    the layout of stacks no class records (``learn_expert_layouts``)."""
+    ``besa`` implementation), for work on a whole model outside the engine (``besa speedup``); the layout of stacks
+    no class records is shown first (``learn_expert_layouts``, on ``input_ids`` if given)."""
     from besa.modeling import find_blocks  # modeling imports this module
 
     blocks = find_blocks(model)
-    learn_expert_layouts(model, blocks, probe_ids)
+    learn_expert_layouts(model, blocks, input_ids)
     with ExitStack() as stack:
         stack.enter_context(uses_besa_experts(model))
         for _, block in blocks:
@@ -430,12 +430,21 @@ def _rerouted(slab: _Slab, e: int | None, x: torch.Tensor, w: torch.Tensor, bias
     return torch.stack(outs)
 
 
+def probe_ids(model: nn.Module) -> torch.Tensor:
+    """A short token sequence for ``learn_expert_layouts`` (any tokens do: only how the experts are multiplied is
+    watched), on the device of the model's input embedding."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0) or 2
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = embed.weight.device if embed is not None else torch.device("cpu")
+    return (torch.arange(1, 17, device=device) * 7919 % vocab).unsqueeze(0)
+
+
 def learn_expert_layouts(
-    model: nn.Module, blocks: list[tuple[str, nn.Module]], input_ids: torch.Tensor
+    model: nn.Module, blocks: list[tuple[str, nn.Module]], input_ids: torch.Tensor | None = None
 ) -> None:
-    """Run ``model`` once on ``input_ids``, watching every expert parameter no class records
-    (``expert_slabs``), and keep on its owner how each is multiplied (or why it could not be told). A no-op, and no
-    forward, when there are none."""
+    """Run ``model`` once on ``input_ids`` (``probe_ids`` if not given), watching every expert parameter no class
+    records (``expert_slabs``), and keep on its owner how each is multiplied (or why it could not be told). A
+    no-op, and no forward, when there are none."""
     found = [(f"{b}.{p}.{n}" if p else f"{b}.{n}", o, n, c) for b, block in blocks
              for p, o, n, c in expert_slabs(block) if unknown_slab(o, n) is not None]  # fmt: skip
     if not found:
@@ -445,7 +454,7 @@ def learn_expert_layouts(
     failed = None
     try:
         with torch.no_grad(), mode:
-            model(input_ids=input_ids)
+            model(input_ids=input_ids if input_ids is not None else probe_ids(model))
     except Exception as exc:  # the layouts stay unknown, which stops the run with this reason
         failed = (
             f"a short forward to see how it is multiplied failed ({type(exc).__name__}: {exc})".splitlines()[

@@ -58,17 +58,21 @@ class RunRecord:
     def add(self, block: str, result: BlockResult) -> None:
         self.blocks[block] = result
 
+    def _merged(self, field: str) -> dict[str, Any]:
+        """One per-linear field of every block's result, merged (linear names are unique over the blocks)."""
+        return {k: v for r in self.blocks.values() for k, v in getattr(r, field).items()}
+
     @property
     def targets(self) -> dict[str, float]:
-        return {k: v for r in self.blocks.values() for k, v in r.targets.items()}
+        return self._merged("targets")
 
     @property
     def grids(self) -> dict[str, QuantGrids]:
-        return {k: v for r in self.blocks.values() for k, v in r.grids.items()}
+        return self._merged("grids")
 
     @property
     def quant_info(self) -> dict[str, dict[str, Any]]:
-        return {k: v for r in self.blocks.values() for k, v in r.quant_info.items()}
+        return self._merged("quant_info")
 
     @property
     def refit(self) -> dict[str, dict[str, Any]]:
@@ -78,17 +82,17 @@ class RunRecord:
     @property
     def left_dense(self) -> dict[str, str]:
         """Every linear left dense although it was to be pruned, and why."""
-        return {n: why for r in self.blocks.values() for n, why in r.left_dense.items()}
+        return self._merged("left_dense")
 
     @property
     def expert_tokens(self) -> dict[str, int]:
         """Every expert linear's count of routed calibration tokens."""
-        return {n: t for r in self.blocks.values() for n, t in r.expert_tokens.items()}
+        return self._merged("expert_tokens")
 
     @property
     def fallback(self) -> dict[str, str]:
         """Every expert linear pruned by the fallback rule, and why."""
-        return {n: why for r in self.blocks.values() for n, why in r.fallback.items()}
+        return self._merged("fallback")
 
     @property
     def facts(self) -> dict[str, dict[str, Any]]:
