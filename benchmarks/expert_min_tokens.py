@@ -47,8 +47,8 @@ def capture(model, tokenizer, args: argparse.Namespace):
     """The inputs of every studied linear on the pool (enwiki) and on the held-out text (PTB valid)."""
     import torch
 
-    from besa.data import load_calibration_documents, load_eval_text, sample_windows
-    from besa.modeling import find_blocks
+    from besa.model.blocks import find_blocks
+    from besa.model.data import load_calibration_documents, load_eval_text, sample_windows
 
     docs = load_calibration_documents("enwiki-articles")
     pool_ids = sample_windows(
@@ -82,9 +82,9 @@ def capture(model, tokenizer, args: argparse.Namespace):
 
 def prune(method: str, w, x, setting: str):
     """``w`` (out, in) pruned by ``method`` from the inputs ``x`` (n, in): besa's own selection and sweep."""
-    from besa.config import parse_pattern
     from besa.methods.configs import SparseGPTConfig
     from besa.methods.sparsegpt import sparsegpt_prune
+    from besa.settings.config import parse_pattern
     from besa.stages.masks import select_prune_mask
     from besa.stages.selection import magnitude_scores, wanda_scores
 
@@ -108,7 +108,7 @@ def relative_error(w, pruned, held) -> float:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from besa.loading import load_model
+    from besa.model.loading import load_model
 
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_model("smollm2-135m")

@@ -63,7 +63,7 @@ TRAIN_FLAGS = (
 
 
 def _documents() -> list[str]:
-    from besa.data import data_dir
+    from besa.model.data import data_dir
 
     root = data_dir()
     path = root / "calibration" / "enwiki-articles.jsonl" if root else None
@@ -102,7 +102,7 @@ def build_model(args: argparse.Namespace):
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from besa.loading import load_model
+    from besa.model.loading import load_model
 
     smol, tokenizer, _ = load_model("smollm2-135m")
     config = MixtralConfig(
@@ -373,7 +373,7 @@ def run(args: argparse.Namespace) -> None:
     if "no-experts" not in results:  # what the experts are worth: every expert's weights zeroed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from besa.experts import fused_experts
+        from besa.model.experts import fused_experts
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         with torch.no_grad():

@@ -42,7 +42,7 @@ def build_source(args: argparse.Namespace, folder: Path) -> None:
     import torch
     import transformers
 
-    from besa.loading import model_folder
+    from besa.model.loading import model_folder
 
     smol, _ = model_folder("smollm2-135m")
     tokenizer = transformers.AutoTokenizer.from_pretrained(smol)

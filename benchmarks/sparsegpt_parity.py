@@ -56,7 +56,7 @@ def _run(cmd: list[str]) -> None:
 
 def dense_folder(model: str) -> str:
     """A plain Hugging Face folder of ``model`` that both tools can load (the built-in GGUF dequantized once)."""
-    from besa.loading import _dequantize_gguf, resolve_model
+    from besa.model.loading import _dequantize_gguf, resolve_model
 
     source = resolve_model(model)
     return str(_dequantize_gguf(Path(source.location))) if source.kind == "gguf" else source.location
@@ -66,7 +66,7 @@ def calibration_ids(model_folder: str, args: argparse.Namespace, seed: int, path
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from besa.data import load_calibration_documents, sample_windows
+    from besa.model.data import load_calibration_documents, sample_windows
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     docs = load_calibration_documents(args.calib)

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import besa
-from besa.config import PruneConfig
-from besa.data import load_calibration_documents, sample_windows
-from besa.loading import load_model
+from besa.model.data import load_calibration_documents, sample_windows
+from besa.model.loading import load_model
+from besa.settings.config import PruneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import replace_section  # noqa: E402
 from baselines import _machine  # noqa: E402
-from besa.plotting import layer_type  # noqa: E402
+from besa.output.plotting import layer_type  # noqa: E402
 
 METHODS = ["magnitude", "wanda", "sparsegpt", "besa"]
 CASES = {  # name -> (target flags, save format, extra flags)
@@ -49,7 +49,7 @@ def _reloads_exactly(model, folder: Path, fmt: str) -> bool:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from besa.loading import load_model
+    from besa.model.loading import load_model
 
     ours = model.state_dict()
     loaded = (
@@ -119,7 +119,7 @@ def _chart(case: str) -> Path:
 
 def draw_speed_charts(results: dict) -> None:
     """Redraw the speed charts from the recorded measurements (``besa speedup`` draws them when it runs)."""
-    from besa.plotting import plot_speedup
+    from besa.output.plotting import plot_speedup
 
     for case, res in results.get("speed", {}).items():
         plot_speedup(res, _chart(case))

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import besa
 from besa.errors import BesaError
-from besa.modeling import find_blocks, find_linears, weight_matrix
+from besa.model.blocks import find_blocks, find_linears, weight_matrix
 from conftest import ARCHS, make_model
 
 

@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import besa
-from besa.experts import block_expert_matrices, expert_matrices
-from besa.modeling import classify_block_weights, find_blocks, find_linears, weight_matrix
+from besa.model.blocks import classify_block_weights, find_blocks, find_linears, weight_matrix
+from besa.model.experts import block_expert_matrices, expert_matrices
 from conftest import make_tokenizer
 
 # fmt: off

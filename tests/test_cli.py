@@ -155,8 +155,8 @@ def test_two_methods_may_declare_a_flag_of_the_same_name(monkeypatch):
 
     from besa import registry
     from besa.cli import _cmd_prune, build_parser
-    from besa.config import MethodConfig
     from besa.methods.wanda import WandaPruner
+    from besa.settings.config import MethodConfig
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
@@ -200,7 +200,7 @@ def test_an_unwritable_out_is_refused_before_the_model_is_loaded(
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr("besa.loading.load_model", no_loading)
+    monkeypatch.setattr("besa.model.loading.load_model", no_loading)
     code, _, err = _run(capsys, "prune", str(model_dir), *extra, "--calib", str(calib_txt), "--out", str(out))
     _assert_one_line_error(code, err, "cannot write --out")
     assert blocker.read_text() == "keep"
@@ -234,7 +234,7 @@ def test_a_seqlen_beyond_the_models_positions_is_refused_before_loading(
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before --seqlen was checked")
 
-    monkeypatch.setattr("besa.loading.load_model", no_loading)
+    monkeypatch.setattr("besa.model.loading.load_model", no_loading)
     extra = ["--calib", str(calib_txt), "--out", str(tmp_path / "out")] if command == "prune" else []
     code, _, err = _run(capsys, command, str(model_dir), "--seqlen", "100000", *extra)
     _assert_one_line_error(code, err, "--seqlen 100000 is beyond the 128 positions")
@@ -284,7 +284,7 @@ def test_eval_any_text_file_is_named_by_its_file_name(capsys, tmp_path, model_di
     import torch
     from transformers import AutoTokenizer
 
-    from besa.evaluation import perplexity
+    from besa.evaluation.perplexity import perplexity
 
     docs = ["The first document has a few words.", "A second one, shorter.", "And a third to close."]
     jsonl = tmp_path / "docs.jsonl"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from besa.options import RUN_FILE
+from besa.settings.options import RUN_FILE
 from conftest import one_line_error, run_cli, snapshot
 
 FAST = ["--method", "magnitude", "--sparsity", "0.5", "--no-progress"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from besa.errors import BesaError
-from besa.loading import check_gguf
+from besa.model.loading import check_gguf
 from conftest import make_model, make_tokenizer, one_line_error, run_cli, snapshot
 
 GOOD_TEXT = "Some calibration text about many things. " * 40
@@ -49,7 +49,7 @@ def _empty_safetensors(model_dir: Path, inputs: Path) -> Path:
 
 def _truncated_sparse_folder(model_dir: Path, inputs: Path) -> Path:
     """A folder in besa's sparse save format (``--save-format sparse``) whose weights file lost its tail."""
-    from besa.sparse_format import save_sparse
+    from besa.formats.sparse import save_sparse
 
     folder = inputs / "sparse"
     folder.mkdir()
@@ -253,7 +253,7 @@ def test_the_builtin_gguf_passes_the_check():
 def test_text_files_still_read_as_text_mode_did(tmp_path):
     """Reading bytes to find a bad byte's offset changes nothing for good files: CRLF and CR line ends become LF
     in a .txt as in text mode, and a CRLF .jsonl reads the same records."""
-    from besa.data import read_text_file
+    from besa.model.data import read_text_file
 
     txt = tmp_path / "crlf.txt"
     txt.write_bytes("caf\u00e9 one\r\ntwo\rthree\n".encode())

@@ -10,10 +10,10 @@ import importlib
 from typing import Any
 
 import besa.methods  # noqa: F401  (registers the built-in methods)
-from besa.config import EvalConfig, NMPattern, PruneConfig
 from besa.errors import BesaError
-from besa.options import RunOptions
 from besa.registry import available_methods, get_method, register_method
+from besa.settings.config import EvalConfig, NMPattern, PruneConfig
+from besa.settings.options import RunOptions
 
 __version__ = "0.1.0"
 
@@ -21,8 +21,8 @@ _LAZY = {
     "PruneResult": "besa.api",
     "prune": "besa.api",
     "prune_with": "besa.api",
-    "evaluate": "besa.evaluation",
-    "save_pruned": "besa.saving",
+    "evaluate": "besa.evaluation.perplexity",
+    "save_pruned": "besa.output.saving",
 }
 
 __all__ = [

@@ -14,17 +14,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from besa import distributed
-from besa.activations import MemoryBudget
-from besa.checkpoint import RunFolder, model_digest, tensor_digest
-from besa.compressed import check_compressible
-from besa.config import PruneConfig
-from besa.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
+from besa.engine import distributed
+from besa.engine.activations import MemoryBudget
+from besa.engine.checkpoint import RunFolder, model_digest, tensor_digest
+from besa.engine.pipeline import run_sequential
+from besa.engine.record import RunRecord
+from besa.engine.streaming import BlockStreamer, count_streamed, open_streamed, save_streamed
 from besa.errors import BesaError
-from besa.evaluation import evaluate
-from besa.experts import expert_slabs, learn_expert_layouts
+from besa.evaluation.perplexity import evaluate
 from besa.fileio import write_error, write_json_atomic
-from besa.loading import (
+from besa.formats.compressed import check_compressible
+from besa.model.blocks import (
+    BlockWeight,
+    classify_block_weights,
+    find_blocks,
+    pruned_matrices,
+    unknown_weights,
+)
+from besa.model.data import is_text_file, load_calibration_documents, resolve_bos, sample_windows, with_bos
+from besa.model.experts import expert_slabs, learn_expert_layouts
+from besa.model.loading import (
     check_seqlen,
     model_folder,
     prepare_model,
@@ -32,23 +41,14 @@ from besa.loading import (
     resolve_dtype,
     resolve_model,
 )
-from besa.modeling import (
-    BlockWeight,
-    classify_block_weights,
-    find_blocks,
-    pruned_matrices,
-    unknown_weights,
-)
-from besa.options import RunOptions
-from besa.pipeline import run_sequential
-from besa.recipe import Recipe, load_recipe, recipe_text
-from besa.record import RunRecord
+from besa.output.report import build_report
+from besa.output.saving import REPORT_NAME, save_pruned
 from besa.registry import get_method
-from besa.report import build_report
-from besa.saving import REPORT_NAME, save_pruned
-from besa.settings import build_settings
+from besa.settings.build import build_settings
+from besa.settings.config import PruneConfig
+from besa.settings.options import RunOptions
+from besa.settings.recipe import Recipe, load_recipe, recipe_text
 from besa.stages.distill import DistillSpec, distill, teacher_targets
-from besa.streaming import BlockStreamer, count_streamed, open_streamed, save_streamed
 
 __all__ = ["PruneResult", "prune", "prune_with", "evaluate"]
 

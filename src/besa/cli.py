@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from besa.config import EvalConfig, PlanConfig, PruneConfig, SpeedConfig
 from besa.errors import BesaError
 from besa.fileio import write_json_atomic
-from besa.options import RUN_FILE, RunOptions
 from besa.registry import available_methods, get_method
+from besa.settings.config import EvalConfig, PlanConfig, PruneConfig, SpeedConfig
+from besa.settings.options import RUN_FILE, RunOptions
 
 __all__ = ["main", "build_parser"]
 
@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
-    from besa.loading import load_config, resolve_dtype
-    from besa.plan import format_plan, model_shape, plan_run
+    from besa.model.loading import load_config, resolve_dtype
     from besa.registry import get_method
+    from besa.tools.plan import format_plan, model_shape, plan_run
 
     given = vars(args)
     cfg = PlanConfig(**{f.name: given[f.name] for f in dataclasses.fields(PlanConfig) if f.name in given})
@@ -221,9 +221,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_speedup(args: argparse.Namespace) -> int:
-    from besa.loading import load_model
-    from besa.plotting import plot_speedup, speedup_table
-    from besa.speed import measure_speed
+    from besa.model.loading import load_model
+    from besa.output.plotting import plot_speedup, speedup_table
+    from besa.tools.speed import measure_speed
 
     given = vars(args)
     config = SpeedConfig(
@@ -231,7 +231,7 @@ def _cmd_speedup(args: argparse.Namespace) -> int:
     )
     model, _, _ = load_model(args.folder)
     if args.simulate:
-        from besa.simulate import simulate_model
+        from besa.tools.simulate import simulate_model
 
         sim = simulate_model(model)
         print(
@@ -255,8 +255,8 @@ def _cmd_speedup(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from besa.plotting import PLOT_NAME, allocation_table, plot_allocation
-    from besa.saving import REPORT_NAME
+    from besa.output.plotting import PLOT_NAME, allocation_table, plot_allocation
+    from besa.output.saving import REPORT_NAME
 
     path = Path(args.folder) / REPORT_NAME
     if not path.is_file():
@@ -279,8 +279,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from besa.recipe import load_recipe
-    from besa.settings import build_settings
+    from besa.settings.build import build_settings
+    from besa.settings.recipe import load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     if recipe is not None and recipe.calibration_ids is not None:
@@ -308,7 +308,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from besa.api import prune_with
 
     if options.stream:  # memory is the point of streaming: large tensors go straight back to the system
-        from besa.activations import return_large_frees
+        from besa.engine.activations import return_large_frees
 
         return_large_frees()
     result = prune_with(args.model, config, method_config, options)
@@ -364,7 +364,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     given = vars(args)
     settings = {f.name: given[f.name] for f in dataclasses.fields(EvalConfig) if f.name in given}
     settings.update({k: given[k] for k in _EVAL_RUN_FIELDS if k in given})
-    from besa.data import eval_name
+    from besa.model.data import eval_name
 
     datasets = [eval_name(d) for d in settings.get("datasets", EvalConfig.datasets) if d != "none"]
     if args.json:

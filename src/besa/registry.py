@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, TypeVar
 from besa.errors import BesaError
 
 if TYPE_CHECKING:
-    from besa.config import MethodConfig
     from besa.methods.base import Pruner
+    from besa.settings.config import MethodConfig
 
 __all__ = ["MethodSpec", "register_method", "register_lazy", "get_method", "available_methods"]
 

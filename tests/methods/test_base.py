@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import besa
+from besa.engine.pipeline import BlockWork, run_sequential
 from besa.methods.sparsegpt import SparseGPTPruner
-from besa.modeling import find_blocks
-from besa.pipeline import BlockWork, run_sequential
+from besa.model.blocks import find_blocks
 from besa.stages.selection import HessianStats
 from conftest import make_model
 

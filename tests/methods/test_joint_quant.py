@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import besa
+from besa.formats.quant import QuantSpec, dequantize_codes, fake_quantize, quant_params
 from besa.methods.sparsegpt import sparsegpt_prune
-from besa.modeling import find_blocks, find_linears, weight_matrix
-from besa.quant import QuantSpec, dequantize_codes, fake_quantize, quant_params
+from besa.model.blocks import find_blocks, find_linears, weight_matrix
 from besa.stages.selection import HessianStats
 from conftest import make_model
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import besa
-from besa.config import NMPattern
 from besa.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
-from besa.modeling import find_blocks, find_linears
+from besa.model.blocks import find_blocks, find_linears
+from besa.settings.config import NMPattern
 from besa.stages.masks import select_prune_mask
 from besa.stages.selection import CrossStats, HessianStats, wanda_scores
 from besa.stages.update import dense_target_weight

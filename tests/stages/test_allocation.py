@@ -5,7 +5,7 @@ import torch
 
 import besa
 from besa.errors import BesaError
-from besa.modeling import find_blocks, find_linears, weight_matrix
+from besa.model.blocks import find_blocks, find_linears, weight_matrix
 from besa.stages.allocation import outlier_ratio, owl_rates
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import besa
-from besa.modeling import find_blocks, find_linears
+from besa.model.blocks import find_blocks, find_linears
 from besa.stages.distill import DistillSpec, distill, teacher_targets, topk_kl, topk_targets
 from conftest import make_model
 

@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from besa import distributed
-from besa.config import MethodConfig, NMPattern, PruneConfig
+from besa.engine import distributed
+from besa.engine.pipeline import BlockWork
+from besa.engine.record import BlockResult, QuantGrids
 from besa.errors import BesaError
-from besa.experts import ExpertLinear, pooled_statistics
-from besa.modeling import set_weight_matrix, weight_matrix
-from besa.pipeline import BlockWork
-from besa.quant import QuantSpec, fake_quantize, quant_params
-from besa.record import BlockResult, QuantGrids
+from besa.formats.quant import QuantSpec, fake_quantize, quant_params
+from besa.model.blocks import set_weight_matrix, weight_matrix
+from besa.model.experts import ExpertLinear, pooled_statistics
+from besa.settings.config import MethodConfig, NMPattern, PruneConfig
 from besa.stages.allocation import Allocation, make_allocation
 from besa.stages.masks import select_prune_mask
 from besa.stages.reconstruct import RefitSpec, refit_block
@@ -76,7 +76,7 @@ def unreached_linears(work: BlockWork) -> list[str]:
 @contextmanager
 def _pooled_calibration(work: BlockWork, on: bool) -> Iterator[None]:
     """While active (and ``on``), every statistics pass of ``work`` (``BlockWork.calibrate``) runs each expert on
-    every token (``besa.experts.pooled_statistics``); the method's other forwards stay routed."""
+    every token (``besa.model.experts.pooled_statistics``); the method's other forwards stay routed."""
     if not on:
         yield
         return
@@ -159,7 +159,7 @@ class Pruner(ABC):
         No tensor is destroyed: a linear whose forward never runs on the calibration windows (a weight the block
         uses as a matrix of its own, say) is handed to no method, and one that pruning would leave all zeros is
         put back as it was (unquantized); both stay dense, at target 0, and ``BlockResult.left_dense`` says why.
-        The experts of a Mixture-of-Experts block (``besa.experts``) are counted their routed tokens over every
+        The experts of a Mixture-of-Experts block (``besa.model.experts``) are counted their routed tokens over every
         window first; one with fewer than ``expert_min_tokens`` (or none) is pruned by magnitude before the method
         runs (``BlockResult.fallback``). With ``expert_stats == "pooled"`` every expert runs on every token while
         the method gathers statistics."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from besa.config import MethodConfig
 from besa.errors import BesaError
+from besa.settings.config import MethodConfig
 
 __all__ = ["MagnitudeConfig", "WandaConfig", "SparseGPTConfig"]
 

@@ -8,12 +8,12 @@ import copy
 import torch
 from torch import nn
 
-from besa.config import NMPattern
+from besa.engine.pipeline import BlockWork
+from besa.formats.quant import QuantSpec
 from besa.methods.base import BlockResult, LayerwisePruner, QuantGrids
 from besa.methods.configs import SparseGPTConfig
-from besa.modeling import set_weight_matrix, weight_matrix
-from besa.pipeline import BlockWork
-from besa.quant import QuantSpec
+from besa.model.blocks import set_weight_matrix, weight_matrix
+from besa.settings.config import NMPattern
 from besa.stages.selection import CrossStats, HessianStats, LayerStats
 from besa.stages.update import (
     BlockShare,

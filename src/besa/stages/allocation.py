@@ -81,8 +81,8 @@ class OwlAllocation(Allocation):
 
     def prepare(self, model: nn.Module, calib_ids: torch.Tensor, device: torch.device, forward_batch: int,
                 progress: bool) -> None:  # fmt: skip
-        from besa.modeling import weight_matrix
-        from besa.pipeline import run_sequential
+        from besa.engine.pipeline import run_sequential
+        from besa.model.blocks import weight_matrix
         from besa.stages.selection import SCORERS
 
         wanda = SCORERS["wanda"]

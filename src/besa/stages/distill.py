@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from besa import distributed
-from besa.modeling import find_blocks, find_linears
+from besa.engine import distributed
+from besa.model.blocks import find_blocks, find_linears
 from besa.stages.reconstruct import split_holdout, train_masked
 
 __all__ = ["DistillSpec", "TeacherTargets", "topk_targets", "topk_kl", "teacher_targets", "distill"]

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from besa import distributed
-from besa.work import BlockWork
+from besa.engine import distributed
+from besa.engine.work import BlockWork
 
 __all__ = ["RefitSpec", "block_loss", "split_holdout", "train_masked", "refit_block"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from besa.errors import BesaError
-from besa.modeling import weight_matrix
+from besa.model.blocks import weight_matrix
 
 __all__ = [
     "LayerStats",
@@ -32,7 +32,7 @@ class LayerStats:
 
     The sums are float32 per batch, kept in float64 across batches: a float64 sum of float32 terms does not depend on
     their order in practice, so the statistics are the same bit for bit however the batches are split over
-    processes (``reduce``, ``besa.distributed``) and more accurate over many tokens."""
+    processes (``reduce``, ``besa.engine.distributed``) and more accurate over many tokens."""
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of inputs ``x`` of shape (..., in_features)."""
@@ -44,7 +44,7 @@ class LayerStats:
 
 def _sum_over_ranks(total: torch.Tensor, tokens: int) -> int:
     """Sum ``total`` in place over the processes of a data-parallel run; return the summed token count."""
-    from besa import distributed
+    from besa.engine import distributed
 
     distributed.sum_(total)
     return int(distributed.sum_(torch.tensor([tokens], dtype=torch.float64))[0])

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from besa.config import NMPattern
-from besa.quant import QuantSpec, fake_quantize, quant_params
+from besa.formats.quant import QuantSpec, fake_quantize, quant_params
+from besa.settings.config import NMPattern
 from besa.stages.masks import nm_prune_mask, prune_mask_by_rank
 
 __all__ = [

@@ -5,11 +5,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import besa
-from besa.experts import block_expert_matrices
 from besa.methods.besa.layer import LayerAllocation
 from besa.methods.besa.rates import candidate_rates, tilted_logits
 from besa.methods.besa.training import masked
-from besa.modeling import find_blocks, find_linears, weight_matrix
+from besa.model.blocks import find_blocks, find_linears, weight_matrix
+from besa.model.experts import block_expert_matrices
 from conftest import make_llama4, make_tokenizer
 
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from besa.config import NMPattern
 from besa.methods.besa.layer import PatternAllocation
 from besa.methods.besa.patterns import (
     ANNEAL_END,
@@ -11,6 +10,7 @@ from besa.methods.besa.patterns import (
     pattern_soft_keep,
     temperature,
 )
+from besa.settings.config import NMPattern
 from besa.stages.masks import nm_prune_mask
 
 

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 import besa
-from besa.config import PruneConfig
+from besa.engine.pipeline import run_sequential
 from besa.errors import BesaError
 from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import reconstruction_loss
 from besa.methods.besa.pruner import BesaPruner
 from besa.methods.besa.training import masked, train_block
-from besa.modeling import find_blocks, find_linears, weight_matrix
-from besa.pipeline import run_sequential
+from besa.model.blocks import find_blocks, find_linears, weight_matrix
+from besa.settings.config import PruneConfig
 from conftest import make_model
 
 

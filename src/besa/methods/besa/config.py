@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from besa.config import MethodConfig
 from besa.errors import BesaError
+from besa.settings.config import MethodConfig
 
 __all__ = ["BesaConfig", "METRICS", "REFIT_EPOCHS", "REFIT_OFF_FROM", "refit_epochs_at"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from besa.config import NMPattern
+from besa.formats.quant import CLIP_INIT_LOGIT, QuantSpec, fake_quantize, grid_from_range, group_range
 from besa.methods.besa.patterns import (
     keep_patterns,
     pattern_hard_keep,
@@ -27,8 +27,8 @@ from besa.methods.besa.rates import (
     masked_weight,
     straight_through,
 )
-from besa.modeling import weight_matrix
-from besa.quant import CLIP_INIT_LOGIT, QuantSpec, fake_quantize, grid_from_range, group_range
+from besa.model.blocks import weight_matrix
+from besa.settings.config import NMPattern
 
 __all__ = [
     "NonFiniteLoss",

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from besa.activations import ActivationStore
-from besa.config import MethodConfig
+from besa.engine.activations import ActivationStore
+from besa.engine.pipeline import BlockWork
+from besa.engine.record import BlockResult
 from besa.methods.base import Pruner
 from besa.methods.besa.config import BesaConfig, refit_epochs_at
 from besa.methods.besa.layer import (
@@ -24,9 +25,8 @@ from besa.methods.besa.layer import (
 )
 from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget, tilted_logits
 from besa.methods.besa.training import train_block
-from besa.modeling import set_weight_matrix, weight_matrix
-from besa.pipeline import BlockWork
-from besa.record import BlockResult
+from besa.model.blocks import set_weight_matrix, weight_matrix
+from besa.settings.config import MethodConfig
 from besa.stages.selection import HessianStats, get_scorer
 from besa.stages.update import (
     GivenMask,

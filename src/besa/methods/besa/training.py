@@ -9,10 +9,10 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from besa import distributed
+from besa.engine import distributed
+from besa.engine.pipeline import BlockWork, rebatch
 from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import Allocation, NonFiniteLoss, masked_forward, reconstruction_loss
-from besa.pipeline import BlockWork, rebatch
 
 __all__ = ["make_optimizers", "masked", "train_block"]
 

@@ -1,0 +1,2 @@
+"""How weights are stored: quantization codes (`quant`), the sparse bitmask format (`sparse`) and compressed-tensors
+(`compressed`)."""

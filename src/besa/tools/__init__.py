@@ -1,0 +1,1 @@
+"""Commands beside pruning: `besa plan` (`plan`), `besa speedup` (`speed`) and its accelerator model (`simulate`)."""
