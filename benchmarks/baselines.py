@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "baselines.json"))
-    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--markdown", default=str(ROOT / "benchmarks" / "NOTES.md"))
     return p
 
 

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows already measured: prune and score our side again with the current code, keep the peer's",
     )  # fmt: skip
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "sparsegpt_parity.json"))
-    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--markdown", default=str(ROOT / "benchmarks" / "NOTES.md"))
     return p
 
 
