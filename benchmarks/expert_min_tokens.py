@@ -84,17 +84,18 @@ def prune(method: str, w, x, setting: str):
     """``w`` (out, in) pruned by ``method`` from the inputs ``x`` (n, in): besa's own selection and sweep."""
     from besa.methods.configs import SparseGPTConfig
     from besa.methods.sparsegpt import sparsegpt_prune
-    from besa.settings.config import parse_pattern
+    from besa.settings.values import parse_pattern
     from besa.stages.masks import select_prune_mask
     from besa.stages.selection import magnitude_scores, wanda_scores
+    from besa.stages.update import SweepSettings
 
     pattern = parse_pattern(setting) if ":" in setting else None
     rate = 0.5 if pattern else float(setting)
     if method == "sparsegpt":
         cfg = SparseGPTConfig()
         hessian = x.T @ x * (2.0 / x.shape[0])
-        new_w, _, _ = sparsegpt_prune(w, hessian, rate, pattern, cfg.blocksize, cfg.percdamp, None,
-                                      cfg.mask_block, cfg.lsq_iters)  # fmt: skip
+        sweep = SweepSettings(cfg.blocksize, cfg.percdamp, cfg.mask_block, cfg.lsq_iters)
+        new_w, _, _ = sparsegpt_prune(w, hessian, rate, pattern, sweep)
         return new_w
     scores = magnitude_scores(w) if method == "magnitude" else wanda_scores(w, x.norm(dim=0))
     return w * ~select_prune_mask(scores, rate, pattern)
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "expert_min_tokens.json"))
-    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--markdown", default=str(ROOT / "benchmarks" / "NOTES.md"))
     return p
 
 

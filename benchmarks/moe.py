@@ -63,7 +63,7 @@ TRAIN_FLAGS = (
 
 
 def _documents() -> list[str]:
-    from besa.model.data import data_dir
+    from besa.model.text_sources import data_dir
 
     root = data_dir()
     path = root / "calibration" / "enwiki-articles.jsonl" if root else None
@@ -373,7 +373,7 @@ def run(args: argparse.Namespace) -> None:
     if "no-experts" not in results:  # what the experts are worth: every expert's weights zeroed
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from besa.model.experts import fused_experts
+        from besa.model.decorated_experts import fused_experts
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         with torch.no_grad():

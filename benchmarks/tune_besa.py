@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -162,7 +161,7 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-nm-metric-sparsegpt": ("besa", {"metric": "sparsegpt"}),
     "besa-nm-metric-sparsegpt-refit0": ("besa", {"metric": "sparsegpt", "refit_epochs": 0}),
 }
-SETTINGS = {f.name for f in dataclasses.fields(PruneConfig)}
+SETTINGS = {name for name, _ in PruneConfig.settings()}
 """Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""
 
 
@@ -213,7 +212,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--only", default=None, help="comma-separated configuration names (default: all)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "tune_besa.json"))
-    p.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--markdown", default=str(ROOT / "benchmarks" / "NOTES.md"))
     p.add_argument(
         "--render-only", action="store_true", help="rewrite the table from the results file, run nothing"
     )

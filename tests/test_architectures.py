@@ -12,7 +12,8 @@ import transformers
 
 import besa
 from besa.model.blocks import classify_block_weights, find_blocks, find_linears, weight_matrix
-from besa.model.experts import block_expert_matrices, expert_matrices
+from besa.model.decorated_experts import expert_matrices
+from besa.model.experts import block_expert_matrices
 from conftest import make_tokenizer
 
 # fmt: off

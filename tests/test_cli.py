@@ -154,7 +154,8 @@ def test_two_methods_may_declare_a_flag_of_the_same_name(monkeypatch):
     from dataclasses import dataclass, field
 
     from besa import registry
-    from besa.cli import _cmd_prune, build_parser
+    from besa.cli.commands import cmd_prune
+    from besa.cli.parser import build_parser
     from besa.methods.wanda import WandaPruner
     from besa.settings.config import MethodConfig
 
@@ -180,11 +181,11 @@ def test_two_methods_may_declare_a_flag_of_the_same_name(monkeypatch):
 
     monkeypatch.setattr("besa.api.prune_with", fake_prune_with)
     with pytest.raises(Called):
-        _cmd_prune(args)
+        cmd_prune(args)
     assert isinstance(seen["method_config"], OtherConfig) and seen["method_config"].lr == 0.25
     besa_args = parser.parse_args(["prune", "m", "--method", "besa", "--lr", "0.05", "--out", "o"])
     with pytest.raises(Called):
-        _cmd_prune(besa_args)
+        cmd_prune(besa_args)
     assert type(seen["method_config"]).__name__ == "BesaConfig" and seen["method_config"].lr == 0.05
 
 
@@ -284,7 +285,7 @@ def test_eval_any_text_file_is_named_by_its_file_name(capsys, tmp_path, model_di
     import torch
     from transformers import AutoTokenizer
 
-    from besa.evaluation.perplexity import perplexity
+    from besa.evaluation.perplexity import eval_windows, perplexity
 
     docs = ["The first document has a few words.", "A second one, shorter.", "And a third to close."]
     jsonl = tmp_path / "docs.jsonl"
@@ -299,7 +300,9 @@ def test_eval_any_text_file_is_named_by_its_file_name(capsys, tmp_path, model_di
     assert set(payload) == {"wikitext2", "docs.jsonl", "notes.txt"}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = torch.tensor(tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"])
-    expected = perplexity(AutoModelForCausalLM.from_pretrained(model_dir), ids, 4, progress=False)
+    expected = perplexity(
+        AutoModelForCausalLM.from_pretrained(model_dir), eval_windows(ids, 4), progress=False
+    )
     assert payload["docs.jsonl"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
     assert payload["notes.txt"] == payload["docs.jsonl"]
     code, _, err = _run(capsys, "eval", str(model_dir), "--ppl", str(tmp_path / "missing.jsonl"))
@@ -340,7 +343,7 @@ def test_eval_zero_shot_table_and_json(capsys, tmp_path, model_dir, monkeypatch)
 def test_eval_tasks_flag_alone_means_the_papers_six():
     import argparse
 
-    from besa.cli import build_parser
+    from besa.cli.parser import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["eval", "m", "--tasks"]).tasks == ("paper",)

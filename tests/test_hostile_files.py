@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from besa.errors import BesaError
-from besa.model.loading import check_gguf
+from besa.model.model_files import check_gguf
 from conftest import make_model, make_tokenizer, one_line_error, run_cli, snapshot
 
 GOOD_TEXT = "Some calibration text about many things. " * 40

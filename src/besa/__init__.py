@@ -12,8 +12,10 @@ from typing import Any
 import besa.methods  # noqa: F401  (registers the built-in methods)
 from besa.errors import BesaError
 from besa.registry import available_methods, get_method, register_method
-from besa.settings.config import EvalConfig, NMPattern, PruneConfig
+from besa.settings.commands import EvalConfig
+from besa.settings.config import PruneConfig
 from besa.settings.options import RunOptions
+from besa.settings.values import NMPattern
 
 __version__ = "0.1.0"
 

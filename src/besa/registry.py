@@ -1,6 +1,8 @@
-"""Registry of pruning methods, keyed by name and by config type (no ``if method == ...`` chains).
+"""The registries: pruning methods, keyed by name and by config type, and the block-rate allocations (no
+``if method == ...`` chains). Each is the one list of its choices.
 
-The built-in methods are registered in ``besa.methods``, which ``besa`` imports; this module imports no method.
+The built-in methods are registered in ``besa.methods``, which ``besa`` imports; this module imports no method and
+no torch (classes are named ``"module:Class"`` and imported on first use).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ if TYPE_CHECKING:
     from besa.methods.base import Pruner
     from besa.settings.config import MethodConfig
 
-__all__ = ["MethodSpec", "register_method", "register_lazy", "get_method", "available_methods"]
+__all__ = [
+    "ALLOCATIONS",
+    "MethodSpec",
+    "allocation_class",
+    "available_methods",
+    "get_method",
+    "register_lazy",
+    "register_method",
+]
 
 _P = TypeVar("_P", bound="type[Pruner]")
 
@@ -79,3 +89,18 @@ def get_method(name: str) -> MethodSpec:
 def available_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_REGISTRY)
+
+
+# The block-rate allocations (``--allocation``): name -> ``"module:Class"`` of a ``besa.stages.allocation.Allocation``.
+ALLOCATIONS: dict[str, str] = {
+    "uniform": "besa.stages.allocation:Allocation",
+    "owl": "besa.stages.allocation:OwlAllocation",
+}
+
+
+def allocation_class(name: str) -> type:
+    """The allocation registered as ``name``, or a ``BesaError`` listing the known ones."""
+    if name not in ALLOCATIONS:
+        raise BesaError(f"unknown --allocation {name!r}: choose one of {', '.join(ALLOCATIONS)}")
+    module, _, attr = ALLOCATIONS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import besa
 import besa.engine.checkpoint
+import besa.engine.checkpoint_files
 from besa.engine.checkpoint import RUN_FILE
 from besa.errors import BesaError
 from besa.settings.options import RUN_MARKER
@@ -74,7 +75,7 @@ CHILD = textwrap.dedent(
     else:  # killed inside the checkpoint of block `kill_at`, after its files, before run.json
         original = besa.engine.checkpoint.write_json_atomic
         def write_json(path, payload, **kwargs):
-            if payload.get("completed") == kill_at + 1:  # run.json (the activations' sha256.json too pass here)
+            if payload.get("completed") == kill_at + 1:  # run.json, the commit point
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(path, payload, **kwargs)
         besa.engine.checkpoint.write_json_atomic = write_json
@@ -177,14 +178,14 @@ def test_resume_without_a_checkpoint_and_unwritable_places_are_refused(deep_mode
 def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(
     deep_model_dir, ids, tmp_path, monkeypatch
 ):
-    original = besa.engine.checkpoint.replace_with
+    original = besa.engine.checkpoint_files.replace_with
 
     def full_disk(path, write, durable=False):
         if path.parent.name == "blocks" and "00002" in path.name:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(path, write, durable)
 
-    monkeypatch.setattr(besa.engine.checkpoint, "replace_with", full_disk)
+    monkeypatch.setattr(besa.engine.checkpoint_files, "replace_with", full_disk)
     out = tmp_path / "out"
     needs = r"the disk is full \(it needs about [0-9.]+ KiB free\); block 1 is the last good checkpoint"
     with pytest.raises(BesaError, match="checkpoint of block 2 .*" + needs):
@@ -193,7 +194,7 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_good_checkpoint(
     state = json.loads((run_dir / RUN_FILE).read_text())
     assert state["completed"] == 2 and not out.exists()
     assert not list(run_dir.rglob(".*.tmp"))  # no half-written file left behind
-    monkeypatch.setattr(besa.engine.checkpoint, "replace_with", original)
+    monkeypatch.setattr(besa.engine.checkpoint_files, "replace_with", original)
     resumed = _prune(deep_model_dir, "sparsegpt", ids, out)
     reference = _prune(deep_model_dir, "sparsegpt", ids, tmp_path / "reference")
     assert resumed.report["run"]["resumed_blocks"] == 2

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 import besa
-from besa.engine.pipeline import BlockWork, rebatch, run_sequential
+from besa.engine.activations import rebatch
+from besa.engine.pipeline import run_sequential
+from besa.engine.work import BlockWork
 from besa.model.blocks import find_blocks, find_linears, weight_matrix
 from conftest import ARCHS, make_model, make_tokenizer
 

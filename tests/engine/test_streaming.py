@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import besa
-import besa.api
-from besa.engine.streaming import INDEX_NAME, ShardIndex, shard_name
+import besa.run
+from besa.engine.source_weights import INDEX_NAME, ShardIndex
+from besa.engine.streaming import shard_name
 from besa.errors import BesaError
 from besa.model.blocks import find_blocks
 from besa.registry import get_method
@@ -87,7 +88,7 @@ def test_only_the_block_being_pruned_is_in_memory(source, ids, tmp_path, monkeyp
     seen: list[list[bool]] = []
     opened = []
     cls = get_method("wanda").pruner_cls
-    original, open_streamed = cls.prune_block, besa.api.open_streamed
+    original, open_streamed = cls.prune_block, besa.run.open_streamed
 
     def opening(*args, **kwargs):
         opened.append(open_streamed(*args, **kwargs))
@@ -99,7 +100,7 @@ def test_only_the_block_being_pruned_is_in_memory(source, ids, tmp_path, monkeyp
         return original(self, work)
 
     monkeypatch.setattr(cls, "prune_block", prune_block)
-    monkeypatch.setattr(besa.api, "open_streamed", opening)
+    monkeypatch.setattr(besa.run, "open_streamed", opening)
     _prune(source, "wanda", ids, tmp_path / "out", stream=True)
     assert seen == [[j == i for j in range(LAYERS)] for i in range(LAYERS)]
 

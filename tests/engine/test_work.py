@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from besa.engine.pipeline import BlockWork, run_sequential
-from besa.engine.work import BatchAxis, batch_axis, group_by_input
+from besa.engine.block_call import BatchAxis, batch_axis
+from besa.engine.pipeline import EngineSetup, run_sequential
+from besa.engine.work import BlockWork, group_by_input
 from besa.stages.selection import HessianStats
 from conftest import ARCHS, make_model
 
@@ -144,7 +145,7 @@ def test_block_calls_widen_a_batch_packed_with_the_heads_to_any_batch(head_major
         outputs.append(torch.cat(list(work.forward_all(keep_outputs=True))))
 
     run_sequential(model, ids, step, torch.device("cpu"), forward_batch=forward_batch, progress=False,
-                   block_class="_PackedHeadsBlock")  # fmt: skip
+                   setup=EngineSetup(block_class="_PackedHeadsBlock"))  # fmt: skip
     torch.testing.assert_close(outputs[0], expected, rtol=0, atol=0)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from besa.evaluation.perplexity import perplexity, windows_of
+from besa.evaluation.perplexity import eval_windows, perplexity, windows_of
 from conftest import make_model
 
 
@@ -21,7 +21,7 @@ def test_windows_are_non_overlapping_and_drop_the_tail():
 def test_perplexity_is_exp_of_the_mean_next_token_nll(batch_size):
     model = make_model("llama")
     ids = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(0))
-    res = perplexity(model, ids, seqlen=16, batch_size=batch_size, progress=False)
+    res = perplexity(model, eval_windows(ids, 16), batch_size=batch_size, progress=False)
     nlls = []
     with torch.no_grad():
         for row in ids[:64].reshape(4, 16):
@@ -37,14 +37,14 @@ def test_perplexity_with_bos_predicts_every_text_token_of_each_window():
     torch.manual_seed(0)
     model = make_model("llama").eval()
     ids = torch.randint(0, 256, (40,))
-    res = perplexity(model, ids, 8, bos=258, progress=False)
+    res = perplexity(model, eval_windows(ids, 8, bos=258), bos=True, progress=False)
     assert res.bos and res.windows == 40 // 7 and res.tokens == res.windows * 8
     windows = torch.cat([torch.full((res.windows, 1), 258), ids[: res.windows * 7].reshape(-1, 7)], 1)
     with torch.no_grad():
         logits = model(windows).logits
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     assert res.ppl == pytest.approx(math.exp(float(nll)), rel=1e-5)
-    assert not perplexity(model, ids, 8, progress=False).bos
+    assert not perplexity(model, eval_windows(ids, 8), progress=False).bos
 
 
 def test_zero_shot_reports_the_accuracy_of_a_model_whose_answers_are_known(monkeypatch):

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import besa
-from besa.engine.pipeline import BlockWork, run_sequential
+from besa.engine.pipeline import run_sequential
+from besa.engine.work import BlockWork
 from besa.methods.sparsegpt import SparseGPTPruner
 from besa.model.blocks import find_blocks
 from besa.stages.selection import HessianStats

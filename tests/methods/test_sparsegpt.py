@@ -4,10 +4,10 @@ import torch
 import besa
 from besa.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from besa.model.blocks import find_blocks, find_linears
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 from besa.stages.masks import select_prune_mask
 from besa.stages.selection import CrossStats, HessianStats, wanda_scores
-from besa.stages.update import dense_target_weight
+from besa.stages.update import SweepSettings, dense_target_weight
 from conftest import make_model, make_tokenizer
 
 
@@ -24,7 +24,7 @@ def _problem(rows=32, cols=64, tokens=512, seed=0):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_sparsegpt_prunes_exactly_and_beats_wanda_on_output_error(sparsity):
     w, x, h = _problem()
-    new_w, mask, _ = sparsegpt_prune(w, h, sparsity, blocksize=16)
+    new_w, mask, _ = sparsegpt_prune(w, h, sparsity, sweep=SweepSettings(blocksize=16))
     assert int((new_w == 0).sum()) == round(sparsity * w.numel())
     assert torch.equal(new_w == 0, mask)
     norms = x.norm(dim=0)
@@ -36,7 +36,7 @@ def test_sparsegpt_prunes_exactly_and_beats_wanda_on_output_error(sparsity):
 
 def test_sparsegpt_nm_structure_holds():
     w, _, h = _problem()
-    new_w, _, _ = sparsegpt_prune(w, h, 0.5, NMPattern(2, 4), blocksize=16)
+    new_w, _, _ = sparsegpt_prune(w, h, 0.5, NMPattern(2, 4), sweep=SweepSettings(blocksize=16))
     assert ((new_w == 0).reshape(32, 16, 4).sum(-1) == 2).all()
 
 
@@ -64,7 +64,7 @@ def test_every_column_block_prunes_exactly_its_share():
     round(s * rows * i2) - round(s * rows * i1) zeros, and the layer exactly round(s * rows * cols)."""
     w, _, h = _problem(rows=24, cols=100)
     for sparsity in (0.5, 0.3):
-        new_w, _, _ = sparsegpt_prune(w, h, sparsity, blocksize=32)
+        new_w, _, _ = sparsegpt_prune(w, h, sparsity, sweep=SweepSettings(blocksize=32))
         for i1 in range(0, 100, 32):
             i2 = min(i1 + 32, 100)
             share = round(sparsity * 24 * i2) - round(sparsity * 24 * i1)
@@ -77,14 +77,14 @@ def test_a_mask_block_inside_the_lazy_block_chooses_as_a_lazy_block_of_its_width
     time inside 64-column lazy blocks sees the same saliencies as 16-column lazy blocks: same weights, and each
     16-column block holds exactly its share of zeros."""
     w, _, h = _problem(rows=24, cols=100)
-    coarse, _, _ = sparsegpt_prune(w, h, 0.5, blocksize=64, mask_block=16)
-    fine, _, _ = sparsegpt_prune(w, h, 0.5, blocksize=16)
+    coarse, _, _ = sparsegpt_prune(w, h, 0.5, sweep=SweepSettings(blocksize=64, mask_block=16))
+    fine, _, _ = sparsegpt_prune(w, h, 0.5, sweep=SweepSettings(blocksize=16))
     assert torch.equal(coarse == 0, fine == 0)
     torch.testing.assert_close(coarse, fine, rtol=1e-4, atol=1e-5)
     for i1 in range(0, 100, 16):  # sub-blocks restart at each lazy block: 64 -> [64, 80) ... [96, 100)
         i2 = min(i1 + 16, 100)
         assert int((coarse[:, i1:i2] == 0).sum()) == round(0.5 * 24 * i2) - round(0.5 * 24 * i1)
-    default, _, _ = sparsegpt_prune(w, h, 0.5, blocksize=64)
+    default, _, _ = sparsegpt_prune(w, h, 0.5, sweep=SweepSettings(blocksize=64))
     assert not torch.equal(default == 0, coarse == 0)  # the width matters: 64 columns chosen at once differ
 
 
@@ -97,7 +97,7 @@ def test_a_finer_mask_block_reconstructs_the_layer_outputs_better():
         w, x, h = _problem(rows=64, cols=256, tokens=2048, seed=seed)
         errors = {}
         for width in (128, 16):
-            new_w, _, _ = sparsegpt_prune(w, h, 0.6, blocksize=128, mask_block=width)
+            new_w, _, _ = sparsegpt_prune(w, h, 0.6, sweep=SweepSettings(blocksize=128, mask_block=width))
             errors[width] = float((x @ (new_w - w).t()).square().sum())
         assert errors[16] < 0.95 * errors[128], seed
 
@@ -210,8 +210,10 @@ def test_the_least_squares_solve_keeps_the_sweeps_mask_and_lowers_the_output_err
     weights are solved for it; the layer's output error falls at every seed (here by 17-33%)."""
     for seed in range(3):
         w, x, h = _problem(rows=48, cols=128, tokens=1024, seed=seed)
-        swept, swept_mask, _ = sparsegpt_prune(w, h, sparsity, pattern, blocksize=32)
-        solved, solved_mask, _ = sparsegpt_prune(w, h, sparsity, pattern, blocksize=32, lsq_iters=20)
+        swept, swept_mask, _ = sparsegpt_prune(w, h, sparsity, pattern, sweep=SweepSettings(blocksize=32))
+        solved, solved_mask, _ = sparsegpt_prune(
+            w, h, sparsity, pattern, sweep=SweepSettings(blocksize=32, lsq_iters=20)
+        )
         assert torch.equal(solved_mask, swept_mask) and torch.equal(solved == 0, swept_mask)
 
         def error(v, x=x, w=w):

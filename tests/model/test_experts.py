@@ -9,16 +9,8 @@ import transformers
 
 import besa
 from besa.model.blocks import classify_block_weights, find_blocks, find_linears
-from besa.model.experts import (
-    ExpertLinear,
-    besa_experts,
-    block_expert_matrices,
-    expert_matrices,
-    fused_experts,
-    learn_expert_layouts,
-    unfused_experts,
-    uses_besa_experts,
-)
+from besa.model.decorated_experts import besa_experts, expert_matrices, fused_experts, uses_besa_experts
+from besa.model.experts import ExpertLinear, block_expert_matrices, learn_expert_layouts, unfused_experts
 from conftest import make_tokenizer
 
 COMMON = dict(
@@ -435,4 +427,4 @@ def test_the_expert_min_tokens_default_is_the_one_the_benchmark_decided():
             Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "expert_min_tokens.json"
         ).read_text()
     )
-    assert PruneConfig().expert_min_tokens == measured["default"] == 4
+    assert PruneConfig().experts.min_tokens == measured["default"] == 4

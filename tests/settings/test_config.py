@@ -1,7 +1,9 @@
 import pytest
 
 from besa.errors import BesaError
-from besa.settings.config import EvalConfig, NMPattern, PruneConfig, parse_pattern
+from besa.settings.commands import EvalConfig
+from besa.settings.config import PruneConfig
+from besa.settings.values import NMPattern, parse_pattern
 
 
 def test_parse_pattern():
@@ -25,7 +27,7 @@ def test_pattern_sets_the_sparsity_and_default_is_half():
 )
 def test_out_of_range_values_are_refused(field, value):
     with pytest.raises(BesaError):
-        PruneConfig(**{field: value})
+        PruneConfig.from_flat(**{field: value})
 
 
 def test_eval_config_validation():

@@ -93,11 +93,11 @@ def test_every_allocation_combines_with_every_selection_and_weight_update(
 
 def test_owl_refuses_an_nm_pattern_and_an_impossible_lambda():
     with pytest.raises(BesaError, match="N:M"):
-        besa.PruneConfig(pattern="2:4", allocation="owl")
+        besa.PruneConfig.from_flat(pattern="2:4", allocation="owl")
     with pytest.raises(BesaError, match="--owl-lambda"):
-        besa.PruneConfig(sparsity=0.9, allocation="owl", owl_lambda=0.06)
+        besa.PruneConfig.from_flat(sparsity=0.9, allocation="owl", owl_lambda=0.06)
     with pytest.raises(BesaError, match="unknown --allocation"):
-        besa.PruneConfig(allocation="learned")
+        besa.PruneConfig.from_flat(allocation="learned")
 
 
 @pytest.mark.parametrize(("method", "options"), [("sparsegpt", {}), ("besa", FAST)])

@@ -3,7 +3,8 @@ import torch
 
 import besa
 from besa.model.blocks import find_blocks, find_linears
-from besa.stages.distill import DistillSpec, distill, teacher_targets, topk_kl, topk_targets
+from besa.settings.config import KLSettings
+from besa.stages.distill import distill, teacher_targets, topk_kl, topk_targets
 from conftest import make_model
 
 CPU = torch.device("cpu")
@@ -76,7 +77,7 @@ def test_distill_lowers_the_kl_and_keeps_every_zero_exactly():
         if n.endswith(("embed_tokens.weight", "norm.weight"))
     }
     requires = [p.requires_grad for p in model.parameters()]
-    facts = distill(model, ids, targets, DistillSpec(epochs=4, lr=1e-3, topk=16, batch_size=4, holdout=4), CPU,
+    facts = distill(model, ids, targets, KLSettings(epochs=4, lr=1e-3, topk=16, batch=4, holdout=4), CPU,
                     progress=False)  # fmt: skip
     assert facts["train_after"] < 0.8 * facts["train_before"]
     assert facts["held_out_windows"] == 4 and len(facts["held_out"]) == facts["epochs"] + 1
@@ -101,7 +102,7 @@ def test_distill_trains_only_on_windows_that_are_not_held_out():
         return real(*args, **kwargs)
 
     model.forward = spy  # type: ignore[method-assign]
-    distill(model, ids, targets, DistillSpec(epochs=2, lr=1e-4, batch_size=2, holdout=4), CPU, progress=False)
+    distill(model, ids, targets, KLSettings(epochs=2, lr=1e-4, batch=2, holdout=4), CPU, progress=False)
     trained = torch.cat(seen)
     assert trained.shape[0] == 2 * 8  # every training window once per epoch
     for window in ids[8:]:
@@ -117,7 +118,7 @@ def test_distill_keeps_the_pruned_model_when_the_held_out_kl_never_improves():
     pruned = teacher_targets(model, ids, topk=8, device=CPU, progress=False)
     dense.ids[8:], dense.log_q[8:] = pruned.ids[8:], pruned.log_q[8:]
     before = {n: layer.weight.detach().clone() for n, layer in _linears(model).items()}
-    facts = distill(model, ids, dense, DistillSpec(epochs=5, lr=1e-3, batch_size=4, holdout=4, patience=1), CPU,
+    facts = distill(model, ids, dense, KLSettings(epochs=5, lr=1e-3, batch=4, holdout=4), CPU,
                     progress=False)  # fmt: skip
     assert facts["held_out"][0] == pytest.approx(0.0, abs=1e-5)
     assert facts["epochs"] == 2

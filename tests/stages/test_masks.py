@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 from besa.stages.masks import (
     nm_prune_mask,
     prune_mask_by_rank,

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import besa
-from besa.engine.pipeline import BlockWork, run_sequential
+from besa.engine.pipeline import run_sequential
+from besa.engine.work import BlockWork
 from besa.stages.reconstruct import RefitSpec, block_loss, refit_block, split_holdout
 from conftest import make_model
 

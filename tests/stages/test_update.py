@@ -1,7 +1,7 @@
 import torch
 
 from besa.stages.selection import HessianStats
-from besa.stages.update import GivenMask, masked_least_squares, obs_sweep
+from besa.stages.update import GivenMask, SweepSettings, masked_least_squares, obs_sweep
 
 
 def test_given_mask_prunes_exactly_those_weights_and_compensates_with_the_survivors():
@@ -15,7 +15,7 @@ def test_given_mask_prunes_exactly_those_weights_and_compensates_with_the_surviv
     stats = HessianStats(cols, torch.device("cpu"))
     stats.add(x)
     prune = torch.rand(20, cols, generator=g) < 0.5
-    new_w, mask = obs_sweep(w, stats.hessian, GivenMask(prune), blocksize=16)
+    new_w, mask = obs_sweep(w, stats.hessian, GivenMask(prune), SweepSettings(blocksize=16))
     assert torch.equal(mask, prune) and torch.equal(new_w == 0, prune)
     err_obs = (x @ new_w.t() - x @ w.t()).square().sum()
     err_plain = (x @ w.masked_fill(prune, 0).t() - x @ w.t()).square().sum()
@@ -45,7 +45,7 @@ def _row_optimum(w, h, keep, percdamp):
 def test_masked_least_squares_reaches_every_rows_optimum_on_its_support():
     w, _, h, g = _layer_problem()
     prune = torch.rand(w.shape, generator=g) < 0.6
-    start, _ = obs_sweep(w, h, GivenMask(prune), blocksize=16)
+    start, _ = obs_sweep(w, h, GivenMask(prune), SweepSettings(blocksize=16))
     solved = masked_least_squares(w, h, prune, start, iters=48, percdamp=0.01)
     assert torch.equal(solved == 0, prune)  # exactly the mask: pruned weights are 0.0, no survivor lands on 0
     torch.testing.assert_close(solved.double(), _row_optimum(w, h, ~prune, 0.01), rtol=1e-4, atol=1e-5)
@@ -59,7 +59,7 @@ def test_masked_least_squares_lowers_the_output_error_of_the_obs_sweep():
     for seed in range(3):
         w, x, h, g = _layer_problem(seed)
         prune = torch.rand(w.shape, generator=g) < 0.5
-        start, _ = obs_sweep(w, h, GivenMask(prune), blocksize=16)
+        start, _ = obs_sweep(w, h, GivenMask(prune), SweepSettings(blocksize=16))
 
         def error(v, x=x, w=w):
             return float((x @ (v - w).t()).square().sum())

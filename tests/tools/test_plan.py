@@ -4,13 +4,26 @@ import pytest
 import torch
 
 from besa.cli import main
+from besa.methods.base import Pruner
+from besa.methods.besa.config import BesaConfig
+from besa.methods.besa.pruner import BESA_BACKWARD_BYTES_PER_WEIGHT, BESA_BYTES_PER_WEIGHT
+from besa.methods.cost import MethodCost, hessian_bytes
+from besa.registry import get_method
+from besa.settings.commands import PlanConfig
+from besa.settings.config import (
+    CalibrationSettings,
+    KLSettings,
+    MethodConfig,
+    PruneConfig,
+    RefitSettings,
+    RuntimeSettings,
+)
 from besa.tools.plan import (
-    BESA_BACKWARD_BYTES_PER_WEIGHT,
-    BESA_BYTES_PER_WEIGHT,
     KL_SAVED_PER_TOKEN_BLOCK,
     activation_bytes,
-    hessian_bytes,
+    block_step,
     kl_stage_bytes,
+    largest_block,
     model_shape,
     plan_run,
     shape_of,
@@ -28,44 +41,89 @@ def test_the_config_alone_gives_the_real_models_shapes(arch):
     assert real.total_params == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def _plan(shape, method, stored=torch.float32, options=None, **settings):
+    """``plan_run`` of a run of ``method`` on 8 windows of 16 tokens (float32 unless ``runtime`` says otherwise),
+    its pruner made as ``besa plan`` makes it, with the method's ``options`` instead of its defaults."""
+    settings.setdefault("calibration", CalibrationSettings(nsamples=8, seqlen=16))
+    settings.setdefault("runtime", RuntimeSettings(dtype="float32"))
+    cfg = PlanConfig(method=method, **settings)
+    spec = get_method(method)
+    pruner = spec.pruner_cls(spec.config_cls(**(options or {})), cfg.prune_config())
+    return plan_run(shape, cfg, pruner, stored)
+
+
 def test_plan_sums_the_tensors_a_run_keeps():
     shape = shape_of(make_model("llama"))  # hidden 64, MLP 128, 2 blocks
     block = max(shape.block_params)
-    plain = plan_run(
-        shape, "sparsegpt", 8, 16, torch.float32, torch.bfloat16, stream=False, within_block="parallel"
-    )
+    plain = _plan(shape, "sparsegpt", torch.bfloat16, {"lsq_iters": 0}, within_block="parallel")
     ins = [i for _o, i in shape.blocks[0].values()]
     hessians = 8 * sum(i * i for i in ins) + 8 * max(i * i for i in ins)
     assert hessian_bytes(shape.blocks[0], shape.groups[0], sequential=False) == hessians
     assert activation_bytes(8, 16, 64, 4, 2) == 2 * 8 * 16 * 64 * 4
     assert plain.peaks["host"] == shape.total_params * 4 + 2 * 8 * 16 * 64 * 4 + hessians
-    streamed = plan_run(shape, "sparsegpt", 8, 16, torch.float32, torch.bfloat16, stream=True)
+    assert plain.forwards == 2 * 2.0  # the statistics pass and the propagation, per block
+    streamed = _plan(
+        shape, "sparsegpt", torch.bfloat16, {"lsq_iters": 0}, stream=True, within_block="parallel"
+    )
     assert streamed.peaks["host"] == shape.outside_params * 2 + block * 4 + 2 * 8 * 16 * 64 * 4 + hessians
     # the least-squares solve after the sweep: a float32 Hessian and six float32 (rows, in) copies of the largest
     solve = max(4 * i * i + 24 * min(o, 1024) * i for o, i in shape.blocks[0].values())
     with_lsq = hessian_bytes(shape.blocks[0], shape.groups[0], sequential=False, lsq=True)
     assert with_lsq == 8 * sum(i * i for i in ins) + max(8 * max(i * i for i in ins), solve) > hessians
+    solved = _plan(
+        shape, "sparsegpt", torch.bfloat16, within_block="parallel"
+    )  # SparseGPT's default: the solve
+    assert solved.peaks["host"] == shape.total_params * 4 + 2 * 8 * 16 * 64 * 4 + with_lsq
     # sequential holds one group's Hessians at a time: never more than all of them
     assert hessian_bytes(shape.blocks[0], shape.groups[0], sequential=True) < hessians
-    besa = plan_run(shape, "besa", 8, 16, torch.float32, torch.float32, stream=False, dense_stream=True,
-                    weight_update="none")  # fmt: skip
+    besa = _plan(
+        shape,
+        "besa",
+        options={"weight_update": "none", "target": "dense-stream"},
+        refit=RefitSettings(epochs=0),
+    )
     linears = sum(o * i for o, i in shape.blocks[0].values())
     state = BESA_BYTES_PER_WEIGHT * linears + BESA_BACKWARD_BYTES_PER_WEIGHT * 128 * 64  # largest: the MLP's
     assert besa.peaks["host"] == shape.total_params * 4 + 4 * 8 * 16 * 64 * 4 + state
-    gpu = plan_run(shape, "wanda", 8, 16, torch.bfloat16, torch.bfloat16, stream=True, device="cuda")
-    assert gpu.peaks["host"] == shape.outside_params * 2 + 2 * 8 * 16 * 64 * 2
+    assert besa.forwards == 2 * (2.0 + 0.75 + 3.0 * BesaConfig().epochs + 1.0)  # sequential; training; target
+    gpu = _plan(shape, "wanda", torch.bfloat16, runtime=RuntimeSettings(), stream=True, device="cuda:1")
+    assert gpu.peaks["host"] == shape.outside_params * 2 + 2 * 8 * 16 * 64 * 2  # auto: bfloat16 on CUDA
     assert set(gpu.peaks) == {"host", "device"}
-    data_free = plan_run(
-        shape, "magnitude", 8, 16, torch.float32, torch.float32, stream=False, uses_data=False
-    )
+    data_free = _plan(shape, "magnitude")
     assert data_free.forwards == 0 and data_free.peaks["host"] == shape.total_params * 4 + 4 * 64 * 128
+    refit = _plan(
+        shape, "magnitude", refit=RefitSettings(epochs=2)
+    )  # the refit runs the blocks on the windows
+    assert ("refit: Adam state of the block", 3 * block * 4, "host") in refit.rows
+    assert refit.forwards == 2 * (2.0 + 3.0 * 2 + 1.0)
+
+
+class _Tally(Pruner):
+    """A method that tells the plan its own working set and forwards."""
+
+    def prune_block(self, work):
+        raise NotImplementedError
+
+    def method_cost(self, block):
+        return MethodCost({"a tally per weight": 2 * block.weights}, forwards=1.5)
+
+
+def test_the_plan_takes_a_methods_own_cost_from_its_pruner():
+    shape = shape_of(make_model("llama"))
+    cfg = PlanConfig(method="wanda", calibration=CalibrationSettings(nsamples=8, seqlen=16))
+    pruner = _Tally(MethodConfig(), cfg.prune_config())
+    plan = plan_run(shape, cfg, pruner, torch.float32)
+    tally = 2 * sum(o * i for o, i in largest_block(shape).linears.values())
+    assert ("a tally per weight", tally, "host") in plan.rows
+    assert plan.forwards == 2 * (2.0 + 1.5)
+    work, forwards = block_step(largest_block(shape), _Tally(MethodConfig(), PruneConfig(method="wanda")))
+    assert work == {"a tally per weight": tally} and forwards == 3.5
 
 
 def test_the_kl_stage_peak_is_the_whole_model_training_not_added_to_the_blocks():
     shape = shape_of(make_model("llama"))  # hidden 64, 2 blocks, vocab 260 (untied head)
-    base = plan_run(shape, "wanda", 8, 16, torch.float32, torch.float32, stream=False)
-    kl = plan_run(shape, "wanda", 8, 16, torch.float32, torch.float32, stream=False, kl_epochs=1, kl_batch=4,
-                  kl_topk=8)  # fmt: skip
+    base = _plan(shape, "wanda")
+    kl = _plan(shape, "wanda", kl=KLSettings(epochs=1, batch=4, topk=8))
     trained = sum(o * i for block in shape.blocks for o, i in block.values())
     parts = kl_stage_bytes(shape, 8, 16, 4, 4, 8)
     assert parts["KL stage: Adam state of the blocks' linears"] == 3 * trained * 4

@@ -6,7 +6,7 @@ import torch
 
 from besa.errors import BesaError
 from besa.model.blocks import find_blocks, find_linears, weight_matrix
-from besa.settings.config import SpeedConfig
+from besa.settings.commands import SpeedConfig
 from besa.tools.speed import SparseLinear, is_two_four, measure_speed, sparsify_model
 from conftest import make_model
 
@@ -117,7 +117,7 @@ def test_experts_are_timed_and_sparsified_as_the_linears_they_are_pruned_as(arch
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense = model(ids).logits
-        with experts_as_linears(model, ids[:1]):
+        with experts_as_linears(model, find_blocks(model), ids[:1]):
             twin = copy.deepcopy(model)  # what measure_speed does
             kinds = sparsify_model(twin)
             assert experts <= set(kinds)  # every expert now runs on its sparse twin

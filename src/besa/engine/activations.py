@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from besa.errors import BesaError
 from besa.fileio import write_error
-from besa.settings.options import parse_size  # noqa: F401  (re-exported: it used to live here)
 
-__all__ = ["ActivationStore", "MemoryBudget", "parse_size"]
+__all__ = ["ActivationStore", "MemoryBudget", "rebatch"]
 
 
 def trim_heap() -> None:
@@ -186,3 +185,24 @@ class ActivationStore(Sequence[torch.Tensor]):
             self.release()
         except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to clean
             pass
+
+
+def rebatch(chunks: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """Re-cut stored batches (each (B_i, ...)) into consecutive batches of ``size`` samples (the last may be smaller).
+
+    Slices are views where a batch lies inside one stored chunk; only batches that straddle chunks are copied.
+    """
+    pending: list[torch.Tensor] = []
+    have = 0
+    for chunk in chunks:
+        start = 0
+        while start < chunk.shape[0]:
+            take = min(size - have, chunk.shape[0] - start)
+            pending.append(chunk[start : start + take])
+            have += take
+            start += take
+            if have == size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, have = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)

@@ -3,6 +3,7 @@ windows of ``seqlen`` tokens, average the next-token NLL over all windows, expon
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from besa.errors import BesaError
-from besa.evaluation.zeroshot import expand_tasks, zero_shot
+from besa.evaluation.zeroshot import zero_shot
 from besa.model.data import eval_name, load_eval_text, resolve_bos, with_bos
 from besa.model.loading import check_seqlen, prepare_model, resolve_device, resolve_dtype, resolve_model
-from besa.settings.config import EvalConfig
+from besa.settings.commands import EvalConfig
 
 __all__ = ["PerplexityResult", "perplexity", "windows_of", "evaluate"]
 
@@ -50,23 +51,27 @@ def windows_of(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -
     return ids[: count * seqlen].reshape(count, seqlen)
 
 
+def eval_windows(
+    ids: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None
+) -> torch.Tensor:
+    """The (W, seqlen) evaluation windows of the 1-D token tensor ``ids``; with ``bos`` every window is that token
+    then ``seqlen - 1`` tokens of the text."""
+    windows = windows_of(ids, seqlen - 1 if bos is not None else seqlen, max_windows)
+    return with_bos(windows, bos) if bos is not None else windows
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
-    ids: torch.Tensor,
-    seqlen: int,
-    max_windows: int | None = None,
+    windows: torch.Tensor,
     batch_size: int = 1,
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "Perplexity",
-    bos: int | None = None,
+    bos: bool = False,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` (already on ``device``) on the 1-D token tensor ``ids``; with ``bos`` every window
-    is that token then ``seqlen - 1`` tokens of the text, all of them predicted (the first from the BOS)."""
-    windows = windows_of(ids, seqlen - 1 if bos is not None else seqlen, max_windows)
-    if bos is not None:
-        windows = with_bos(windows, bos)
+    """Perplexity of ``model`` (already on ``device``) on the (W, T) token ``windows`` (``eval_windows``), every
+    token after the first predicted; ``bos`` says the windows start with the BOS token (the report's flag)."""
     total_nll = 0.0
     total_predicted = 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=None if progress else True):
@@ -80,40 +85,38 @@ def perplexity(
         del logits
     mean_nll = total_nll / total_predicted
     return PerplexityResult(
-        ppl=math.exp(mean_nll), tokens=windows.numel(), seqlen=seqlen, windows=windows.shape[0], nll=mean_nll,
-        bos=bos is not None,
+        ppl=math.exp(mean_nll), tokens=windows.numel(), seqlen=windows.shape[1], windows=windows.shape[0],
+        nll=mean_nll, bos=bos,
     )  # fmt: skip
 
 
 def evaluate(
     model: str | nn.Module,
     *,
-    datasets: tuple[str, ...] | list[str] = ("wikitext2",),
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    batch_size: int = 1,
-    device: str | None = None,
-    dtype: str = "auto",
     tokenizer: Any = None,
     trust_remote_code: bool = False,
     progress: bool = True,
-    bos: str = "auto",
-    tasks: tuple[str, ...] | list[str] = (),
-    limit: int | None = None,
-    num_fewshot: int = 0,
-    task_dir: str | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on each dataset: ``{"wikitext2": {"ppl", "tokens", "seqlen", "windows"}, ...}`` (a
     ``.jsonl``/``.txt`` file is keyed by its file name), and with ``tasks`` the zero-shot accuracies under
     ``"zero_shot"`` (``besa.evaluation.zeroshot``: ``{task: {"acc", "acc_norm"}, "mean": {...}}``).
 
+    ``settings`` are ``EvalConfig``'s fields (``datasets``, ``seqlen``, ``max_windows``, ``batch_size``, ``device``,
+    ``dtype``, ``bos``, ``tasks``, ``limit``, ``num_fewshot``, ``task_dir``), each with its default; an unknown
+    one is a ``BesaError`` naming it.
+
     Example:
         >>> besa.evaluate("smollm2-135m", datasets=["wikitext2"], seqlen=512)["wikitext2"]["ppl"]
     """
-    config = EvalConfig(
-        datasets=tuple(datasets), seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, device=device,
-        dtype=dtype, bos=bos, tasks=tuple(tasks), limit=limit, num_fewshot=num_fewshot, task_dir=task_dir,
-    )  # fmt: skip
+    known = {f.name for f in dataclasses.fields(EvalConfig)}
+    for key in settings:
+        if key not in known:
+            raise BesaError(f"unknown evaluation setting {key!r} (known: {', '.join(sorted(known))})")
+    for key in ("datasets", "tasks"):
+        if key in settings:
+            settings[key] = tuple(settings[key])
+    config = EvalConfig(**settings)
     if isinstance(model, str):
         resolve_model(model)  # a missing path fails before any data is read
     # an unknown dataset fails before the model is loaded
@@ -144,18 +147,16 @@ def evaluate(
                     f"besa eval: {name}: {count} windows x {config.seqlen} tokens{first}", file=sys.stderr
                 )
             try:
+                windows = eval_windows(ids, config.seqlen, config.max_windows, bos_id)
                 res: PerplexityResult = perplexity(
-                    model, ids, config.seqlen, config.max_windows, config.batch_size, compute_device, progress,
-                    desc=f"Perplexity {name}", bos=bos_id,
+                    model, windows, config.batch_size, compute_device, progress, desc=f"Perplexity {name}",
+                    bos=bos_id is not None,
                 )  # fmt: skip
             except ValueError as exc:
                 raise BesaError(f"{name}: {exc}") from None
             results[name] = res.to_dict()
         if config.tasks:
-            results["zero_shot"] = zero_shot(
-                model, tokenizer, expand_tasks(config.tasks), limit=config.limit, num_fewshot=config.num_fewshot,
-                batch_size=config.batch_size, device=str(compute_device), task_dir=config.task_dir,
-            )  # fmt: skip
+            results["zero_shot"] = zero_shot(model, tokenizer, config, str(compute_device))
     finally:
         model.to("cpu")
     return results

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from besa.errors import BesaError
+from besa.settings.commands import EvalConfig
 
 __all__ = ["PAPER_TASKS", "expand_tasks", "zero_shot"]
 
@@ -38,18 +39,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def zero_shot(
-    model: nn.Module,
-    tokenizer: Any,
-    tasks: list[str],
-    *,
-    limit: int | None = None,
-    num_fewshot: int = 0,
-    batch_size: int = 1,
-    device: str = "cpu",
-    task_dir: str | Path | None = None,
+    model: nn.Module, tokenizer: Any, config: EvalConfig, device: str = "cpu"
 ) -> dict[str, dict[str, float]]:
     """``{task: {"acc": ..., "acc_norm": ...}, ..., "mean": {...}}`` (fractions; a metric the task does not report
-    is left out, and the mean of a metric is over the tasks that report it)."""
+    is left out, and the mean of a metric is over the tasks that report it), for ``config``'s tasks (``paper``: the
+    paper's six), ``limit`` examples each, ``num_fewshot`` shots, ``batch_size`` and local ``task_dir``."""
+    tasks, limit, num_fewshot = expand_tasks(config.tasks), config.limit, config.num_fewshot
+    batch_size, task_dir = config.batch_size, config.task_dir
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM

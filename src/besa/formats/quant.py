@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from besa.settings.config import QuantSpec
+from besa.settings.values import QuantSpec
 
 __all__ = [
     "QuantSpec",

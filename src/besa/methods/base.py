@@ -1,39 +1,32 @@
-"""The method interface: a ``Pruner`` supplies the per-block step of the sequential engine."""
+"""The method interface: a ``Pruner`` supplies the per-block step of the sequential engine (methods that prune
+each linear on its own from its inputs' statistics build on ``besa.methods.layerwise``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from besa.engine import distributed
-from besa.engine.pipeline import BlockWork
 from besa.engine.record import BlockResult, QuantGrids
+from besa.engine.work import BlockWork
 from besa.errors import BesaError
 from besa.formats.quant import QuantSpec, fake_quantize, quant_params
+from besa.methods.cost import BlockShape, MethodCost
+from besa.methods.reach import pooled_calibration, routed_tokens, unreached_linears
 from besa.model.blocks import set_weight_matrix, weight_matrix
-from besa.model.experts import ExpertLinear, pooled_statistics
-from besa.settings.config import MethodConfig, NMPattern, PruneConfig
+from besa.model.experts import ExpertLinear
+from besa.settings.config import MethodConfig, PruneConfig
+from besa.settings.values import NMPattern
 from besa.stages.allocation import Allocation, make_allocation
 from besa.stages.masks import select_prune_mask
 from besa.stages.reconstruct import RefitSpec, refit_block
-from besa.stages.selection import SCORERS, LayerStats, magnitude_scores
+from besa.stages.selection import LayerStats, magnitude_scores
 
-__all__ = [
-    "Pruner",
-    "LayerwisePruner",
-    "ScoredPruner",
-    "LayerStats",
-    "QuantGrids",
-    "BlockResult",
-    "apply_prune_mask",
-]
+__all__ = ["Pruner", "LayerStats", "QuantGrids", "BlockResult", "apply_prune_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +34,6 @@ log = logging.getLogger(__name__)
 def destroyed(before: torch.Tensor, after: torch.Tensor) -> bool:
     """Whether pruning left all zeros where there were weights."""
     return bool(before.count_nonzero()) and not bool(after.count_nonzero())
-
-
-class _TokenCount(LayerStats):
-    """How many tokens reach a linear (a routed expert sees only its own)."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        self.tokens += x.numel() // max(x.shape[-1], 1)
-
-    def reduce(self) -> None:
-        self.tokens = int(distributed.sum_(torch.tensor([self.tokens], dtype=torch.float64))[0])
-
-
-def routed_tokens(work: BlockWork, names: list[str]) -> dict[str, int]:
-    """One pass of the dense block over every calibration window, counting the tokens each linear of ``names``
-    receives (for the experts of a Mixture-of-Experts block: the tokens routed to it)."""
-    counts = {name: _TokenCount() for name in names}
-    work.calibrate(counts, desc="Routed tokens")
-    return {name: c.tokens for name, c in counts.items()}
-
-
-def unreached_linears(work: BlockWork) -> list[str]:
-    """The block's linears whose forward runs on no process's first calibration window (agreed over the ranks of a
-    data-parallel run, so every rank then makes the same collective calls)."""
-    names = list(work.linears)
-    seen = work.layer_inputs(work.module, next(iter(work.inputs))[:1], names)
-    reached = distributed.sum_(torch.tensor([float(n in seen) for n in names], dtype=torch.float64))
-    return [n for n, r in zip(names, reached.tolist(), strict=True) if r == 0]
-
-
-@contextmanager
-def _pooled_calibration(work: BlockWork, on: bool) -> Iterator[None]:
-    """While active (and ``on``), every statistics pass of ``work`` (``BlockWork.calibrate``) runs each expert on
-    every token (``besa.model.experts.pooled_statistics``); the method's other forwards stay routed."""
-    if not on:
-        yield
-        return
-    calibrate = work.calibrate
-
-    def pooled(*args: Any, **kwargs: Any) -> Any:
-        with pooled_statistics(work.module):
-            return calibrate(*args, **kwargs)
-
-    work.calibrate = pooled  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del work.calibrate
 
 
 class Pruner(ABC):
@@ -126,15 +69,18 @@ class Pruner(ABC):
     @property
     def needs_dense_stream(self) -> bool:
         """Whether the engine must also carry the dense model's own activations (``BlockWork.dense_outputs``)."""
-        return self.refit is not None and self.config.refit_target != "pruned-input"
+        return self.refit is not None and self.config.refit.target != "pruned-input"
 
     def __init__(self, method_config: MethodConfig, config: PruneConfig) -> None:
         self.method_config = method_config
         self.config = config
         self.allocation: Allocation = make_allocation(
-            config.allocation, self.sparsity, owl_m=config.owl_m, owl_lambda=config.owl_lambda
+            config.allocation.policy,
+            self.sparsity,
+            owl_m=config.allocation.owl_m,
+            owl_lambda=config.allocation.owl_lambda,
         )
-        if config.refit_epochs and config.quant is not None:
+        if config.refit.epochs and config.quantization.spec is not None:
             raise BesaError(
                 "--refit-epochs with --wbits is not supported: the refit would move the weights off their grids"
             )
@@ -146,12 +92,12 @@ class Pruner(ABC):
     @property
     def refit(self) -> RefitSpec | None:
         """The blockwise weight reconstruction that follows every block's pruning, or ``None``."""
-        given = self.config.refit_epochs
+        given = self.config.refit.epochs
         epochs = given if given is not None else (0 if self.quant is not None else self.refit_default())
         if epochs == 0:
             return None
         cfg = self.config
-        return RefitSpec(epochs, cfg.refit_lr, cfg.refit_batch, cfg.refit_holdout)
+        return RefitSpec(epochs, cfg.refit.lr, cfg.refit.batch, cfg.refit.holdout)
 
     def run_block(self, work: BlockWork) -> BlockResult:
         """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one.
@@ -168,8 +114,8 @@ class Pruner(ABC):
         unseen = [n for n in unreached_linears(work) if n not in experts] if data else []  # the first window
         counted = routed_tokens(work, experts + unseen) if experts or unseen else {}  # every window
         tokens = {n: counted[n] for n in experts}
-        routed = self.config.expert_stats == "routed"  # pooled statistics are never thin
-        least = max(self.config.expert_min_tokens, 1)  # an expert no token reaches has no statistics at all
+        routed = self.config.experts.stats == "routed"  # pooled statistics are never thin
+        least = max(self.config.experts.min_tokens, 1)  # an expert no token reaches has no statistics at all
         thin = {n: t for n, t in tokens.items() if t < least and (routed or t == 0)}
         unreached = [n for n in unseen if counted[n] == 0]
         fallback = self._fall_back(work, thin)
@@ -180,7 +126,7 @@ class Pruner(ABC):
             n: weight_matrix(layer).detach().to("cpu", copy=True) for n, layer in work.linears.items()
         }
         originals = originals if guard else {}
-        with _pooled_calibration(work, not routed):
+        with pooled_calibration(work, not routed):
             result = self._prune_and_refit(work)
         result.merge(fallback)
         result.expert_tokens = {f"{work.name}.{n}": t for n, t in tokens.items()}
@@ -215,7 +161,7 @@ class Pruner(ABC):
             result.targets[full] = rate
             result.fallback[full] = (
                 f"magnitude: {count} routed calibration tokens, fewer than --expert-min-tokens "
-                f"{self.config.expert_min_tokens}"
+                f"{self.config.experts.min_tokens}"
             )
             self.finish_layer(result, full, layer, None, "magnitude fallback")
             log.info("%s: %s", full, result.fallback[full])
@@ -226,13 +172,13 @@ class Pruner(ABC):
         spec = self.refit
         if spec is None:
             return self.prune_block(work)
-        target = self.config.refit_target
+        target = self.config.refit.target
         before = work.forward_all("Refit targets", keep_outputs=True) if target == "pruned-input" else None
         result = self.prune_block(work)
         inputs = work.dense_inputs if target == "dense" else work.inputs
         targets = before if before is not None else work.dense_outputs
         assert inputs is not None and targets is not None
-        result.refit = refit_block(work, inputs, targets, spec, self.config.seed)
+        result.refit = refit_block(work, inputs, targets, spec, self.config.calibration.seed)
         if before is not None:
             before.release()
         log.info("%s: refit %s loss %.4g -> %.4g in %d epochs", work.name, target, result.refit["train_before"],
@@ -242,7 +188,7 @@ class Pruner(ABC):
     @property
     def quant(self) -> QuantSpec | None:
         """The weight quantization of this run, or ``None`` (``wbits=16``)."""
-        return self.config.quant
+        return self.config.quantization.spec
 
     def quantize_rtn(self, result: BlockResult, name: str, layer: nn.Module) -> None:
         """Round-to-nearest onto grids fitted to the layer's (pruned) weights; pruned zeros stay exactly zero."""
@@ -280,6 +226,14 @@ class Pruner(ABC):
             assert calib_ids is not None
             self.allocation.prepare(model, calib_ids, device, forward_batch, progress)
 
+    def method_cost(self, block: BlockShape) -> MethodCost:
+        """What the method itself holds and runs while it prunes a block shaped ``block`` (the model's largest), for
+        ``besa plan``: its working sets and its block forwards beyond the statistics pass and the propagation
+        (``besa.methods.cost``). The base answer is nothing: the plan then counts what every run holds (weights,
+        activations, the refit's and the KL stage's state). A method that keeps sizeable tensors of its own while it
+        prunes (statistics, a learned state) or runs more forwards overrides it."""
+        return MethodCost()
+
     @abstractmethod
     def prune_block(self, work: BlockWork) -> BlockResult:
         """Prune the linears of ``work.module`` in place (weights of pruned positions set to exactly zero) and
@@ -304,7 +258,7 @@ class Pruner(ABC):
         )
         return {
             **dataclasses.asdict(spec),
-            "target": self.config.refit_target,
+            "target": self.config.refit.target,
             "losses": losses,
             "blocks": blocks,
         }
@@ -320,59 +274,6 @@ class Pruner(ABC):
             "scheme": "asymmetric uniform, weight-only; w = (code - zero) * scale per (row, group); 0 is on every grid",
             "layers": quant_info,
         }
-
-
-class LayerwisePruner(Pruner):
-    """A method that prunes each linear on its own from statistics of its inputs on the dense block.
-
-    One calibration pass over the block feeds every layer's ``LayerStats`` (or, with ``within_block ==
-    "sequential"``, one pass per group of layers fed the same input, each cut short after that group and run after
-    the groups before it are pruned); then ``prune_layer`` runs per layer, followed by round-to-nearest
-    quantization when the run quantizes and the method did not do it itself.
-    """
-
-    def make_stats(self, layer: nn.Module) -> LayerStats | None:
-        """Statistics this method needs for ``layer``, or ``None`` if it needs no calibration data."""
-        return None
-
-    @abstractmethod
-    def prune_layer(self, layer: nn.Module, stats: LayerStats | None, rate: float) -> QuantGrids | None:
-        """Zero a ``rate`` share of the weights of ``layer`` (and update the others, if the method does).
-
-        A method that also quantized the layer (``self.quant``) returns its (scale, zero) grids; ``None`` lets the
-        engine round the pruned weights to nearest.
-        """
-
-    def prune_block(self, work: BlockWork) -> BlockResult:
-        result = BlockResult()
-        rate = self.allocation.block_rate(work.name)
-        stats = {name: self.make_stats(layer) for name, layer in work.linears.items()}
-        needs_data = any(s is not None for s in stats.values())
-        sequential = needs_data and self.within_block == "sequential"
-        for group in work.input_groups() if sequential else [list(work.linears)]:
-            if needs_data:
-                work.calibrate({name: stats[name] for name in group}, stop_after=group if sequential else ())
-            for name in group:
-                layer = work.linears[name]
-                grids = self.prune_layer(layer, stats.pop(name), rate)
-                result.targets[f"{work.name}.{name}"] = rate
-                self.finish_layer(result, f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
-        return result
-
-
-class ScoredPruner(LayerwisePruner):
-    """Selection without a weight update: rank each row's weights by the ``score`` of ``stages.selection`` and zero
-    the lowest ``rate`` share of every row (or ``n`` of every ``m`` with a pattern); the survivors stay as they are."""
-
-    score: str = "magnitude"
-    may_zero_layers = False  # a share of every row below 1 is zeroed: a row, and so the layer, keeps weights
-
-    def make_stats(self, layer: nn.Module) -> LayerStats | None:
-        return SCORERS[self.score].stats_for(layer)
-
-    def prune_layer(self, layer: nn.Module, stats: LayerStats | None, rate: float) -> None:
-        scores = SCORERS[self.score].scores(weight_matrix(layer), stats)
-        apply_prune_mask(layer, select_prune_mask(scores, rate, self.pattern))
 
 
 def apply_prune_mask(layer: nn.Module, prune: torch.Tensor) -> None:

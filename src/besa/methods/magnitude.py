@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from besa.methods.base import ScoredPruner
 from besa.methods.configs import MagnitudeConfig
+from besa.methods.layerwise import ScoredPruner
 
 __all__ = ["MagnitudeConfig", "MagnitudePruner"]
 

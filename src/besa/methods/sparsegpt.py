@@ -8,17 +8,20 @@ import copy
 import torch
 from torch import nn
 
-from besa.engine.pipeline import BlockWork
+from besa.engine.record import BlockResult, QuantGrids
+from besa.engine.work import BlockWork
 from besa.formats.quant import QuantSpec
-from besa.methods.base import BlockResult, LayerwisePruner, QuantGrids
 from besa.methods.configs import SparseGPTConfig
+from besa.methods.cost import BlockShape, MethodCost, obs_hessians
+from besa.methods.layerwise import LayerwisePruner
 from besa.model.blocks import set_weight_matrix, weight_matrix
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 from besa.stages.selection import CrossStats, HessianStats, LayerStats
 from besa.stages.update import (
     BlockShare,
     NMGroups,
     SweepQuantizer,
+    SweepSettings,
     dense_target_weight,
     obs_sweep,
 )
@@ -31,23 +34,21 @@ def sparsegpt_prune(
     hessian: torch.Tensor,
     sparsity: float,
     pattern: NMPattern | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    sweep: SweepSettings | None = None,
     quant: QuantSpec | None = None,
-    mask_block: int | None = None,
-    lsq_iters: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """SparseGPT on one weight (out, in): ``(new weight, prune mask, (scale, zero) or None)``.
 
     Unstructured: each mask block of columns (default: the lazy block) prunes its exact share of
     ``round(sparsity * out * in)`` weights by OBS saliency over the whole mask block; N:M: the ``n`` lowest of
     every ``m`` columns of each row. With ``quant`` the kept weights are quantized inside the sweep (GPTQ-style).
-    With ``lsq_iters`` (and no ``quant``: the weights must stay on their grids) the kept weights are then solved
-    for the sweep's mask in least squares (``masked_least_squares``). See ``besa.stages.update.obs_sweep``.
+    With ``sweep.lsq_iters`` (and no ``quant``: the weights must stay on their grids) the kept weights are then
+    solved for the sweep's mask in least squares (``masked_least_squares``). ``sweep``: the lazy block, dampening
+    and mask block (``SweepSettings``; default: SparseGPT's). See ``besa.stages.update.obs_sweep``.
     """
     choice = NMGroups(pattern) if pattern is not None else BlockShare(sparsity)
     quantizer = SweepQuantizer(quant) if quant is not None else None
-    new_w, prune = obs_sweep(w, hessian, choice, blocksize, percdamp, quantizer, mask_block, lsq_iters)
+    new_w, prune = obs_sweep(w, hessian, choice, sweep or SweepSettings(), quantizer)
     return new_w, prune, (quantizer.scale, quantizer.zero) if quantizer is not None else None
 
 
@@ -109,6 +110,13 @@ class SparseGPTPruner(LayerwisePruner):
         del dense
         return result
 
+    def method_cost(self, block: BlockShape) -> MethodCost:
+        """The Hessians of the block's linears (all at once, or one group's at a time) and the sweep's (and the
+        least-squares solve's) working set."""
+        cfg = self.method_config
+        assert isinstance(cfg, SparseGPTConfig)
+        return MethodCost(obs_hessians(block, self.within_block == "sequential", cfg.lsq_iters > 0))
+
     def make_stats(self, layer: nn.Module) -> LayerStats:
         w = weight_matrix(layer)
         return HessianStats(w.shape[1], w.device)
@@ -117,17 +125,10 @@ class SparseGPTPruner(LayerwisePruner):
         assert isinstance(stats, HessianStats)
         cfg = self.method_config
         assert isinstance(cfg, SparseGPTConfig)
-        joint = self.config.joint_quant  # the OBS sweep quantizes too
+        joint = self.config.quantization.joint  # the OBS sweep quantizes too
+        sweep = SweepSettings(cfg.blocksize, cfg.percdamp, cfg.mask_block, cfg.lsq_iters)
         new_w, _, grids = sparsegpt_prune(
-            weight_matrix(layer),
-            stats.hessian,
-            rate,
-            self.pattern,
-            cfg.blocksize,
-            cfg.percdamp,
-            joint,
-            cfg.mask_block,
-            cfg.lsq_iters,
+            weight_matrix(layer), stats.hessian, rate, self.pattern, sweep, joint
         )
         set_weight_matrix(layer, new_w)
         return grids

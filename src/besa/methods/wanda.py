@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from besa.methods.base import ScoredPruner
 from besa.methods.configs import WandaConfig
+from besa.methods.layerwise import ScoredPruner
 
 __all__ = ["WandaConfig", "WandaPruner"]
 

@@ -10,7 +10,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from besa.errors import BesaError
-from besa.model.experts import stated_expert_count
+from besa.model.decorated_experts import fused_experts, projections
+from besa.model.expert_stacks import stated_expert_count, unknown_slab
+from besa.model.experts import block_expert_matrices, expert_slabs
 
 __all__ = [
     "BlockWeight", "classify_block_weights", "find_blocks", "find_linears", "weight_matrix", "set_weight_matrix",
@@ -180,8 +182,6 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
     ``routers``, which prunes those built as linears), convolutions, embeddings, the experts' biases and state-space
     decays (``A_log``) are kept by rule;
     anything else is unknown. Reads shapes only, so a model on the meta device (``--stream``) works too."""
-    from besa.model.experts import expert_slabs, fused_experts, projections, unknown_slab
-
     experts = num_experts(getattr(model, "config", None))
     stated = _states_counts(model)
     found: list[BlockWeight] = []
@@ -229,8 +229,6 @@ def classify_block_weights(model: nn.Module, routers: bool = False) -> list[Bloc
 def pruned_matrices(model: nn.Module, routers: bool = True) -> dict[str, torch.Tensor]:
     """Every matrix the methods prune, by qualified name, as an (out, in) view: the linears of every block
     (``find_linears``; routers too unless ``routers`` is off) and each expert's matrices (``besa.model.experts``)."""
-    from besa.model.experts import block_expert_matrices
-
     found: dict[str, torch.Tensor] = {}
     for block_name, block in find_blocks(model):
         for name, layer in find_linears(block, model, routers=routers).items():

@@ -1,12 +1,10 @@
 """Resolving and loading models: local folders, hub ids, ``.gguf`` files (dequantized once and cached) and the
-built-in ``smollm2-135m``."""
+built-in ``smollm2-135m``. The files' header checks and the cache's place are ``besa.model.model_files``'s."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,15 +15,14 @@ from torch import nn
 
 from besa.errors import BesaError
 from besa.fileio import atomic_folder, write_error
+from besa.model.model_files import check_gguf, check_safetensors, gguf_cache_folder
 
 __all__ = [
-    "BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "cache_dir", "resolve_dtype", "resolve_device",
+    "BUILTIN_MODELS", "ModelSource", "resolve_model", "load_model", "resolve_dtype", "resolve_device",
     "prepare_model",
     "model_folder",
     "load_config",
     "load_error",
-    "check_safetensors",
-    "check_gguf",
     "position_limit",
     "check_seqlen",
 ]  # fmt: skip
@@ -56,14 +53,6 @@ class ModelSource:
     kind: str
     location: str
     spec: str
-
-
-def cache_dir() -> Path:
-    """Cache root: ``$BESA_CACHE_DIR``, else ``$XDG_CACHE_HOME/besa``, else ``~/.cache/besa``."""
-    if os.environ.get("BESA_CACHE_DIR"):
-        return Path(os.environ["BESA_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "besa"
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -121,65 +110,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _gguf_cache_folder(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
-
-
-def check_gguf(path: Path, spec: str | None = None) -> None:
-    """Read ``path``'s GGUF header and tensor table with the ``gguf`` package (tensor data stays memory-mapped,
-    unread): a file that is not GGUF, or is truncated or corrupt, is a one-line ``BesaError`` here rather than a
-    traceback deep inside transformers (which blames an invalid JSON config)."""
-    from gguf import GGUFReader
-
-    name = spec or str(path)
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-        if magic != b"GGUF":
-            raise BesaError(
-                f"model file {name!r} is not a GGUF file: it does not start with the GGUF magic bytes (a "
-                "corrupt download, or another format named .gguf); download or convert it again"
-            )
-        reader = GGUFReader(path)
-        size = path.stat().st_size
-        ends = [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors]
-    except OSError as exc:
-        raise BesaError(f"cannot read GGUF file {name!r}: {exc.strerror or exc}") from None
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BesaError(
-            f"GGUF file {name!r} is unreadable, truncated or corrupt (gguf: {reason}); download or convert it again"
-        ) from None
-    if ends and max(ends) > size:
-        raise BesaError(
-            f"GGUF file {name!r} is truncated: its tensors end at byte {max(ends)}, the file has {size}; "
-            "download or convert it again"
-        )
-
-
-def check_safetensors(folder: Path) -> None:
-    """Open the header of every ``*.safetensors`` file in ``folder`` (no tensor data is read; the header check
-    also finds a file whose tensors do not fit in it): a truncated or corrupt file is a one-line ``BesaError``
-    naming it, before any work."""
-    from safetensors import safe_open
-
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BesaError(
-                f"weights file {str(file)!r} ({file.stat().st_size} bytes) is not readable safetensors, it is "
-                f"truncated or corrupt ({reason}); copy, download or save it again"
-            ) from None
-
-
 def _dequantize_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into a plain safetensors folder under the cache; return that folder."""
-    target = _gguf_cache_folder(gguf_path)
+    target = gguf_cache_folder(gguf_path)
     if (target / "config.json").is_file():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -233,7 +166,7 @@ def load_config(spec: str, trust_remote_code: bool = False) -> Any:
         source = resolve_model(spec)
         if source.kind == "gguf":
             gguf = Path(source.location)
-            cached = _gguf_cache_folder(gguf)
+            cached = gguf_cache_folder(gguf)
             if (cached / "config.json").is_file():
                 return AutoConfig.from_pretrained(cached)
             check_gguf(gguf, spec)
@@ -331,7 +264,7 @@ def position_limit(model: str | nn.Module) -> int | None:
     if not isinstance(model, str):
         return _positions(getattr(model, "config", None))
     source = resolve_model(model)
-    folder = source.location if source.kind != "gguf" else str(_gguf_cache_folder(Path(source.location)))
+    folder = source.location if source.kind != "gguf" else str(gguf_cache_folder(Path(source.location)))
     if source.kind == "gguf" and not (Path(folder) / "config.json").is_file():
         return None
     from transformers import AutoConfig

@@ -6,6 +6,8 @@ import dataclasses
 import platform
 import resource
 import sys
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +107,8 @@ def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide the numbers."""
     import transformers
 
-    from besa import __version__
-
     return {
-        "besa": __version__,
+        "besa": version("besa"),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -124,22 +124,41 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def build_report(
-    model: nn.Module, source: ModelSource, config: PruneConfig, method_config: Any, pruner: Any,
-    record: RunRecord, timings: dict[str, Any], budget: MemoryBudget, run_dir: Path | None, resumed: int,
-    counts: tuple[dict[str, dict[str, Any]], dict[str, Any]] | None = None,
-    weights: list[BlockWeight] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """The ``besa_report.json`` of a finished run (``timings`` is filled further until the end).
+@dataclass
+class RunFacts:
+    """What a finished run hands the report besides the model.
 
     ``counts`` (layers, totals) replaces counting the model's zeros when its blocks are not in memory (a streamed
-    run counts them from the checkpoints: ``besa.engine.streaming.count_streamed``). ``weights`` (every block weight,
-    classified: ``besa.model.blocks.classify_block_weights``) gives the ``weights`` section and the pruned linears'
-    share of all block weights.
+    run counts them from the checkpoints: ``besa.engine.streaming.count_streamed``). ``weights`` (every block
+    weight, classified: ``besa.model.blocks.classify_block_weights``) gives the ``weights`` section and the pruned
+    linears' share of all block weights. ``timings`` is filled further until the end of the run.
     """
+
+    source: ModelSource
+    config: PruneConfig
+    method_config: Any
+    pruner: Any
+    record: RunRecord
+    timings: dict[str, Any]
+    budget: MemoryBudget
+    run_dir: Path | None = None
+    resumed: int = 0
+    counts: tuple[dict[str, dict[str, Any]], dict[str, Any]] | None = None
+    weights: list[BlockWeight] | None = None
+
+
+def build_report(model: nn.Module, facts: RunFacts) -> dict[str, Any]:
+    """The ``besa_report.json`` of a finished run."""
+    config, pruner, record, counts, weights = (
+        facts.config,
+        facts.pruner,
+        facts.record,
+        facts.counts,
+        facts.weights,
+    )
     layers, totals = counts if counts is not None else (None, None)
     if layers is None:
-        layers = count_layer_sparsity(model, routers=config.prune_routers)
+        layers = count_layer_sparsity(model, routers=config.experts.prune_routers)
         totals = model_sparsity(model, layers)
     targets = record.targets
     for name, info in layers.items():
@@ -151,9 +170,9 @@ def build_report(
         sum(i["numel"] for i in layers.values()), 1
     )
     return {
-        "model": dataclasses.asdict(source),
+        "model": dataclasses.asdict(facts.source),
         "config": {**config.to_dict(), "within_block": pruner.within_block},
-        "method_options": method_config.to_dict(),
+        "method_options": facts.method_config.to_dict(),
         "sparsity": {
             "target": config.sparsity,
             "pattern": config.pattern,
@@ -167,11 +186,11 @@ def build_report(
         "method": pruner.report_extra(record.facts),
         "quantization": pruner.report_quantization(record.quant_info),
         "refit": pruner.report_refit(record.refit),
-        "timings_s": timings,
-        "memory": {**peak_memory(), "activations": budget.summary()},
+        "timings_s": facts.timings,
+        "memory": {**peak_memory(), "activations": facts.budget.summary()},
         "run": {
-            "run_dir": str(run_dir) if run_dir else None,
-            "resumed_blocks": resumed,
+            "run_dir": str(facts.run_dir) if facts.run_dir else None,
+            "resumed_blocks": facts.resumed,
             "processes": distributed.world().size,  # torchrun: the calibration windows split over these
             "note": "timings_s.per_block of resumed blocks are those of the run that pruned them",
         },

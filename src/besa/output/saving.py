@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,29 @@ from besa.output.plotting import PLOT_NAME, plot_allocation
 from besa.settings.options import REPORT_NAME, check_output_dir
 from besa.settings.recipe import RECIPE_NAME
 
-__all__ = ["REPORT_NAME", "QUANT_LAYOUT", "save_pruned", "save_quantized_codes", "size_on_disk"]
+__all__ = ["QUANT_LAYOUT", "SaveOptions", "save_pruned", "save_quantized_codes", "size_on_disk"]
 
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SaveOptions:
+    """What a saved folder holds besides the model, tokenizer and report.
+
+    ``save_format`` ``sparse`` stores the pruned linears (``report["layers"]``) as bitmask + values
+    (``besa.formats.sparse``). ``grids`` (qualified linear name -> (scale, zero)) are the quantization grids of a
+    quantized run: the ``compressed-tensors`` format packs the codes on them, and ``save_quantized`` writes them
+    beside the model (``save_quantized_codes``). ``recipe`` is the run's ``besa_recipe.yaml``.
+    ``write_weights(folder)`` writes the weights and config instead of the model (a streamed run:
+    ``besa.engine.streaming.save_streamed``) and returns the ``size_on_disk`` entry.
+    """
+
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    recipe: str | None = None
+    save_format: str = "dense"
+    save_quantized: bool = False
+    write_weights: Callable[[Path], dict[str, Any]] | None = None
 
 
 def save_pruned(
@@ -35,28 +55,15 @@ def save_pruned(
     tokenizer: Any,
     out: str | Path,
     report: dict[str, Any],
-    overwrite: bool,
-    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    recipe: str | None = None,
-    save_format: str = "dense",
-    save_quantized: bool = False,
-    write_weights: Callable[[Path], dict[str, Any]] | None = None,
+    overwrite: bool = False,
+    options: SaveOptions | None = None,
 ) -> Path:
-    """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``.
-
-    ``save_format`` ``sparse`` stores the pruned linears (``report["layers"]``) as bitmask + values
-    (``besa.formats.sparse``); either way ``report["size_on_disk"]`` gets the weights' bytes, dense vs saved.
-    ``grids`` (qualified linear name -> (scale, zero)) are the quantization grids of a quantized run: the
-    ``compressed-tensors`` format packs the codes on them, and ``save_quantized`` writes them beside the model
-    (``save_quantized``). An interrupted save leaves ``out`` untouched (absent, or the previous content when
-    overwriting). ``write_weights(folder)`` writes the weights and config instead of the model (a streamed run:
-    ``besa.engine.streaming.save_streamed``) and returns the ``size_on_disk`` entry.
-    """
+    """Write model (safetensors), tokenizer and report into a temporary sibling folder, then rename it to ``out``;
+    ``report["size_on_disk"]`` gets the weights' bytes, dense vs saved. ``overwrite`` replaces only a folder besa
+    wrote. An interrupted save leaves ``out`` untouched (absent, or the previous content when overwriting)."""
     out = check_output_dir(out, overwrite)
     try:
-        _write_folder(
-            model, tokenizer, out, report, grids, recipe, save_format, save_quantized, write_weights
-        )
+        _write_folder(model, tokenizer, out, report, options or SaveOptions())
     except (OSError, SafetensorError) as exc:
         needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         raise write_error(exc, "the pruned model", out, needed) from None
@@ -64,11 +71,10 @@ def save_pruned(
 
 
 def _write_folder(
-    model: nn.Module, tokenizer: Any, out: Path, report: dict[str, Any],
-    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, recipe: str | None, save_format: str,
-    save_quantized: bool, write_weights: Callable[[Path], dict[str, Any]] | None,
-) -> None:  # fmt: skip
+    model: nn.Module, tokenizer: Any, out: Path, report: dict[str, Any], options: SaveOptions
+) -> None:
     """The body of ``save_pruned`` (same arguments), raising ``OSError`` as it comes."""
+    grids, write_weights, save_format = options.grids, options.write_weights, options.save_format
     with atomic_folder(out, replace=True) as tmp:
         spec = (
             QuantSpec(report["quantization"]["bits"], report["quantization"]["group_size"]) if grids else None
@@ -86,11 +92,11 @@ def _write_folder(
         if write_weights is None:
             report["size_on_disk"] = size_on_disk(model, tmp, save_format)
         tokenizer.save_pretrained(tmp)
-        if save_quantized and grids and spec is not None:
+        if options.save_quantized and grids and spec is not None:
             save_quantized_codes(model, grids, spec, tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
-        if recipe is not None:
-            (tmp / RECIPE_NAME).write_text(recipe, encoding="utf-8")
+        if options.recipe is not None:
+            (tmp / RECIPE_NAME).write_text(options.recipe, encoding="utf-8")
         plot_allocation(report, tmp / PLOT_NAME)
         drop_dangling_auto_map(tmp)
 

@@ -21,7 +21,7 @@ def split_keywords(method: str, keywords: dict[str, Any]) -> tuple[dict, dict, d
     A keyword that belongs to none of them (or to another method only) is a ``BesaError`` naming it.
     """
     spec = get_method(method)
-    own = {f.name for f in dataclasses.fields(PruneConfig)}
+    own = {name for name, _ in PruneConfig.settings()}
     run = {f.name for f in dataclasses.fields(RunOptions)}
     mine = {f.name for f in dataclasses.fields(spec.config_cls)}
     sorted_kw: tuple[dict, dict, dict] = ({}, {}, {})
@@ -48,7 +48,7 @@ def build_settings(
         config_kw = {**recipe.prune, **config_kw}
         if method == recipe.method:
             option_kw = {**recipe.options, **option_kw}
-    config = PruneConfig(method=method, **config_kw)
+    config = PruneConfig.from_flat(method=method, **config_kw)
     try:
         method_config = get_method(method).config_cls(**option_kw)
     except TypeError as exc:

@@ -19,7 +19,7 @@ SAVE_FORMATS = ("dense", "sparse", "compressed-tensors")
 
 __all__ = [
     "SAVE_FORMATS", "REPORT_NAME", "RUN_FILE", "RUN_MARKER", "RunOptions", "ResolvedRun", "check_apart", "check_output_dir", "check_writable", "written_by_besa",
-    "overlapping", "parse_size",
+    "overlapping", "parse_size", "require_checkpoint",
 ]  # fmt: skip
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -36,6 +36,12 @@ def parse_size(text: str | int | None) -> int | None:
     if not match or match.group(2).lower() not in _UNITS:
         raise BesaError(f"invalid memory size {text!r}: use a number with a unit, for example 512MiB or 4GiB")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def require_checkpoint(path: Path) -> None:
+    """Refuse to resume from a run folder that holds no checkpoint (checked up front and again on opening)."""
+    if not (path / RUN_FILE).is_file():
+        raise BesaError(f"nothing to resume: {str(path)!r} holds no checkpoint")
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -274,8 +280,6 @@ class RunOptions:
         if self.redo_from is not None and self.redo_from < 0:
             raise BesaError(f"--redo-from must be a block index from 0, got {self.redo_from}")
         if self.resume or self.redo_from is not None:
-            from besa.engine.checkpoint import require_checkpoint
-
             require_checkpoint(path)
         check_writable(path, "the run folder")
         return path

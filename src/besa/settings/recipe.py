@@ -25,6 +25,7 @@ from typing import Any
 from besa.errors import BesaError
 from besa.registry import get_method
 from besa.settings.config import MethodConfig, PruneConfig
+from besa.settings.flat import allows_none, flat_fields, type_name
 
 __all__ = ["Recipe", "RECIPE_NAME", "builtin_recipes", "load_recipe", "recipe_text"]
 
@@ -46,10 +47,10 @@ class Recipe:
 def _check_value(where: str, f: dataclasses.Field, value: Any) -> Any:
     """Refuse a value whose type the field cannot take (YAML ints are accepted for floats)."""
     if value is None:
-        if "None" not in str(f.type):
+        if not allows_none(f):
             raise BesaError(f"{where} may not be null")
         return None
-    first = str(f.type).split("|")[0].strip()
+    first = type_name(f)
     wanted = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}.get(first, (object,))
     if isinstance(value, bool) and first != "bool" or not isinstance(value, wanted):
         raise BesaError(f"{where} must be of type {first}, got {value!r}")
@@ -57,11 +58,12 @@ def _check_value(where: str, f: dataclasses.Field, value: Any) -> Any:
 
 
 def _section(name: str, data: Any, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe section's settings, by their flat names (``PruneConfig``'s sections opened), each checked."""
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise BesaError(f"recipe key {name!r} must be a mapping of settings")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    fields = {flat: f for flat, f in flat_fields(cls) if flat not in skip}
     out = {}
     for key, value in data.items():
         if key not in fields:

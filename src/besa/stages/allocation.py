@@ -13,17 +13,16 @@ target +- 2*lambda.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from besa.errors import BesaError
+from besa.registry import allocation_class
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Allocation", "UniformAllocation", "OwlAllocation", "ALLOCATIONS", "make_allocation", "outlier_ratio",
+__all__ = ["Allocation", "UniformAllocation", "OwlAllocation", "make_allocation", "outlier_ratio",
            "owl_rates"]  # fmt: skip
 
 
@@ -109,12 +108,6 @@ class OwlAllocation(Allocation):
                 "block_rates": self.rates}  # fmt: skip
 
 
-ALLOCATIONS: dict[str, Callable[..., Allocation]] = {"uniform": Allocation, "owl": OwlAllocation}
-"""The allocations every method can take (``--allocation``)."""
-
-
 def make_allocation(name: str, target: float, **options: Any) -> Allocation:
-    try:
-        return ALLOCATIONS[name](target, **options)
-    except KeyError:
-        raise BesaError(f"unknown --allocation {name!r}: choose one of {', '.join(ALLOCATIONS)}") from None
+    """The allocation registered as ``name`` (``besa.registry.ALLOCATIONS``) for this target."""
+    return allocation_class(name)(target, **options)

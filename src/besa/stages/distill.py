@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,9 +22,12 @@ from tqdm.auto import tqdm
 
 from besa.engine import distributed
 from besa.model.blocks import find_blocks, find_linears
-from besa.stages.reconstruct import split_holdout, train_masked
+from besa.stages.reconstruct import TrainSchedule, split_holdout, train_masked
 
-__all__ = ["DistillSpec", "TeacherTargets", "topk_targets", "topk_kl", "teacher_targets", "distill"]
+if TYPE_CHECKING:
+    from besa.settings.config import KLSettings
+
+__all__ = ["PATIENCE", "TeacherTargets", "topk_targets", "topk_kl", "teacher_targets", "distill"]
 
 
 _FLOOR = -80.0
@@ -32,16 +35,8 @@ _FLOOR = -80.0
 KL, not ``0 * inf``."""
 
 
-@dataclass(frozen=True)
-class DistillSpec:
-    """How the whole pruned model is trained toward the dense one (``PruneConfig.kl_*``)."""
-
-    epochs: int
-    lr: float = 1e-5
-    topk: int = 64
-    batch_size: int = 4
-    holdout: int = 4
-    patience: int = 1
+PATIENCE = 1
+"""Epochs without a lower held-out KL before the training stops."""
 
 
 @dataclass
@@ -130,19 +125,21 @@ def distill(
     model: nn.Module,
     windows: torch.Tensor,
     targets: TeacherTargets,
-    spec: DistillSpec,
+    kl: KLSettings,
     device: torch.device,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the surviving weights of every block's linears of ``model`` (Adam, masks fixed) toward ``targets`` on
-    ``windows`` (N, T); return the facts: KL before / after on the training and held-out windows, epochs run.
+    ``windows`` (N, T), as ``kl`` says (``epochs``, ``lr``, ``batch`` windows per step, the last ``holdout`` windows
+    held out; ``topk`` is the targets' own); return the facts: KL before / after on the training and held-out
+    windows, epochs run.
 
     Only the blocks' linears train (embeddings, norms and the head stay as they are); the model is on ``device``
     while it trains and back on the CPU after.
     """
     ranks = distributed.world().size  # data parallel: each rank holds out its share of the held-out windows
-    train, held = split_holdout(windows.shape[0], -(-spec.holdout // ranks))
+    train, held = split_holdout(windows.shape[0], -(-kl.holdout // ranks))
     x, xh = windows[train], windows[held]
     t, th = targets[train], targets[held]
     params = [
@@ -158,19 +155,19 @@ def distill(
         return topk_kl(_logits(model, x[idx].to(device)), ti.ids.to(device), ti.log_q.to(device))
 
     def evaluate() -> float:
-        return distributed.mean_value(_kl_over(model, xh, th, spec.batch_size, device))
+        return distributed.mean_value(_kl_over(model, xh, th, kl.batch, device))
 
-    bar = tqdm(total=spec.epochs, desc="KL to the dense model", disable=None if progress else True)
+    bar = tqdm(total=kl.epochs, desc="KL to the dense model", disable=None if progress else True)
     try:
         facts: dict[str, Any] = {
-            "train_before": distributed.mean_value(_kl_over(model, x, t, spec.batch_size, device)),
+            "train_before": distributed.mean_value(_kl_over(model, x, t, kl.batch, device)),
             "held_out_windows": int(xh.shape[0]) * ranks,
         }
+        schedule = TrainSchedule(kl.epochs, kl.lr, kl.batch, PATIENCE, seed)
         facts.update(
-            train_masked(params, batch_loss, x.shape[0], evaluate if xh.shape[0] else None, spec.epochs, spec.lr,
-                         spec.batch_size, spec.patience, seed, bar)
-        )  # fmt: skip
-        facts["train_after"] = distributed.mean_value(_kl_over(model, x, t, spec.batch_size, device))
+            train_masked(params, batch_loss, x.shape[0], evaluate if xh.shape[0] else None, schedule, bar)
+        )
+        facts["train_after"] = distributed.mean_value(_kl_over(model, x, t, kl.batch, device))
     finally:
         bar.close()
         for p, r in zip(model.parameters(), requires, strict=True):

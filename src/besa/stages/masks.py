@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 
 __all__ = ["row_prune_counts", "prune_mask_by_rank", "nm_prune_mask", "select_prune_mask", "split_budget"]
 

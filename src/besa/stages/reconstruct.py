@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from besa.engine import distributed
 from besa.engine.work import BlockWork
 
-__all__ = ["RefitSpec", "block_loss", "split_holdout", "train_masked", "refit_block"]
+__all__ = ["RefitSpec", "TrainSchedule", "block_loss", "split_holdout", "train_masked", "refit_block"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,22 @@ class RefitSpec:
     batch_size: int = 4
     holdout: int = 4
     patience: int = 1
+
+    def schedule(self, seed: int) -> TrainSchedule:
+        """The training of ``train_masked``, shuffled by ``seed``."""
+        return TrainSchedule(self.epochs, self.lr, self.batch_size, self.patience, seed)
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """How ``train_masked`` trains: ``epochs`` over the training windows, Adam's ``lr``, ``batch_size`` windows per
+    step, ``patience`` epochs without a better held-out loss before it stops, and the ``seed`` of the shuffling."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    patience: int = 1
+    seed: int = 0
 
 
 def block_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -63,17 +79,14 @@ def train_masked(
     batch_loss: Callable[[torch.Tensor], torch.Tensor],
     n_train: int,
     evaluate: Callable[[], float] | None,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    patience: int,
-    seed: int,
+    schedule: TrainSchedule,
     bar: Any = None,
 ) -> dict[str, Any]:
-    """Adam on ``params`` with their exact zeros fixed: ``batch_loss(indices)`` of a shuffled batch of the
-    ``n_train`` training windows per step; ``evaluate()`` (the held-out loss, or ``None``: no early stop) before
-    training and after every epoch. Training stops once it has not improved for more than ``patience`` epochs and
-    the best epoch's values are put back. Returns ``held_out`` (the losses measured) and ``epochs`` (run).
+    """Adam on ``params`` with their exact zeros fixed, as ``schedule`` says: ``batch_loss(indices)`` of a shuffled
+    batch of the ``n_train`` training windows per step; ``evaluate()`` (the held-out loss, or ``None``: no early
+    stop) before training and after every epoch. Training stops once it has not improved for more than
+    ``schedule.patience`` epochs and the best epoch's values are put back. Returns ``held_out`` (the losses
+    measured) and ``epochs`` (run).
 
     A weight that is exactly zero (pruned, or zero in the dense model) gets no gradient and is zeroed again after
     every step, so the counted sparsity cannot change. Gradients are averaged over a torchrun run's processes.
@@ -81,11 +94,12 @@ def train_masked(
     masks = [p.detach() != 0 for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    epochs, batch_size, patience = schedule.epochs, schedule.batch_size, schedule.patience
+    opt = torch.optim.Adam(params, lr=schedule.lr)
     held_out = [evaluate()] if evaluate else []
     best = [p.detach().clone() for p in params] if evaluate else []
     best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(schedule.seed)
     with torch.enable_grad():
         for _epoch in range(epochs):
             order = torch.randperm(n_train, generator=gen)
@@ -93,9 +107,8 @@ def train_masked(
                 loss = batch_loss(order[i : i + batch_size])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                for (
-                    p
-                ) in params:  # an expert no token of this batch was routed to: a zero gradient, on every rank
+                # an expert no token of this batch was routed to: a zero gradient, on every rank
+                for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                 distributed.mean_grads(params)
@@ -163,10 +176,7 @@ def refit_block(
         disable=None if work.progress else True,
     )  # fmt: skip
     try:
-        facts.update(
-            train_masked(params, batch_loss, x.shape[0], evaluate, spec.epochs, spec.lr, spec.batch_size,
-                         spec.patience, seed, bar)
-        )  # fmt: skip
+        facts.update(train_masked(params, batch_loss, x.shape[0], evaluate, spec.schedule(seed), bar))
     finally:
         bar.close()
         for p, r in zip(work.module.parameters(), requires, strict=True):

@@ -13,21 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from besa.formats.quant import QuantSpec, fake_quantize, quant_params
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 from besa.stages.masks import nm_prune_mask, prune_mask_by_rank
 
 __all__ = [
-    "MaskChoice",
-    "BlockShare",
-    "RowShares",
-    "NMGroups",
-    "GivenMask",
-    "SweepQuantizer",
-    "inverse_hessian_factor",
-    "dense_target_weight",
-    "obs_sweep",
-    "masked_least_squares",
-]
+    "MaskChoice", "BlockShare", "RowShares", "NMGroups", "GivenMask", "SweepQuantizer",
+    "SweepSettings", "inverse_hessian_factor", "dense_target_weight", "obs_sweep", "masked_least_squares"
+]  # fmt: skip
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -166,26 +158,43 @@ class SweepQuantizer:
         )
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """How ``obs_sweep`` runs (SparseGPT's own settings, ``SparseGPTConfig``).
+
+    Args:
+        blocksize: columns per lazy-update block.
+        percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
+        mask_block: columns whose weights are chosen together (``None``: the lazy block).
+        lsq_iters: conjugate-gradient steps of the least-squares solve of the kept weights after the sweep (0: none).
+    """
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+    mask_block: int | None = None
+    lsq_iters: int = 0
+
+
 def obs_sweep(
     w: torch.Tensor,
     hessian: torch.Tensor,
     choice: MaskChoice,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    settings: SweepSettings | None = None,
     quantizer: SweepQuantizer | None = None,
-    mask_block: int | None = None,
-    lsq_iters: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune (and quantize) weight ``w`` (out, in) given its inputs' Hessian (in, in); return (new weight, mask).
 
     The error of every pruned or rounded column is spread over the not-yet-processed columns (OBS update), in lazy
-    blocks of ``blocksize`` columns. The choice picks the weights of ``mask_block`` columns at a time (default:
-    the lazy block; sub-blocks start at each lazy block), from their saliency as updated by the columns before
-    them: the smaller, the more the choice sees of the compensation so far. N:M choices go group by group instead.
-    Pruned weights are exactly zero in the result. With a quantizer its grids are in ``quantizer.scale/.zero``.
-    With ``lsq_iters`` and no quantizer (quantized weights must stay on their grids) the kept weights are then
-    solved for the final mask in least squares (``masked_least_squares``, same damping).
+    blocks of ``settings.blocksize`` columns (``settings``: ``SweepSettings()`` when not given). The choice picks
+    the weights of ``mask_block`` columns at a time (default: the lazy block; sub-blocks start at each lazy block),
+    from their saliency as updated by the columns before them: the smaller, the more the choice sees of the
+    compensation so far. N:M choices go group by group instead. Pruned weights are exactly zero in the result. With
+    a quantizer its grids are in ``quantizer.scale/.zero``. With ``lsq_iters`` and no quantizer (quantized weights
+    must stay on their grids) the kept weights are then solved for the final mask in least squares
+    (``masked_least_squares``, same damping).
     """
+    settings = settings if settings is not None else SweepSettings()
+    blocksize, percdamp, mask_block = settings.blocksize, settings.percdamp, settings.mask_block
     rows, cols = w.shape
     weight = w.float().clone()
     h = hessian.float().clone()
@@ -235,8 +244,8 @@ def obs_sweep(
         prune[:, i1:i2] = mask1
         weight[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     weight.masked_fill_(prune, 0)
-    if lsq_iters and quantizer is None:
-        weight = masked_least_squares(w, hessian, prune, weight, lsq_iters, percdamp)
+    if settings.lsq_iters and quantizer is None:
+        weight = masked_least_squares(w, hessian, prune, weight, settings.lsq_iters, percdamp)
     return weight, prune
 
 

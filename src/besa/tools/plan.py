@@ -2,33 +2,30 @@
 
 The model is built on the meta device (shapes, no storage), its blocks and linears found as the engine finds them,
 and every stage's peak is a sum of tensor sizes in pure functions below. Figures are the tensors the run keeps
-(weights, activations, statistics, BESA's per-weight state, optimizer state); Python, torch and the libraries add
-about half a GiB of process memory on a CPU, not counted.
+(weights, activations, statistics, a method's own state, optimizer state); Python, torch and the libraries add
+about half a GiB of process memory on a CPU, not counted. What a method holds and runs of its own while it prunes
+a block, its pruner says (``Pruner.method_cost``, ``besa.methods.cost``); the rest is the same for every method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from besa.methods.cost import ADAM_COPIES, BlockShape
 from besa.model.blocks import find_blocks, find_linears, weight_matrix
 from besa.model.experts import block_expert_matrices
+from besa.model.loading import resolve_dtype
 
-__all__ = [
-    "ModelShape", "Plan", "model_shape", "plan_run", "format_plan", "BESA_BYTES_PER_WEIGHT",
-    "BESA_BACKWARD_BYTES_PER_WEIGHT",
-]  # fmt: skip
+if TYPE_CHECKING:
+    from besa.methods.base import Pruner
+    from besa.settings.commands import PlanConfig
 
-# BESA's state per weight of the block it trains: each weight's rank in its row (int32) and first pruning candidate
-# (int16), and in a step the masked weight the forward keeps for the backward (float32).
-BESA_BYTES_PER_WEIGHT = 4 + 2 + 4
-# ... plus, for one linear at a time in the backward, its weight gradient, the keep gradient and the widened index.
-BESA_BACKWARD_BYTES_PER_WEIGHT = 4 + 4 + 8
-# Adam keeps a gradient and two moments per trained weight (the refit trains the block's weights).
-ADAM_COPIES = 3
+__all__ = ["ModelShape", "Plan", "model_shape", "plan_run", "format_plan", "largest_block", "block_step"]
+
 # The KL stage's backward keeps, per token and block, about this many hidden-size vectors (the inputs of the
 # linears, norms and activation function; not the attention matrices, which SDPA does not keep).
 KL_SAVED_PER_TOKEN_BLOCK = 16
@@ -110,24 +107,6 @@ def activation_bytes(nsamples: int, seqlen: int, hidden: int, element: int, stor
     return stores * nsamples * seqlen * hidden * element
 
 
-LSQ_CHUNK = 1024
-"""Rows per chunk of ``besa.stages.update.masked_least_squares`` (its default)."""
-
-
-def hessian_bytes(
-    shapes: dict[str, tuple[int, int]], groups: list[list[str]], sequential: bool, lsq: bool = False
-) -> int:
-    """SparseGPT/OBS statistics: one (in, in) sum per linear, kept in float64; all at once when parallel, one
-    group's at a time when sequential (``groups`` may over-group: then this is an upper bound); plus the largest
-    layer's working set: its float32 Hessian and inverse in the sweep, or (``lsq``, after the sweep) the
-    least-squares solve's float32 Hessian and its six float32 copies of up to ``LSQ_CHUNK`` rows."""
-    per = {n: inp * inp for n, (_o, inp) in shapes.items()}
-    held = max(sum(per[n] for n in g) for g in groups) if sequential else sum(per.values())
-    sweep = 2 * 4 * max(per.values())
-    solve = max(4 * i * i + 6 * 4 * min(o, LSQ_CHUNK) * i for o, i in shapes.values()) if lsq else 0
-    return 8 * held + max(sweep, solve)
-
-
 def kl_stage_bytes(
     shape: ModelShape, nsamples: int, seqlen: int, compute: int, batch: int, topk: int
 ) -> dict[str, int]:
@@ -147,89 +126,105 @@ def kl_stage_bytes(
     }
 
 
-def block_forwards(method: str, epochs: int, refit_epochs: int, within_block: str) -> float:
-    """Block forwards over the calibration set per block (a backward counts as two): the work of a run."""
-    base = 2.0  # the statistics pass and the propagation
-    if within_block == "sequential":
-        base += 0.75  # each group's pass is cut after the group: about three quarters of a block more
-    if method == "besa":
-        base += 3.0 * epochs + 1.0  # training (forward + backward) and the dense target
-    if refit_epochs:
-        base += 3.0 * refit_epochs + 1.0
-    return base
+def largest_block(shape: ModelShape) -> BlockShape:
+    """The model's block with the most parameters, as a method sees it (``Pruner.method_cost``)."""
+    i = max(range(len(shape.blocks)), key=lambda i: shape.block_params[i])
+    return BlockShape(shape.blocks[i], shape.groups[i], shape.block_params[i])
 
 
-def plan_run(
-    shape: ModelShape, method: str, nsamples: int, seqlen: int, compute: torch.dtype, stored: torch.dtype,
-    stream: bool, device: str = "cpu", forward_batch: int = 8, epochs: int = 1, refit_epochs: int = 0,
-    within_block: str = "parallel", weight_update: str | None = None, uses_data: bool = True,
-    dense_stream: bool = False, kl_epochs: int = 0, kl_batch: int = 4, kl_topk: int = 64, lsq: bool = False,
-) -> Plan:  # fmt: skip
-    """The memory plan of one run. On a CPU the host is the device: its peak is the weights + the activations +
-    the largest working set of a block step. On CUDA the host keeps the model as stored (or, streamed, what lies
-    outside the blocks) and the activations; the device one block, what lies outside the blocks (for the
-    embedding pass), one forward batch and the working set."""
+def block_step(block: BlockShape, pruner: Pruner) -> tuple[dict[str, int], float]:
+    """One block step of ``pruner``'s run: the working sets (bytes by label: the method's own, then the refit's
+    Adam state) and the block forwards over the calibration set it costs (a backward counts as two): the statistics
+    pass and the propagation, about three quarters of a block more when the groups of a block are calibrated one
+    after the other (each group's pass is cut after the group), the method's own, the refit's training and its
+    target; none when the blocks never run on the calibration windows."""
+    cost = pruner.method_cost(block)
+    work = dict(cost.work)
+    refit = pruner.refit
+    if refit is not None:
+        work["refit: Adam state of the block"] = ADAM_COPIES * block.params * 4
+    if not pruner.engine_uses_data:
+        return work, 0.0
+    forwards = 2.0 + (0.75 if pruner.within_block == "sequential" else 0.0) + cost.forwards
+    if refit is not None:
+        forwards += 3.0 * refit.epochs + 1.0
+    return work, forwards
+
+
+def plan_run(shape: ModelShape, cfg: PlanConfig, pruner: Pruner, stored: torch.dtype) -> Plan:
+    """The memory plan of the run ``cfg`` describes, pruned by ``pruner`` (built from ``cfg.prune_config()`` and its
+    method's defaults), of a model stored in ``stored``. On a CPU the host is the device: its peak is the weights +
+    the activations + the largest working set of a block step. On CUDA the host keeps the model as stored (or,
+    streamed, what lies outside the blocks) and the activations; the device one block, what lies outside the blocks
+    (for the embedding pass), one forward batch and the working set. The KL stage (``--kl-epochs``) comes after the
+    blocks: its peak is compared with theirs."""
+    device = cfg.device.split(":")[0]
+    compute = resolve_dtype(cfg.runtime.dtype, torch.device(device))
+    work, forwards = block_step(largest_block(shape), pruner)
+    rows, peaks = _block_rows(shape, cfg, pruner, compute, stored, work)
+    notes = ["a block's stages run one after the other: a peak counts the largest working set, not their sum"]
+    if cfg.kl.epochs:  # after the blocks: the whole model trains on the device; the engine's stores are gone
+        _add_kl_stage(rows, peaks, shape, cfg, dtype_bytes(compute), dtype_bytes(stored))
+        notes.append("the KL stage runs after the blocks: its peak is compared with theirs, not added")
+    if device == "cpu":
+        notes.append("--max-memory spills activations beyond it to disk")
+    return Plan(rows, peaks, forwards * len(shape.blocks), notes)
+
+
+def _block_rows(
+    shape: ModelShape, cfg: PlanConfig, pruner: Pruner, compute: torch.dtype, stored: torch.dtype,
+    work: dict[str, int],
+) -> tuple[list[tuple[str, int, str]], dict[str, int]]:  # fmt: skip
+    """The rows and peaks of the blocks' pruning: weights, activations, a forward batch, the working sets."""
     c, s = dtype_bytes(compute), dtype_bytes(stored)
+    nsamples, seqlen = cfg.calibration.nsamples, cfg.calibration.seqlen
+    uses_data, dense_stream = pruner.engine_uses_data, pruner.needs_dense_stream
     block = max(shape.block_params)
-    largest = max(range(len(shape.blocks)), key=lambda i: shape.block_params[i])
-    shapes, groups = shape.blocks[largest], shape.groups[largest]
     acts = activation_bytes(nsamples, seqlen, shape.hidden, c, 4 if dense_stream else 2) if uses_data else 0
-    linear_weights = sum(o * i for o, i in shapes.values())
-    work: dict[str, int] = {}
-    if method in ("wanda", "magnitude"):
-        work["scores of the largest linear (float32)"] = 4 * max(o * i for o, i in shapes.values())
-    if method == "sparsegpt" or weight_update == "obs":
-        work[
-            "Hessians (float64 sums)" + (", one group at a time" if within_block == "sequential" else "")
-        ] = hessian_bytes(shapes, groups, within_block == "sequential", lsq)
-    if method == "besa":
-        work["BESA's per-weight state"] = (
-            BESA_BYTES_PER_WEIGHT * linear_weights
-            + BESA_BACKWARD_BYTES_PER_WEIGHT * max(o * i for o, i in shapes.values())
-        )
-    if refit_epochs:
-        work["refit: Adam state of the block"] = ADAM_COPIES * block * 4
     largest_work = max(work.values()) if work else 0
     name_c = str(compute).replace("torch.", "")
     rows: list[tuple[str, int, str]] = []
-    if device == "cpu":
-        weights = shape.outside_params * s + block * c if stream else shape.total_params * c
-        label = "outside the blocks as stored + one block" if stream else f"the whole model in {name_c}"
+    if cfg.device.split(":")[0] == "cpu":
+        weights = shape.outside_params * s + block * c if cfg.stream else shape.total_params * c
+        label = "outside the blocks as stored + one block" if cfg.stream else f"the whole model in {name_c}"
         rows.append((f"weights: {label}", weights, "host"))
         if uses_data:
             rows.append((_acts_label(nsamples, seqlen, dense_stream), acts, "host"))
         rows += [(k, v, "host") for k, v in work.items()]
-        peaks = {"host": weights + acts + largest_work}
+        return rows, {"host": weights + acts + largest_work}
+    host_weights = shape.outside_params * s if cfg.stream else shape.total_params * s
+    rows.append(("weights as stored" + (": outside the blocks" if cfg.stream else ""), host_weights, "host"))
+    if uses_data:
+        rows.append((_acts_label(nsamples, seqlen, dense_stream), acts, "host"))
+    on_device = shape.outside_params * c + block * c
+    forward_batch = min(cfg.runtime.forward_batch, nsamples)
+    batch = activation_bytes(forward_batch, seqlen, shape.hidden, c, 2) if uses_data else 0
+    rows.append((f"one block + what lies outside the blocks, in {name_c}", on_device, "device"))
+    rows.append((f"one forward batch ({forward_batch} x {seqlen}, in and out)", batch, "device"))
+    rows += [(k, v, "device") for k, v in work.items()]
+    return rows, {"host": host_weights + acts, "device": on_device + batch + largest_work}
+
+
+def _add_kl_stage(
+    rows: list[tuple[str, int, str]],
+    peaks: dict[str, int],
+    shape: ModelShape,
+    cfg: PlanConfig,
+    c: int,
+    s: int,
+) -> None:
+    """The KL stage's rows, and its peaks where they exceed the blocks' (``c``, ``s``: bytes per computed and
+    stored value)."""
+    kl = kl_stage_bytes(shape, cfg.calibration.nsamples, cfg.calibration.seqlen, c, cfg.kl.batch, cfg.kl.topk)
+    cpu = cfg.device.split(":")[0] == "cpu"
+    rows += [(k, v, ("host" if cpu else "device") if "targets" not in k else "host") for k, v in kl.items()]
+    on_where = sum(v for k, v in kl.items() if "targets" not in k)
+    targets = kl["KL stage: the dense targets"]
+    if cpu:
+        peaks["host"] = max(peaks["host"], on_where + targets)
     else:
-        host_weights = shape.outside_params * s if stream else shape.total_params * s
-        rows.append(("weights as stored" + (": outside the blocks" if stream else ""), host_weights, "host"))
-        if uses_data:
-            rows.append((_acts_label(nsamples, seqlen, dense_stream), acts, "host"))
-        on_device = shape.outside_params * c + block * c
-        batch = activation_bytes(min(forward_batch, nsamples), seqlen, shape.hidden, c, 2) if uses_data else 0
-        rows.append((f"one block + what lies outside the blocks, in {name_c}", on_device, "device"))
-        rows.append(
-            (f"one forward batch ({min(forward_batch, nsamples)} x {seqlen}, in and out)", batch, "device")
-        )
-        rows += [(k, v, "device") for k, v in work.items()]
-        peaks = {"host": host_weights + acts, "device": on_device + batch + largest_work}
-    notes = ["a block's stages run one after the other: a peak counts the largest working set, not their sum"]
-    if kl_epochs:  # after the blocks: the whole model trains on the device; the engine's stores are gone
-        kl = kl_stage_bytes(shape, nsamples, seqlen, c, kl_batch, kl_topk)
-        where = "host" if device == "cpu" else "device"
-        rows += [(k, v, where if "targets" not in k else "host") for k, v in kl.items()]
-        on_where = sum(v for k, v in kl.items() if "targets" not in k)
-        targets = kl["KL stage: the dense targets"]
-        if device == "cpu":
-            peaks["host"] = max(peaks["host"], on_where + targets)
-        else:
-            peaks["device"] = max(peaks["device"], on_where)
-            peaks["host"] = max(peaks["host"], shape.total_params * s + targets)
-        notes.append("the KL stage runs after the blocks: its peak is compared with theirs, not added")
-    if device == "cpu":
-        notes.append("--max-memory spills activations beyond it to disk")
-    forwards = block_forwards(method, epochs, refit_epochs, within_block) if uses_data else 0.0
-    return Plan(rows, peaks, forwards * len(shape.blocks), notes)
+        peaks["device"] = max(peaks["device"], on_where)
+        peaks["host"] = max(peaks["host"], shape.total_params * s + targets)
 
 
 def _acts_label(nsamples: int, seqlen: int, dense_stream: bool) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 
 from besa.errors import BesaError
 from besa.model.blocks import find_blocks, find_linears, weight_matrix
-from besa.settings.config import SpeedConfig
+from besa.settings.commands import SpeedConfig
 
 __all__ = ["SparseLinear", "SpeedConfig", "is_two_four", "measure_speed", "median_time", "sparsify_model"]
 
@@ -106,7 +106,7 @@ def measure_speed(model: nn.Module, config: SpeedConfig, progress: bool = True) 
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
-    with experts_as_linears(model):
+    with experts_as_linears(model, find_blocks(model)):
         return _measure(model, config, device, progress)
 
 

@@ -5,7 +5,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import besa
-from besa.methods.besa.layer import LayerAllocation
+from besa.methods.besa.layer import RateLogits
 from besa.methods.besa.rates import candidate_rates, tilted_logits
 from besa.methods.besa.training import masked
 from besa.model.blocks import find_blocks, find_linears, weight_matrix
@@ -21,12 +21,12 @@ class _TupleLinear(nn.Linear):
         return torch.sigmoid(logits), logits
 
 
-def _allocation(layer: nn.Module) -> LayerAllocation:
+def _allocation(layer: nn.Module) -> RateLogits:
     """A row-wise BESA allocation of ``layer`` with uneven logits, set up for one training step."""
     w = weight_matrix(layer)
     rates = candidate_rates(10, 0.3, 0.7)
     theta = tilted_logits(rates, 0.5).expand(w.shape[0], -1).clone()
-    alloc = LayerAllocation("layer", layer, torch.argsort(w.abs(), dim=1, stable=True), rates, theta)
+    alloc = RateLogits("layer", layer, torch.argsort(w.abs(), dim=1, stable=True), rates, theta)
     with torch.no_grad():
         alloc.theta.add_(torch.randn(alloc.theta.shape, generator=torch.Generator().manual_seed(1)))
     alloc.prepare_step()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from besa.methods.besa.layer import PatternAllocation
+from besa.methods.besa.layer import PatternLogits
 from besa.methods.besa.patterns import (
     ANNEAL_END,
     keep_patterns,
@@ -10,7 +10,7 @@ from besa.methods.besa.patterns import (
     pattern_soft_keep,
     temperature,
 )
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 from besa.stages.masks import nm_prune_mask
 
 
@@ -68,7 +68,7 @@ def test_learning_patterns_reduces_the_layer_output_error_below_the_metrics_mask
     layer.weight.data = torch.randn(16, cols, generator=g)
     w = layer.weight.detach()
     scores = w.abs() * x.norm(dim=0)  # Wanda
-    alloc = PatternAllocation("l", layer, scores, NMPattern(2, 4), sharpness=1.0)
+    alloc = PatternLogits("l", layer, scores, NMPattern(2, 4), sharpness=1.0)
     target = x @ w.t()
 
     def error(keep):

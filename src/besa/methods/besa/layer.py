@@ -28,14 +28,14 @@ from besa.methods.besa.rates import (
     straight_through,
 )
 from besa.model.blocks import weight_matrix
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 
 __all__ = [
     "NonFiniteLoss",
     "reconstruction_loss",
-    "LayerAllocation",
-    "PatternAllocation",
-    "Allocation",
+    "RateLogits",
+    "PatternLogits",
+    "MaskLogits",
     "clip_stats",
     "masked_forward",
     "stored_layout",
@@ -59,8 +59,9 @@ def reconstruction_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Ten
     return ((target - output.float()) / scale).square().sum() / target.shape[-1]
 
 
-class LayerAllocation:
-    """One linear's frozen ranking and its learnable logits over candidate rates."""
+class RateLogits:
+    """One linear's frozen ranking and its learnable logits over candidate pruning rates (per row, or one set for
+    the whole layer)."""
 
     def __init__(
         self,
@@ -157,7 +158,7 @@ class LayerAllocation:
         self._beta = self._counts = None
 
 
-class PatternAllocation:
+class PatternLogits:
     """One linear under BESA for N:M: a learnable distribution per group of ``m`` weights over the patterns that
     keep ``m - n`` of them (``besa.methods.besa.patterns``), started from the ranking ``scores``.
 
@@ -227,11 +228,12 @@ class PatternAllocation:
             return float((self.theta.argmax(-1) != self.init.argmax(-1)).float().mean())
 
 
-Allocation = LayerAllocation | PatternAllocation
-"""What BESA learns for one linear: rates over its ranking, or N:M patterns."""
+MaskLogits = RateLogits | PatternLogits
+"""What BESA learns for one linear, the logits its mask comes from: over candidate rates of its ranking, or over its
+N:M patterns (not to be confused with ``besa.stages.allocation.Allocation``, which gives every block its rate)."""
 
 
-def clip_stats(alloc: LayerAllocation) -> dict[str, float]:
+def clip_stats(alloc: RateLogits) -> dict[str, float]:
     """Mean / min / max of a layer's learned clipping strengths, upper and lower, for the report."""
     assert alloc.clip is not None
     gamma = torch.sigmoid(alloc.clip.detach())
@@ -260,7 +262,7 @@ def weight_replaced(layer: nn.Module, weight: torch.Tensor) -> Iterator[None]:
         layer._parameters["weight"] = param
 
 
-def masked_forward(layer: nn.Module, alloc: Allocation, *args: Any, **kwargs: Any) -> Any:
+def masked_forward(layer: nn.Module, alloc: MaskLogits, *args: Any, **kwargs: Any) -> Any:
     """The training forward of an allocated linear: its weight under the step's mask (``prepare_step`` first).
 
     The layer's own forward runs with the masked weight in place of its parameter, so whatever the layer's class

@@ -18,7 +18,7 @@ from math import comb
 
 import torch
 
-from besa.settings.config import NMPattern
+from besa.settings.values import NMPattern
 
 __all__ = [
     "ANNEAL_END",

@@ -6,42 +6,36 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from besa.engine.activations import ActivationStore
-from besa.engine.pipeline import BlockWork
 from besa.engine.record import BlockResult
-from besa.methods.base import Pruner
+from besa.engine.work import BlockWork
 from besa.methods.besa.config import BesaConfig, refit_epochs_at
-from besa.methods.besa.layer import (
-    Allocation,
-    LayerAllocation,
-    NonFiniteLoss,
-    PatternAllocation,
-    clip_stats,
-)
-from besa.methods.besa.rates import candidate_rates, hard_keep, round_to_budget, tilted_logits
+from besa.methods.besa.finalise import FinalMasks
+from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, PatternLogits, RateLogits
+from besa.methods.besa.rates import candidate_rates, tilted_logits
 from besa.methods.besa.training import train_block
-from besa.model.blocks import set_weight_matrix, weight_matrix
+from besa.methods.cost import BlockShape, MethodCost, obs_hessians
+from besa.model.blocks import weight_matrix
 from besa.settings.config import MethodConfig
 from besa.stages.selection import HessianStats, get_scorer
-from besa.stages.update import (
-    GivenMask,
-    MaskChoice,
-    RowShares,
-    SweepQuantizer,
-    obs_sweep,
-)
 
-__all__ = ["BesaPruner"]
+__all__ = ["BESA_BACKWARD_BYTES_PER_WEIGHT", "BESA_BYTES_PER_WEIGHT", "BesaPruner"]
+
+# BESA's state per weight of the block it trains: each weight's rank in its row (int32) and first pruning candidate
+# (int16), and in a step the masked weight the forward keeps for the backward (float32).
+BESA_BYTES_PER_WEIGHT = 4 + 2 + 4
+# ... plus, for one linear at a time in the backward, its weight gradient, the keep gradient and the widened index.
+BESA_BACKWARD_BYTES_PER_WEIGHT = 4 + 4 + 8
 
 log = logging.getLogger(__name__)
 
 
-class BesaPruner(Pruner):
+class BesaPruner(FinalMasks):
     """Blockwise Parameter-Efficient Sparsity Allocation.
 
     With ``--wbits`` and ``--quant-mode joint`` it also learns per-(row, group) clipping strengths (OmniQuant's
@@ -50,10 +44,12 @@ class BesaPruner(Pruner):
     sweep then quantizes on the learned grids with the learned row counts. ``rtn`` learns the masks at full
     precision and rounds to nearest after.
 
-    With ``--pattern N:M`` every layer gets a ``PatternAllocation`` (a distribution per group of M weights over
+    With ``--pattern N:M`` every layer gets a ``PatternLogits`` (a distribution per group of M weights over
     its N:M patterns) instead of rates; the same loop trains it, and the final mask is every group's most likely
     pattern, with the OBS update on that fixed mask when ``--weight-update obs``. No clipping is learned then
     (with ``--wbits`` the OBS sweep fits its own grids, or the weights are rounded to nearest).
+
+    Learning is here; the final masks are ``besa.methods.besa.finalise.FinalMasks``'s.
     """
 
     # the defaults measured best on PTB valid (BENCHMARKS.md, besa-tuning): AdamW at 0.05, the OBS update group by
@@ -77,23 +73,23 @@ class BesaPruner(Pruner):
     def needs_dense_stream(self) -> bool:
         return self.cfg.target == "dense-stream" or super().needs_dense_stream
 
-    @property
-    def weight_update(self) -> str:
-        """``--weight-update`` (``auto``, from older recipes, means ``obs``)."""
-        return "obs" if self.cfg.weight_update == "auto" else self.cfg.weight_update
+    def method_cost(self, block: BlockShape) -> MethodCost:
+        """The OBS update's Hessians (``--weight-update obs``) and BESA's per-weight state; the training's forwards
+        and backwards over ``epochs`` and the dense target's pass."""
+        obs = self.weight_update == "obs"
+        work = obs_hessians(block, self.obs_sequential, self.cfg.lsq_iters > 0) if obs else {}
+        work["BESA's per-weight state"] = (
+            BESA_BYTES_PER_WEIGHT * block.weights + BESA_BACKWARD_BYTES_PER_WEIGHT * block.largest
+        )
+        return MethodCost(work, 3.0 * self.cfg.epochs + 1.0)
 
     # -- statistics and ranking -------------------------------------------------------------------------------
-    @property
-    def target(self) -> float:
-        """The sparsity of the block being pruned: the allocation's rate for it (``sparsity`` when uniform)."""
-        return self._target if self._target is not None else self.sparsity
-
     def _candidate_rates(self) -> torch.Tensor:
         low = max(0.0, self.target - self.cfg.rate_window)
         high = min(self.cfg.max_rate, self.target + self.cfg.rate_window)
         return candidate_rates(self.cfg.candidates, low, high)
 
-    def _calibrate(self, work: BlockWork) -> tuple[dict[str, Allocation], ActivationStore | None]:
+    def _calibrate(self, work: BlockWork) -> tuple[dict[str, MaskLogits], ActivationStore | None]:
         """One dense pass: importance statistics of every linear and the block's outputs on the pruned stream (and,
         for the OBS update, the Hessians of the layers whose inputs the pruning of the block cannot change yet:
         all of them with ``--within-block parallel``, the first group's with ``sequential``)."""
@@ -107,161 +103,24 @@ class BesaPruner(Pruner):
         outputs = work.calibrate(stats, hessians, keep_outputs=self.cfg.target == "pruned-input")
         rates = self._candidate_rates().to(work.device)
         init = tilted_logits(rates.cpu(), self.target).to(work.device)
-        allocs: dict[str, Allocation] = {}
+        allocs: dict[str, MaskLogits] = {}
         for name, layer in work.linears.items():
             scores = self.scorer.scores(weight_matrix(layer), stats.pop(name))
             if self.pattern is not None:
-                allocs[name] = PatternAllocation(name, layer, scores, self.pattern, self.cfg.nm_sharpness)
+                allocs[name] = PatternLogits(name, layer, scores, self.pattern, self.cfg.nm_sharpness)
             else:
                 order = torch.argsort(scores, dim=1, stable=True)  # (R, C) ascending importance
                 groups = order.shape[0] if self.cfg.granularity == "row" else 1
-                allocs[name] = LayerAllocation(
+                allocs[name] = RateLogits(
                     name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
-                    learn_clip=self.config.joint_quant is not None,
+                    learn_clip=self.config.quantization.joint is not None,
                 )  # fmt: skip
             if name in hessians:
                 allocs[name].hessian = hessians.pop(name).hessian
         return allocs, outputs
 
-    @property
-    def obs_sequential(self) -> bool:
-        """Whether the OBS update goes group by group, each group's Hessians taken after the groups before it
-        are pruned (``--within-block sequential``), as SparseGPT does by default."""
-        return self.weight_update == "obs" and self.within_block == "sequential"
-
-    def _in_obs_order(self, work: BlockWork, allocs: dict[str, Allocation]) -> Iterator[str]:
-        """The layer names in the order their masks are applied; with a sequential OBS update each group's
-        Hessians are gathered (on the block as pruned so far) just before its turn."""
-        for i, group in enumerate(self._groups):
-            if i > 0 and self.weight_update == "obs":
-                hessians = {
-                    n: HessianStats(allocs[n].cols, weight_matrix(allocs[n].layer).device) for n in group
-                }
-                work.calibrate(hessians, desc="OBS statistics", stop_after=group)
-                for n in group:
-                    allocs[n].hessian = hessians[n].hessian
-            yield from group
-
-    # -- final masks ------------------------------------------------------------------------------------------
-    def _finalise(
-        self, work: BlockWork, allocs: dict[str, Allocation], result: BlockResult, uniform: bool = False
-    ) -> dict[str, Any]:
-        """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks.
-
-        ``uniform`` ignores what was learned: every row gets the target rate (the metric's own mask).
-        """
-        if self.pattern is not None:
-            return self._finalise_patterns(work, allocs, result, uniform)
-        with torch.no_grad():
-            rates = torch.cat([a.row_rates().detach().cpu() for a in allocs.values()])
-            if uniform:
-                rates = torch.full_like(rates, self.target)
-            widths = torch.cat([torch.full((a.rows,), a.cols) for a in allocs.values()])
-            budget = round(self.target * int(widths.sum()))
-            counts, shift = round_to_budget(rates, widths, budget, self.cfg.max_rate)
-            info: dict[str, Any] = {"shift": shift, "layers": {}}
-            starts, position = {}, 0
-            for name, alloc in allocs.items():
-                starts[name], position = position, position + alloc.rows
-            for name in self._in_obs_order(work, allocs):
-                alloc = allocs[name]
-                assert isinstance(alloc, LayerAllocation)
-                start = starts[name]
-                layer_counts = counts[start : start + alloc.rows]
-                learned = rates[start : start + alloc.rows]
-                full_name = f"{work.name}.{name}"
-                if alloc.hessian is not None:
-                    self._apply_obs(result, full_name, alloc, layer_counts, learned_clip=not uniform)
-                else:
-                    keep = hard_keep(alloc.col_rank, layer_counts)
-                    self._apply_frozen(result, full_name, alloc, keep, not uniform)
-                final = layer_counts.float() / alloc.cols
-                result.targets[full_name] = float(layer_counts.sum()) / alloc.numel
-                info["layers"][name] = {
-                    "learned_rate": float(learned.mean()),
-                    "final_rate": float(final.mean()),
-                    "row_rates": [round(float(r), 4) for r in final.tolist()]
-                    if self.cfg.granularity == "row"
-                    else None,
-                }
-        return info
-
-    def _finalise_patterns(
-        self, work: BlockWork, allocs: dict[str, Allocation], result: BlockResult, uniform: bool
-    ) -> dict[str, Any]:
-        """N:M: every group's most likely pattern (``uniform``: the initial one, the metric's own N:M mask)."""
-        info: dict[str, Any] = {"layers": {}}
-        for name in self._in_obs_order(work, allocs):
-            alloc = allocs[name]
-            assert isinstance(alloc, PatternAllocation)
-            if uniform:
-                alloc.reset()
-            full_name = f"{work.name}.{name}"
-            keep = alloc.keep()
-            if alloc.hessian is not None:
-                self._obs_update(result, full_name, alloc.layer, alloc.hessian, GivenMask(~keep))
-                alloc.hessian = None
-            else:
-                weight_matrix(alloc.layer).masked_fill_(~keep.to(alloc.layer.weight.device), 0)
-                self.finish_layer(result, full_name, alloc.layer, None, "besa n:m")
-            result.targets[full_name] = alloc.pattern.sparsity
-            info["layers"][name] = {"patterns_moved": round(alloc.moved(), 4)}
-        return info
-
-    def _obs_update(
-        self, result: BlockResult, name: str, layer: Any, hessian: torch.Tensor, choice: MaskChoice
-    ) -> None:
-        """The OBS sweep on ``choice``'s mask, quantizing on its own grids when the run quantizes jointly."""
-        joint = self.config.joint_quant
-        quantizer = SweepQuantizer(joint) if joint is not None else None
-        new_w, _ = obs_sweep(
-            weight_matrix(layer), hessian, choice, quantizer=quantizer, lsq_iters=self.cfg.lsq_iters
-        )
-        set_weight_matrix(layer, new_w)
-        grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
-        self.finish_layer(result, name, layer, grids, "besa + sparsegpt joint")
-
-    def _apply_obs(
-        self, result: BlockResult, name: str, alloc: LayerAllocation, counts: torch.Tensor, learned_clip: bool
-    ) -> None:
-        """Weight update ``obs``: the learned row counts, SparseGPT's choice within each row and its update; with
-        joint quantization the sweep quantizes on the learned grids (or fits its own when nothing was learned)."""
-        joint = self.config.joint_quant
-        clip = None
-        if alloc.clip is not None and learned_clip:
-            gamma = torch.sigmoid(alloc.clip.detach())
-            clip = (gamma[0], gamma[1])
-        w = weight_matrix(alloc.layer)
-        quantizer = SweepQuantizer(joint, clip) if joint is not None else None
-        assert alloc.hessian is not None
-        new_w, _ = obs_sweep(
-            w, alloc.hessian, RowShares(counts, w.shape[1]), quantizer=quantizer, lsq_iters=self.cfg.lsq_iters
-        )
-        set_weight_matrix(alloc.layer, new_w)
-        alloc.hessian = None
-        grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
-        if clip is not None:
-            assert grids is not None
-            mode = {"mode": "besa joint (learned clipping) + sparsegpt update", **clip_stats(alloc)}
-            result.add_grids(name, grids, mode)
-        else:
-            self.finish_layer(result, name, alloc.layer, grids, "besa + sparsegpt joint")
-
-    def _apply_frozen(
-        self, result: BlockResult, name: str, alloc: LayerAllocation, keep: torch.Tensor, learned_clip: bool
-    ) -> None:
-        """Weight update ``none`` (the paper): the hard mask on the frozen weights; jointly learned grids first."""
-        if alloc.clip is not None and learned_clip:
-            grids = alloc.grids()
-            set_weight_matrix(alloc.layer, alloc.quantized(weight_matrix(alloc.layer)).masked_fill(~keep, 0))
-            result.add_grids(name, grids, {"mode": "besa joint (learned clipping)", **clip_stats(alloc)})
-        else:
-            weight_matrix(alloc.layer).masked_fill_(~keep, 0)
-            if self.quant is not None:
-                self.quantize_rtn(result, name, alloc.layer)
-
     def _learn(
-        self, work: BlockWork, allocs: dict[str, Allocation], targets: Sequence[torch.Tensor]
+        self, work: BlockWork, allocs: dict[str, MaskLogits], targets: Sequence[torch.Tensor]
     ) -> tuple[list[float], list[dict[str, Any]]]:
         """Train, retrying with a 10x smaller step after a non-finite loss; ([] , failures) if every try failed."""
         failures: list[dict[str, Any]] = []

@@ -10,15 +10,16 @@ import torch
 from tqdm.auto import tqdm
 
 from besa.engine import distributed
-from besa.engine.pipeline import BlockWork, rebatch
+from besa.engine.activations import rebatch
+from besa.engine.work import BlockWork
 from besa.methods.besa.config import BesaConfig
-from besa.methods.besa.layer import Allocation, NonFiniteLoss, masked_forward, reconstruction_loss
+from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, masked_forward, reconstruction_loss
 
 __all__ = ["make_optimizers", "masked", "train_block"]
 
 
 def make_optimizers(
-    cfg: BesaConfig, allocs: dict[str, Allocation], scale: float = 1.0
+    cfg: BesaConfig, allocs: dict[str, MaskLogits], scale: float = 1.0
 ) -> list[torch.optim.Optimizer]:
     """Fresh optimizers for one block: ``--optimizer`` over the sparsity logits and, when the clipping is
     learned, AdamW at ``--clip-lr`` over the clipping logits (its own optimizer, so the step is its own under
@@ -38,7 +39,7 @@ def make_optimizers(
 
 
 @contextmanager
-def masked(allocs: dict[str, Allocation]) -> Iterator[None]:
+def masked(allocs: dict[str, MaskLogits]) -> Iterator[None]:
     """While active, every allocated linear runs with its current training mask (``masked_forward``)."""
     for alloc in allocs.values():
         alloc.layer.forward = lambda *a, _l=alloc.layer, _a=alloc, **k: masked_forward(_l, _a, *a, **k)
@@ -52,7 +53,7 @@ def masked(allocs: dict[str, Allocation]) -> Iterator[None]:
 def train_block(
     cfg: BesaConfig,
     work: BlockWork,
-    allocs: dict[str, Allocation],
+    allocs: dict[str, MaskLogits],
     targets: Sequence[torch.Tensor],
     block_target: float,
     scale: float = 1.0,

@@ -1,0 +1,185 @@
+"""The last step of BESA's block (``besa.methods.besa.pruner``): from what was learned to the final masks.
+
+The learned rates are rounded to the block's exact budget and applied to the layers, either on the frozen weights
+(the paper) or through SparseGPT's OBS sweep, which keeps each row's learned count and updates the survivors
+(``--weight-update obs``); N:M patterns are applied the same two ways. The layers' order, and with a sequential OBS
+update the Hessians of each group, come from the block as pruned so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from besa.engine.record import BlockResult
+from besa.engine.work import BlockWork
+from besa.methods.base import Pruner
+from besa.methods.besa.config import BesaConfig
+from besa.methods.besa.layer import MaskLogits, PatternLogits, RateLogits, clip_stats
+from besa.methods.besa.rates import hard_keep, round_to_budget
+from besa.model.blocks import set_weight_matrix, weight_matrix
+from besa.stages.selection import HessianStats
+from besa.stages.update import GivenMask, MaskChoice, RowShares, SweepQuantizer, SweepSettings, obs_sweep
+
+__all__ = ["FinalMasks"]
+
+
+class FinalMasks(Pruner):
+    """The part of ``BesaPruner`` that turns the learned logits of a block's linears into their final masks.
+
+    ``cfg`` (BESA's settings), ``_target`` (the block's rate) and ``_groups`` (the block's layers in the order
+    their masks are applied) are set by ``BesaPruner``.
+    """
+
+    cfg: BesaConfig
+    _target: float | None
+    _groups: list[list[str]]
+
+    @property
+    def weight_update(self) -> str:
+        """``--weight-update`` (``auto``, from older recipes, means ``obs``)."""
+        return "obs" if self.cfg.weight_update == "auto" else self.cfg.weight_update
+
+    @property
+    def target(self) -> float:
+        """The sparsity of the block being pruned: the allocation's rate for it (``sparsity`` when uniform)."""
+        return self._target if self._target is not None else self.sparsity
+
+    @property
+    def _sweep(self) -> SweepSettings:
+        """The OBS sweep's settings: SparseGPT's defaults, with BESA's own least-squares solve."""
+        return SweepSettings(lsq_iters=self.cfg.lsq_iters)
+
+    @property
+    def obs_sequential(self) -> bool:
+        """Whether the OBS update goes group by group, each group's Hessians taken after the groups before it
+        are pruned (``--within-block sequential``), as SparseGPT does by default."""
+        return self.weight_update == "obs" and self.within_block == "sequential"
+
+    def _in_obs_order(self, work: BlockWork, allocs: dict[str, MaskLogits]) -> Iterator[str]:
+        """The layer names in the order their masks are applied; with a sequential OBS update each group's
+        Hessians are gathered (on the block as pruned so far) just before its turn."""
+        for i, group in enumerate(self._groups):
+            if i > 0 and self.weight_update == "obs":
+                hessians = {
+                    n: HessianStats(allocs[n].cols, weight_matrix(allocs[n].layer).device) for n in group
+                }
+                work.calibrate(hessians, desc="OBS statistics", stop_after=group)
+                for n in group:
+                    allocs[n].hessian = hessians[n].hessian
+            yield from group
+
+    def _finalise(
+        self, work: BlockWork, allocs: dict[str, MaskLogits], result: BlockResult, uniform: bool = False
+    ) -> dict[str, Any]:
+        """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks.
+
+        ``uniform`` ignores what was learned: every row gets the target rate (the metric's own mask).
+        """
+        if self.pattern is not None:
+            return self._finalise_patterns(work, allocs, result, uniform)
+        with torch.no_grad():
+            rates = torch.cat([a.row_rates().detach().cpu() for a in allocs.values()])
+            if uniform:
+                rates = torch.full_like(rates, self.target)
+            widths = torch.cat([torch.full((a.rows,), a.cols) for a in allocs.values()])
+            budget = round(self.target * int(widths.sum()))
+            counts, shift = round_to_budget(rates, widths, budget, self.cfg.max_rate)
+            info: dict[str, Any] = {"shift": shift, "layers": {}}
+            starts, position = {}, 0
+            for name, alloc in allocs.items():
+                starts[name], position = position, position + alloc.rows
+            for name in self._in_obs_order(work, allocs):
+                alloc = allocs[name]
+                assert isinstance(alloc, RateLogits)
+                start = starts[name]
+                layer_counts = counts[start : start + alloc.rows]
+                learned = rates[start : start + alloc.rows]
+                full_name = f"{work.name}.{name}"
+                if alloc.hessian is not None:
+                    self._apply_obs(result, full_name, alloc, layer_counts, learned_clip=not uniform)
+                else:
+                    keep = hard_keep(alloc.col_rank, layer_counts)
+                    self._apply_frozen(result, full_name, alloc, keep, not uniform)
+                final = layer_counts.float() / alloc.cols
+                result.targets[full_name] = float(layer_counts.sum()) / alloc.numel
+                info["layers"][name] = {
+                    "learned_rate": float(learned.mean()),
+                    "final_rate": float(final.mean()),
+                    "row_rates": [round(float(r), 4) for r in final.tolist()]
+                    if self.cfg.granularity == "row"
+                    else None,
+                }
+        return info
+
+    def _finalise_patterns(
+        self, work: BlockWork, allocs: dict[str, MaskLogits], result: BlockResult, uniform: bool
+    ) -> dict[str, Any]:
+        """N:M: every group's most likely pattern (``uniform``: the initial one, the metric's own N:M mask)."""
+        info: dict[str, Any] = {"layers": {}}
+        for name in self._in_obs_order(work, allocs):
+            alloc = allocs[name]
+            assert isinstance(alloc, PatternLogits)
+            if uniform:
+                alloc.reset()
+            full_name = f"{work.name}.{name}"
+            keep = alloc.keep()
+            if alloc.hessian is not None:
+                self._obs_update(result, full_name, alloc.layer, alloc.hessian, GivenMask(~keep))
+                alloc.hessian = None
+            else:
+                weight_matrix(alloc.layer).masked_fill_(~keep.to(alloc.layer.weight.device), 0)
+                self.finish_layer(result, full_name, alloc.layer, None, "besa n:m")
+            result.targets[full_name] = alloc.pattern.sparsity
+            info["layers"][name] = {"patterns_moved": round(alloc.moved(), 4)}
+        return info
+
+    def _obs_update(
+        self, result: BlockResult, name: str, layer: Any, hessian: torch.Tensor, choice: MaskChoice
+    ) -> None:
+        """The OBS sweep on ``choice``'s mask, quantizing on its own grids when the run quantizes jointly."""
+        joint = self.config.quantization.joint
+        quantizer = SweepQuantizer(joint) if joint is not None else None
+        new_w, _ = obs_sweep(weight_matrix(layer), hessian, choice, self._sweep, quantizer)
+        set_weight_matrix(layer, new_w)
+        grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
+        self.finish_layer(result, name, layer, grids, "besa + sparsegpt joint")
+
+    def _apply_obs(
+        self, result: BlockResult, name: str, alloc: RateLogits, counts: torch.Tensor, learned_clip: bool
+    ) -> None:
+        """Weight update ``obs``: the learned row counts, SparseGPT's choice within each row and its update; with
+        joint quantization the sweep quantizes on the learned grids (or fits its own when nothing was learned)."""
+        joint = self.config.quantization.joint
+        clip = None
+        if alloc.clip is not None and learned_clip:
+            gamma = torch.sigmoid(alloc.clip.detach())
+            clip = (gamma[0], gamma[1])
+        w = weight_matrix(alloc.layer)
+        quantizer = SweepQuantizer(joint, clip) if joint is not None else None
+        assert alloc.hessian is not None
+        new_w, _ = obs_sweep(w, alloc.hessian, RowShares(counts, w.shape[1]), self._sweep, quantizer)
+        set_weight_matrix(alloc.layer, new_w)
+        alloc.hessian = None
+        grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
+        if clip is not None:
+            assert grids is not None
+            mode = {"mode": "besa joint (learned clipping) + sparsegpt update", **clip_stats(alloc)}
+            result.add_grids(name, grids, mode)
+        else:
+            self.finish_layer(result, name, alloc.layer, grids, "besa + sparsegpt joint")
+
+    def _apply_frozen(
+        self, result: BlockResult, name: str, alloc: RateLogits, keep: torch.Tensor, learned_clip: bool
+    ) -> None:
+        """Weight update ``none`` (the paper): the hard mask on the frozen weights; jointly learned grids first."""
+        if alloc.clip is not None and learned_clip:
+            grids = alloc.grids()
+            set_weight_matrix(alloc.layer, alloc.quantized(weight_matrix(alloc.layer)).masked_fill(~keep, 0))
+            result.add_grids(name, grids, {"mode": "besa joint (learned clipping)", **clip_stats(alloc)})
+        else:
+            weight_matrix(alloc.layer).masked_fill_(~keep, 0)
+            if self.quant is not None:
+                self.quantize_rtn(result, name, alloc.layer)

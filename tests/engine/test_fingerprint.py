@@ -1,0 +1,24 @@
+import torch
+
+from besa.engine.fingerprint import ids_digest, run_fingerprint
+from besa.methods.configs import WandaConfig
+from besa.settings.config import PruneConfig
+from besa.settings.flat import to_flat
+from conftest import make_model
+
+
+def test_the_fingerfingerprintkeeps_what_decides_the_weights_by_flat_name():
+    model = make_model("llama")
+    ids = torch.arange(12).reshape(2, 6)
+    config = PruneConfig.from_flat(method="wanda", nsamples=2, seqlen=6, kl_epochs=3, device="cpu")
+    fingerprint = run_fingerprint(model, config, WandaConfig(), ids)
+    keys = {k.removeprefix("config.") for k in fingerprint if k.startswith("config.")}
+    assert keys == set(config.to_dict()) - {"device"} - set(to_flat(config.kl))
+    assert fingerprint["config.nsamples"] == 2 and fingerprint["calibration.tokens"] == ids_digest(
+        ids
+    ).removeprefix("sha256:")
+    # the device and the KL stage do not decide the checkpointed blocks; every other setting does
+    other = PruneConfig.from_flat(method="wanda", nsamples=2, seqlen=6, kl_epochs=0, device="meta")
+    assert run_fingerprint(model, other, WandaConfig(), ids) == fingerprint
+    moved = PruneConfig.from_flat(method="wanda", nsamples=2, seqlen=6, refit_epochs=1)
+    assert run_fingerprint(model, moved, WandaConfig(), ids) != fingerprint
