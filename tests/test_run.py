@@ -23,7 +23,7 @@ def test_each_step_leaves_what_the_next_one_needs(tmp_path):
     run.calibrate()
     assert run.folder is not None and run.budget is not None and torch.equal(run.calib_ids, ids)
     run.run_stages()
-    assert set(run.record.targets) == {w.name.removesuffix(".weight") for w in run.weights}
+    assert set(run.record.rates) == {w.name.removesuffix(".weight") for w in run.weights}
     for name, w in run.model.named_parameters():
         if w.dim() == 2 and ".layers." in name:
             assert (w == 0).float().mean().item() == 0.5, name

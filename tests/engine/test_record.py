@@ -15,11 +15,11 @@ def test_a_blocks_checkpoint_json_brings_back_its_refit_and_facts():
     }
     record.add(
         "model.layers.0",
-        BlockResult(targets={"model.layers.0.mlp.up_proj": 0.5}, facts={"k": 1}, refit=refit),
+        BlockResult(rates={"model.layers.0.mlp.up_proj": 0.5}, facts={"k": 1}, refit=refit),
     )
     on_disk = json.loads(json.dumps(record.block_json("model.layers.0")))
     again = RunRecord()
     again.restore_json("model.layers.0", on_disk)
     assert again.refit == {"model.layers.0": refit}
     assert again.facts == {"model.layers.0": {"k": 1}}
-    assert again.targets == record.targets
+    assert again.rates == record.rates

@@ -19,8 +19,9 @@ QuantGrids = tuple[torch.Tensor, torch.Tensor]
 class BlockResult:
     """What pruning one block produced, keyed by the linears' qualified names."""
 
-    targets: dict[str, float] = field(default_factory=dict)
-    """Every pruned linear's target rate (BESA: the share its learned row counts add up to)."""
+    rates: dict[str, float] = field(default_factory=dict)
+    """Every pruned linear's sparsity rate, the share of its weights the mask zeroes (BESA: the share its learned row
+    counts add up to)."""
     grids: dict[str, QuantGrids] = field(default_factory=dict)
     """Every quantized linear's (scale, zero), on the CPU in float32."""
     quant_info: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -37,8 +38,8 @@ class BlockResult:
     """Expert linears pruned by the fallback rule instead of the method, and why."""
 
     def merge(self, other: BlockResult) -> None:
-        """Take ``other``'s per-linear entries (targets, grids, facts of the fallback) into this result."""
-        self.targets.update(other.targets)
+        """Take ``other``'s per-linear entries (rates, grids, facts of the fallback) into this result."""
+        self.rates.update(other.rates)
         self.grids.update(other.grids)
         self.quant_info.update(other.quant_info)
         self.fallback.update(other.fallback)
@@ -63,8 +64,8 @@ class RunRecord:
         return {k: v for r in self.blocks.values() for k, v in getattr(r, field).items()}
 
     @property
-    def targets(self) -> dict[str, float]:
-        return self._merged("targets")
+    def rates(self) -> dict[str, float]:
+        return self._merged("rates")
 
     @property
     def grids(self) -> dict[str, QuantGrids]:
@@ -103,13 +104,14 @@ class RunRecord:
     def block_json(self, block: str) -> dict[str, Any]:
         r = self.blocks.get(block, BlockResult())
         return {
-            "layer_targets": r.targets, "quant_info": r.quant_info, "facts": r.facts, "refit": r.refit,
+            "layer_targets": r.rates,  # the run folder's name for them
+            "quant_info": r.quant_info, "facts": r.facts, "refit": r.refit,
             "left_dense": r.left_dense, "expert_tokens": r.expert_tokens, "fallback": r.fallback,
         }  # fmt: skip
 
     def restore_json(self, block: str, record: dict[str, Any]) -> None:
         r = self.blocks.setdefault(block, BlockResult())
-        r.targets.update(record.get("layer_targets", {}))
+        r.rates.update(record.get("layer_targets", {}))
         r.quant_info.update(record.get("quant_info", {}))
         r.facts = record.get("facts")
         r.refit = record.get("refit")

@@ -137,7 +137,7 @@ class Pruner(ABC):
         reasons |= {n: "pruning would have left it all zeros" for n in wiped}
         for name, why in reasons.items():
             full = f"{work.name}.{name}"
-            result.targets[full] = 0.0
+            result.rates[full] = 0.0
             result.left_dense[full] = why
             result.grids.pop(full, None)  # put back dense: no longer on any quantization grid
             result.quant_info.pop(full, None)
@@ -158,7 +158,7 @@ class Pruner(ABC):
             apply_prune_mask(
                 layer, select_prune_mask(magnitude_scores(weight_matrix(layer)), rate, self.config.nm)
             )
-            result.targets[full] = rate
+            result.rates[full] = rate
             result.fallback[full] = (
                 f"magnitude: {count} routed calibration tokens, fewer than --expert-min-tokens "
                 f"{self.config.experts.min_tokens}"

@@ -52,7 +52,7 @@ class LayerwisePruner(Pruner):
             for name in group:
                 layer = work.linears[name]
                 grids = self.prune_layer(layer, stats.pop(name), rate)
-                result.targets[f"{work.name}.{name}"] = rate
+                result.rates[f"{work.name}.{name}"] = rate
                 self.finish_layer(result, f"{work.name}.{name}", layer, grids, f"{self.config.method} joint")
         return result
 

@@ -105,7 +105,7 @@ class SparseGPTPruner(LayerwisePruner):
                 )
                 set_weight_matrix(layer, moved)
                 grids = self.prune_layer(layer, hessians.pop(n), rate)
-                result.targets[f"{work.name}.{n}"] = rate
+                result.rates[f"{work.name}.{n}"] = rate
                 self.finish_layer(result, f"{work.name}.{n}", layer, grids, f"{self.config.method} joint")
         del dense
         return result

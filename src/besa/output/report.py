@@ -160,9 +160,9 @@ def build_report(model: nn.Module, facts: RunFacts) -> dict[str, Any]:
     if layers is None:
         layers = count_layer_sparsity(model, routers=config.experts.prune_routers)
         totals = model_sparsity(model, layers)
-    targets = record.targets
+    rates = record.rates
     for name, info in layers.items():
-        info["target"] = targets.get(name, config.sparsity)
+        info["target"] = rates.get(name, config.sparsity)  # the report calls it the target
         info["masked"] = round(
             info["target"] * info["numel"]
         )  # the mask's own count (dense zeros not included)

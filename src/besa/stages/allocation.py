@@ -32,24 +32,24 @@ def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
     return float((flat > m * flat.mean()).sum()) / flat.numel()
 
 
-def owl_rates(ratios: list[float], target: float, lam: float) -> list[float]:
-    """OWL's block rates: outlier ratios min-max scaled to [0, 2*lam], centred, subtracted from ``target``."""
+def owl_rates(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """OWL's block rates: outlier ratios min-max scaled to [0, 2*lam], centred, subtracted from ``sparsity``."""
     r = torch.tensor(ratios, dtype=torch.float64)
     spread = float(r.max() - r.min())
     if spread == 0:
-        return [target] * len(ratios)
+        return [sparsity] * len(ratios)
     r = (r - r.min()) / spread * (2 * lam)
-    return [float(target - x) for x in (r - r.mean())]
+    return [float(sparsity - x) for x in (r - r.mean())]
 
 
 class Allocation:
-    """Uniform: every block gets the run's target. Subclasses may look at the model first (``prepare``)."""
+    """Uniform: every block gets the run's sparsity. Subclasses may look at the model first (``prepare``)."""
 
     name = "uniform"
     needs_data = False
 
-    def __init__(self, target: float, **_options: Any) -> None:
-        self.target = target
+    def __init__(self, sparsity: float, **_options: Any) -> None:
+        self.sparsity = sparsity
         self.rates: dict[str, float] = {}
 
     def prepare(self, model: nn.Module, calib_ids: torch.Tensor, device: torch.device, forward_batch: int,
@@ -57,8 +57,8 @@ class Allocation:
         """Look at the dense model before any block is pruned (OWL's statistics pass); nothing by default."""
 
     def block_rate(self, block: str) -> float:
-        """The target sparsity of block ``block`` (its qualified name)."""
-        return self.rates.get(block, self.target)
+        """The sparsity rate of block ``block`` (its qualified name)."""
+        return self.rates.get(block, self.sparsity)
 
     def report(self) -> dict[str, Any]:
         return {"name": self.name, "block_rates": self.rates or None}
@@ -73,8 +73,10 @@ class OwlAllocation(Allocation):
     name = "owl"
     needs_data = True
 
-    def __init__(self, target: float, owl_m: float = 5.0, owl_lambda: float = 0.08, **_options: Any) -> None:
-        super().__init__(target)
+    def __init__(
+        self, sparsity: float, owl_m: float = 5.0, owl_lambda: float = 0.08, **_options: Any
+    ) -> None:
+        super().__init__(sparsity)
         self.m, self.lam = owl_m, owl_lambda
         self.ratios: dict[str, float] = {}
 
@@ -100,7 +102,7 @@ class OwlAllocation(Allocation):
         log.info("OWL: block rates from outlier ratios (M %g, lambda %g)", self.m, self.lam)
         names = list(self.ratios)
         self.rates = dict(
-            zip(names, owl_rates([self.ratios[n] for n in names], self.target, self.lam), strict=True)
+            zip(names, owl_rates([self.ratios[n] for n in names], self.sparsity, self.lam), strict=True)
         )
 
     def report(self) -> dict[str, Any]:
@@ -108,6 +110,6 @@ class OwlAllocation(Allocation):
                 "block_rates": self.rates}  # fmt: skip
 
 
-def make_allocation(name: str, target: float, **options: Any) -> Allocation:
-    """The allocation registered as ``name`` (``besa.registry.ALLOCATIONS``) for this target."""
-    return allocation_class(name)(target, **options)
+def make_allocation(name: str, sparsity: float, **options: Any) -> Allocation:
+    """The allocation registered as ``name`` (``besa.registry.ALLOCATIONS``) for this sparsity."""
+    return allocation_class(name)(sparsity, **options)

@@ -21,16 +21,18 @@ class _TupleLinear(nn.Linear):
         return torch.sigmoid(logits), logits
 
 
-def _allocation(layer: nn.Module) -> RateLogits:
+def _rate_logits(layer: nn.Module) -> RateLogits:
     """A row-wise BESA allocation of ``layer`` with uneven logits, set up for one training step."""
     w = weight_matrix(layer)
     rates = candidate_rates(10, 0.3, 0.7)
     theta = tilted_logits(rates, 0.5).expand(w.shape[0], -1).clone()
-    alloc = RateLogits("layer", layer, torch.argsort(w.abs(), dim=1, stable=True), rates, theta)
+    rate_logits = RateLogits("layer", layer, torch.argsort(w.abs(), dim=1, stable=True), rates, theta)
     with torch.no_grad():
-        alloc.theta.add_(torch.randn(alloc.theta.shape, generator=torch.Generator().manual_seed(1)))
-    alloc.prepare_step()
-    return alloc
+        rate_logits.theta.add_(
+            torch.randn(rate_logits.theta.shape, generator=torch.Generator().manual_seed(1))
+        )
+    rate_logits.prepare_step()
+    return rate_logits
 
 
 def test_a_masked_linear_subclass_keeps_its_own_forward_with_the_masked_weight():
@@ -39,11 +41,11 @@ def test_a_masked_linear_subclass_keeps_its_own_forward_with_the_masked_weight()
     torch.manual_seed(0)
     layer = _TupleLinear(8, 6)
     dense = layer.weight.detach().clone()
-    alloc = _allocation(layer)
-    mask = alloc.mask().detach()
+    rate_logits = _rate_logits(layer)
+    mask = rate_logits.mask().detach()
     assert 0 < int((mask == 0).sum()) < mask.numel()
     x = torch.randn(5, 8)
-    with torch.enable_grad(), masked({"layer": alloc}):
+    with torch.enable_grad(), masked({"layer": rate_logits}):
         out = layer(x)
         assert isinstance(out, tuple) and len(out) == 2
         scores, logits = out
@@ -51,7 +53,7 @@ def test_a_masked_linear_subclass_keeps_its_own_forward_with_the_masked_weight()
         torch.testing.assert_close(logits, expected)
         torch.testing.assert_close(scores, torch.sigmoid(expected))
         (scores.sum() + logits.square().sum()).backward()
-    assert alloc.theta.grad is not None and alloc.theta.grad.abs().sum() > 0
+    assert rate_logits.theta.grad is not None and rate_logits.theta.grad.abs().sum() > 0
     assert layer.weight.grad is None
     assert isinstance(layer._parameters["weight"], nn.Parameter) and torch.equal(layer.weight, dense)
     assert "forward" not in vars(layer)
@@ -63,10 +65,10 @@ def test_a_masked_conv1d_applies_the_mask_in_its_transposed_layout():
     torch.manual_seed(0)
     layer = Conv1D(nf=6, nx=8)
     nn.init.normal_(layer.bias)
-    alloc = _allocation(layer)
-    mask = alloc.mask().detach()  # (out, in)
+    rate_logits = _rate_logits(layer)
+    mask = rate_logits.mask().detach()  # (out, in)
     x = torch.randn(2, 3, 8)
-    with torch.no_grad(), masked({"layer": alloc}):
+    with torch.no_grad(), masked({"layer": rate_logits}):
         out = layer(x)
     torch.testing.assert_close(out, F.linear(x, weight_matrix(layer) * mask, layer.bias))
 

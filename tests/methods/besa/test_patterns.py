@@ -68,25 +68,25 @@ def test_learning_patterns_reduces_the_layer_output_error_below_the_metrics_mask
     layer.weight.data = torch.randn(16, cols, generator=g)
     w = layer.weight.detach()
     scores = w.abs() * x.norm(dim=0)  # Wanda
-    alloc = PatternLogits("l", layer, scores, NMPattern(2, 4), sharpness=1.0)
+    rate_logits = PatternLogits("l", layer, scores, NMPattern(2, 4), sharpness=1.0)
     target = x @ w.t()
 
     def error(keep):
         return float((x @ (w * keep).t() - target).square().mean())
 
-    start = error(alloc.keep().float())
-    opt = torch.optim.Adam(alloc.parameters(), lr=0.05)
+    start = error(rate_logits.keep().float())
+    opt = torch.optim.Adam(rate_logits.parameters(), lr=0.05)
     for i in range(200):
-        mask, rates = alloc.step(i / 199)
+        mask, rates = rate_logits.step(i / 199)
         assert torch.allclose(mask.detach().reshape(16, 8, 4).sum(-1), torch.full((16, 8), 2.0))
         assert torch.equal(rates, torch.full((16,), 0.5))
         loss = (x @ (w * mask).t() - target).square().mean()
         opt.zero_grad()
         loss.backward()
-        assert alloc.theta.grad is not None and alloc.theta.grad.abs().sum() > 0
+        assert rate_logits.theta.grad is not None and rate_logits.theta.grad.abs().sum() > 0
         opt.step()
-    assert ((alloc.keep().reshape(16, 8, 4)).sum(-1) == 2).all()
-    assert error(alloc.keep().float()) < 0.9 * start
-    assert alloc.moved() > 0
-    alloc.reset()
-    assert alloc.moved() == 0 and error(alloc.keep().float()) == start
+    assert ((rate_logits.keep().reshape(16, 8, 4)).sum(-1) == 2).all()
+    assert error(rate_logits.keep().float()) < 0.9 * start
+    assert rate_logits.moved() > 0
+    rate_logits.reset()
+    assert rate_logits.moved() == 0 and error(rate_logits.keep().float()) == start

@@ -68,33 +68,33 @@ def _one_block_work(arch="llama", n=6):
 def test_ste_forward_equals_the_hard_mask_and_theta_gets_gradient():
     _, work = _one_block_work()
     pruner = BesaPruner(BesaConfig(), PruneConfig(method="besa", sparsity=0.5))
-    allocs, outputs = pruner._calibrate(work)
-    for alloc in allocs.values():
+    block_logits, outputs = pruner._calibrate(work)
+    for rate_logits in block_logits.values():
         with torch.no_grad():
-            alloc.theta.add_(torch.randn_like(alloc.theta))  # an uneven allocation
-        mask = alloc.mask()
-        counts = (alloc.row_rates().detach() * alloc.cols).floor().long()
+            rate_logits.theta.add_(torch.randn_like(rate_logits.theta))  # an uneven allocation
+        mask = rate_logits.mask()
+        counts = (rate_logits.row_rates().detach() * rate_logits.cols).floor().long()
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         assert torch.equal((mask == 0).sum(1), counts)
-        alloc.prepare_step()
-    with torch.enable_grad(), masked(allocs):
+        rate_logits.prepare_step()
+    with torch.enable_grad(), masked(block_logits):
         out = work.forward(work.inputs[0])
         loss = reconstruction_loss(outputs[0], out)
         loss.backward()
-    for alloc in allocs.values():
-        assert alloc.theta.grad is not None and alloc.theta.grad.abs().sum() > 0, alloc.name
+    for rate_logits in block_logits.values():
+        assert rate_logits.theta.grad is not None and rate_logits.theta.grad.abs().sum() > 0, rate_logits.name
 
 
 def test_masked_forward_matches_a_block_with_the_mask_applied():
     _, work = _one_block_work()
     pruner = BesaPruner(BesaConfig(), PruneConfig(method="besa", sparsity=0.5))
-    allocs, _ = pruner._calibrate(work)
-    for alloc in allocs.values():
-        alloc.prepare_step()
-    with torch.no_grad(), masked(allocs):
+    block_logits, _ = pruner._calibrate(work)
+    for rate_logits in block_logits.values():
+        rate_logits.prepare_step()
+    with torch.no_grad(), masked(block_logits):
         masked_out = work.forward(work.inputs[0])
-    for alloc in allocs.values():
-        weight_matrix(alloc.layer).mul_(alloc.mask().detach())
+    for rate_logits in block_logits.values():
+        weight_matrix(rate_logits.layer).mul_(rate_logits.mask().detach())
     with torch.no_grad():
         applied_out = work.forward(work.inputs[0])
     torch.testing.assert_close(masked_out, applied_out)
@@ -103,8 +103,8 @@ def test_masked_forward_matches_a_block_with_the_mask_applied():
 def test_loss_goes_down_when_the_target_is_the_blocks_input():
     _, work = _one_block_work(n=40)
     pruner = BesaPruner(BesaConfig(d_coef=50.0, lam=0.0), PruneConfig(method="besa", sparsity=0.5))
-    allocs, _ = pruner._calibrate(work)
-    losses = train_block(pruner.cfg, work, allocs, work.inputs, pruner.target)
+    block_logits, _ = pruner._calibrate(work)
+    losses = train_block(pruner.cfg, work, block_logits, work.inputs, pruner.block_rate)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first
 
@@ -113,19 +113,19 @@ def test_learning_beats_the_uniform_allocation_on_reconstruction():
     """After training, the block output is closer to the dense target than with rates all at the target."""
     _, work = _one_block_work(n=40)
     pruner = BesaPruner(BesaConfig(d_coef=50.0), PruneConfig(method="besa", sparsity=0.6))
-    allocs, targets = pruner._calibrate(work)
+    block_logits, targets = pruner._calibrate(work)
 
     def error():
-        for alloc in allocs.values():
-            alloc.prepare_step()
-        with torch.no_grad(), masked(allocs):
+        for rate_logits in block_logits.values():
+            rate_logits.prepare_step()
+        with torch.no_grad(), masked(block_logits):
             return sum(
                 float(reconstruction_loss(t, work.forward(x)))
                 for x, t in zip(work.inputs, targets, strict=True)
             )
 
     before = error()
-    train_block(pruner.cfg, work, allocs, targets, pruner.target)
+    train_block(pruner.cfg, work, block_logits, targets, pruner.block_rate)
     assert error() < before
 
 
@@ -376,9 +376,9 @@ def test_obs_update_within_block_sees_the_inputs_of_the_pruned_block(
     seen: dict[str, torch.Tensor] = {}
     real_rates, real_patterns = BesaPruner._apply_obs, BesaPruner._obs_update
 
-    def spy_rates(self, result, name, alloc, counts, learned_clip):
-        seen[name] = alloc.hessian.clone()
-        return real_rates(self, result, name, alloc, counts, learned_clip)
+    def spy_rates(self, result, name, rate_logits, counts, learned_clip):
+        seen[name] = rate_logits.hessian.clone()
+        return real_rates(self, result, name, rate_logits, counts, learned_clip)
 
     def spy_patterns(self, result, name, layer, hessian, choice):
         seen[name] = hessian.clone()

@@ -29,12 +29,12 @@ __all__ = ["FinalMasks"]
 class FinalMasks(Pruner):
     """The part of ``BesaPruner`` that turns the learned logits of a block's linears into their final masks.
 
-    ``cfg`` (BESA's settings), ``_target`` (the block's rate) and ``_groups`` (the block's layers in the order
+    ``cfg`` (BESA's settings), ``_block_rate`` (the block's rate) and ``_groups`` (the block's layers in the order
     their masks are applied) are set by ``BesaPruner``.
     """
 
     cfg: BesaConfig
-    _target: float | None
+    _block_rate: float | None
     _groups: list[list[str]]
 
     @property
@@ -43,9 +43,9 @@ class FinalMasks(Pruner):
         return "obs" if self.cfg.weight_update == "auto" else self.cfg.weight_update
 
     @property
-    def target(self) -> float:
+    def block_rate(self) -> float:
         """The sparsity of the block being pruned: the allocation's rate for it (``sparsity`` when uniform)."""
-        return self._target if self._target is not None else self.sparsity
+        return self._block_rate if self._block_rate is not None else self.sparsity
 
     @property
     def _sweep(self) -> SweepSettings:
@@ -58,53 +58,54 @@ class FinalMasks(Pruner):
         are pruned (``--within-block sequential``), as SparseGPT does by default."""
         return self.weight_update == "obs" and self.within_block == "sequential"
 
-    def _in_obs_order(self, work: BlockWork, allocs: dict[str, MaskLogits]) -> Iterator[str]:
+    def _in_obs_order(self, work: BlockWork, block_logits: dict[str, MaskLogits]) -> Iterator[str]:
         """The layer names in the order their masks are applied; with a sequential OBS update each group's
         Hessians are gathered (on the block as pruned so far) just before its turn."""
         for i, group in enumerate(self._groups):
             if i > 0 and self.weight_update == "obs":
                 hessians = {
-                    n: HessianStats(allocs[n].cols, weight_matrix(allocs[n].layer).device) for n in group
+                    n: HessianStats(block_logits[n].cols, weight_matrix(block_logits[n].layer).device)
+                    for n in group
                 }
                 work.calibrate(hessians, desc="OBS statistics", stop_after=group)
                 for n in group:
-                    allocs[n].hessian = hessians[n].hessian
+                    block_logits[n].hessian = hessians[n].hessian
             yield from group
 
     def _finalise(
-        self, work: BlockWork, allocs: dict[str, MaskLogits], result: BlockResult, uniform: bool = False
+        self, work: BlockWork, block_logits: dict[str, MaskLogits], result: BlockResult, uniform: bool = False
     ) -> dict[str, Any]:
         """Round the learned rates to exactly ``round(target * block params)`` zeros and apply the hard masks.
 
         ``uniform`` ignores what was learned: every row gets the target rate (the metric's own mask).
         """
         if self.pattern is not None:
-            return self._finalise_patterns(work, allocs, result, uniform)
+            return self._finalise_patterns(work, block_logits, result, uniform)
         with torch.no_grad():
-            rates = torch.cat([a.row_rates().detach().cpu() for a in allocs.values()])
+            rates = torch.cat([a.row_rates().detach().cpu() for a in block_logits.values()])
             if uniform:
-                rates = torch.full_like(rates, self.target)
-            widths = torch.cat([torch.full((a.rows,), a.cols) for a in allocs.values()])
-            budget = round(self.target * int(widths.sum()))
+                rates = torch.full_like(rates, self.block_rate)
+            widths = torch.cat([torch.full((a.rows,), a.cols) for a in block_logits.values()])
+            budget = round(self.block_rate * int(widths.sum()))
             counts, shift = round_to_budget(rates, widths, budget, self.cfg.max_rate)
             info: dict[str, Any] = {"shift": shift, "layers": {}}
             starts, position = {}, 0
-            for name, alloc in allocs.items():
-                starts[name], position = position, position + alloc.rows
-            for name in self._in_obs_order(work, allocs):
-                alloc = allocs[name]
-                assert isinstance(alloc, RateLogits)
+            for name, logits in block_logits.items():
+                starts[name], position = position, position + logits.rows
+            for name in self._in_obs_order(work, block_logits):
+                logits = block_logits[name]
+                assert isinstance(logits, RateLogits)
                 start = starts[name]
-                layer_counts = counts[start : start + alloc.rows]
-                learned = rates[start : start + alloc.rows]
+                layer_counts = counts[start : start + logits.rows]
+                learned = rates[start : start + logits.rows]
                 full_name = f"{work.name}.{name}"
-                if alloc.hessian is not None:
-                    self._apply_obs(result, full_name, alloc, layer_counts, learned_clip=not uniform)
+                if logits.hessian is not None:
+                    self._apply_obs(result, full_name, logits, layer_counts, learned_clip=not uniform)
                 else:
-                    keep = hard_keep(alloc.col_rank, layer_counts)
-                    self._apply_frozen(result, full_name, alloc, keep, not uniform)
-                final = layer_counts.float() / alloc.cols
-                result.targets[full_name] = float(layer_counts.sum()) / alloc.numel
+                    keep = hard_keep(logits.col_rank, layer_counts)
+                    self._apply_frozen(result, full_name, logits, keep, not uniform)
+                final = layer_counts.float() / logits.cols
+                result.rates[full_name] = float(layer_counts.sum()) / logits.numel
                 info["layers"][name] = {
                     "learned_rate": float(learned.mean()),
                     "final_rate": float(final.mean()),
@@ -115,25 +116,25 @@ class FinalMasks(Pruner):
         return info
 
     def _finalise_patterns(
-        self, work: BlockWork, allocs: dict[str, MaskLogits], result: BlockResult, uniform: bool
+        self, work: BlockWork, block_logits: dict[str, MaskLogits], result: BlockResult, uniform: bool
     ) -> dict[str, Any]:
         """N:M: every group's most likely pattern (``uniform``: the initial one, the metric's own N:M mask)."""
         info: dict[str, Any] = {"layers": {}}
-        for name in self._in_obs_order(work, allocs):
-            alloc = allocs[name]
-            assert isinstance(alloc, PatternLogits)
+        for name in self._in_obs_order(work, block_logits):
+            logits = block_logits[name]
+            assert isinstance(logits, PatternLogits)
             if uniform:
-                alloc.reset()
+                logits.reset()
             full_name = f"{work.name}.{name}"
-            keep = alloc.keep()
-            if alloc.hessian is not None:
-                self._obs_update(result, full_name, alloc.layer, alloc.hessian, GivenMask(~keep))
-                alloc.hessian = None
+            keep = logits.keep()
+            if logits.hessian is not None:
+                self._obs_update(result, full_name, logits.layer, logits.hessian, GivenMask(~keep))
+                logits.hessian = None
             else:
-                weight_matrix(alloc.layer).masked_fill_(~keep.to(alloc.layer.weight.device), 0)
-                self.finish_layer(result, full_name, alloc.layer, None, "besa n:m")
-            result.targets[full_name] = alloc.pattern.sparsity
-            info["layers"][name] = {"patterns_moved": round(alloc.moved(), 4)}
+                weight_matrix(logits.layer).masked_fill_(~keep.to(logits.layer.weight.device), 0)
+                self.finish_layer(result, full_name, logits.layer, None, "besa n:m")
+            result.rates[full_name] = logits.pattern.sparsity
+            info["layers"][name] = {"patterns_moved": round(logits.moved(), 4)}
         return info
 
     def _obs_update(
@@ -148,38 +149,40 @@ class FinalMasks(Pruner):
         self.finish_layer(result, name, layer, grids, "besa + sparsegpt joint")
 
     def _apply_obs(
-        self, result: BlockResult, name: str, alloc: RateLogits, counts: torch.Tensor, learned_clip: bool
+        self, result: BlockResult, name: str, logits: RateLogits, counts: torch.Tensor, learned_clip: bool
     ) -> None:
         """Weight update ``obs``: the learned row counts, SparseGPT's choice within each row and its update; with
         joint quantization the sweep quantizes on the learned grids (or fits its own when nothing was learned)."""
         joint = self.config.quantization.joint
         clip = None
-        if alloc.clip is not None and learned_clip:
-            gamma = torch.sigmoid(alloc.clip.detach())
+        if logits.clip is not None and learned_clip:
+            gamma = torch.sigmoid(logits.clip.detach())
             clip = (gamma[0], gamma[1])
-        w = weight_matrix(alloc.layer)
+        w = weight_matrix(logits.layer)
         quantizer = SweepQuantizer(joint, clip) if joint is not None else None
-        assert alloc.hessian is not None
-        new_w, _ = obs_sweep(w, alloc.hessian, RowShares(counts, w.shape[1]), self._sweep, quantizer)
-        set_weight_matrix(alloc.layer, new_w)
-        alloc.hessian = None
+        assert logits.hessian is not None
+        new_w, _ = obs_sweep(w, logits.hessian, RowShares(counts, w.shape[1]), self._sweep, quantizer)
+        set_weight_matrix(logits.layer, new_w)
+        logits.hessian = None
         grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
         if clip is not None:
             assert grids is not None
-            mode = {"mode": "besa joint (learned clipping) + sparsegpt update", **clip_stats(alloc)}
+            mode = {"mode": "besa joint (learned clipping) + sparsegpt update", **clip_stats(logits)}
             result.add_grids(name, grids, mode)
         else:
-            self.finish_layer(result, name, alloc.layer, grids, "besa + sparsegpt joint")
+            self.finish_layer(result, name, logits.layer, grids, "besa + sparsegpt joint")
 
     def _apply_frozen(
-        self, result: BlockResult, name: str, alloc: RateLogits, keep: torch.Tensor, learned_clip: bool
+        self, result: BlockResult, name: str, logits: RateLogits, keep: torch.Tensor, learned_clip: bool
     ) -> None:
         """Weight update ``none`` (the paper): the hard mask on the frozen weights; jointly learned grids first."""
-        if alloc.clip is not None and learned_clip:
-            grids = alloc.grids()
-            set_weight_matrix(alloc.layer, alloc.quantized(weight_matrix(alloc.layer)).masked_fill(~keep, 0))
-            result.add_grids(name, grids, {"mode": "besa joint (learned clipping)", **clip_stats(alloc)})
+        if logits.clip is not None and learned_clip:
+            grids = logits.grids()
+            set_weight_matrix(
+                logits.layer, logits.quantized(weight_matrix(logits.layer)).masked_fill(~keep, 0)
+            )
+            result.add_grids(name, grids, {"mode": "besa joint (learned clipping)", **clip_stats(logits)})
         else:
-            weight_matrix(alloc.layer).masked_fill_(~keep, 0)
+            weight_matrix(logits.layer).masked_fill_(~keep, 0)
             if self.quant is not None:
-                self.quantize_rtn(result, name, alloc.layer)
+                self.quantize_rtn(result, name, logits.layer)

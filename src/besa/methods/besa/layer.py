@@ -233,10 +233,10 @@ MaskLogits = RateLogits | PatternLogits
 N:M patterns (not to be confused with ``besa.stages.allocation.Allocation``, which gives every block its rate)."""
 
 
-def clip_stats(alloc: RateLogits) -> dict[str, float]:
+def clip_stats(logits: RateLogits) -> dict[str, float]:
     """Mean / min / max of a layer's learned clipping strengths, upper and lower, for the report."""
-    assert alloc.clip is not None
-    gamma = torch.sigmoid(alloc.clip.detach())
+    assert logits.clip is not None
+    gamma = torch.sigmoid(logits.clip.detach())
     return {
         f"clip_{side}_{stat}": round(float(getattr(gamma[j], stat)()), 4)
         for j, side in enumerate(("hi", "lo"))
@@ -262,7 +262,7 @@ def weight_replaced(layer: nn.Module, weight: torch.Tensor) -> Iterator[None]:
         layer._parameters["weight"] = param
 
 
-def masked_forward(layer: nn.Module, alloc: MaskLogits, *args: Any, **kwargs: Any) -> Any:
+def masked_forward(layer: nn.Module, logits: MaskLogits, *args: Any, **kwargs: Any) -> Any:
     """The training forward of an allocated linear: its weight under the step's mask (``prepare_step`` first).
 
     The layer's own forward runs with the masked weight in place of its parameter, so whatever the layer's class
@@ -270,7 +270,7 @@ def masked_forward(layer: nn.Module, alloc: MaskLogits, *args: Any, **kwargs: An
     ``Conv1D``'s transposed weight. (Its class's forward: the caller has put this function where the instance's
     ``forward`` was.)"""
     w = weight_matrix(layer).detach()
-    if alloc.clip is not None:  # joint: learned clipping, rounding passed straight through
-        w = alloc.quantized(w, ste=True).to(w.dtype)
-    with weight_replaced(layer, stored_layout(layer, alloc.masked_weight(w))):
+    if logits.clip is not None:  # joint: learned clipping, rounding passed straight through
+        w = logits.quantized(w, ste=True).to(w.dtype)
+    with weight_replaced(layer, stored_layout(layer, logits.masked_weight(w))):
         return type(layer).forward(layer, *args, **kwargs)

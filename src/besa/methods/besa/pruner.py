@@ -66,7 +66,7 @@ class BesaPruner(FinalMasks):
         self.cfg = method_config
         self.metric = method_config.resolved_metric(self.pattern is not None)
         self.scorer = get_scorer(self.metric)
-        self._target: float | None = None
+        self._block_rate: float | None = None
         self._groups: list[list[str]] = []  # the block's layers in the order their masks are applied
 
     @property
@@ -85,8 +85,8 @@ class BesaPruner(FinalMasks):
 
     # -- statistics and ranking -------------------------------------------------------------------------------
     def _candidate_rates(self) -> torch.Tensor:
-        low = max(0.0, self.target - self.cfg.rate_window)
-        high = min(self.cfg.max_rate, self.target + self.cfg.rate_window)
+        low = max(0.0, self.block_rate - self.cfg.rate_window)
+        high = min(self.cfg.max_rate, self.block_rate + self.cfg.rate_window)
         return candidate_rates(self.cfg.candidates, low, high)
 
     def _calibrate(self, work: BlockWork) -> tuple[dict[str, MaskLogits], ActivationStore | None]:
@@ -102,34 +102,34 @@ class BesaPruner(FinalMasks):
         } if self.weight_update == "obs" else {}  # fmt: skip
         outputs = work.calibrate(stats, hessians, keep_outputs=self.cfg.target == "pruned-input")
         rates = self._candidate_rates().to(work.device)
-        init = tilted_logits(rates.cpu(), self.target).to(work.device)
-        allocs: dict[str, MaskLogits] = {}
+        init = tilted_logits(rates.cpu(), self.block_rate).to(work.device)
+        block_logits: dict[str, MaskLogits] = {}
         for name, layer in work.linears.items():
             scores = self.scorer.scores(weight_matrix(layer), stats.pop(name))
             if self.pattern is not None:
-                allocs[name] = PatternLogits(name, layer, scores, self.pattern, self.cfg.nm_sharpness)
+                block_logits[name] = PatternLogits(name, layer, scores, self.pattern, self.cfg.nm_sharpness)
             else:
                 order = torch.argsort(scores, dim=1, stable=True)  # (R, C) ascending importance
                 groups = order.shape[0] if self.cfg.granularity == "row" else 1
-                allocs[name] = RateLogits(
+                block_logits[name] = RateLogits(
                     name, layer, order, rates, init.expand(groups, -1).clone(), self.quant,
                     learn_clip=self.config.quantization.joint is not None,
                 )  # fmt: skip
             if name in hessians:
-                allocs[name].hessian = hessians.pop(name).hessian
-        return allocs, outputs
+                block_logits[name].hessian = hessians.pop(name).hessian
+        return block_logits, outputs
 
     def _learn(
-        self, work: BlockWork, allocs: dict[str, MaskLogits], targets: Sequence[torch.Tensor]
+        self, work: BlockWork, block_logits: dict[str, MaskLogits], targets: Sequence[torch.Tensor]
     ) -> tuple[list[float], list[dict[str, Any]]]:
         """Train, retrying with a 10x smaller step after a non-finite loss; ([] , failures) if every try failed."""
         failures: list[dict[str, Any]] = []
         for attempt in range(self.cfg.retries + 1):
             scale = 0.1**attempt
-            for alloc in allocs.values():
-                alloc.reset()
+            for logits in block_logits.values():
+                logits.reset()
             try:
-                return train_block(self.cfg, work, allocs, targets, self.target, scale), failures
+                return train_block(self.cfg, work, block_logits, targets, self.block_rate, scale), failures
             except NonFiniteLoss as exc:
                 failures.append({"step_scale": scale, "at_step": exc.step, "loss": str(exc.loss)})
                 log.warning(
@@ -138,14 +138,14 @@ class BesaPruner(FinalMasks):
         return [], failures
 
     def prune_block(self, work: BlockWork) -> BlockResult:
-        self._target = self.allocation.block_rate(work.name)
+        self._block_rate = self.allocation.block_rate(work.name)
         requires = [p.requires_grad for p in work.module.parameters()]
         work.module.requires_grad_(False)
         try:
-            allocs, outputs = self._calibrate(work)
+            block_logits, outputs = self._calibrate(work)
             targets = work.dense_outputs if self.cfg.target == "dense-stream" else outputs
             assert targets is not None
-            losses, failures = self._learn(work, allocs, targets)
+            losses, failures = self._learn(work, block_logits, targets)
             if outputs is not None:
                 outputs.release()
             fallback = bool(failures) and not losses
@@ -153,7 +153,7 @@ class BesaPruner(FinalMasks):
                 log.warning("%s: BESA training failed; falling back to the %s metric's uniform mask",
                             work.name, self.metric)  # fmt: skip
             result = BlockResult()
-            info = self._finalise(work, allocs, result, uniform=fallback)
+            info = self._finalise(work, block_logits, result, uniform=fallback)
         finally:
             for p, r in zip(work.module.parameters(), requires, strict=True):
                 p.requires_grad_(r)
