@@ -91,7 +91,7 @@ def test_a_mask_block_inside_the_lazy_block_chooses_as_a_lazy_block_of_its_width
 def test_a_finer_mask_block_reconstructs_the_layer_outputs_better():
     """Without the least-squares solve, choosing 16 columns at a time beats the paper's 128: each choice sees more of
     the compensation made so far (on these problems ~14% less output error, at every seed). With the solve the
-    paper's 128 measured as well or better on PTB valid, so it is the default again (BENCHMARKS.md)."""
+    paper's 128 measured as well or better on PTB valid, so it is the default again (benchmarks/NOTES.md)."""
     assert SparseGPTConfig().mask_block == 128
     for seed in range(3):
         w, x, h = _problem(rows=64, cols=256, tokens=2048, seed=seed)
@@ -235,7 +235,7 @@ def _pruned_linears(options, wbits=16):
 
 
 def test_the_least_squares_solve_is_on_by_default_and_off_with_joint_quantization():
-    """The default runs 20 solver steps (measured on PTB valid: BENCHMARKS.md); the first layer of the first block
+    """The default runs 20 solver steps (measured on PTB valid: benchmarks/NOTES.md); the first layer of the first block
     sees the same inputs either way, so its mask is the sweep's and only the kept weights move. With --wbits the
     sweep's weights are on their grids and are kept as they are: the option changes nothing there."""
     assert SparseGPTConfig().lsq_iters == 20

@@ -30,7 +30,7 @@ class SparseGPTConfig(MethodConfig):
             N:M patterns choose group by group). The paper's 128 (its lazy block). A finer block (16) lets each
             choice see the compensation of the columns just swept and beat 128 on PTB valid at 50% without the
             least-squares solve; with the solve the two tie there (means over four seeds 124.88 vs 124.92,
-            BENCHMARKS.md notes), so the default is the paper's.
+            benchmarks/NOTES.md), so the default is the paper's.
         percdamp: dampening added to the Hessian diagonal, as a fraction of its mean.
         lsq_iters: after the sweep, conjugate-gradient steps that solve the kept weights for the sweep's mask in
             least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights, the paper).

@@ -57,7 +57,7 @@ class SparseGPTPruner(LayerwisePruner):
 
     Inside a block the layers are pruned group by group (``--within-block sequential``), each on the inputs left
     by the groups pruned before it: on the same windows this beat the papers' one dense pass on every calibration
-    seed (BENCHMARKS.md, SparseGPT parity). After each layer's sweep its kept weights are solved for the sweep's
+    seed (benchmarks/NOTES.md, SparseGPT parity). After each layer's sweep its kept weights are solved for the sweep's
     mask in least squares (``lsq_iters`` conjugate-gradient steps; the sweep's update is not the optimum of its own
     final mask): lower perplexity at every sparsity measured on PTB valid, for about a fifth more prune time.
     """

@@ -172,7 +172,7 @@ class ExpertSettings(Section):
         metadata={
             "name": "expert_min_tokens",
             "help": "a Mixture-of-Experts expert the calibration windows route fewer tokens to is pruned by weight "
-            "magnitude at the block's rate instead (its statistics would be too thin: measured in BENCHMARKS.md, "
+            "magnitude at the block's rate instead (its statistics would be too thin: measured in benchmarks/NOTES.md, "
             "expert-min-tokens); the report gives every expert's token count",
         },
     )

@@ -16,7 +16,7 @@ REFIT_EPOCHS = 2
 """BESA's refit epochs below ``REFIT_OFF_FROM`` (8 scored better at 50% but cost over 5 x SparseGPT's time)."""
 REFIT_OFF_FROM = 0.7
 """Target sparsity from which BESA's default skips the refit: on PTB valid it helped at 60 and 65% (two seeds at
-65%) and hurt at 70% (three seeds), presumably by fitting the calibration text too closely (BENCHMARKS.md)."""
+65%) and hurt at 70% (three seeds), presumably by fitting the calibration text too closely (benchmarks/NOTES.md)."""
 
 
 def refit_epochs_at(sparsity: float) -> int:
@@ -31,7 +31,7 @@ class BesaConfig(MethodConfig):
     Args:
         metric: importance used to rank the weights of each row once per block: wanda, magnitude, sparsegpt
             (SparseGPT's OBS saliency), or ``auto`` (the default): ``sparsegpt`` with ``--pattern N:M``, where
-            the learned patterns start from it, ``wanda`` otherwise (measured on PTB valid: BENCHMARKS.md).
+            the learned patterns start from it, ``wanda`` otherwise (measured on PTB valid: benchmarks/NOTES.md).
         granularity: ``row`` (one learned rate per output row, the paper's setting) or ``layer``.
         candidates: number of candidate pruning rates D.
         rate_window: candidates span [target - w, target + w] (clipped to [0, max_rate]); bounds how far one
@@ -54,7 +54,7 @@ class BesaConfig(MethodConfig):
             update the survivors to compensate (an extension, not in the paper). With ``--wbits`` and
             ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
             on grids clipped by it. ``obs`` is the default (measured better on PTB valid at 4 and 3 bits, at 70%, and
-            with the refit at 50%: BENCHMARKS.md); ``auto`` is kept for older recipes and means ``obs``.
+            with the refit at 50%: benchmarks/NOTES.md); ``auto`` is kept for older recipes and means ``obs``.
         lsq_iters: with the OBS update, conjugate-gradient steps that then solve each layer's kept weights for its
             final mask in least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights).
             Not with ``--wbits`` in joint mode (the sweep's weights are on their grids).

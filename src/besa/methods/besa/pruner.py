@@ -52,7 +52,7 @@ class BesaPruner(FinalMasks):
     Learning is here; the final masks are ``besa.methods.besa.finalise.FinalMasks``'s.
     """
 
-    # the defaults measured best on PTB valid (BENCHMARKS.md, besa-tuning): AdamW at 0.05, the OBS update group by
+    # the defaults measured best on PTB valid (benchmarks/NOTES.md, besa-tuning): AdamW at 0.05, the OBS update group by
     # group with the least-squares solve, then 2 epochs of blockwise refit below 70% sparsity and none from 70% on
     # (``refit_epochs_at``); `--recipe besa-paper` is the paper's form
     default_within_block = "sequential"
