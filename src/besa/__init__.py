@@ -24,6 +24,7 @@ _LAZY = {
     "prune": "besa.api",
     "prune_with": "besa.api",
     "evaluate": "besa.evaluation.perplexity",
+    "load_sparse": "besa.runtime.load",
     "save_pruned": "besa.output.saving",
 }
 
@@ -37,6 +38,7 @@ __all__ = [
     "available_methods",
     "evaluate",
     "get_method",
+    "load_sparse",
     "prune",
     "prune_with",
     "register_method",

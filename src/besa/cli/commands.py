@@ -13,7 +13,7 @@ from besa.cli.parser import EVAL_RUN_FIELDS, RUN_FIELDS, from_args
 from besa.errors import BesaError
 from besa.fileio import write_json_atomic
 from besa.registry import available_methods, get_method
-from besa.settings.commands import EvalConfig, PlanConfig, SpeedConfig
+from besa.settings.commands import EvalConfig, GenerateConfig, PlanConfig, SpeedConfig
 from besa.settings.config import PruneConfig
 
 __all__ = ["COMMANDS"]
@@ -191,7 +191,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import resource
+    import time
+
+    import torch
+    from transformers import TextStreamer
+
+    from besa.runtime.kernels import ISA_NAMES, kernels
+    from besa.runtime.load import load_sparse, sparse_bytes
+
+    config = from_args(GenerateConfig, args)
+    dtype = getattr(torch, config.dtype)
+    model, tokenizer = load_sparse(args.folder, dtype=dtype)
+    ids = tokenizer(config.prompt, return_tensors="pt").input_ids
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=config.max_new_tokens, do_sample=False, streamer=TextStreamer(tokenizer)
+        )
+    seconds = time.perf_counter() - t
+    new = out.shape[1] - ids.shape[1]
+    held, dense = sparse_bytes(model)
+    found = kernels()
+    print(
+        f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (prompt included; "
+        f"{ISA_NAMES[found.isa] if found.available else 'dense fallback'}, {torch.get_num_threads()} threads); "
+        f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; the pruned "
+        f"linears hold {held / 2**20:.1f} MiB, {held / max(dense, 1):.3f} of their dense bytes"
+    )
+    if config.check_dense:
+        from besa.model.loading import load_model
+
+        reference, _, _ = load_model(args.folder, dtype=dtype)
+        reference.config.use_cache = True
+        with torch.no_grad():
+            expected = reference.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False)
+        same = torch.equal(expected, out)
+        print(f"greedy tokens {'equal' if same else 'DIFFER from'} the dense weights' greedy decode")
+        return 0 if same else 1
+    return 0
+
+
 COMMANDS = {
+    "generate": cmd_generate,
     "prune": cmd_prune,
     "eval": cmd_eval,
     "report": cmd_report,

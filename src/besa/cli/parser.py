@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any, NoReturn
 
 from besa.registry import available_methods, get_method
-from besa.settings.commands import EvalConfig, PlanConfig, SpeedConfig
+from besa.settings.commands import EvalConfig, GenerateConfig, PlanConfig, SpeedConfig
 from besa.settings.config import PruneConfig
 from besa.settings.flat import flat_fields, from_flat, type_name
 from besa.settings.options import RunOptions
@@ -183,4 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dataclass_flags(pl, PlanConfig)
     pl.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
+    g = sub.add_parser(
+        "generate",
+        help="decode greedily with a --save-format sparse model on its sparse kernels; tokens/s and memory",
+        epilog='example:\n  besa generate pruned/besa50 --prompt "The capital of France is" --max-new-tokens 64',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g.add_argument("folder", help="a folder written by besa prune --save-format sparse")
+    _add_dataclass_flags(g, GenerateConfig)
     return parser

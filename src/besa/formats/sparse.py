@@ -27,7 +27,7 @@ from torch import nn
 from besa.errors import BesaError
 
 __all__ = ["FORMAT_FILE", "LOADER", "pack_weight", "unpack_weight", "save_sparse", "load_sparse_state_dict",
-           "is_sparse_folder", "stored_tensors"]  # fmt: skip
+           "is_sparse_folder", "read_sparse_folder", "stored_tensors"]  # fmt: skip
 
 FORMAT_FILE = "sparse_format.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,8 +129,9 @@ def is_sparse_folder(folder: str | Path) -> bool:
     return (Path(folder) / FORMAT_FILE).is_file()
 
 
-def load_sparse_state_dict(folder: str | Path) -> dict[str, Any]:
-    """The full (dense) state dict of a folder written by ``save_sparse``, tied tensors included."""
+def read_sparse_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A folder written by ``save_sparse``, checked: its ``sparse_format.json`` and every stored tensor by name
+    (``<name>.bitmask`` / ``<name>.values`` for the sparse weights)."""
     folder = Path(folder)
     where = folder / FORMAT_FILE
     try:
@@ -144,8 +145,18 @@ def load_sparse_state_dict(folder: str | Path) -> dict[str, Any]:
         raise BesaError(
             f"{where} names {weights!r}, not a file of its own folder: besa reads only from the folder"
         )
+    flat = load_file(str(folder / weights))
+    if not isinstance(meta.get("sparse"), dict) or not isinstance(meta.get("tied"), dict):
+        raise BesaError(
+            f"{where} lists no sparse and tied tensors; the folder is damaged: save the model again"
+        )
+    return meta, flat
+
+
+def load_sparse_state_dict(folder: str | Path) -> dict[str, Any]:
+    """The full (dense) state dict of a folder written by ``save_sparse``, tied tensors included."""
+    meta, flat = read_sparse_folder(folder)
     try:
-        flat = load_file(str(folder / weights))
         state = {k: v for k, v in flat.items() if not k.endswith((".bitmask", ".values"))}
         for name, (rows, cols) in meta["sparse"].items():
             state[name] = unpack_weight(flat[f"{name}.bitmask"], flat[f"{name}.values"], rows, cols)
@@ -154,6 +165,7 @@ def load_sparse_state_dict(folder: str | Path) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # the listing and the weights disagree
         detail = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise BesaError(
-            f"{where} does not match its weights file ({detail}); the folder is damaged: save the model again"
+            f"{Path(folder) / FORMAT_FILE} does not match its weights file ({detail}); the folder is damaged: save "
+            "the model again"
         ) from None
     return state

@@ -1,5 +1,6 @@
 """The settings of the commands beside ``prune``: ``besa eval`` (``EvalConfig``), ``besa speedup``
-(``SpeedConfig``) and ``besa plan`` (``PlanConfig``, made of ``PruneConfig``'s own sections)."""
+(``SpeedConfig``), ``besa plan`` (``PlanConfig``, made of ``PruneConfig``'s own sections) and ``besa generate``
+(``GenerateConfig``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from besa.settings.flat import section
 from besa.settings.sections import CalibrationSettings, KLSettings, RefitSettings, RuntimeSettings
 from besa.settings.values import check_choice
 
-__all__ = ["EvalConfig", "PlanConfig", "SpeedConfig"]
+__all__ = ["EvalConfig", "GenerateConfig", "PlanConfig", "SpeedConfig"]
 
 
 def _comma_list(text: str) -> tuple[str, ...]:
@@ -177,3 +178,31 @@ class EvalConfig:
             raise BesaError(f"--max-windows must be positive, got {self.max_windows}")
         if self.batch_size < 1:
             raise BesaError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+@dataclass
+class GenerateConfig:
+    """``besa generate`` settings.
+
+    Args:
+        prompt: the text to continue.
+        max_new_tokens: tokens generated greedily after the prompt.
+        dtype: the values the pruned linears hold, and the rest of the model's dtype: ``float32`` or ``bfloat16``.
+        check_dense: also decode with the folder's weights made dense and say whether the tokens are the same.
+    """
+
+    prompt: str = field(default="The capital of France is", metadata={"help": "the text to continue"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens generated greedily after the prompt"})
+    dtype: str = field(
+        default="float32", metadata={"help": "the kept values' and the model's dtype: float32 or bfloat16"}
+    )
+    check_dense: bool = field(
+        default=False,
+        metadata={"help": "also decode with the weights made dense and say whether the tokens are the same"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise BesaError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise BesaError(f"unknown --dtype {self.dtype!r}: the sparse kernels hold float32 or bfloat16")

@@ -1,0 +1,80 @@
+"""``SparseLinear``: a pruned linear held in the bitmask layout (``besa.runtime.layout``), never as a dense weight.
+
+A forward of a few tokens (decode) runs the bitmask kernel, which reads only the mask and the kept values; one of
+many tokens (prefill) runs whichever is faster at that count, the kernel or the weight unpacked for one dense
+product, split at ``crossover`` tokens (measured by ``measure_crossover``). Without the kernels every forward runs
+the unpacked dense product: slower, the same numbers up to summation order."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from besa.runtime.kernels import kernels
+from besa.runtime.layout import PackedWeight
+
+__all__ = ["SparseLinear", "measure_crossover"]
+
+
+class SparseLinear(nn.Module):
+    """``y = x W^T + b`` for a weight in the bitmask layout; ``crossover``: from this many tokens on, the weight is
+    unpacked for one dense product instead (0: always the kernel)."""
+
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, crossover: int = 0) -> None:
+        super().__init__()
+        self.packed = packed  # not buffers: ``model.to(dtype)`` must not convert the stored values
+        self.in_features, self.out_features = packed.cols, packed.rows
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.crossover = crossover
+
+    def extra_repr(self) -> str:
+        kept = int(self.packed.offsets[-1]) / max(self.packed.rows * self.packed.cols, 1)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kept={kept:.3f}, "
+                f"values={str(self.packed.values.dtype).removeprefix('torch.')}")  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        found = kernels()
+        if found.available and (self.crossover == 0 or flat.shape[0] < self.crossover):
+            y = self.kernel(flat, found.isa)
+        else:
+            y = F.linear(flat, self.packed.dense().to(flat.dtype))
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def kernel(self, flat: torch.Tensor, isa: int) -> torch.Tensor:
+        """The bitmask kernel on (tokens, in) inputs with instruction set ``isa`` (``besa.runtime.kernels``)."""
+        p = self.packed
+        padded = torch.zeros(flat.shape[0], p.kpad, dtype=torch.float32)
+        padded[:, : self.in_features] = flat
+        return kernels().module.bitmask_matmul(padded, p.mask, p.values, p.offsets, isa)
+
+
+def _median_seconds(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def measure_crossover(layer: SparseLinear, counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)) -> int:
+    """The fewest tokens at which unpacking the weight for a dense product beats the kernel on ``layer`` (0: the
+    kernel wins at every count tried, or there is no kernel)."""
+    found = kernels()
+    if not found.available:
+        return 0
+    for count in counts:
+        x = torch.randn(count, layer.in_features)
+        sparse = _median_seconds(lambda x=x: layer.kernel(x, found.isa))
+        dense = _median_seconds(lambda x=x: F.linear(x, layer.packed.dense().to(x.dtype)))
+        if dense < sparse:
+            return count
+    return 0

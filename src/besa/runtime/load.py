@@ -1,0 +1,96 @@
+"""``besa.load_sparse(folder)``: a ``--save-format sparse`` folder as a Hugging Face model whose pruned linears are
+``SparseLinear`` modules, read straight from the stored bitmask and values: the pruned weights are never dense."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from besa.errors import BesaError
+from besa.formats.sparse import is_sparse_folder, read_sparse_folder
+from besa.runtime.kernels import kernels
+from besa.runtime.layout import from_saved
+from besa.runtime.linear import SparseLinear, measure_crossover
+
+__all__ = ["load_sparse", "sparse_bytes"]
+
+log = logging.getLogger(__name__)
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def load_sparse(
+    folder: str | Path,
+    dtype: torch.dtype = torch.float32,
+    crossover: int | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` of a folder written by ``besa prune --save-format sparse``, in eval mode, every pruned
+    ``nn.Linear`` a ``SparseLinear`` holding its kept values in ``dtype`` (float32 or bfloat16; the rest of the model
+    too). ``crossover``: the token count from which a forward unpacks the weight for a dense product instead of the
+    kernel (``None``: measured now on the largest pruned linear). Without the kernels it says so, once, and runs
+    every product dense."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not is_sparse_folder(folder):
+        raise BesaError(f"{str(folder)!r} is not a sparse model folder (write one with --save-format sparse)")
+    meta, flat = read_sparse_folder(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, computed buffers kept
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    dense = {k: v.to(dtype) if v.is_floating_point() else v for k, v in flat.items()
+             if not k.endswith((".bitmask", ".values"))}  # fmt: skip
+    swapped: list[SparseLinear] = []
+    for name, (rows, cols) in meta["sparse"].items():
+        owner = name.removesuffix(".weight")
+        module = model.get_submodule(owner)
+        packed = from_saved(flat[f"{name}.bitmask"], flat[f"{name}.values"], rows, cols)
+        if type(module) is not nn.Linear or (module.out_features, module.in_features) != (rows, cols):
+            dense[name] = packed.dense().to(dtype)  # not a plain linear (Conv1D, experts): kept dense
+            continue
+        if packed.values.dtype != dtype:
+            packed.values = packed.values.to(dtype)
+        layer = SparseLinear(packed, dense.pop(f"{owner}.bias", None))
+        _swap(model, owner, layer)
+        swapped.append(layer)
+    for alias, stored in meta["tied"].items():
+        if stored in dense:
+            dense.setdefault(alias, dense[stored])
+    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
+    if unexpected:
+        raise BesaError(f"{folder}: tensors the model does not have: {', '.join(unexpected[:3])}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise BesaError(f"{folder}: no stored tensor for {', '.join(left[:3])}")
+    found = kernels()
+    if not found.available:
+        print(f"besa: {found.reason}", file=sys.stderr)
+    elif swapped:
+        largest = max(swapped, key=lambda m: m.packed.rows * m.packed.cols)
+        cut = measure_crossover(largest) if crossover is None else crossover
+        for layer in swapped:
+            layer.crossover = cut
+    model.config.use_cache = True
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def sparse_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the ``SparseLinear`` modules hold, bytes their weights would take dense in the same dtype)."""
+    held = dense = 0
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            held += module.packed.nbytes
+            dense += module.packed.rows * module.packed.cols * module.packed.values.element_size()
+    return held, dense

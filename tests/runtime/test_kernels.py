@@ -1,0 +1,112 @@
+"""The bitmask kernels against the dense product of the masked weight, on every instruction set this CPU runs (the
+scalar path always), and the dense fallback when the kernels are off."""
+
+import pytest
+import torch
+
+from besa.formats.sparse import pack_weight
+from besa.runtime import kernels as kernels_module
+from besa.runtime.kernels import kernels
+from besa.runtime.layout import PAD, from_saved, pack
+from besa.runtime.linear import SparseLinear, measure_crossover
+
+needs_kernels = pytest.mark.skipif(not kernels().available, reason=kernels().reason or "no kernels")
+
+
+def _pruned(
+    rows: int, cols: int, sparsity: float, seed: int, nm: tuple[int, int] | None = None
+) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    if nm is not None:
+        n, m = nm
+        groups = w.abs().reshape(rows, cols // m, m)
+        drop = groups.argsort(dim=-1)[..., :n]
+        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
+        return w * keep.reshape(rows, cols)
+    return w.masked_fill(torch.rand(rows, cols, generator=g) < sparsity, 0.0)
+
+
+SHAPES = [
+    (1, 1, 0.0),
+    (7, 13, 0.5),
+    (33, 17, 0.0),
+    (5, 40, 0.95),
+    (64, 100, 0.9),
+    (96, 256, 0.7),
+    (19, 129, 0.3),
+]
+
+
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layout_holds_exactly_the_kept_values(rows, cols, sparsity, dtype):
+    w = _pruned(rows, cols, sparsity, seed=rows).to(dtype)
+    packed = pack(w)
+    assert torch.equal(packed.dense(), w)
+    nnz = int((w != 0).sum())
+    assert int(packed.offsets[-1]) == nnz and packed.values.numel() == nnz + PAD and packed.kpad % 16 == 0
+    assert not packed.values[nnz:].any()  # the padding a vector load may reach is zeros
+    saved = from_saved(*pack_weight(w), rows, cols)  # straight from the saved format, byte by byte
+    assert torch.equal(saved.mask, packed.mask) and torch.equal(saved.values, packed.values)
+    assert torch.equal(saved.offsets, packed.offsets)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 13])
+def test_every_instruction_set_gives_the_dense_product_of_the_masked_weight(
+    rows, cols, sparsity, dtype, tokens
+):
+    w = _pruned(rows, cols, sparsity, seed=cols)
+    layer = SparseLinear(pack(w, dtype))
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+    expected = (x.double() @ w.to(dtype).double().T).float()
+    bound = 1e-5 * (x.abs().double() @ w.abs().double().T).float() + 1e-6  # float32 sums in another order
+    for isa in range(kernels().isa + 1):
+        got = layer.kernel(x, isa)
+        assert got.shape == (tokens, rows)
+        assert ((got - expected).abs() <= bound).all(), (isa, (got - expected).abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_n_m_weights_multiply_exactly_as_dense(nm):
+    w = _pruned(48, 64, 0.5, seed=3, nm=nm)
+    assert (w.reshape(48, -1, nm[1]) == 0).sum(-1).eq(nm[0]).all()
+    layer = SparseLinear(pack(w))
+    x = torch.randn(4, 64)
+    for isa in range(kernels().isa + 1):
+        torch.testing.assert_close(layer.kernel(x, isa), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_a_forward_of_any_shape_and_bias_matches_nn_linear():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(40, 24)
+    with torch.no_grad():
+        dense.weight.masked_fill_(torch.rand(24, 40) < 0.6, 0.0)
+    layer = SparseLinear(pack(dense.weight), dense.bias)
+    x = torch.randn(2, 3, 40)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+    layer.crossover = 4  # six tokens: the weight unpacked for one dense product
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+    assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert measure_crossover(layer, counts=(1, 2)) in (0, 1, 2)
+
+
+def test_without_kernels_every_product_runs_dense_and_says_why(monkeypatch):
+    monkeypatch.setenv("BESA_KERNELS", "0")
+    kernels_module.kernels.cache_clear()
+    try:
+        off = kernels()
+        assert not off.available and "BESA_KERNELS=0" in off.reason and "\n" not in off.reason
+        torch.manual_seed(1)
+        w = _pruned(24, 40, 0.5, seed=1)
+        layer = SparseLinear(pack(w))
+        x = torch.randn(3, 40)
+        torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-6, atol=1e-6)
+        assert measure_crossover(layer) == 0
+    finally:
+        kernels_module.kernels.cache_clear()
