@@ -50,8 +50,11 @@ class SparseLinear(nn.Module):
     def kernel(self, flat: torch.Tensor, isa: int) -> torch.Tensor:
         """The bitmask kernel on (tokens, in) inputs with instruction set ``isa`` (``besa.runtime.kernels``)."""
         p = self.packed
-        padded = torch.zeros(flat.shape[0], p.kpad, dtype=torch.float32)
-        padded[:, : self.in_features] = flat
+        if p.kpad == self.in_features:  # widths of 16 columns: no copy unless the dtype or layout needs one
+            padded = flat.to(torch.float32).contiguous()
+        else:
+            padded = torch.zeros(flat.shape[0], p.kpad, dtype=torch.float32)
+            padded[:, : self.in_features] = flat
         return kernels().module.bitmask_matmul(padded, p.mask, p.values, p.offsets, isa)
 
 

@@ -1,8 +1,8 @@
 """``besa speedup``: what the zeros of a saved model buy, measured on the machine at hand.
 
-Every pruned linear is timed dense (``F.linear``) against a sparse kernel that torch itself provides: CSR on the CPU
-(``torch.sparse.mm``), and on CUDA the 2:4 semi-structured kernels (``to_sparse_semi_structured``) for 2:4 weights
-(CSR otherwise). Then one whole forward and a greedy decode, the model as saved vs the same model with every
+Every pruned linear is timed dense (``F.linear``) against a sparse kernel: on the CPU besa's bitmask kernels
+(``besa.runtime``, float32 and bfloat16 weights; torch's CSR, ``torch.sparse.mm``, where they could not be built),
+and on CUDA the 2:4 semi-structured kernels (``to_sparse_semi_structured``) for 2:4 weights (CSR otherwise). Then one whole forward and a greedy decode, the model as saved vs the same model with every
 pruned linear swapped for its sparse twin. Times are medians of repeats, dense and sparse interleaved in one run.
 Sparse may well be slower (unstructured 50% rarely pays on CPU); the table says so either way.
 """
@@ -22,7 +22,7 @@ from besa.errors import BesaError
 from besa.model.blocks import find_blocks, find_linears, weight_matrix
 from besa.settings.commands import SpeedConfig
 
-__all__ = ["SparseLinear", "SpeedConfig", "is_two_four", "measure_speed", "median_time", "sparsify_model"]
+__all__ = ["SparseTwin", "is_two_four", "measure_speed", "median_time", "sparsify_model"]
 
 
 def is_two_four(w: torch.Tensor) -> bool:
@@ -31,8 +31,9 @@ def is_two_four(w: torch.Tensor) -> bool:
     return cols % 4 == 0 and bool(((w == 0).reshape(rows, cols // 4, 4).sum(-1) >= 2).all())
 
 
-class SparseLinear(nn.Module):
-    """A linear whose weight is held in a sparse layout: ``csr`` (any device) or ``2:4`` (CUDA semi-structured)."""
+class SparseTwin(nn.Module):
+    """A linear whose weight is held in a sparse layout: ``bitmask`` (besa's CPU kernels, ``besa.runtime``), ``csr``
+    (any device) or ``2:4`` (CUDA semi-structured)."""
 
     def __init__(self, layer: nn.Module, kind: str) -> None:
         super().__init__()
@@ -40,7 +41,13 @@ class SparseLinear(nn.Module):
         self.kind = kind
         self.out_features, self.in_features = w.shape
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
-        if kind == "2:4":
+        if kind == "bitmask":
+            from besa.runtime.layout import pack
+            from besa.runtime.linear import SparseLinear, measure_crossover
+
+            self.bitmask = SparseLinear(pack(w), None)
+            self.bitmask.crossover = measure_crossover(self.bitmask, counts=(1, 8, 32, 128))
+        elif kind == "2:4":
             from torch.sparse import to_sparse_semi_structured
 
             self.weight = nn.Parameter(to_sparse_semi_structured(w.contiguous()), requires_grad=False)
@@ -48,6 +55,9 @@ class SparseLinear(nn.Module):
             self.weight_csr = w.to_sparse_csr()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "bitmask":
+            y = self.bitmask(x)
+            return y if self.bias is None else y + self.bias
         if self.kind == "2:4":
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
@@ -58,15 +68,15 @@ class SparseLinear(nn.Module):
 
 
 def _kind(w: torch.Tensor, device: torch.device) -> str:
-    return (
-        "2:4"
-        if device.type == "cuda" and w.dtype in (torch.float16, torch.bfloat16) and is_two_four(w)
-        else "csr"
-    )
+    if device.type == "cuda":
+        return "2:4" if w.dtype in (torch.float16, torch.bfloat16) and is_two_four(w) else "csr"
+    from besa.runtime.kernels import kernels
+
+    return "bitmask" if kernels().available and w.dtype in (torch.float32, torch.bfloat16) else "csr"
 
 
 def sparsify_model(model: nn.Module) -> dict[str, str]:
-    """Swap every pruned linear of every block (one with zeros) for its ``SparseLinear``; return name -> kind.
+    """Swap every pruned linear of every block (one with zeros) for its ``SparseTwin``; return name -> kind.
     Experts count as linears while they are (``besa.model.experts.experts_as_linears``)."""
     device = next(model.parameters()).device
     kinds: dict[str, str] = {}
@@ -77,7 +87,7 @@ def sparsify_model(model: nn.Module) -> dict[str, str]:
                 continue
             kinds[f"{block_name}.{name}"] = kind = _kind(w, device)
             parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-            setattr(parent, name.rsplit(".", 1)[-1], SparseLinear(layer, kind))
+            setattr(parent, name.rsplit(".", 1)[-1], SparseTwin(layer, kind))
     return kinds
 
 
@@ -126,7 +136,7 @@ def _measure(model: nn.Module, config: SpeedConfig, device: torch.device, progre
         bar = tqdm(pruned.items(), desc="Timing linears", disable=None if progress else True)
         for (block, name), layer in bar:
             w = weight_matrix(layer)
-            twin = SparseLinear(layer, _kind(w, device))
+            twin = SparseTwin(layer, _kind(w, device))
             for batch in config.batch:
                 x = torch.randn(batch, config.seqlen, w.shape[1], device=device, dtype=dtype)
                 dense = median_time(lambda layer=layer, x=x: layer(x), config.repeats, sync)

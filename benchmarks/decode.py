@@ -1,0 +1,342 @@
+"""Decode speed of pruned models on besa's sparse CPU kernels (``besa.load_sparse``) against the same weights dense.
+
+For each model folder (written by ``besa prune --save-format sparse``) and thread count, in one process:
+
+- the machine's memory bandwidth (a 256 MiB copy: bytes read + written per second), the roofline;
+- every pruned linear once per pass, in model order (so its weights come from memory, as in a decode step): the
+  kernel's time against dense fp32 and dense bf16, and the bytes it reads per second against the roofline;
+- greedy decode of ``--tokens`` tokens at batch 1 after a short prompt, dense fp32, dense bf16, sparse fp32 and
+  sparse bf16 values: time per token inside the decoder blocks (hooks on the first and last block; the embedding
+  and the output head stay dense) and end to end, with the ceilings the bytes read per token allow; the tokens of
+  sparse fp32 must equal dense fp32's;
+- a prefill of ``--prefill`` tokens, sparse (with its measured crossover) against dense;
+- what the pruned linears hold against their dense bytes.
+
+Medians of ``--repeats``. Models are pruned first when their folder is missing, with BESA's defaults (no flag but
+the sparsity) on ``--nsamples`` x ``--seqlen`` calibration tokens (fewer than the quality tables use: the speed of
+a pruned model depends on where its zeros are, not on how well they were chosen)::
+
+    BESA_DATA_DIR=../shared/data python benchmarks/decode.py --work out/decode \\
+        [--models smollm2-135m,gemma3-270m] [--settings 0.5,0.7,2:4] [--threads 1,2]
+
+Writes ``benchmarks/results/decode.json``, the ``decode`` section of BENCHMARKS.md and
+``benchmarks/results/decode_speedup.png``; keeps finished measurements and skips them when rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _markdown import replace_section  # noqa: E402
+from baselines import _machine  # noqa: E402
+from unseen import model_spec  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "decode.json"
+PLOT = ROOT / "benchmarks" / "results" / "decode_speedup.png"
+PROMPT = list(range(100, 116))  # 16 fixed token ids: every variant decodes the same steps
+
+
+def _seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return median(times)
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """Bytes per second of a 256 MiB float32 copy (each byte read once and written once)."""
+    src = torch.rand(64 * 2**20)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _seconds(lambda: dst.copy_(src), repeats)
+
+
+def _folder(work: Path, model: str, setting: str) -> Path:
+    return work / f"{model}-besa-{setting.replace(':', 'of')}"
+
+
+def prune_missing(args: argparse.Namespace, work: Path) -> None:
+    for model in args.models.split(","):
+        for setting in args.settings.split(","):
+            out = _folder(work, model, setting)
+            if (out / "besa_report.json").is_file():
+                continue
+            flag = ["--pattern", setting] if ":" in setting else ["--sparsity", setting]
+            cmd = [sys.executable, "-m", "besa.cli", "prune", model_spec(model), "--method", "besa", *flag,
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--save-format", "sparse",
+                   "--out", str(out), "--overwrite", "--no-progress"]  # fmt: skip
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+
+
+class BlockClock:
+    """Seconds spent inside the decoder blocks per forward, from the first block's start to the last one's end."""
+
+    def __init__(self, blocks: list[torch.nn.Module]) -> None:
+        self.per_forward: list[float] = []
+        self._start = 0.0
+        blocks[0].register_forward_pre_hook(self._begin)
+        blocks[-1].register_forward_hook(self._end)
+
+    def _begin(self, *_: object) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self, *_: object) -> None:
+        self.per_forward.append(time.perf_counter() - self._start)
+
+
+def decode(model: torch.nn.Module, tokens: int, repeats: int) -> dict:
+    """Greedy decode at batch 1: per-token seconds in the blocks and end to end (prefill excluded), and the ids."""
+    from besa.model.blocks import find_blocks
+
+    clock = BlockClock([b for _, b in find_blocks(model)])
+    prompt = torch.tensor([PROMPT])
+    model.config.use_cache = True
+    runs = []
+    for _ in range(repeats + 1):
+        clock.per_forward.clear()
+        steps: list[float] = []
+        with torch.no_grad():
+            out = model(prompt, use_cache=True)
+            past, ids = out.cache, [int(out.logits[0, -1].argmax())]
+            for _ in range(tokens - 1):
+                t = time.perf_counter()
+                out = model(torch.tensor([[ids[-1]]]), cache=past, use_cache=True)
+                past = out.cache
+                ids.append(int(out.logits[0, -1].argmax()))
+                steps.append(time.perf_counter() - t)
+        runs.append((median(steps), median(clock.per_forward[1:]), ids))
+    runs = runs[1:]  # the first run warms up
+    return {"token_s": median(r[0] for r in runs), "blocks_s": median(r[1] for r in runs), "ids": runs[0][2]}
+
+
+def linear_passes(model: torch.nn.Module, repeats: int) -> dict:
+    """Every pruned linear of ``model`` once per pass, in model order, at one token: seconds and bytes per shape."""
+    from besa.runtime.kernels import kernels
+    from besa.runtime.linear import SparseLinear
+
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    isa = kernels().isa
+    dense32 = [m.packed.dense() for m in layers]
+    dense16 = [w.to(torch.bfloat16) for w in dense32]
+    shapes: dict[str, dict] = {}
+    for kind in ("sparse", "dense_fp32", "dense_bf16"):
+        per_shape: dict[str, list[float]] = {}
+        for _ in range(repeats + 1):
+            spent: dict[str, float] = {}
+            for m, w32, w16 in zip(layers, dense32, dense16, strict=True):
+                key = f"{m.out_features}x{m.in_features}"
+                x = torch.randn(1, m.in_features)
+                t = time.perf_counter()
+                if kind == "sparse":
+                    m.kernel(x, isa)
+                elif kind == "dense_fp32":
+                    F.linear(x, w32)
+                else:
+                    F.linear(x.to(torch.bfloat16), w16)
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+            for key, s in spent.items():
+                per_shape.setdefault(key, []).append(s)
+        for key, values in per_shape.items():
+            shapes.setdefault(key, {})[kind] = median(values[1:])
+    for key in shapes:
+        members = [m for m in layers if f"{m.out_features}x{m.in_features}" == key]
+        shapes[key]["count"] = len(members)
+        shapes[key]["sparse_bytes"] = sum(m.packed.nbytes for m in members)
+        shapes[key]["dense_bytes"] = sum(m.packed.rows * m.packed.cols * 4 for m in members)
+    return shapes
+
+
+def bytes_per_token(model: torch.nn.Module) -> dict:
+    """Bytes a decode step reads: the blocks' weights (pruned linears as held) and the output head."""
+    from besa.model.blocks import find_blocks
+    from besa.runtime.linear import SparseLinear
+
+    blocks = [b for _, b in find_blocks(model)]
+    dense_blocks = sparse_blocks = 0
+    for block in blocks:
+        for m in block.modules():
+            if isinstance(m, SparseLinear):
+                sparse_blocks += m.packed.nbytes
+                dense_blocks += m.packed.rows * m.packed.cols * 4
+            for p in m.parameters(recurse=False):
+                dense_blocks += p.numel() * 4
+                sparse_blocks += p.numel() * 4
+    head = model.get_output_embeddings().weight.numel() * 4
+    return {"blocks_dense": dense_blocks, "blocks_sparse": sparse_blocks, "head": head}
+
+
+def measure(folder: Path, threads: int, args: argparse.Namespace) -> dict:
+    from besa.model.loading import load_model
+    from besa.runtime.load import load_sparse, sparse_bytes
+
+    torch.set_num_threads(threads)
+    sparse, _ = load_sparse(folder)
+    sparse16, _ = load_sparse(folder, dtype=torch.bfloat16)
+    dense, _, _ = load_model(str(folder))
+    dense16 = load_model(str(folder), dtype=torch.bfloat16)[0]
+    row: dict = {
+        "threads": threads,
+        "crossover": next(m.crossover for m in sparse.modules() if hasattr(m, "packed")),
+    }
+    for name, model in (
+        ("dense_fp32", dense),
+        ("dense_bf16", dense16),
+        ("sparse_fp32", sparse),
+        ("sparse_bf16", sparse16),
+    ):
+        row[name] = decode(model, args.tokens, args.repeats)
+    row["same_tokens"] = row["sparse_fp32"].pop("ids") == row["dense_fp32"]["ids"]
+    for name in ("dense_fp32", "dense_bf16", "sparse_bf16"):
+        row[name].pop("ids")
+    held, dense_bytes = sparse_bytes(sparse)
+    row["held_ratio"] = held / dense_bytes
+    row["bytes"] = bytes_per_token(sparse)
+    row["linears"] = linear_passes(sparse, args.repeats)
+    prompt = torch.randint(0, 1000, (1, args.prefill))
+    with torch.no_grad():
+        row["prefill"] = {
+            "dense_fp32": _seconds(lambda: dense(prompt, use_cache=False), args.repeats),
+            "sparse_fp32": _seconds(lambda: sparse(prompt, use_cache=False), args.repeats),
+        }
+    return row
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x"
+
+
+def write_markdown(results: dict, markdown: Path) -> None:
+    lines = [
+        "## Decode on sparse CPU kernels: pruned models against their dense weights (`besa.load_sparse`)",
+        "",
+        "Greedy decode at batch 1 after a 16-token prompt, each variant of the same weights in one process: dense "
+        "fp32, dense bf16, and the pruned linears on besa's bitmask kernels with fp32 or bf16 values. `blocks` is "
+        "the time per token inside the decoder blocks (the embedding and the output head stay dense); `ceiling` is "
+        "what the bytes read per token allow (dense bytes / sparse bytes: blocks alone, and with the head). "
+        "Per-linear `bandwidth` is the bytes the kernel reads per second, every pruned linear once per pass in "
+        "model order, against the copy roofline. Models pruned by BESA's defaults from 16 x 256 calibration tokens "
+        "(speed depends on where the zeros are, not on how well they were chosen). Medians of "
+        f"{results['repeats']} repeats of {results['tokens']} tokens.",
+        "",
+        f"Machine: {results['machine']}; kernels: {results['isa']}; copy roofline "
+        + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in results["roofline"].items())
+        + ".",
+        "",
+        "Command:",
+        "",
+        "```",
+        "BESA_DATA_DIR=../shared/data python benchmarks/decode.py --work out/decode",
+        "```",
+        "",
+        "| model | pruned | threads | blocks ms/token dense fp32 | dense bf16 | sparse fp32 | sparse bf16 | blocks "
+        "speed-up vs fp32 | vs bf16 (bf16 values) | ceiling blocks | end-to-end speed-up | ceiling end to end | "
+        "linears held / dense | same tokens | prefill sparse / dense |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for key, row in sorted(results["runs"].items()):
+        model, setting, threads = key.split("|")
+        b = row["bytes"]
+        ceil_blocks = b["blocks_dense"] / b["blocks_sparse"]
+        ceil_all = (b["blocks_dense"] + b["head"]) / (b["blocks_sparse"] + b["head"])
+        d32, d16, s32, s16 = (row[k] for k in ("dense_fp32", "dense_bf16", "sparse_fp32", "sparse_bf16"))
+        lines.append(
+            f"| {model} | {setting} | {threads} | {d32['blocks_s'] * 1e3:.2f} | {d16['blocks_s'] * 1e3:.2f} | "
+            f"{s32['blocks_s'] * 1e3:.2f} | {s16['blocks_s'] * 1e3:.2f} | **{_ratio(d32['blocks_s'], s32['blocks_s'])}** | "
+            f"{_ratio(d16['blocks_s'], s16['blocks_s'])} | {ceil_blocks:.2f}x | "
+            f"{_ratio(d32['token_s'], s32['token_s'])} | {ceil_all:.2f}x | {row['held_ratio']:.3f} | "
+            f"{'yes' if row['same_tokens'] else 'NO'} | {row['prefill']['sparse_fp32'] / row['prefill']['dense_fp32']:.2f} |"
+        )
+    lines += ["", "Per linear shape (all pruned linears of that shape, one token each, from memory):", "",
+              "| model | pruned | threads | shape x count | sparse µs | dense fp32 µs | dense bf16 µs | speed-up vs fp32 | "
+              "bandwidth | of roofline |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for key, row in sorted(results["runs"].items()):
+        model, setting, threads = key.split("|")
+        roof = results["roofline"][threads]
+        for shape, s in row["linears"].items():
+            bw = s["sparse_bytes"] / s["sparse"]
+            lines.append(
+                f"| {model} | {setting} | {threads} | {shape} x {s['count']} | {s['sparse'] * 1e6:.0f} | "
+                f"{s['dense_fp32'] * 1e6:.0f} | {s['dense_bf16'] * 1e6:.0f} | {_ratio(s['dense_fp32'], s['sparse'])} | "
+                f"{bw / 1e9:.1f} GB/s | {bw / roof:.2f} |"
+            )
+    lines += ["", f"![decode speed-up against sparsity]({PLOT.relative_to(ROOT)})"]
+    replace_section(markdown, "decode", "\n".join(lines))
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for key, row in results["runs"].items():
+        model, setting, threads = key.split("|")
+        x = 0.5 if ":" in setting else float(setting)
+        speed = row["dense_fp32"]["blocks_s"] / row["sparse_fp32"]["blocks_s"]
+        series.setdefault((model, threads), []).append((x, speed))
+    for (model, threads), points in sorted(series.items()):
+        points.sort()
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"{model}, {threads} thread(s)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("sparsity (2:4 plotted at 0.5)")
+    ax.set_ylabel("decoder blocks: dense fp32 time / sparse time")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "decode")
+    p.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    p.add_argument("--settings", default="0.5,0.7,2:4")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prefill", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = p.parse_args()
+    from besa.runtime.kernels import ISA_NAMES, kernels
+
+    prune_missing(args, args.work)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    results.update(machine=_machine(), isa=ISA_NAMES[kernels().isa] if kernels().available else "none (fallback)",
+                   tokens=args.tokens, repeats=args.repeats)  # fmt: skip
+    results["roofline"] = {}
+    for threads in args.threads.split(","):
+        torch.set_num_threads(int(threads))
+        results["roofline"][threads] = copy_bandwidth(args.repeats + 2)
+    for model in args.models.split(","):
+        for setting in args.settings.split(","):
+            for threads in args.threads.split(","):
+                key = f"{model}|{setting}|{threads}"
+                if key in results["runs"]:
+                    continue
+                print(f"measuring {key}", flush=True)
+                results["runs"][key] = measure(_folder(args.work, model, setting), int(threads), args)
+                RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results)
+    write_markdown(results, args.markdown)
+
+
+if __name__ == "__main__":
+    main()
