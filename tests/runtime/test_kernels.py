@@ -71,6 +71,23 @@ def test_every_instruction_set_gives_the_dense_product_of_the_masked_weight(
 
 
 @needs_kernels
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_unpacked_weight_is_the_dense_weight_bit_for_bit(rows, cols, sparsity, dtype):
+    w = _pruned(rows, cols, sparsity, seed=rows + cols).to(dtype)
+    packed = pack(w)
+    layer = SparseLinear(packed)
+    assert torch.equal(layer.unpacked(), w.float())
+    for isa in range(kernels().isa + 1):
+        full = kernels().module.bitmask_unpack(packed.mask, packed.values, packed.offsets, isa)
+        assert (
+            full.shape == (rows, packed.kpad)
+            and torch.equal(full[:, :cols], w.float())
+            and not full[:, cols:].any()
+        )
+
+
+@needs_kernels
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
 def test_n_m_weights_multiply_exactly_as_dense(nm):
     w = _pruned(48, 64, 0.5, seed=3, nm=nm)

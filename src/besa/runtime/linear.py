@@ -41,11 +41,20 @@ class SparseLinear(nn.Module):
         if found.available and (self.crossover == 0 or flat.shape[0] < self.crossover):
             y = self.kernel(flat, found.isa)
         else:
-            y = F.linear(flat, self.packed.dense().to(flat.dtype))
+            y = F.linear(flat, self.unpacked().to(flat.dtype))
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def unpacked(self) -> torch.Tensor:
+        """The dense float32 weight, for one product of many tokens (the kernels' unpack, else the layout's own)."""
+        found = kernels()
+        if not found.available:
+            return self.packed.dense().float()
+        p = self.packed
+        dense = found.module.bitmask_unpack(p.mask, p.values, p.offsets, found.isa)
+        return dense if p.kpad == p.cols else dense[:, : p.cols]
 
     def kernel(self, flat: torch.Tensor, isa: int) -> torch.Tensor:
         """The bitmask kernel on (tokens, in) inputs with instruction set ``isa`` (``besa.runtime.kernels``)."""
@@ -77,7 +86,7 @@ def measure_crossover(layer: SparseLinear, counts: tuple[int, ...] = (1, 2, 4, 8
     for count in counts:
         x = torch.randn(count, layer.in_features)
         sparse = _median_seconds(lambda x=x: layer.kernel(x, found.isa))
-        dense = _median_seconds(lambda x=x: F.linear(x, layer.packed.dense().to(x.dtype)))
+        dense = _median_seconds(lambda x=x: F.linear(x, layer.unpacked()))
         if dense < sparse:
             return count
     return 0

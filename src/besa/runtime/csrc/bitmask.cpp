@@ -228,6 +228,46 @@ void run(int64_t isa, const float* x, int64_t tokens, int64_t kpad, const uint8_
     });
 }
 
+// ---------------------------------------------------------------------------------------------------- unpack
+// Rows row0..row1 of the dense (N, kpad) float32 weight, written from the mask and the values: for a prefill, where
+// one dense product of many tokens beats the kernel, the weight exists only for that product.
+template <typename V>
+void unpack_scalar(const uint8_t* mask, int64_t stride, const V* values, const int64_t* offsets, float* out,
+                   int64_t row0, int64_t row1) {
+    const int64_t kpad = stride * 8;
+    for (int64_t r = row0; r < row1; ++r) {
+        float* dst = out + r * kpad;
+        std::memset(dst, 0, sizeof(float) * kpad);
+        int64_t vi = offsets[r];
+        const uint8_t* m = mask + r * stride;
+        for (int64_t byte = 0; byte < stride; ++byte) {
+            uint32_t bits = m[byte];
+            while (bits) {
+                dst[byte * 8 + __builtin_ctz(bits)] = value_at(values, vi++);
+                bits &= bits - 1;
+            }
+        }
+    }
+}
+
+template <typename V>
+__attribute__((target("avx512f,avx512bw,popcnt"))) void unpack_avx512(const uint8_t* mask, int64_t stride,
+                                                                     const V* values, const int64_t* offsets,
+                                                                     float* out, int64_t row0, int64_t row1) {
+    const int64_t chunks = stride / 2, kpad = stride * 8;
+    for (int64_t r = row0; r < row1; ++r) {
+        const uint16_t* m = reinterpret_cast<const uint16_t*>(mask + r * stride);
+        const V* vp = values + offsets[r];
+        float* dst = out + r * kpad;
+        for (int64_t c = 0; c < chunks; ++c) {
+            uint16_t bits;
+            std::memcpy(&bits, m + c, sizeof(bits));
+            _mm512_storeu_ps(dst + c * 16, _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(vp)));
+            vp += _mm_popcnt_u32(bits);
+        }
+    }
+}
+
 }  // namespace
 
 // The best instruction set this CPU runs: 2 AVX-512 (F, BW), 1 AVX2 with FMA, 0 scalar.
@@ -262,7 +302,36 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
     return y;
 }
 
+// The dense (N, kpad) float32 weight of a bitmask weight (columns past the weight's width are zeros).
+torch::Tensor bitmask_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor offsets, int64_t isa) {
+    TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: (N, stride) u8");
+    TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == mask.size(0) + 1, "offsets: (N + 1) i64");
+    TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run the instruction set asked for");
+    const int64_t n_rows = mask.size(0), stride = mask.size(1);
+    auto out = torch::empty({n_rows, stride * 8}, torch::dtype(torch::kFloat32));
+    const auto* mp = mask.data_ptr<uint8_t>();
+    const auto* op = offsets.data_ptr<int64_t>();
+    float* dst = out.data_ptr<float>();
+    auto work = [&](auto* vp) {
+        at::parallel_for(0, n_rows, 16, [&](int64_t row0, int64_t row1) {
+            if (isa == kAvx512) {
+                unpack_avx512(mp, stride, vp, op, dst, row0, row1);
+            } else {
+                unpack_scalar(mp, stride, vp, op, dst, row0, row1);
+            }
+        });
+    };
+    if (values.scalar_type() == torch::kFloat32) {
+        work(values.data_ptr<float>());
+    } else {
+        TORCH_CHECK(values.scalar_type() == torch::kBFloat16, "values: float32 or bfloat16");
+        work(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()));
+    }
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("best_isa", &best_isa, "the best instruction set this CPU runs (0 scalar, 1 AVX2, 2 AVX-512)");
     m.def("bitmask_matmul", &bitmask_matmul, "y = x . W^T for a bitmask weight");
+    m.def("bitmask_unpack", &bitmask_unpack, "the dense (N, kpad) float32 weight of a bitmask weight");
 }
