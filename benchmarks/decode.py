@@ -207,13 +207,34 @@ def measure(folder: Path, threads: int, args: argparse.Namespace) -> dict:
     row["held_ratio"] = held / dense_bytes
     row["bytes"] = bytes_per_token(sparse)
     row["linears"] = linear_passes(sparse, args.repeats)
-    prompt = torch.randint(0, 1000, (1, args.prefill))
+    row["prefill"] = prefill(dense, sparse, args)
+    return row
+
+
+def prefill(dense: torch.nn.Module, sparse: torch.nn.Module, args: argparse.Namespace) -> dict:
+    """Seconds of one forward of ``--prefill`` tokens, dense fp32 and sparse fp32 (with its measured crossover)."""
+    prompt = torch.randint(0, 1000, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        row["prefill"] = {
+        return {
             "dense_fp32": _seconds(lambda: dense(prompt, use_cache=False), args.repeats),
             "sparse_fp32": _seconds(lambda: sparse(prompt, use_cache=False), args.repeats),
+            "crossover": next(m.crossover for m in sparse.modules() if hasattr(m, "packed")),
         }
-    return row
+
+
+def redo_prefill(results: dict, args: argparse.Namespace) -> None:
+    """Measure the prefill of every finished run again (after a change to the prefill path)."""
+    from besa.model.loading import load_model
+    from besa.runtime.load import load_sparse
+
+    for key, row in results["runs"].items():
+        model, setting, threads = key.split("|")
+        torch.set_num_threads(int(threads))
+        folder = _folder(args.work, model, setting)
+        print(f"prefill again: {key}", flush=True)
+        row["prefill"] = prefill(load_model(str(folder))[0], load_sparse(folder)[0], args)
+        row["crossover"] = row["prefill"]["crossover"]
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def _ratio(a: float, b: float) -> str:
@@ -229,7 +250,9 @@ def write_markdown(results: dict, markdown: Path) -> None:
         "the time per token inside the decoder blocks (the embedding and the output head stay dense); `ceiling` is "
         "what the bytes read per token allow (dense bytes / sparse bytes: blocks alone, and with the head). "
         "Per-linear `bandwidth` is the bytes the kernel reads per second, every pruned linear once per pass in "
-        "model order, against the copy roofline. Models pruned by BESA's defaults from 16 x 256 calibration tokens "
+        "model order, against the copy roofline. `prefill` is one forward of 128 tokens, sparse over dense fp32: "
+        "below the crossover measured at load (16 to 64 tokens here) the kernel, from it on the weight unpacked into "
+        "a reused buffer for one dense product. Models pruned by BESA's defaults from 16 x 256 calibration tokens "
         "(speed depends on where the zeros are, not on how well they were chosen). Medians of "
         f"{results['repeats']} repeats of {results['tokens']} tokens.",
         "",
@@ -314,6 +337,9 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument(
+        "--redo-prefill", action="store_true", help="measure the prefill of the finished runs again"
+    )
     args = p.parse_args()
     from besa.runtime.kernels import ISA_NAMES, kernels
 
@@ -325,6 +351,8 @@ def main() -> None:
     for threads in args.threads.split(","):
         torch.set_num_threads(int(threads))
         results["roofline"][threads] = copy_bandwidth(args.repeats + 2)
+    if args.redo_prefill:
+        redo_prefill(results, args)
     for model in args.models.split(","):
         for setting in args.settings.split(","):
             for threads in args.threads.split(","):

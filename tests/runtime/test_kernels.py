@@ -79,7 +79,9 @@ def test_the_unpacked_weight_is_the_dense_weight_bit_for_bit(rows, cols, sparsit
     layer = SparseLinear(packed)
     assert torch.equal(layer.unpacked(), w.float())
     for isa in range(kernels().isa + 1):
-        full = kernels().module.bitmask_unpack(packed.mask, packed.values, packed.offsets, isa)
+        full = kernels().module.bitmask_unpack(
+            packed.mask, packed.values, packed.offsets, isa, torch.full((rows, packed.kpad), 7.0)
+        )
         assert (
             full.shape == (rows, packed.kpad)
             and torch.equal(full[:, :cols], w.float())

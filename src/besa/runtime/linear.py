@@ -18,6 +18,10 @@ from besa.runtime.layout import PackedWeight
 
 __all__ = ["SparseLinear", "measure_crossover"]
 
+# One unpacked weight per shape, reused by every linear of that shape: products run one at a time, and a fresh
+# buffer of a few MiB would be page-faulted in at every product.
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+
 
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` for a weight in the bitmask layout; ``crossover``: from this many tokens on, the weight is
@@ -53,7 +57,10 @@ class SparseLinear(nn.Module):
         if not found.available:
             return self.packed.dense().float()
         p = self.packed
-        dense = found.module.bitmask_unpack(p.mask, p.values, p.offsets, found.isa)
+        key = (p.rows, p.kpad)
+        if _SCRATCH.get(key) is None:
+            _SCRATCH[key] = torch.empty(p.rows, p.kpad)
+        dense = found.module.bitmask_unpack(p.mask, p.values, p.offsets, found.isa, _SCRATCH[key])
         return dense if p.kpad == p.cols else dense[:, : p.cols]
 
     def kernel(self, flat: torch.Tensor, isa: int) -> torch.Tensor:

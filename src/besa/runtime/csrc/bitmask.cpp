@@ -302,13 +302,17 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor 
     return y;
 }
 
-// The dense (N, kpad) float32 weight of a bitmask weight (columns past the weight's width are zeros).
-torch::Tensor bitmask_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor offsets, int64_t isa) {
+// The dense (N, kpad) float32 weight of a bitmask weight (columns past the weight's width are zeros), written into
+// ``out`` (a scratch buffer reused from one product to the next: a fresh one would be page-faulted in every time).
+torch::Tensor bitmask_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor offsets, int64_t isa,
+                             torch::Tensor out) {
     TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: (N, stride) u8");
     TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == mask.size(0) + 1, "offsets: (N + 1) i64");
     TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run the instruction set asked for");
     const int64_t n_rows = mask.size(0), stride = mask.size(1);
-    auto out = torch::empty({n_rows, stride * 8}, torch::dtype(torch::kFloat32));
+    TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == n_rows &&
+                    out.size(1) == stride * 8,
+                "out: contiguous (N, kpad) float32");
     const auto* mp = mask.data_ptr<uint8_t>();
     const auto* op = offsets.data_ptr<int64_t>();
     float* dst = out.data_ptr<float>();
