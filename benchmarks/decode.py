@@ -309,16 +309,21 @@ def plot(results: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    two_four: dict[tuple[str, str], float] = {}
     for key, row in results["runs"].items():
         model, setting, threads = key.split("|")
-        x = 0.5 if ":" in setting else float(setting)
         speed = row["dense_fp32"]["blocks_s"] / row["sparse_fp32"]["blocks_s"]
-        series.setdefault((model, threads), []).append((x, speed))
+        if ":" in setting:
+            two_four[(model, threads)] = speed
+        else:
+            series.setdefault((model, threads), []).append((float(setting), speed))
     for (model, threads), points in sorted(series.items()):
         points.sort()
-        ax.plot(*zip(*points, strict=True), marker="o", label=f"{model}, {threads} thread(s)")
+        line = ax.plot(*zip(*points, strict=True), marker="o", label=f"{model}, {threads} thread(s)")[0]
+        if (model, threads) in two_four:
+            ax.scatter([0.5], [two_four[(model, threads)]], marker="x", s=60, color=line.get_color())
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("sparsity (2:4 plotted at 0.5)")
+    ax.set_xlabel("sparsity (x: 2:4)")
     ax.set_ylabel("decoder blocks: dense fp32 time / sparse time")
     ax.legend(fontsize=8)
     fig.tight_layout()
