@@ -23,10 +23,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import excess_ratio, replace_section  # noqa: E402
 from beyond import CONFIGS, EVAL_ALSO, SETTINGS, _reference_s  # noqa: E402
 from beyond import build_parser as beyond_parser  # noqa: E402
-from unseen import LABELS as UNSEEN_LABELS  # noqa: E402
-from unseen import METHODS as UNSEEN_METHODS  # noqa: E402
 from unseen import TEXT_LABELS, TEXTS  # noqa: E402
 from unseen import build_parser as unseen_parser  # noqa: E402
+from unseen import table_rows as unseen_rows  # noqa: E402
 
 SECTION = "summary"
 TITLE = "# Benchmarks"
@@ -114,36 +113,7 @@ def unseen_table(unseen: dict, marks: dict[str, str]) -> list[str]:
         + " | prune s | time ratio to SparseGPT | peak RSS MiB |",
         "|---|---|---|" + "---:|" * (len(TEXTS) + 3),
     ]
-    for model in dict.fromkeys(k.split("/")[0] for k in unseen):
-        dense = unseen.get(f"{model}/dense")
-        if dense:
-            cells = " | ".join(f"{dense['scores'][t]['ppl']:.2f}" for t in TEXTS)
-            lines.append(f"| {model} | - | dense | {cells} | - | - | - |")
-        rows = [r for k, r in unseen.items() if k.startswith(f"{model}/") and not k.endswith("/dense")]
-        for setting in dict.fromkeys(r["setting"] for r in rows):
-            reference = unseen.get(f"{model}/sparsegpt@{setting}")
-            for method in UNSEEN_METHODS:
-                r = unseen.get(f"{model}/{method}@{setting}")
-                if r is None:
-                    continue
-                cells = []
-                for t in TEXTS:
-                    ppl = r["scores"][t]["ppl"]
-                    ratio = "-"
-                    if method != "sparsegpt":
-                        ratio = excess_ratio(
-                            ppl,
-                            dense and dense["scores"][t]["ppl"],
-                            reference and reference["scores"][t]["ppl"],
-                        )
-                    cells.append(f"{ppl:.2f}" if ratio == "-" else f"{ppl:.2f} ({ratio})")
-                same_run = reference is not None and reference["invocation"] == r["invocation"]
-                time_ratio = f"{r['prune_s'] / reference['prune_s']:.2f}" if same_run else "-"
-                label = UNSEEN_LABELS[method] + marks.get(r.get("machine", ""), "")
-                lines.append(
-                    f"| {model} | {setting} | {label} | {' | '.join(cells)} | {r['prune_s']:.0f} | {time_ratio} |"
-                    f" {r['peak_rss_mib']:.0f} |"
-                )
+    lines += unseen_rows(unseen, marks)
     return lines
 
 

@@ -102,6 +102,43 @@ def run(args, results_path: Path) -> None:
                     write_markdown(args, _store(results_path, key, row))
 
 
+def table_rows(results: dict, marks: dict[str, str] | None = None) -> list[str]:
+    """The table's rows: per model its dense row, then each method at each setting with every text's excess ratio
+    against SparseGPT and a time ratio only within one invocation (``marks``: a suffix for the label by machine)."""
+    rows = [r for k, r in results.items() if not k.endswith("/dense")]
+    lines = []
+    for model in dict.fromkeys(k.split("/")[0] for k in results):
+        dense = results.get(f"{model}/dense")
+        if dense:
+            cells = " | ".join(f"{dense['scores'][t]['ppl']:.2f}" for t in TEXTS)
+            lines.append(f"| {model} | - | dense | {cells} | - | - | - |")
+        for setting in dict.fromkeys(r["setting"] for r in rows if r["model"] == model):
+            reference = results.get(f"{model}/sparsegpt@{setting}")
+            for method in METHODS:
+                r = results.get(f"{model}/{method}@{setting}")
+                if r is None:
+                    continue
+                cells = []
+                for t in TEXTS:
+                    ppl = r["scores"][t]["ppl"]
+                    ratio = "-"
+                    if method != "sparsegpt":
+                        ratio = excess_ratio(
+                            ppl,
+                            dense and dense["scores"][t]["ppl"],
+                            reference and reference["scores"][t]["ppl"],
+                        )
+                    cells.append(f"{ppl:.2f}" if ratio == "-" else f"{ppl:.2f} ({ratio})")
+                same_run = reference is not None and reference["invocation"] == r["invocation"]
+                time_ratio = f"{r['prune_s'] / reference['prune_s']:.2f}" if same_run else "-"
+                label = LABELS[method] + (marks or {}).get(r.get("machine", ""), "")
+                lines.append(
+                    f"| {model} | {setting} | {label} | {' | '.join(cells)} | {r['prune_s']:.0f} | {time_ratio} |"
+                    f" {r['peak_rss_mib']:.0f} |"
+                )
+    return lines
+
+
 def write_markdown(args, results: dict) -> None:
     rows = [r for k, r in results.items() if not k.endswith("/dense")]
     threads = sorted({r["threads"] for r in rows}) or ["-"]
@@ -128,36 +165,7 @@ def write_markdown(args, results: dict) -> None:
         + " | prune s | time ratio | peak RSS MiB |",
         "|---|---|---|" + "---:|" * (len(TEXTS) + 3),
     ]
-    models = list(dict.fromkeys(k.split("/")[0] for k in results))
-    for model in models:
-        dense = results.get(f"{model}/dense")
-        if dense:
-            cells = " | ".join(f"{dense['scores'][t]['ppl']:.2f}" for t in TEXTS)
-            lines.append(f"| {model} | - | dense | {cells} | - | - | - |")
-        settings = list(dict.fromkeys(r["setting"] for r in rows if r["model"] == model))
-        for setting in settings:
-            reference = results.get(f"{model}/sparsegpt@{setting}")
-            for method in METHODS:
-                r = results.get(f"{model}/{method}@{setting}")
-                if r is None:
-                    continue
-                cells = []
-                for t in TEXTS:
-                    ppl = r["scores"][t]["ppl"]
-                    ratio = "-"
-                    if method != "sparsegpt":
-                        ratio = excess_ratio(
-                            ppl,
-                            dense and dense["scores"][t]["ppl"],
-                            reference and reference["scores"][t]["ppl"],
-                        )
-                    cells.append(f"{ppl:.2f}" if ratio == "-" else f"{ppl:.2f} ({ratio})")
-                same_run = reference is not None and reference["invocation"] == r["invocation"]
-                time_ratio = f"{r['prune_s'] / reference['prune_s']:.2f}" if same_run else "-"
-                lines.append(
-                    f"| {model} | {setting} | {LABELS[method]} | {' | '.join(cells)} | {r['prune_s']:.0f} |"
-                    f" {time_ratio} | {r['peak_rss_mib']:.0f} |"
-                )
+    lines += table_rows(results)
     replace_section(Path(args.markdown), "unseen", "\n".join(lines))
 
 
