@@ -112,7 +112,6 @@ def test_a_forward_of_any_shape_and_bias_matches_nn_linear():
     layer.crossover = 4  # six tokens: the weight unpacked for one dense product
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
     assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
-    assert measure_crossover(layer, counts=(1, 2)) in (0, 1, 2)
 
 
 def test_without_kernels_every_product_runs_dense_and_says_why(monkeypatch):
@@ -129,3 +128,31 @@ def test_without_kernels_every_product_runs_dense_and_says_why(monkeypatch):
         assert measure_crossover(layer) == 0
     finally:
         kernels_module.kernels.cache_clear()
+
+
+@needs_kernels
+def test_the_crossover_is_the_first_token_count_where_the_dense_product_wins(monkeypatch):
+    from besa.runtime import linear as linear_module
+
+    layer = SparseLinear(pack(_pruned(24, 40, 0.5, seed=4)))
+    timed: list[tuple[str, int]] = []
+
+    def fake_seconds(
+        fn, repeats=5
+    ):  # the kernel costs 1 + tokens / 4, the dense product 4, whatever it multiplies
+        tokens = fake_seconds.tokens
+        kind = "dense" if len(timed) % 2 else "kernel"
+        timed.append((kind, tokens))
+        return 4.0 if kind == "dense" else 1.0 + tokens / 4
+
+    original = linear_module.torch.randn
+
+    def randn(count, width, *args, **kwargs):
+        fake_seconds.tokens = count
+        return original(count, width, *args, **kwargs)
+
+    monkeypatch.setattr(linear_module, "_median_seconds", fake_seconds)
+    monkeypatch.setattr(linear_module.torch, "randn", randn)
+    assert measure_crossover(layer, counts=(1, 2, 4, 8, 16, 32)) == 16  # 1 + 16 / 4 = 5 > 4: dense from 16 on
+    assert timed[-2:] == [("kernel", 16), ("dense", 16)] and len(timed) == 10  # it stops at the crossover
+    assert measure_crossover(layer, counts=(1, 2)) == 0  # the kernel wins at every count tried

@@ -31,6 +31,10 @@ def is_two_four(w: torch.Tensor) -> bool:
     return cols % 4 == 0 and bool(((w == 0).reshape(rows, cols // 4, 4).sum(-1) >= 2).all())
 
 
+_CROSSOVERS: dict[tuple[int, ...], int] = {}
+"""The bitmask twins' prefill crossover by weight shape, measured on the first linear of that shape."""
+
+
 class SparseTwin(nn.Module):
     """A linear whose weight is held in a sparse layout: ``bitmask`` (besa's CPU kernels, ``besa.runtime``), ``csr``
     (any device) or ``2:4`` (CUDA semi-structured)."""
@@ -46,7 +50,10 @@ class SparseTwin(nn.Module):
             from besa.runtime.linear import SparseLinear, measure_crossover
 
             self.bitmask = SparseLinear(pack(w), None)
-            self.bitmask.crossover = measure_crossover(self.bitmask, counts=(1, 8, 32, 128))
+            shape = tuple(w.shape)  # measured once per shape, not once per linear
+            if shape not in _CROSSOVERS:
+                _CROSSOVERS[shape] = measure_crossover(self.bitmask, counts=(1, 8, 32, 128))
+            self.bitmask.crossover = _CROSSOVERS[shape]
         elif kind == "2:4":
             from torch.sparse import to_sparse_semi_structured
 
