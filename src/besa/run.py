@@ -63,6 +63,7 @@ class PruneRun:
     tokenizer: Any = None
     calib_ids: torch.Tensor | None = None
     # filled by the steps
+    local_ids: torch.Tensor | None = None
     pruner: Any = None
     where: ResolvedRun | None = None
     device: torch.device | None = None
@@ -170,6 +171,9 @@ class PruneRun:
                 self.documents, self.tokenizer, self.config.calibration, self.bos
             )
         self.timings["sample_calibration"] = time.perf_counter() - t
+        # data parallel: this rank's whole forward batches of the windows (all of them in one process)
+        if self.calib_ids is not None:
+            self.local_ids = distributed.shard_windows(self.calib_ids, self.config.runtime.forward_batch)
         engine_ids = self._engine_ids()
         if where.run_dir is not None and (engine_ids is not None or self.streamer is not None):
             fingerprint = run_fingerprint(
@@ -190,7 +194,7 @@ class PruneRun:
         dense targets, measured before any block is pruned, and its training are part of pruning with KL).
         """
         config, options, pruner, model = self.config, self.options, self.pruner, self.model
-        local_ids = self._local_ids()
+        local_ids = self.local_ids
         t = time.perf_counter()
         targets = None
         if config.kl.epochs and local_ids is not None:
@@ -276,11 +280,5 @@ class PruneRun:
     def _window(self) -> int:
         return self.calib_ids.shape[1] if self.calib_ids is not None else self.config.calibration.seqlen
 
-    def _local_ids(self) -> torch.Tensor | None:
-        """Data parallel: this rank's whole forward batches of the windows (all of them in one process)."""
-        if self.calib_ids is None:
-            return None
-        return distributed.shard_windows(self.calib_ids, self.config.runtime.forward_batch)
-
     def _engine_ids(self) -> torch.Tensor | None:  # a data-free method runs through the engine without data
-        return self._local_ids() if self.pruner.engine_uses_data else None
+        return self.local_ids if self.pruner.engine_uses_data else None
