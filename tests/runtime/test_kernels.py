@@ -55,7 +55,7 @@ def test_the_layout_holds_exactly_the_kept_values(rows, cols, sparsity, dtype):
 @needs_kernels
 @pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 13])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 13, 18])
 def test_every_instruction_set_gives_the_dense_product_of_the_masked_weight(
     rows, cols, sparsity, dtype, tokens
 ):
@@ -80,7 +80,7 @@ def test_the_unpacked_weight_is_the_dense_weight_bit_for_bit(rows, cols, sparsit
     assert torch.equal(layer.unpacked(), w.float())
     for isa in range(kernels().isa + 1):
         full = kernels().module.bitmask_unpack(
-            packed.mask, packed.values, packed.offsets, isa, torch.full((rows, packed.kpad), 7.0)
+            packed.mask, packed.values, packed.offsets, rows, isa, torch.full((rows, packed.kpad), 7.0)
         )
         assert (
             full.shape == (rows, packed.kpad)

@@ -42,6 +42,21 @@ def test_greedy_decode_on_sparse_modules_gives_the_dense_weights_tokens(sparse_f
     assert tokenizer is not None
 
 
+def test_decode_reuses_the_cache_one_token_a_step(sparse_folder):
+    """The saved config keeps the cache on (pruning turns it off only for its own forwards), and a decode step
+    feeds the sparse linears the new token alone, not the whole sequence again."""
+    import json
+
+    assert json.loads((sparse_folder / "config.json").read_text())["use_cache"] is True
+    model, _ = load_sparse(sparse_folder, crossover=0)
+    seen: list[int] = []
+    first = next(m for m in model.modules() if isinstance(m, SparseLinear))
+    first.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[-2]))
+    with torch.no_grad():
+        model.generate(torch.tensor([[1, 5, 9, 20, 7]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert seen == [5, 1, 1, 1]
+
+
 def test_bfloat16_values_decode_like_the_bfloat16_dense_model(sparse_folder):
     model, _ = load_sparse(sparse_folder, dtype=torch.bfloat16, crossover=0)
     assert all(

@@ -62,11 +62,18 @@ def save_pruned(
     ``report["size_on_disk"]`` gets the weights' bytes, dense vs saved. ``overwrite`` replaces only a folder besa
     wrote. An interrupted save leaves ``out`` untouched (absent, or the previous content when overwriting)."""
     out = check_output_dir(out, overwrite)
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
     try:
+        if cached is not None:  # loading turned the cache off for the run's own forwards, not for the user's
+            config.use_cache = True
         _write_folder(model, tokenizer, out, report, options or SaveOptions())
     except (OSError, SafetensorError) as exc:
         needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         raise write_error(exc, "the pruned model", out, needed) from None
+    finally:
+        if cached is not None:
+            config.use_cache = cached
     return out
 
 

@@ -35,20 +35,18 @@ class SparseLinear(nn.Module):
         self.crossover = crossover
 
     def extra_repr(self) -> str:
-        kept = int(self.packed.offsets[-1]) / max(self.packed.rows * self.packed.cols, 1)
+        kept = self.packed.nnz / max(self.packed.rows * self.packed.cols, 1)
         return (f"in_features={self.in_features}, out_features={self.out_features}, kept={kept:.3f}, "
                 f"values={str(self.packed.values.dtype).removeprefix('torch.')}")  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
         found = kernels()
-        if found.available and (self.crossover == 0 or flat.shape[0] < self.crossover):
-            y = self.kernel(flat, found.isa)
-        else:
-            y = F.linear(flat, self.unpacked().to(flat.dtype))
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
+        p = self.packed
+        if found.available and (self.crossover == 0 or x.numel() < self.crossover * self.in_features):
+            return found.module.bitmask_linear(x, p.mask, p.values, p.offsets, p.rows, self.bias, found.isa)
+        flat = x.reshape(-1, self.in_features)
+        bias = None if self.bias is None else self.bias.to(flat.dtype)
+        y = F.linear(flat, self.unpacked().to(flat.dtype), bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def unpacked(self) -> torch.Tensor:
@@ -60,18 +58,14 @@ class SparseLinear(nn.Module):
         key = (p.rows, p.kpad)
         if _SCRATCH.get(key) is None:
             _SCRATCH[key] = torch.empty(p.rows, p.kpad)
-        dense = found.module.bitmask_unpack(p.mask, p.values, p.offsets, found.isa, _SCRATCH[key])
+        dense = found.module.bitmask_unpack(p.mask, p.values, p.offsets, p.rows, found.isa, _SCRATCH[key])
         return dense if p.kpad == p.cols else dense[:, : p.cols]
 
     def kernel(self, flat: torch.Tensor, isa: int) -> torch.Tensor:
-        """The bitmask kernel on (tokens, in) inputs with instruction set ``isa`` (``besa.runtime.kernels``)."""
+        """The bitmask kernel on (tokens, in) inputs with instruction set ``isa`` (``besa.runtime.kernels``): float32
+        (tokens, out), no bias."""
         p = self.packed
-        if p.kpad == self.in_features:  # widths of 16 columns: no copy unless the dtype or layout needs one
-            padded = flat.to(torch.float32).contiguous()
-        else:
-            padded = torch.zeros(flat.shape[0], p.kpad, dtype=torch.float32)
-            padded[:, : self.in_features] = flat
-        return kernels().module.bitmask_matmul(padded, p.mask, p.values, p.offsets, isa)
+        return kernels().module.bitmask_linear(flat.float(), p.mask, p.values, p.offsets, p.rows, None, isa)
 
 
 def _median_seconds(fn, repeats: int = 5) -> float:

@@ -35,7 +35,7 @@ def load_sparse(
     """``(model, tokenizer)`` of a folder written by ``besa prune --save-format sparse``, in eval mode, every pruned
     ``nn.Linear`` a ``SparseLinear`` holding its kept values in ``dtype`` (float32 or bfloat16; the rest of the model
     too). ``crossover``: the token count from which a forward unpacks the weight for a dense product instead of the
-    kernel (``None``: measured now on the largest pruned linear). Without the kernels it says so, once, and runs
+    kernel (``None``: measured now, once per weight shape). Without the kernels it says so, once, and runs
     every product dense."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -76,12 +76,20 @@ def load_sparse(
     found = kernels()
     if not found.available:
         print(f"besa: {found.reason}", file=sys.stderr)
-    elif swapped:
-        largest = max(swapped, key=lambda m: m.packed.rows * m.packed.cols)
-        cut = measure_crossover(largest) if crossover is None else crossover
+    elif swapped:  # one crossover per weight shape, measured on the first linear of that shape
+        cuts: dict[tuple[int, int], int] = {}
         for layer in swapped:
-            layer.crossover = cut
-    model.config.use_cache = True
+            shape = (layer.out_features, layer.in_features)
+            if shape not in cuts:
+                cuts[shape] = measure_crossover(layer) if crossover is None else crossover
+            layer.crossover = cuts[shape]
+    model.config.use_cache = True  # older besa folders saved it off
+    if getattr(model, "generation_config", None) is not None:
+        if (folder / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.generation_config.use_cache = True  # decode reuses the keys and values of the tokens before
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.eval(), tokenizer
 

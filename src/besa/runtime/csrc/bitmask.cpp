@@ -1,25 +1,30 @@
 // Sparse matrix products over a bitmask layout, for decoding pruned models on the CPU.
 //
-// A weight (N rows, K columns) is held as
-//   mask    uint8 (N, stride): bit c of row n (least significant bit first, 16 columns per 2 bytes) is set when
-//           column c is kept; stride = 2 * ceil(K / 16), the bits past K are zero;
-//   values  float32 or bfloat16 (nnz + 16): the kept weights, row after row, then 16 zeros of padding (a vector
-//           load may reach past the last row's values);
-//   offsets int64 (N + 1): where each row's values start.
-// y (B, N) = x (B, K_pad) . W^T reads only the mask and the kept values: 16 (or 8) columns at a time, the kept values
-// are loaded contiguously and spread to their columns (AVX-512: vexpandps; AVX2: a permutation from a table), then
-// multiplied with x. Rows are split over OpenMP threads. The scalar path is the reference and the fallback.
+// A weight (N rows, K columns) is held in groups of 8 rows (the last group padded with empty rows), cut into chunks
+// of 16 columns (K_pad = 16 * chunks, the columns past K empty):
+//   mask    uint8 (groups, 16 * chunks): for group g, chunk c and row i of the group, the 16-bit word at word
+//           c * 8 + i has bit j set when column 16 c + j of row 8 g + i is kept;
+//   values  float32 or bfloat16 (nnz + 16): the kept weights group after group, within a group chunk after chunk,
+//           within a chunk row after row, in column order; then 16 zeros (a vector load may reach past the end);
+//   offsets int64 (groups + 1): where each group's values start.
+// The 8 rows of a group are interleaved chunk by chunk so that one product streams through the mask and the values
+// once, in order, and one load of x serves 8 rows. y (B, N) = x (B, K_pad) . W^T reads only the mask and the kept
+// values: 16 (or 8) columns at a time the kept values are loaded contiguously and spread to their columns
+// (AVX-512: vexpandps; AVX2: a permutation from a table), then multiplied with x. Groups are split over torch's
+// threads. The scalar path is the reference and the fallback.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
 
 namespace {
 
-constexpr int kMaxTokens = 8;  // tokens multiplied per expansion of a row's values (registers of accumulators)
+constexpr int kGroup = 8;       // rows per group
+constexpr int kMaxTokens = 8;   // tokens multiplied per pass over a group's values
 
 inline float bf16_to_float(uint16_t v) {
     uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -35,28 +40,45 @@ inline float value_at<float>(const float* p, int64_t i) { return p[i]; }
 template <>
 inline float value_at<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 
+// Kept values of the rows [from, to) of a group in one chunk (``words``: the chunk's 8 mask words).
+inline int64_t kept(const uint16_t* words, int from, int to) {
+    int64_t n = 0;
+    for (int i = from; i < to; ++i) n += __builtin_popcount(words[i]);
+    return n;
+}
+
+// One product's operands, shared by every path.
+template <typename V>
+struct Operands {
+    const float* x;       // (tokens, kpad)
+    int64_t tokens, kpad, chunks;
+    const uint16_t* mask;  // (groups, chunks, 8) words
+    const V* values;
+    const int64_t* offsets;
+    float* y;              // (tokens, n_rows)
+    int64_t n_rows;
+};
+
 // ---------------------------------------------------------------------------------------------------- scalar
 template <typename V>
-void rows_scalar(const float* x, int64_t tokens, int64_t kpad, const uint8_t* mask, int64_t stride, const V* values,
-                 const int64_t* offsets, float* y, int64_t n_rows, int64_t row0, int64_t row1) {
-    for (int64_t r = row0; r < row1; ++r) {
-        const uint8_t* m = mask + r * stride;
-        int64_t v = offsets[r];
-        float acc[kMaxTokens];
-        for (int64_t t0 = 0; t0 < tokens; t0 += kMaxTokens) {
-            const int64_t nt = std::min<int64_t>(kMaxTokens, tokens - t0);
-            for (int64_t t = 0; t < nt; ++t) acc[t] = 0.f;
-            int64_t vi = v;
-            for (int64_t byte = 0; byte < stride; ++byte) {
-                uint32_t bits = m[byte];
-                while (bits) {
-                    const int64_t c = byte * 8 + __builtin_ctz(bits);
-                    const float w = value_at(values, vi++);
-                    for (int64_t t = 0; t < nt; ++t) acc[t] += w * x[(t0 + t) * kpad + c];
-                    bits &= bits - 1;
+void group_scalar(const Operands<V>& o, int64_t g) {
+    const uint16_t* mg = o.mask + g * o.chunks * kGroup;
+    for (int i = 0; i < kGroup && g * kGroup + i < o.n_rows; ++i) {
+        for (int64_t t0 = 0; t0 < o.tokens; t0 += kMaxTokens) {
+            const int64_t nt = std::min<int64_t>(kMaxTokens, o.tokens - t0);
+            float acc[kMaxTokens] = {0.f};
+            const V* chunk = o.values + o.offsets[g];
+            for (int64_t c = 0; c < o.chunks; ++c) {
+                const uint16_t* words = mg + c * kGroup;
+                const V* p = chunk + kept(words, 0, i);
+                for (uint32_t bits = words[i]; bits; bits &= bits - 1) {
+                    const int64_t col = c * 16 + __builtin_ctz(bits);
+                    const float w = value_at(p++, 0);
+                    for (int64_t t = 0; t < nt; ++t) acc[t] += w * o.x[(t0 + t) * o.kpad + col];
                 }
+                chunk += kept(words, 0, kGroup);
             }
-            for (int64_t t = 0; t < nt; ++t) y[(t0 + t) * n_rows + r] = acc[t];
+            for (int64_t t = 0; t < nt; ++t) o.y[(t0 + t) * o.n_rows + g * kGroup + i] = acc[t];
         }
     }
 }
@@ -94,51 +116,45 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-template <typename V, int NT, int U>
-__attribute__((target("avx2,fma,popcnt"))) inline void tile_avx2(const float* x, int64_t kpad, const uint8_t* m,
-                                                                int64_t bytes, const V* vp, float* out,
-                                                                int64_t out_step) {
-    const Avx2Tables& tab = avx2_tables();
-    __m256 acc[U][NT];
-    for (int u = 0; u < U; ++u)
-        for (int t = 0; t < NT; ++t) acc[u][t] = _mm256_setzero_ps();
-    for (int64_t byte = 0; byte < bytes; byte += U) {  // ``bytes`` is even and U is 1 or 2
-        for (int u = 0; u < U; ++u) {
-            const uint32_t bits = m[byte + u];
-            const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[bits]));
-            const __m256 keep =
-                _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tab.keep[bits])));
-            const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(vp), perm), keep);
-            vp += _mm_popcnt_u32(bits);
-            const float* xc = x + (byte + u) * 8;
-            for (int t = 0; t < NT; ++t) acc[u][t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xc + t * kpad), acc[u][t]);
-        }
-    }
-    for (int t = 0; t < NT; ++t) {
-        __m256 sum = acc[0][t];
-        for (int u = 1; u < U; ++u) sum = _mm256_add_ps(sum, acc[u][t]);
-        out[t * out_step] = hsum256(sum);
-    }
+// The 8 kept-or-zero weights of ``bits`` (8 columns) from the values at ``p``, which it advances.
+template <typename V>
+__attribute__((target("avx2,fma,popcnt"))) inline __m256 spread8(const Avx2Tables& tab, uint32_t bits, const V*& p) {
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[bits]));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tab.keep[bits])));
+    const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(p), perm), keep);
+    p += _mm_popcnt_u32(bits);
+    return w;
 }
 
-template <typename V>
-__attribute__((target("avx2,fma,popcnt"))) void rows_avx2(const float* x, int64_t tokens, int64_t kpad,
-                                                         const uint8_t* mask, int64_t stride, const V* values,
-                                                         const int64_t* offsets, float* y, int64_t n_rows,
-                                                         int64_t row0, int64_t row1) {
-    for (int64_t r = row0; r < row1; ++r) {
-        const uint8_t* m = mask + r * stride;
-        const V* vp = values + offsets[r];
-        int64_t t0 = 0;
-        for (; t0 + 4 <= tokens; t0 += 4) tile_avx2<V, 4, 1>(x + t0 * kpad, kpad, m, stride, vp, y + t0 * n_rows + r, n_rows);
-        const float* xt = x + t0 * kpad;
-        float* yt = y + t0 * n_rows + r;
-        switch (tokens - t0) {
-            case 0: break;
-            case 1: tile_avx2<V, 1, 2>(xt, kpad, m, stride, vp, yt, n_rows); break;
-            case 2: tile_avx2<V, 2, 2>(xt, kpad, m, stride, vp, yt, n_rows); break;
-            default: tile_avx2<V, 3, 1>(xt, kpad, m, stride, vp, yt, n_rows); break;
+// Rows [i0, i0 + RS) of group ``g`` times tokens [t0, t0 + NT).
+template <typename V, int NT, int RS>
+__attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const Operands<V>& o, int64_t g, int i0, int64_t t0) {
+    const Avx2Tables& tab = avx2_tables();
+    const uint16_t* mg = o.mask + g * o.chunks * kGroup;
+    const float* x = o.x + t0 * o.kpad;
+    __m256 acc[RS][NT];
+    for (int i = 0; i < RS; ++i)
+        for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_setzero_ps();
+    const V* chunk = o.values + o.offsets[g];
+    for (int64_t c = 0; c < o.chunks; ++c) {
+        const uint16_t* words = mg + c * kGroup;
+        const V* p = RS == kGroup ? chunk : chunk + kept(words, 0, i0);
+        const float* xc = x + c * 16;
+        for (int i = 0; i < RS; ++i) {
+            const uint32_t bits = words[i0 + i];
+            const __m256 lo = spread8(tab, bits & 0xff, p);
+            const __m256 hi = spread8(tab, bits >> 8, p);
+            for (int t = 0; t < NT; ++t) {
+                acc[i][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xc + t * o.kpad), acc[i][t]);
+                acc[i][t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xc + t * o.kpad + 8), acc[i][t]);
+            }
         }
+        chunk = RS == kGroup ? p : p + kept(words, i0 + RS, kGroup);
+    }
+    for (int i = 0; i < RS; ++i) {
+        const int64_t row = g * kGroup + i0 + i;
+        if (row < o.n_rows)
+            for (int t = 0; t < NT; ++t) o.y[(t0 + t) * o.n_rows + row] = hsum256(acc[i][t]);
     }
 }
 
@@ -149,122 +165,113 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) inline __m512 load16(const ui
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-// One tile of ``NT`` tokens of one row, with ``U`` accumulators per token taking turns over the chunks, so that
-// a single token (decode) is not held up by the latency of one chain of fused multiply-adds.
-template <typename V, int NT, int U>
-__attribute__((target("avx512f,avx512bw,popcnt"))) inline void tile_avx512(const float* x, int64_t kpad,
-                                                                          const uint16_t* m, int64_t chunks,
-                                                                          const V* vp, float* out, int64_t out_step) {
-    __m512 acc[U][NT];
-    for (int u = 0; u < U; ++u)
-        for (int t = 0; t < NT; ++t) acc[u][t] = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + U <= chunks; c += U) {
-        for (int u = 0; u < U; ++u) {
-            uint16_t bits;
-            std::memcpy(&bits, m + c + u, sizeof(bits));
-            const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(vp));
-            vp += _mm_popcnt_u32(bits);
-            const float* xc = x + (c + u) * 16;
-            for (int t = 0; t < NT; ++t) acc[u][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + t * kpad), acc[u][t]);
+// Rows [i0, i0 + RS) of group ``g`` times tokens [t0, t0 + NT): each chunk of x is loaded once for RS rows.
+template <typename V, int NT, int RS>
+__attribute__((target("avx512f,avx512bw,popcnt"))) void tile_avx512(const Operands<V>& o, int64_t g, int i0,
+                                                                    int64_t t0) {
+    const uint16_t* mg = o.mask + g * o.chunks * kGroup;
+    const float* x = o.x + t0 * o.kpad;
+    __m512 acc[RS][NT];
+    for (int i = 0; i < RS; ++i)
+        for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
+    const V* chunk = o.values + o.offsets[g];
+    for (int64_t c = 0; c < o.chunks; ++c) {
+        const uint16_t* words = mg + c * kGroup;
+        const V* p = RS == kGroup ? chunk : chunk + kept(words, 0, i0);
+        __m512 xv[NT];
+        for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * o.kpad + c * 16);
+        for (int i = 0; i < RS; ++i) {
+            const uint32_t bits = words[i0 + i];
+            const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(p));
+            p += _mm_popcnt_u32(bits);
+            for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_fmadd_ps(w, xv[t], acc[i][t]);
         }
+        chunk = RS == kGroup ? p : p + kept(words, i0 + RS, kGroup);
     }
-    for (; c < chunks; ++c) {
-        uint16_t bits;
-        std::memcpy(&bits, m + c, sizeof(bits));
-        const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(vp));
-        vp += _mm_popcnt_u32(bits);
-        const float* xc = x + c * 16;
-        for (int t = 0; t < NT; ++t) acc[0][t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xc + t * kpad), acc[0][t]);
-    }
-    for (int t = 0; t < NT; ++t) {
-        __m512 sum = acc[0][t];
-        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, acc[u][t]);
-        out[t * out_step] = _mm512_reduce_add_ps(sum);
+    for (int i = 0; i < RS; ++i) {
+        const int64_t row = g * kGroup + i0 + i;
+        if (row < o.n_rows)
+            for (int t = 0; t < NT; ++t) o.y[(t0 + t) * o.n_rows + row] = _mm512_reduce_add_ps(acc[i][t]);
     }
 }
 
-template <typename V>
-__attribute__((target("avx512f,avx512bw,popcnt"))) void rows_avx512(const float* x, int64_t tokens, int64_t kpad,
-                                                                   const uint8_t* mask, int64_t stride,
-                                                                   const V* values, const int64_t* offsets, float* y,
-                                                                   int64_t n_rows, int64_t row0, int64_t row1) {
-    const int64_t chunks = stride / 2;
-    for (int64_t r = row0; r < row1; ++r) {
-        const uint16_t* m = reinterpret_cast<const uint16_t*>(mask + r * stride);
-        const V* vp = values + offsets[r];
-        int64_t t0 = 0;
-        for (; t0 + 8 <= tokens; t0 += 8) tile_avx512<V, 8, 1>(x + t0 * kpad, kpad, m, chunks, vp, y + t0 * n_rows + r, n_rows);
-        const int64_t left = tokens - t0;
-        const float* xt = x + t0 * kpad;
-        float* yt = y + t0 * n_rows + r;
-        switch (left) {
-            case 0: break;
-            case 1: tile_avx512<V, 1, 4>(xt, kpad, m, chunks, vp, yt, n_rows); break;
-            case 2: tile_avx512<V, 2, 4>(xt, kpad, m, chunks, vp, yt, n_rows); break;
-            case 3: tile_avx512<V, 3, 2>(xt, kpad, m, chunks, vp, yt, n_rows); break;
-            case 4: tile_avx512<V, 4, 2>(xt, kpad, m, chunks, vp, yt, n_rows); break;
-            case 5: tile_avx512<V, 5, 1>(xt, kpad, m, chunks, vp, yt, n_rows); break;
-            case 6: tile_avx512<V, 6, 1>(xt, kpad, m, chunks, vp, yt, n_rows); break;
-            default: tile_avx512<V, 7, 1>(xt, kpad, m, chunks, vp, yt, n_rows); break;
-        }
+// Every row of group ``g`` times ``nt`` tokens from t0, RS rows at a time (RS * NT accumulators fit the registers).
+template <typename V, int NT, int RS, bool Wide>
+void rows_of(const Operands<V>& o, int64_t g, int64_t t0) {
+    for (int i0 = 0; i0 < kGroup && g * kGroup + i0 < o.n_rows; i0 += RS) {
+        if constexpr (Wide) tile_avx512<V, NT, RS>(o, g, i0, t0);
+        else tile_avx2<V, NT, RS>(o, g, i0, t0);
+    }
+}
+
+template <typename V, bool Wide>
+void group_simd(const Operands<V>& o, int64_t g) {
+    int64_t t0 = 0;
+    for (; t0 + kMaxTokens <= o.tokens; t0 += kMaxTokens) rows_of<V, 8, Wide ? 2 : 1, Wide>(o, g, t0);
+    switch (o.tokens - t0) {
+        case 0: break;
+        case 1: rows_of<V, 1, 8, Wide>(o, g, t0); break;
+        case 2: rows_of<V, 2, Wide ? 8 : 4, Wide>(o, g, t0); break;
+        case 3: rows_of<V, 3, Wide ? 4 : 2, Wide>(o, g, t0); break;
+        case 4: rows_of<V, 4, Wide ? 4 : 2, Wide>(o, g, t0); break;
+        case 5: rows_of<V, 5, Wide ? 2 : 1, Wide>(o, g, t0); break;
+        case 6: rows_of<V, 6, Wide ? 2 : 1, Wide>(o, g, t0); break;
+        default: rows_of<V, 7, Wide ? 2 : 1, Wide>(o, g, t0); break;
     }
 }
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 template <typename V>
-void run(int64_t isa, const float* x, int64_t tokens, int64_t kpad, const uint8_t* mask, int64_t stride,
-         const V* values, const int64_t* offsets, float* y, int64_t n_rows) {
-    const int64_t grain = std::max<int64_t>(1, n_rows / (8 * std::max(1, at::get_num_threads())));
-    at::parallel_for(0, n_rows, grain, [&](int64_t row0, int64_t row1) {
-        if (isa == kAvx512) {
-            rows_avx512(x, tokens, kpad, mask, stride, values, offsets, y, n_rows, row0, row1);
-        } else if (isa == kAvx2) {
-            rows_avx2(x, tokens, kpad, mask, stride, values, offsets, y, n_rows, row0, row1);
-        } else {
-            rows_scalar(x, tokens, kpad, mask, stride, values, offsets, y, n_rows, row0, row1);
+void run(int64_t isa, const Operands<V>& o, int64_t groups) {
+    const int64_t grain = std::max<int64_t>(1, groups / (8 * std::max(1, at::get_num_threads())));
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+            if (isa == kAvx512) group_simd<V, true>(o, g);
+            else if (isa == kAvx2) group_simd<V, false>(o, g);
+            else group_scalar(o, g);
         }
     });
 }
 
 // ---------------------------------------------------------------------------------------------------- unpack
-// Rows row0..row1 of the dense (N, kpad) float32 weight, written from the mask and the values: for a prefill, where
-// one dense product of many tokens beats the kernel, the weight exists only for that product.
+// The rows of group ``g`` of the dense (N, kpad) float32 weight, written from the mask and the values: for a
+// prefill, where one dense product of many tokens beats the kernel, the weight exists only for that product.
 template <typename V>
-void unpack_scalar(const uint8_t* mask, int64_t stride, const V* values, const int64_t* offsets, float* out,
-                   int64_t row0, int64_t row1) {
-    const int64_t kpad = stride * 8;
-    for (int64_t r = row0; r < row1; ++r) {
-        float* dst = out + r * kpad;
-        std::memset(dst, 0, sizeof(float) * kpad);
-        int64_t vi = offsets[r];
-        const uint8_t* m = mask + r * stride;
-        for (int64_t byte = 0; byte < stride; ++byte) {
-            uint32_t bits = m[byte];
-            while (bits) {
-                dst[byte * 8 + __builtin_ctz(bits)] = value_at(values, vi++);
-                bits &= bits - 1;
-            }
+void unpack_scalar(const Operands<V>& o, int64_t g, float* out) {
+    const uint16_t* mg = o.mask + g * o.chunks * kGroup;
+    const int rows = static_cast<int>(std::min<int64_t>(kGroup, o.n_rows - g * kGroup));
+    std::memset(out + g * kGroup * o.kpad, 0, sizeof(float) * rows * o.kpad);
+    const V* p = o.values + o.offsets[g];
+    for (int64_t c = 0; c < o.chunks; ++c) {
+        for (int i = 0; i < kGroup; ++i) {
+            for (uint32_t bits = mg[c * kGroup + i]; bits; bits &= bits - 1)
+                out[(g * kGroup + i) * o.kpad + c * 16 + __builtin_ctz(bits)] = value_at(p++, 0);
         }
     }
 }
 
 template <typename V>
-__attribute__((target("avx512f,avx512bw,popcnt"))) void unpack_avx512(const uint8_t* mask, int64_t stride,
-                                                                     const V* values, const int64_t* offsets,
-                                                                     float* out, int64_t row0, int64_t row1) {
-    const int64_t chunks = stride / 2, kpad = stride * 8;
-    for (int64_t r = row0; r < row1; ++r) {
-        const uint16_t* m = reinterpret_cast<const uint16_t*>(mask + r * stride);
-        const V* vp = values + offsets[r];
-        float* dst = out + r * kpad;
-        for (int64_t c = 0; c < chunks; ++c) {
-            uint16_t bits;
-            std::memcpy(&bits, m + c, sizeof(bits));
-            _mm512_storeu_ps(dst + c * 16, _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(vp)));
-            vp += _mm_popcnt_u32(bits);
+__attribute__((target("avx512f,avx512bw,popcnt"))) void unpack_avx512(const Operands<V>& o, int64_t g, float* out) {
+    const uint16_t* mg = o.mask + g * o.chunks * kGroup;
+    const V* p = o.values + o.offsets[g];
+    for (int64_t c = 0; c < o.chunks; ++c) {
+        for (int i = 0; i < kGroup; ++i) {
+            const uint32_t bits = mg[c * kGroup + i];
+            const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(p));
+            p += _mm_popcnt_u32(bits);
+            if (g * kGroup + i < o.n_rows) _mm512_storeu_ps(out + (g * kGroup + i) * o.kpad + c * 16, w);
         }
+    }
+}
+
+template <typename F>
+void with_values(const torch::Tensor& values, F&& fn) {
+    if (values.scalar_type() == torch::kFloat32) {
+        fn(values.data_ptr<float>());
+    } else {
+        TORCH_CHECK(values.scalar_type() == torch::kBFloat16, "values: float32 or bfloat16");
+        fn(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()));
     }
 }
 
@@ -278,64 +285,80 @@ int64_t best_isa() {
     return kScalar;
 }
 
+void check_layout(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& offsets, int64_t rows,
+                  int64_t isa) {
+    TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous() &&
+                    mask.size(1) % 16 == 0, "mask: contiguous uint8 (groups, 16 * chunks)");
+    TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.is_contiguous() &&
+                    offsets.numel() == mask.size(0) + 1, "offsets: int64 (groups + 1)");
+    TORCH_CHECK(rows > (mask.size(0) - 1) * kGroup && rows <= mask.size(0) * kGroup, "rows: the weight's, in 8-row groups");
+    TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values: contiguous 1-D");
+    TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run the instruction set asked for");
+}
+
 // y (tokens, rows) float32 = x (tokens, kpad) float32 times the bitmask weight, with instruction set ``isa``.
 torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor offsets,
-                             int64_t isa) {
+                             int64_t rows, int64_t isa) {
+    check_layout(mask, values, offsets, rows, isa);
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous (B, K) fp32");
-    TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: (N, stride) u8");
-    TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == mask.size(0) + 1, "offsets: (N + 1) i64");
-    TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values: contiguous 1-D");
-    const int64_t stride = mask.size(1), kpad = x.size(1), tokens = x.size(0), n_rows = mask.size(0);
-    TORCH_CHECK(stride % 2 == 0 && kpad == stride * 8, "x must be padded to the mask's columns");
-    TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run the instruction set asked for");
-    auto y = torch::empty({tokens, n_rows}, x.options());
-    const auto* xp = x.data_ptr<float>();
-    const auto* mp = mask.data_ptr<uint8_t>();
-    const auto* op = offsets.data_ptr<int64_t>();
-    if (values.scalar_type() == torch::kFloat32) {
-        run(isa, xp, tokens, kpad, mp, stride, values.data_ptr<float>(), op, y.data_ptr<float>(), n_rows);
-    } else {
-        TORCH_CHECK(values.scalar_type() == torch::kBFloat16, "values: float32 or bfloat16");
-        const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
-        run(isa, xp, tokens, kpad, mp, stride, vp, op, y.data_ptr<float>(), n_rows);
-    }
+    TORCH_CHECK(x.size(1) == mask.size(1), "x must be padded to the mask's columns");
+    auto y = torch::empty({x.size(0), rows}, x.options());
+    const int64_t kpad = mask.size(1);
+    with_values(values, [&](auto* vp) {
+        using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
+        const Operands<V> o{x.data_ptr<float>(), x.size(0), kpad, kpad / 16,
+                            reinterpret_cast<const uint16_t*>(mask.data_ptr<uint8_t>()), vp,
+                            offsets.data_ptr<int64_t>(), y.data_ptr<float>(), rows};
+        run(isa, o, mask.size(0));
+    });
     return y;
+}
+
+// ``x (..., K) . W^T + bias`` in x's dtype, with the padding and the casts done here rather than in Python: the
+// whole forward of ``SparseLinear`` at decode, where a few microseconds of per-call work are a share of the product.
+torch::Tensor bitmask_linear(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor offsets,
+                             int64_t rows, c10::optional<torch::Tensor> bias, int64_t isa) {
+    const int64_t k = x.size(-1), kpad = mask.size(1);
+    TORCH_CHECK(k <= kpad && k > kpad - 16, "x: the weight's ", kpad, " padded columns, got ", k);
+    auto flat = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
+    if (k != kpad) {
+        auto padded = torch::zeros({flat.size(0), kpad}, flat.options());
+        padded.narrow(1, 0, k).copy_(flat);
+        flat = padded;
+    }
+    auto y = bitmask_matmul(flat, mask, values, offsets, rows, isa);
+    if (bias.has_value() && bias->defined()) y.add_(*bias);
+    auto sizes = x.sizes().vec();
+    sizes.back() = rows;
+    return y.to(x.scalar_type()).reshape(sizes);
 }
 
 // The dense (N, kpad) float32 weight of a bitmask weight (columns past the weight's width are zeros), written into
 // ``out`` (a scratch buffer reused from one product to the next: a fresh one would be page-faulted in every time).
-torch::Tensor bitmask_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor offsets, int64_t isa,
-                             torch::Tensor out) {
-    TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous(), "mask: (N, stride) u8");
-    TORCH_CHECK(offsets.scalar_type() == torch::kInt64 && offsets.numel() == mask.size(0) + 1, "offsets: (N + 1) i64");
-    TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run the instruction set asked for");
-    const int64_t n_rows = mask.size(0), stride = mask.size(1);
-    TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == n_rows &&
-                    out.size(1) == stride * 8,
-                "out: contiguous (N, kpad) float32");
-    const auto* mp = mask.data_ptr<uint8_t>();
-    const auto* op = offsets.data_ptr<int64_t>();
-    float* dst = out.data_ptr<float>();
-    auto work = [&](auto* vp) {
-        at::parallel_for(0, n_rows, 16, [&](int64_t row0, int64_t row1) {
-            if (isa == kAvx512) {
-                unpack_avx512(mp, stride, vp, op, dst, row0, row1);
-            } else {
-                unpack_scalar(mp, stride, vp, op, dst, row0, row1);
+torch::Tensor bitmask_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor offsets, int64_t rows,
+                             int64_t isa, torch::Tensor out) {
+    check_layout(mask, values, offsets, rows, isa);
+    const int64_t kpad = mask.size(1);
+    TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
+                    out.size(1) == kpad, "out: contiguous (N, kpad) float32");
+    with_values(values, [&](auto* vp) {
+        using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
+        const Operands<V> o{nullptr, 0, kpad, kpad / 16, reinterpret_cast<const uint16_t*>(mask.data_ptr<uint8_t>()),
+                            vp, offsets.data_ptr<int64_t>(), nullptr, rows};
+        float* dst = out.data_ptr<float>();
+        at::parallel_for(0, mask.size(0), 2, [&](int64_t g0, int64_t g1) {
+            for (int64_t g = g0; g < g1; ++g) {
+                if (isa == kAvx512) unpack_avx512(o, g, dst);
+                else unpack_scalar(o, g, dst);
             }
         });
-    };
-    if (values.scalar_type() == torch::kFloat32) {
-        work(values.data_ptr<float>());
-    } else {
-        TORCH_CHECK(values.scalar_type() == torch::kBFloat16, "values: float32 or bfloat16");
-        work(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()));
-    }
+    });
     return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("best_isa", &best_isa, "the best instruction set this CPU runs (0 scalar, 1 AVX2, 2 AVX-512)");
-    m.def("bitmask_matmul", &bitmask_matmul, "y = x . W^T for a bitmask weight");
+    m.def("bitmask_matmul", &bitmask_matmul, "y = x . W^T for a bitmask weight, x padded float32 (B, kpad)");
+    m.def("bitmask_linear", &bitmask_linear, "x . W^T + bias for a bitmask weight, any leading shape and dtype");
     m.def("bitmask_unpack", &bitmask_unpack, "the dense (N, kpad) float32 weight of a bitmask weight");
 }
