@@ -43,20 +43,34 @@ def test_is_two_four():
     assert is_two_four(w) and not is_two_four(torch.ones(1, 8)) and not is_two_four(torch.zeros(1, 6))
 
 
-def test_measure_speed_reports_every_pruned_linear_and_the_model(tmp_path):
+def test_measure_speed_reports_every_pruned_linear_and_the_model_per_thread_count_and_dtype(tmp_path):
     model = _prune_half(make_model("llama"))
+    before = torch.get_num_threads()
     result = measure_speed(
-        model, SpeedConfig(batch=(1, 2), seqlen=8, repeats=2, decode_tokens=4), progress=False
+        model, SpeedConfig(batch=(1, 2), seqlen=8, repeats=2, decode_tokens=4, threads=(1, 2)), progress=False
     )
+    assert torch.get_num_threads() == before  # the thread count is given back
     linears = sum(len(find_linears(b, model)) for _, b in find_blocks(model))
-    assert len(result["layers"]) == 2 * linears
-    assert {r["batch"] for r in result["layers"]} == {1, 2}
+    assert len(result["layers"]) == 2 * 2 * linears and result["threads"] == [1, 2]
+    assert {(r["batch"], r["threads"]) for r in result["layers"]} == {(1, 1), (2, 1), (1, 2), (2, 2)}
+    bf16 = CPU_KIND == "bitmask"  # bfloat16 twins are besa's kernels' own
     for row in result["layers"]:
         assert row["dense_s"] > 0 and row["sparse_s"] > 0 and row["kind"] == CPU_KIND
         assert row["speedup"] == pytest.approx(row["dense_s"] / row["sparse_s"])
+        assert ("speedup_bf16" in row) == bf16
+        if bf16:
+            assert row["speedup_bf16"] == pytest.approx(row["dense_bf16_s"] / row["sparse_bf16_s"])
         assert 0.3 < row["sparsity"] < 0.7
-    assert [r["what"] for r in result["model"]] == ["forward", "forward", "greedy decode 4 tokens"]
+    whole = [(r["what"], r["threads"]) for r in result["model"]]
+    assert whole == [(w, t) for t in (1, 2) for w in ("forward", "forward", "greedy decode 4 tokens")]
+    assert all(r["sparse_bf16_s"] > 0 and r["dense_bf16_s"] > 0 for r in result["model"])
     json.dumps(result)  # serialisable as written by --json
+    fp32_only = measure_speed(
+        model,
+        SpeedConfig(batch=(1,), seqlen=4, repeats=1, decode_tokens=0, threads=(1,), bf16=False),
+        progress=False,
+    )
+    assert not any("dense_bf16_s" in r for r in fp32_only["layers"] + fp32_only["model"])
 
 
 def test_a_dense_model_is_refused():
@@ -73,9 +87,10 @@ def test_speedup_command_prints_the_table_and_draws_the_chart(tmp_path, capsys):
     make_tokenizer().save_pretrained(folder)
     out = tmp_path / "s.json"
     code = main(["speedup", str(folder), "--batch", "1", "--seqlen", "8", "--repeats", "2", "--decode-tokens", "0",
-                 "--json", str(out), "--png", str(tmp_path / "s.png"), "--no-progress"])  # fmt: skip
+                 "--threads", "1,2", "--json", str(out), "--png", str(tmp_path / "s.png"), "--no-progress"])  # fmt: skip
     stdout = capsys.readouterr().out
     assert code == 0 and "self_attn.q_proj" in stdout and "forward" in stdout and "speed-up" in stdout
+    assert "threads 1, 2" in stdout and "bf16 dense" in stdout
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert json.loads(out.read_text())["model"][0]["what"] == "forward"
 

@@ -98,39 +98,49 @@ def layer_type(row: dict[str, Any]) -> str:
     return row.get("type") or re.sub(r"^(.*?\.)?\d+\.", "", row["layer"], count=1)
 
 
-def _by_layer_kind(result: dict[str, Any]) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """The timed linears grouped by their name inside the block (``self_attn.q_proj``) and batch."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+def _by_layer_kind(result: dict[str, Any]) -> dict[tuple[str, int, int], list[dict[str, Any]]]:
+    """The timed linears grouped by their name inside the block (``self_attn.q_proj``), batch and threads."""
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for row in result["layers"]:
-        groups.setdefault((layer_type(row), row["batch"]), []).append(row)
+        groups.setdefault((layer_type(row), row["batch"], row.get("threads", 0)), []).append(row)
     return groups
 
 
-def speedup_table(result: dict[str, Any]) -> str:
-    """``besa speedup``'s printed table: median dense/sparse milliseconds per layer kind and batch, then the model."""
+def _speed_cells(rows: list[dict[str, Any]], tag: str) -> str:
+    """Median dense and sparse milliseconds of ``rows`` and their ratio (``tag`` ``"_bf16"``: the bfloat16 pair)."""
     import statistics
 
+    if f"dense{tag}_s" not in rows[0]:
+        return f"{'':>10} {'':>10} {'':>9}"
+    dense = statistics.median(r[f"dense{tag}_s"] for r in rows) * 1e3
+    sparse = statistics.median(r[f"sparse{tag}_s"] for r in rows) * 1e3
+    return f"{dense:>10.3f} {sparse:>10.3f} {dense / sparse:>8.2f}x"
+
+
+def speedup_table(result: dict[str, Any]) -> str:
+    """``besa speedup``'s printed table: median dense/sparse milliseconds per layer kind, threads and batch, in the
+    model's dtype and (where timed) bfloat16; then the whole model."""
+    threads = result["threads"] if isinstance(result["threads"], list) else [result["threads"]]
     lines = [
-        f"device {result['device']} ({result['dtype']}, {result['threads']} threads), sparse kernels: "
+        f"device {result['device']} ({result['dtype']}, threads {', '.join(map(str, threads))}), sparse kernels: "
         f"{', '.join(result['kinds'])}; medians of {result['repeats']} calls, seqlen {result['seqlen']}",
-        f"{'what':<32} {'batch':>5} {'dense ms':>10} {'sparse ms':>10} {'speed-up':>9}",
+        f"{'what':<32} {'thr':>3} {'batch':>5} {'dense ms':>10} {'sparse ms':>10} {'speed-up':>9} "
+        f"{'bf16 dense':>10} {'bf16 sparse':>10} {'speed-up':>9}",
     ]
-    for (short, batch), rows in _by_layer_kind(result).items():
-        dense = statistics.median(r["dense_s"] for r in rows) * 1e3
-        sparse = statistics.median(r["sparse_s"] for r in rows) * 1e3
-        lines.append(
-            f"{short + f' (x{len(rows)})':<32} {batch:>5} {dense:>10.3f} {sparse:>10.3f} {dense / sparse:>8.2f}x"
-        )
+    for (short, batch, count), rows in _by_layer_kind(result).items():
+        lines.append(f"{short + f' (x{len(rows)})':<32} {count:>3} {batch:>5} {_speed_cells(rows, '')} "
+                     f"{_speed_cells(rows, '_bf16')}")  # fmt: skip
     for row in result["model"]:
-        lines.append(f"{row['what']:<32} {row['batch']:>5} {row['dense_s'] * 1e3:>10.1f} {row['sparse_s'] * 1e3:>10.1f}"
-                     f" {row['speedup']:>8.2f}x")  # fmt: skip
-    lines.append("(speed-up = dense time / sparse time; below 1 the sparse kernel is slower)")
+        lines.append(f"{row['what']:<32} {row.get('threads', 0):>3} {row['batch']:>5} {_speed_cells([row], '')} "
+                     f"{_speed_cells([row], '_bf16')}")  # fmt: skip
+    lines.append("(speed-up = dense time / sparse time, bf16: dense bfloat16 against sparse bfloat16 values; below 1 "
+                 "the sparse kernel is slower)")  # fmt: skip
     return "\n".join(lines)
 
 
 def plot_speedup(result: dict[str, Any], path: str | Path) -> Path:
-    """Bar chart of the speed-ups of ``besa speedup``: each layer kind (median over blocks) and the whole model,
-    one bar per batch size, with the break-even line at 1."""
+    """Bar chart of the speed-ups of ``besa speedup`` in the model's dtype: each layer kind (median over blocks)
+    and the whole model, one bar per batch size and thread count, with the break-even line at 1."""
     import statistics
 
     import matplotlib
@@ -139,27 +149,31 @@ def plot_speedup(result: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     groups = _by_layer_kind(result)
-    names = list(dict.fromkeys(short for short, _ in groups)) + list(
+    names = list(dict.fromkeys(short for short, _, _ in groups)) + list(
         dict.fromkeys(r["what"] for r in result["model"])
     )
-    batches = sorted({b for _, b in groups} | {r["batch"] for r in result["model"]})
+    settings = sorted(
+        {(b, t) for _, b, t in groups} | {(r["batch"], r.get("threads", 0)) for r in result["model"]}
+    )
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4))
-    width = 0.8 / len(batches)
-    for i, batch in enumerate(batches):
+    width = 0.8 / len(settings)
+    for i, (batch, count) in enumerate(settings):
         values = []
         for name in names:
-            rows = groups.get((name, batch))
+            rows = groups.get((name, batch, count))
             if rows:
                 values.append(
                     statistics.median(r["dense_s"] for r in rows)
                     / statistics.median(r["sparse_s"] for r in rows)
                 )
             else:
-                match = [r["speedup"] for r in result["model"] if r["what"] == name and r["batch"] == batch]
+                match = [r["speedup"] for r in result["model"]
+                         if r["what"] == name and r["batch"] == batch and r.get("threads", 0) == count]  # fmt: skip
                 values.append(match[0] if match else float("nan"))
-        ax.bar([j + i * width for j in range(len(names))], values, width, label=f"batch {batch}")
+        label = f"batch {batch}" + (f", {count} thread{'s' * (count > 1)}" if count else "")
+        ax.bar([j + i * width for j in range(len(names))], values, width, label=label)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))])
+    ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(names))])
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("speed-up (dense time / sparse time)")
     ax.set_title(f"sparse vs dense on {result['device']} ({', '.join(result['kinds'])})")

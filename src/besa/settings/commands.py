@@ -38,6 +38,8 @@ class SpeedConfig:
         repeats: timed calls per measurement (after two warm-up calls); the median is kept.
         decode_tokens: greedy decode length (0: skip the decode).
         device: ``cpu`` or ``cuda``; ``None`` picks CUDA if present.
+        threads: CPU thread counts to time everything at, one after the other (CUDA: ignored).
+        bf16: on the CPU also time the model in bfloat16, dense against sparse with bfloat16 values.
     """
 
     batch: tuple[int, ...] = field(
@@ -47,10 +49,19 @@ class SpeedConfig:
     repeats: int = field(default=10, metadata={"help": "timed calls per measurement (the median is kept)"})
     decode_tokens: int = field(default=64, metadata={"help": "greedy decode length (0: no decode)"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: CUDA if present)"})
+    threads: tuple[int, ...] = field(
+        default=(1, 2), metadata={"help": "CPU thread counts, comma-separated", "type": _int_list}
+    )
+    bf16: bool = field(
+        default=True,
+        metadata={"help": "time fp32 only, not also bfloat16 dense and sparse", "flag": "--no-bf16"},
+    )
 
     def __post_init__(self) -> None:
         if not self.batch or min(self.batch) < 1:
             raise BesaError(f"--batch must be positive integers, got {self.batch}")
+        if not self.threads or min(self.threads) < 1:
+            raise BesaError(f"--threads must be positive integers, got {self.threads}")
         if self.seqlen < 1 or self.repeats < 1 or self.decode_tokens < 0:
             raise BesaError("--seqlen and --repeats must be positive, --decode-tokens 0 or more")
 

@@ -2,16 +2,20 @@
 
 Every pruned linear is timed dense (``F.linear``) against a sparse kernel: on the CPU besa's bitmask kernels
 (``besa.runtime``, float32 and bfloat16 weights; torch's CSR, ``torch.sparse.mm``, where they could not be built),
-and on CUDA the 2:4 semi-structured kernels (``to_sparse_semi_structured``) for 2:4 weights (CSR otherwise). Then one whole forward and a greedy decode, the model as saved vs the same model with every
-pruned linear swapped for its sparse twin. Times are medians of repeats, dense and sparse interleaved in one run.
-Sparse may well be slower (unstructured 50% rarely pays on CPU); the table says so either way.
+and on CUDA the 2:4 semi-structured kernels (``to_sparse_semi_structured``) for 2:4 weights (CSR otherwise). Then
+one whole forward and a greedy decode, the model as saved vs the same model with every pruned linear swapped for its
+sparse twin. On the CPU all of it at each thread count asked for, and again in bfloat16 (dense bfloat16 against
+sparse with bfloat16 values). Times are medians of repeats, dense and sparse interleaved in one run. Sparse may
+well be slower; the table says so either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,9 +43,10 @@ class SparseTwin(nn.Module):
     """A linear whose weight is held in a sparse layout: ``bitmask`` (besa's CPU kernels, ``besa.runtime``), ``csr``
     (any device) or ``2:4`` (CUDA semi-structured)."""
 
-    def __init__(self, layer: nn.Module, kind: str) -> None:
+    def __init__(self, layer: nn.Module, kind: str, values: torch.dtype | None = None) -> None:
         super().__init__()
         w = weight_matrix(layer).detach()
+        w = w if values is None else w.to(values)
         self.kind = kind
         self.out_features, self.in_features = w.shape
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
@@ -50,7 +55,7 @@ class SparseTwin(nn.Module):
             from besa.runtime.linear import SparseLinear, measure_crossover
 
             self.bitmask = SparseLinear(pack(w), None)
-            shape = tuple(w.shape)  # measured once per shape, not once per linear
+            shape = (*w.shape, torch.get_num_threads())  # measured once per shape, not once per linear
             if shape not in _CROSSOVERS:
                 _CROSSOVERS[shape] = measure_crossover(self.bitmask, counts=(1, 8, 32, 128))
             self.bitmask.crossover = _CROSSOVERS[shape]
@@ -64,7 +69,7 @@ class SparseTwin(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "bitmask":
             y = self.bitmask(x)
-            return y if self.bias is None else y + self.bias
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.kind == "2:4":
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
@@ -127,54 +132,133 @@ def measure_speed(model: nn.Module, config: SpeedConfig, progress: bool = True) 
         return _measure(model, config, device, progress)
 
 
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pair(dense: Callable[[], Any], sparse: Callable[[], Any], repeats: int, sync: Callable[[], None],
+          tag: str = "") -> dict[str, float]:  # fmt: skip
+    """``dense_s``, ``sparse_s`` and ``speedup`` (``tag`` ``"_bf16"``: ``dense_bf16_s``, ...) of one side-by-side."""
+    d, s = median_time(dense, repeats, sync), median_time(sparse, repeats, sync)
+    return {f"dense{tag}_s": d, f"sparse{tag}_s": s, f"speedup{tag}": d / s}
+
+
 def _measure(model: nn.Module, config: SpeedConfig, device: torch.device, progress: bool) -> dict[str, Any]:
     import copy
 
-    from tqdm.auto import tqdm
-
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = next(model.parameters()).dtype
+    bf16 = config.bf16 and device.type == "cpu" and dtype != torch.bfloat16
+    threads = config.threads if device.type == "cpu" else (torch.get_num_threads(),)
     linears = {(b, n): lin for b, blk in find_blocks(model) for n, lin in find_linears(blk, model).items()}
     pruned = {key: lin for key, lin in linears.items() if bool((weight_matrix(lin) == 0).any())}
     if not pruned:
         raise BesaError("the model has no pruned linears (no zeros in any block's linears)")
-    rows: list[dict[str, Any]] = []
     with torch.inference_mode():
-        bar = tqdm(pruned.items(), desc="Timing linears", disable=None if progress else True)
-        for (block, name), layer in bar:
-            w = weight_matrix(layer)
-            twin = SparseTwin(layer, _kind(w, device))
+        rows = _linear_rows(pruned, config, threads, bf16, sync, progress)
+        pairs = {"": (model, copy.deepcopy(model))}
+        if bf16:
+            dense16 = copy.deepcopy(model).to(torch.bfloat16)
+            pairs["_bf16"] = (dense16, copy.deepcopy(dense16))
+        kinds: dict[str, str] = {}
+        for _, sparse in pairs.values():
+            kinds |= sparsify_model(sparse)
+        whole = [row for count in threads for row in _whole_model(pairs, config, count, sync)]
+    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": list(threads),
+            "repeats": config.repeats, "seqlen": config.seqlen, "kinds": sorted(set(kinds.values())),
+            "layers": rows, "model": whole}  # fmt: skip
+
+
+def _linear_rows(pruned: dict[tuple[str, str], nn.Module], config: SpeedConfig, threads: tuple[int, ...],
+                 bf16: bool, sync: Callable[[], None], progress: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Every pruned linear dense against its sparse twin at each thread count and batch (and in bfloat16 when
+    ``bf16``). A pass calls every linear of one variant once, in model order, so each one's weights come from
+    memory as in a decode step (the same linear called again and again would run from the cache); the median
+    over ``repeats`` passes, after two warm-up passes."""
+    pruned_keys = list(pruned)
+    layers = list(pruned.values())
+    weights = [weight_matrix(layer) for layer in layers]
+    kinds = [_kind(w, w.device) for w in weights]
+    variants: dict[str, list[Callable[[torch.Tensor], Any]]] = {
+        "dense_s": layers, "sparse_s": [SparseTwin(lin, k) for lin, k in zip(layers, kinds, strict=True)]}  # fmt: skip
+    if bf16 and set(kinds) == {"bitmask"}:
+        biases = [getattr(lin, "bias", None) for lin in layers]
+        variants["dense_bf16_s"] = [partial(F.linear, weight=w.to(torch.bfloat16),
+                                            bias=None if b is None else b.to(torch.bfloat16))
+                                    for w, b in zip(weights, biases, strict=True)]  # fmt: skip
+        variants["sparse_bf16_s"] = [SparseTwin(lin, "bitmask", torch.bfloat16) for lin in layers]
+    from tqdm.auto import tqdm
+
+    rows = []
+    total = len(threads) * len(config.batch) * len(variants) * (config.repeats + 2)
+    bar = tqdm(total=total, desc="Timing linears (passes)", disable=None if progress else True)
+    for count in threads:
+        with _threads(count):
             for batch in config.batch:
-                x = torch.randn(batch, config.seqlen, w.shape[1], device=device, dtype=dtype)
-                dense = median_time(lambda layer=layer, x=x: layer(x), config.repeats, sync)
-                sparse = median_time(lambda twin=twin, x=x: twin(x), config.repeats, sync)
-                rows.append({"layer": f"{block}.{name}", "type": name, "shape": list(w.shape), "sparsity": float((w == 0).float().mean()),
-                             "kind": twin.kind, "batch": batch, "dense_s": dense, "sparse_s": sparse,
-                             "speedup": dense / sparse})  # fmt: skip
-        sparse_model = copy.deepcopy(model)
-        kinds = sparsify_model(sparse_model)
-        whole: list[dict[str, Any]] = []
-        vocab = model.get_input_embeddings().weight.shape[0]
+                inputs = {w.shape[1]: torch.randn(batch, config.seqlen, w.shape[1], device=w.device, dtype=w.dtype)
+                          for w in weights}  # fmt: skip
+                half = {width: x.to(torch.bfloat16) for width, x in inputs.items()}
+                seconds = {key: _passes(calls, weights, half if "bf16" in key else inputs, config.repeats, sync, bar)
+                           for key, calls in variants.items()}  # fmt: skip
+                for (block, name), w, i in zip(pruned_keys, weights, range(len(weights)), strict=True):
+                    row = {"layer": f"{block}.{name}", "type": name, "shape": list(w.shape), "kind": kinds[i], "sparsity": float((w == 0).float().mean()),
+                           "batch": batch, "threads": count, **{key: s[i] for key, s in seconds.items()}}  # fmt: skip
+                    row["speedup"] = row["dense_s"] / row["sparse_s"]
+                    if "dense_bf16_s" in row:
+                        row["speedup_bf16"] = row["dense_bf16_s"] / row["sparse_bf16_s"]
+                    rows.append(row)
+    bar.close()
+    return rows
+
+
+def _passes(calls: list[Callable[[torch.Tensor], Any]], weights: list[torch.Tensor], inputs: dict[int, torch.Tensor],
+            repeats: int, sync: Callable[[], None], bar: Any) -> list[float]:  # fmt: skip
+    """Median seconds of each of ``calls`` (one per linear, on the input of its width), over passes in order."""
+    times: list[list[float]] = [[] for _ in calls]
+    for rep in range(repeats + 2):
+        for i, (call, w) in enumerate(zip(calls, weights, strict=True)):
+            x = inputs[w.shape[1]]
+            start = time.perf_counter()
+            call(x)
+            sync()
+            if rep >= 2:
+                times[i].append(time.perf_counter() - start)
+        bar.update(1)
+    return [statistics.median(t) for t in times]
+
+
+def _whole_model(
+    pairs: dict[str, tuple[nn.Module, nn.Module]], config: SpeedConfig, count: int, sync
+) -> list[dict]:
+    """The forward and greedy decode rows at ``count`` threads: each pair (dense, sparse) of ``pairs`` timed side by
+    side, tagged ``""`` (the model's own dtype) or ``"_bf16"`` (bfloat16)."""
+    model = pairs[""][0]
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out: list[dict] = []
+    with _threads(count):
         for batch in config.batch:
             ids = torch.randint(0, vocab, (batch, config.seqlen), device=device)
-            dense = median_time(lambda ids=ids: model(ids, use_cache=False), config.repeats, sync)
-            sparse = median_time(lambda ids=ids: sparse_model(ids, use_cache=False), config.repeats, sync)
-            whole.append({"what": "forward", "batch": batch, "dense_s": dense, "sparse_s": sparse,
-                          "speedup": dense / sparse})  # fmt: skip
+            row = {"what": "forward", "batch": batch, "threads": count}
+            for tag, (dense, sparse) in pairs.items():
+                forward = partial(dense, ids, use_cache=False), partial(sparse, ids, use_cache=False)
+                row |= _pair(*forward, config.repeats, sync, tag)
+            out.append(row)
         if config.decode_tokens:
             ids = torch.randint(0, vocab, (1, 8), device=device)
 
             def decode(m: nn.Module) -> Callable[[], Any]:
-                return lambda: m.generate(ids, max_new_tokens=config.decode_tokens, min_new_tokens=config.decode_tokens,
-                                          do_sample=False, use_cache=True)  # fmt: skip
+                return partial(m.generate, ids, max_new_tokens=config.decode_tokens,
+                               min_new_tokens=config.decode_tokens, do_sample=False, use_cache=True)  # fmt: skip
 
-            repeats = max(1, config.repeats // 4)
-            dense, sparse = (
-                median_time(decode(model), repeats, sync),
-                median_time(decode(sparse_model), repeats, sync),
-            )
-            whole.append({"what": f"greedy decode {config.decode_tokens} tokens", "batch": 1, "dense_s": dense,
-                          "sparse_s": sparse, "speedup": dense / sparse})  # fmt: skip
-    return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "repeats": config.repeats, "seqlen": config.seqlen, "kinds": sorted(set(kinds.values())),
-            "layers": rows, "model": whole}  # fmt: skip
+            row = {"what": f"greedy decode {config.decode_tokens} tokens", "batch": 1, "threads": count}
+            for tag, (dense, sparse) in pairs.items():
+                row |= _pair(decode(dense), decode(sparse), max(1, config.repeats // 4), sync, tag)
+            out.append(row)
+    return out
