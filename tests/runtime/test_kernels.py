@@ -4,10 +4,12 @@ scalar path always), and the dense fallback when the kernels are off."""
 import pytest
 import torch
 
+from besa.errors import BesaError
+from besa.formats.quant import QuantSpec, dequantize_codes, fake_quantize, quant_params, quantize_codes
 from besa.formats.sparse import pack_weight
 from besa.runtime import kernels as kernels_module
 from besa.runtime.kernels import kernels
-from besa.runtime.layout import PAD, from_saved, pack
+from besa.runtime.layout import PAD, from_saved, pack, pack_codes, quantize
 from besa.runtime.linear import SparseLinear, measure_crossover
 
 needs_kernels = pytest.mark.skipif(not kernels().available, reason=kernels().reason or "no kernels")
@@ -45,7 +47,11 @@ def test_the_layout_holds_exactly_the_kept_values(rows, cols, sparsity, dtype):
     packed = pack(w)
     assert torch.equal(packed.dense(), w)
     nnz = int((w != 0).sum())
-    assert int(packed.offsets[-1]) == nnz and packed.values.numel() == nnz + PAD and packed.kpad % 16 == 0
+    assert (
+        packed.nnz == int(packed.offsets[-1]) == nnz
+        and packed.values.numel() == nnz + PAD
+        and packed.kpad % 16 == 0
+    )
     assert not packed.values[nnz:].any()  # the padding a vector load may reach is zeros
     saved = from_saved(*pack_weight(w), rows, cols)  # straight from the saved format, byte by byte
     assert torch.equal(saved.mask, packed.mask) and torch.equal(saved.values, packed.values)
@@ -80,7 +86,7 @@ def test_the_unpacked_weight_is_the_dense_weight_bit_for_bit(rows, cols, sparsit
     assert torch.equal(layer.unpacked(), w.float())
     for isa in range(kernels().isa + 1):
         full = kernels().module.bitmask_unpack(
-            packed.mask, packed.values, packed.offsets, rows, isa, torch.full((rows, packed.kpad), 7.0)
+            *packed.kernel_args(), isa, torch.full((rows, packed.kpad), 7.0)
         )
         assert (
             full.shape == (rows, packed.kpad)
@@ -156,3 +162,67 @@ def test_the_crossover_is_the_first_token_count_where_the_dense_product_wins(mon
     assert measure_crossover(layer, counts=(1, 2, 4, 8, 16, 32)) == 16  # 1 + 16 / 4 = 5 > 4: dense from 16 on
     assert timed[-2:] == [("kernel", 16), ("dense", 16)] and len(timed) == 10  # it stops at the crossover
     assert measure_crossover(layer, counts=(1, 2)) == 0  # the kernel wins at every count tried
+
+
+CODE_SHAPES = [
+    (7, 13, 0.5, 0),
+    (33, 40, 0.0, 16),
+    (64, 100, 0.9, 32),
+    (19, 129, 0.3, 128),
+    (96, 256, 0.7, 64),
+]
+
+
+def _codes_of(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale, zero = quant_params(w, spec)
+    return quantize_codes(fake_quantize(w, scale, zero, spec), scale, zero, spec), scale, zero
+
+
+@pytest.mark.parametrize(("rows", "cols", "sparsity", "group_size"), CODE_SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_codes_hold_exactly_the_dequantized_weights(rows, cols, sparsity, group_size, bits):
+    spec = QuantSpec(bits, group_size)
+    w = _pruned(rows, cols, sparsity, seed=rows + bits)
+    codes, scale, zero = _codes_of(w, spec)
+    packed = pack_codes(codes, w != 0, scale, zero, spec)
+    expected = dequantize_codes(codes, scale, zero, spec) * (w != 0)  # pruned codes sit on the zero point
+    assert torch.equal(packed.dense(), expected)
+    kept = int((w != 0).sum())
+    stored = packed.values.numel() - PAD
+    assert stored == kept if bits == 8 else kept / 2 <= stored <= kept / 2 + rows * packed.kpad // 32
+    assert torch.equal(quantize(pack(w), spec).dense(), expected)  # rounding a float layout: the same codes
+    if kernels().available:
+        for isa in range(kernels().isa + 1):
+            full = kernels().module.bitmask_unpack(
+                *packed.kernel_args(), isa, torch.full((rows, packed.kpad), 7.0)
+            )
+            assert torch.equal(full[:, :cols], expected) and not full[:, cols:].any(), isa
+
+
+@needs_kernels
+@pytest.mark.parametrize(("rows", "cols", "sparsity", "group_size"), CODE_SHAPES)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 8, 11])
+def test_every_instruction_set_multiplies_codes_as_their_dequantized_weights(
+    rows, cols, sparsity, group_size, bits, tokens
+):
+    spec = QuantSpec(bits, group_size)
+    w = _pruned(rows, cols, sparsity, seed=cols + bits)
+    packed = pack_codes(*_codes_of(w, spec)[:1], w != 0, *_codes_of(w, spec)[1:], spec)
+    dense = packed.dense()
+    layer = SparseLinear(packed)
+    x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+    expected = (x.double() @ dense.double().T).float()
+    bound = 1e-5 * (x.abs().double() @ dense.abs().double().T).float() + 1e-6
+    for isa in range(kernels().isa + 1):
+        got = layer.kernel(x, isa)
+        assert ((got - expected).abs() <= bound).all(), (isa, (got - expected).abs().max())
+
+
+def test_codes_the_kernels_cannot_hold_are_refused_in_one_line():
+    w = _pruned(8, 32, 0.5, seed=0)
+    codes, scale, zero = _codes_of(w, QuantSpec(4, 8))
+    with pytest.raises(BesaError, match="multiple of 16"):
+        pack_codes(codes, w != 0, scale, zero, QuantSpec(4, 8))
+    with pytest.raises(BesaError, match="8-bit or 4-bit"):
+        quantize(pack(w), QuantSpec(3, 16))

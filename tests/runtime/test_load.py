@@ -83,3 +83,41 @@ def test_besa_generate_prints_text_speed_memory_and_checks_the_tokens(sparse_fol
     assert "8 tokens in" in out and "tokens/s" in out and "peak resident memory" in out
     assert "greedy tokens equal the dense weights' greedy decode" in out
     assert main(["generate", str(sparse_folder), "--max-new-tokens", "0"]) == 2
+
+
+@pytest.fixture(scope="module")
+def quantized_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pruned") / "wanda50w4"
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    besa.prune(make_model("llama"), tokenizer=make_tokenizer(), method="wanda", sparsity=0.5, calib_ids=ids,
+               wbits=4, group_size=32, out=str(out), save_format="sparse", save_quantized=True,
+               progress=False)  # fmt: skip
+    return out
+
+
+def test_the_folders_own_wbits_codes_run_as_the_saved_weights(quantized_folder):
+    model, _ = load_sparse(quantized_folder, bits=4, crossover=0)
+    reference, _, _ = load_model(str(quantized_folder))
+    pruned = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    assert pruned and all(m.packed.bits == 4 and m.packed.values.dtype == torch.uint8 for _, m in pruned)
+    for name, module in pruned:  # the codes are the saved weights exactly, pruned zeros included
+        assert torch.equal(module.packed.dense(), reference.get_submodule(name).weight)
+    held, dense = sparse_bytes(model)
+    assert held < dense  # against dense 4-bit codes with the same scales
+    prompt = torch.tensor([[1, 5, 9, 20, 7]])
+    with torch.no_grad():
+        want = reference.generate(prompt, max_new_tokens=16, do_sample=False)
+        assert torch.equal(model.generate(prompt, max_new_tokens=16, do_sample=False), want)
+    with pytest.raises(BesaError, match="codes are 4-bit"):
+        load_sparse(quantized_folder, bits=8)
+
+
+def test_float_values_rounded_to_8_bit_codes_at_load_decode_like_their_dense_weights(sparse_folder, capsys):
+    model, _ = load_sparse(sparse_folder, bits=8, group_size=16, crossover=0)
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert all(m.packed.bits == 8 and m.packed.group_chunks == 1 for m in layers)
+    code = main(["generate", str(sparse_folder), "--prompt", "ab ab", "--max-new-tokens", "8", "--bits", "8",
+                 "--group-size", "16", "--check-dense"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "at 8 bits" in out and "greedy tokens equal" in out, out
+    assert main(["generate", str(sparse_folder), "--bits", "3"]) == 2

@@ -199,11 +199,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from besa.runtime.kernels import ISA_NAMES, kernels
+    from besa.runtime.linear import SparseLinear
     from besa.runtime.load import load_sparse, sparse_bytes
 
     config = from_args(GenerateConfig, args)
     dtype = getattr(torch, config.dtype)
-    model, tokenizer = load_sparse(args.folder, dtype=dtype)
+    model, tokenizer = load_sparse(args.folder, dtype=dtype, bits=config.bits, group_size=config.group_size)
     ids = tokenizer(config.prompt, return_tensors="pt").input_ids
     t = time.perf_counter()
     with torch.no_grad():
@@ -219,12 +220,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"{ISA_NAMES[found.isa] if found.available else 'dense fallback'}, {torch.get_num_threads()} threads); "
         f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; the pruned "
         f"linears hold {held / 2**20:.1f} MiB, {held / max(dense, 1):.3f} of their dense bytes"
+        + (f" at {config.bits} bits" if config.bits else "")
     )
     if config.check_dense:
         from besa.model.loading import load_model
 
         reference, _, _ = load_model(args.folder, dtype=dtype)
         reference.config.use_cache = True
+        for name, module in model.named_modules():  # the very weights the kernels hold (codes: dequantized)
+            if isinstance(module, SparseLinear):
+                reference.get_submodule(name).weight.data = module.packed.dense().to(dtype)
         with torch.no_grad():
             expected = reference.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False)
         same = torch.equal(expected, out)

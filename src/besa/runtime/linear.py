@@ -36,14 +36,14 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kept = self.packed.nnz / max(self.packed.rows * self.packed.cols, 1)
-        return (f"in_features={self.in_features}, out_features={self.out_features}, kept={kept:.3f}, "
-                f"values={str(self.packed.values.dtype).removeprefix('torch.')}")  # fmt: skip
+        values = f"int{self.packed.bits}" if self.packed.bits else str(self.packed.values.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, kept={kept:.3f}, values={values}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         found = kernels()
         p = self.packed
         if found.available and (self.crossover == 0 or x.numel() < self.crossover * self.in_features):
-            return found.module.bitmask_linear(x, p.mask, p.values, p.offsets, p.rows, self.bias, found.isa)
+            return found.module.bitmask_linear(x, *p.kernel_args(), self.bias, found.isa)
         flat = x.reshape(-1, self.in_features)
         bias = None if self.bias is None else self.bias.to(flat.dtype)
         y = F.linear(flat, self.unpacked().to(flat.dtype), bias)
@@ -58,14 +58,14 @@ class SparseLinear(nn.Module):
         key = (p.rows, p.kpad)
         if _SCRATCH.get(key) is None:
             _SCRATCH[key] = torch.empty(p.rows, p.kpad)
-        dense = found.module.bitmask_unpack(p.mask, p.values, p.offsets, p.rows, found.isa, _SCRATCH[key])
+        dense = found.module.bitmask_unpack(*p.kernel_args(), found.isa, _SCRATCH[key])
         return dense if p.kpad == p.cols else dense[:, : p.cols]
 
     def kernel(self, flat: torch.Tensor, isa: int) -> torch.Tensor:
         """The bitmask kernel on (tokens, in) inputs with instruction set ``isa`` (``besa.runtime.kernels``): float32
         (tokens, out), no bias."""
         p = self.packed
-        return kernels().module.bitmask_linear(flat.float(), p.mask, p.values, p.offsets, p.rows, None, isa)
+        return kernels().module.bitmask_linear(flat.float(), *p.kernel_args(), None, isa)
 
 
 def _median_seconds(fn, repeats: int = 5) -> float:

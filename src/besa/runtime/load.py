@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from besa.errors import BesaError
+from besa.formats.quant import QuantSpec
 from besa.formats.sparse import is_sparse_folder, read_sparse_folder
 from besa.runtime.kernels import kernels
-from besa.runtime.layout import from_saved
+from besa.runtime.layout import PackedWeight, from_saved, pack_codes, quantize
 from besa.runtime.linear import SparseLinear, measure_crossover
 
 __all__ = ["load_sparse", "sparse_bytes"]
@@ -31,12 +32,18 @@ def load_sparse(
     dtype: torch.dtype = torch.float32,
     crossover: int | None = None,
     trust_remote_code: bool = False,
+    bits: int = 0,
+    group_size: int = 128,
 ) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` of a folder written by ``besa prune --save-format sparse``, in eval mode, every pruned
     ``nn.Linear`` a ``SparseLinear`` holding its kept values in ``dtype`` (float32 or bfloat16; the rest of the model
     too). ``crossover``: the token count from which a forward unpacks the weight for a dense product instead of the
     kernel (``None``: measured now, once per weight shape). Without the kernels it says so, once, and runs
-    every product dense."""
+    every product dense.
+
+    ``bits`` 8 or 4 holds integer codes instead, with a scale and zero point per row and group of columns: the
+    folder's own ``--wbits`` codes where it has them (``--save-quantized``; ``bits`` must be theirs), else the
+    values rounded now, on groups of ``group_size`` columns (a multiple of 16, or 0: one group a row)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -44,6 +51,7 @@ def load_sparse(
     if not is_sparse_folder(folder):
         raise BesaError(f"{str(folder)!r} is not a sparse model folder (write one with --save-format sparse)")
     meta, flat = read_sparse_folder(folder)
+    codes = _folder_codes(folder, bits)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):  # parameters on the meta device, computed buffers kept
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -57,7 +65,9 @@ def load_sparse(
         if type(module) is not nn.Linear or (module.out_features, module.in_features) != (rows, cols):
             dense[name] = packed.dense().to(dtype)  # not a plain linear (Conv1D, experts): kept dense
             continue
-        if packed.values.dtype != dtype:
+        if bits:
+            packed = _as_codes(packed, codes, owner, QuantSpec(bits, group_size))
+        elif packed.values.dtype != dtype:
             packed.values = packed.values.to(dtype)
         layer = SparseLinear(packed, dense.pop(f"{owner}.bias", None))
         _swap(model, owner, layer)
@@ -94,11 +104,59 @@ def load_sparse(
     return model.eval(), tokenizer
 
 
+def _folder_codes(folder: Path, bits: int) -> tuple[dict[str, torch.Tensor], QuantSpec | None]:
+    """The folder's ``--save-quantized`` codes, scales and zero points and their spec, when ``bits`` asks for codes
+    and the folder has them (``({}, None)`` otherwise)."""
+    from safetensors import SafetensorError, safe_open
+
+    from besa.output.saving import QUANT_LAYOUT
+
+    path = folder / QUANT_LAYOUT["file"]
+    if bits not in (0, 4, 8):
+        raise BesaError(
+            f"the sparse kernels hold float values (bits 0) or 8-bit or 4-bit codes, not {bits}-bit"
+        )
+    if not bits or not path.is_file():
+        return {}, None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = f.metadata() or {}
+            spec = QuantSpec(int(stored.get("bits", 0)), int(stored.get("group_size", -1)))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise BesaError(f"{path}: unreadable quantized codes ({exc})") from None
+    if spec.bits != bits:
+        raise BesaError(
+            f"{folder}'s codes are {spec.bits}-bit (--wbits {spec.bits}): load them with bits={spec.bits}"
+        )
+    return tensors, spec
+
+
+def _as_codes(packed: PackedWeight, codes: tuple[dict[str, torch.Tensor], QuantSpec | None], owner: str,
+              spec: QuantSpec) -> PackedWeight:  # fmt: skip
+    """``packed`` as integer codes: the folder's own for ``owner`` where it has them, else rounded now to ``spec``."""
+    tensors, stored = codes
+    if stored is None or f"{owner}.codes" not in tensors:
+        return quantize(packed, spec)
+    keep = packed.keep_view().permute(0, 2, 1, 3).reshape(-1, packed.kpad)[: packed.rows, : packed.cols]
+    q = tensors[f"{owner}.codes"], tensors[f"{owner}.scales"], tensors[f"{owner}.zeros"]
+    if tuple(q[0].shape) != (packed.rows, packed.cols):
+        raise BesaError(
+            f"{owner}: its codes are {tuple(q[0].shape)}, its weight ({packed.rows}, {packed.cols})"
+        )
+    return pack_codes(q[0], keep, q[1], q[2], stored)
+
+
 def sparse_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes the ``SparseLinear`` modules hold, bytes their weights would take dense in the same dtype)."""
+    """(bytes the ``SparseLinear`` modules hold, bytes their weights would take dense in the same form: float values
+    in their dtype; codes at the same bits with the same scales and zero points)."""
     held = dense = 0
     for module in model.modules():
         if isinstance(module, SparseLinear):
-            held += module.packed.nbytes
-            dense += module.packed.rows * module.packed.cols * module.packed.values.element_size()
+            p = module.packed
+            held += p.nbytes
+            if p.bits:
+                dense += p.rows * p.cols * p.bits // 8 + (p.scales.numel() + p.zeros.numel()) * 4
+            else:
+                dense += p.rows * p.cols * p.values.element_size()
     return held, dense

@@ -200,6 +200,9 @@ class GenerateConfig:
         max_new_tokens: tokens generated greedily after the prompt.
         dtype: the values the pruned linears hold, and the rest of the model's dtype: ``float32`` or ``bfloat16``.
         check_dense: also decode with the folder's weights made dense and say whether the tokens are the same.
+        bits: 0 holds float values; 8 or 4 integer codes with a scale and zero point per row and group of columns
+            (the folder's ``--wbits`` codes where it has them, else rounded at load on groups of ``group_size``).
+        group_size: columns per scale of codes rounded at load (a multiple of 16, or 0: one per row).
     """
 
     prompt: str = field(default="The capital of France is", metadata={"help": "the text to continue"})
@@ -211,8 +214,21 @@ class GenerateConfig:
         default=False,
         metadata={"help": "also decode with the weights made dense and say whether the tokens are the same"},
     )
+    bits: int = field(
+        default=0,
+        metadata={
+            "help": "0: float values; 8 or 4: integer codes (the folder's --wbits codes, else rounded at load)"
+        },
+    )
+    group_size: int = field(default=128, metadata={"help": "columns per scale of codes rounded at load"})
 
     def __post_init__(self) -> None:
+        if self.bits not in (0, 4, 8):
+            raise BesaError(f"--bits must be 0 (float values), 8 or 4, got {self.bits}")
+        if self.group_size < 0 or self.group_size % 16:
+            raise BesaError(
+                f"--group-size must be a multiple of 16, or 0 for one group a row, got {self.group_size}"
+            )
         if self.max_new_tokens < 1:
             raise BesaError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -4,14 +4,18 @@
 // of 16 columns (K_pad = 16 * chunks, the columns past K empty):
 //   mask    uint8 (groups, 16 * chunks): for group g, chunk c and row i of the group, the 16-bit word at word
 //           c * 8 + i has bit j set when column 16 c + j of row 8 g + i is kept;
-//   values  float32 or bfloat16 (nnz + 16): the kept weights group after group, within a group chunk after chunk,
-//           within a chunk row after row, in column order; then 16 zeros (a vector load may reach past the end);
-//   offsets int64 (groups + 1): where each group's values start.
+//   values  the kept weights group after group, within a group chunk after chunk, within a chunk row after row, in
+//           column order; then 16 bytes or more of zeros (a vector load may reach past the end). Four codecs:
+//           float32; bfloat16; int8 codes, one byte each; int4 codes, two a byte (low nibble first), each row's
+//           codes of a chunk padded to whole bytes;
+//   offsets int64 (groups + 1): where each group's values start, in elements of ``values``;
+//   for codes, scales and zeros float32 (8 * groups, column groups): the weight is (code - zero) * scale, the
+//           column group of chunk c being c / group_chunks (group_chunks = the quantization group size / 16).
 // The 8 rows of a group are interleaved chunk by chunk so that one product streams through the mask and the values
 // once, in order, and one load of x serves 8 rows. y (B, N) = x (B, K_pad) . W^T reads only the mask and the kept
-// values: 16 (or 8) columns at a time the kept values are loaded contiguously and spread to their columns
-// (AVX-512: vexpandps; AVX2: a permutation from a table), then multiplied with x. Groups are split over torch's
-// threads. The scalar path is the reference and the fallback.
+// values: 16 (or 8) columns at a time the kept values are loaded contiguously (codes turned into floats) and spread
+// to their columns (AVX-512: vexpandps; AVX2: a permutation from a table), then multiplied with x. Groups are split
+// over torch's threads. The scalar path is the reference and the fallback.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,63 +27,141 @@
 
 namespace {
 
-constexpr int kGroup = 8;       // rows per group
-constexpr int kMaxTokens = 8;   // tokens multiplied per pass over a group's values
+constexpr int kGroup = 8;      // rows per group
+constexpr int kMaxTokens = 8;  // tokens multiplied per pass over a group's values
 
-inline float bf16_to_float(uint16_t v) {
-    uint32_t bits = static_cast<uint32_t>(v) << 16;
-    float out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
-}
+enum Codec : int64_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3 };
 
-template <typename V>
-inline float value_at(const V* p, int64_t i);
+// One product's operands, shared by every path.
+struct Operands {
+    const float* x;  // (tokens, kpad)
+    int64_t tokens, kpad, chunks;
+    const uint16_t* mask;  // (groups, chunks, 8) words
+    const uint8_t* values;
+    const int64_t* offsets;
+    float* y;  // (tokens, n_rows)
+    int64_t n_rows;
+    const float* scales;  // codes only: (8 * groups, col_groups)
+    const float* zeros;
+    int64_t col_groups, group_chunks;
+};
+
+template <int C>
+struct Traits;
 template <>
-inline float value_at<float>(const float* p, int64_t i) { return p[i]; }
+struct Traits<kF32> {
+    using T = float;
+    static constexpr bool quantized = false;
+    static int64_t units(uint32_t n) { return n; }
+};
 template <>
-inline float value_at<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+struct Traits<kBF16> {
+    using T = uint16_t;
+    static constexpr bool quantized = false;
+    static int64_t units(uint32_t n) { return n; }
+};
+template <>
+struct Traits<kInt8> {
+    using T = uint8_t;
+    static constexpr bool quantized = true;
+    static int64_t units(uint32_t n) { return n; }
+};
+template <>
+struct Traits<kInt4> {
+    using T = uint8_t;
+    static constexpr bool quantized = true;
+    static int64_t units(uint32_t n) { return (n + 1) / 2; }
+};
 
-// Kept values of the rows [from, to) of a group in one chunk (``words``: the chunk's 8 mask words).
-inline int64_t kept(const uint16_t* words, int from, int to) {
+// Elements of ``values`` that rows [from, to) of a group take in one chunk (``words``: the chunk's 8 mask words).
+template <int C>
+inline int64_t span(const uint16_t* words, int from, int to) {
     int64_t n = 0;
-    for (int i = from; i < to; ++i) n += __builtin_popcount(words[i]);
+    for (int i = from; i < to; ++i) n += Traits<C>::units(__builtin_popcount(words[i]));
     return n;
 }
 
-// One product's operands, shared by every path.
-template <typename V>
-struct Operands {
-    const float* x;       // (tokens, kpad)
-    int64_t tokens, kpad, chunks;
-    const uint16_t* mask;  // (groups, chunks, 8) words
-    const V* values;
-    const int64_t* offsets;
-    float* y;              // (tokens, n_rows)
-    int64_t n_rows;
-};
+template <int C>
+inline const typename Traits<C>::T* values_of(const Operands& o, int64_t g) {
+    return reinterpret_cast<const typename Traits<C>::T*>(o.values) + o.offsets[g];
+}
+
+// (scale, zero) of row ``row`` (of the padded rows) in chunk ``c``; (1, 0) for float values.
+template <int C>
+inline void grid(const Operands& o, int64_t row, int64_t c, float& scale, float& zero) {
+    if constexpr (Traits<C>::quantized) {
+        const int64_t at = row * o.col_groups + c / o.group_chunks;
+        scale = o.scales[at];
+        zero = o.zeros[at];
+    } else {
+        scale = 1.f;
+        zero = 0.f;
+    }
+}
+
+// The k-th stored value (or code) of a row's block in a chunk, as a float.
+template <int C>
+inline float scalar_at(const typename Traits<C>::T* p, int k) {
+    if constexpr (C == kF32) {
+        return p[k];
+    } else if constexpr (C == kBF16) {
+        uint32_t bits = static_cast<uint32_t>(p[k]) << 16;
+        float out;
+        std::memcpy(&out, &bits, sizeof(out));
+        return out;
+    } else if constexpr (C == kInt8) {
+        return static_cast<float>(p[k]);
+    } else {
+        return static_cast<float>((p[k >> 1] >> ((k & 1) * 4)) & 15);
+    }
+}
+
+template <int C>
+inline float weight_at(const typename Traits<C>::T* p, int k, float scale, float zero) {
+    if constexpr (Traits<C>::quantized) return (scalar_at<C>(p, k) - zero) * scale;
+    else return scalar_at<C>(p, k);
+}
 
 // ---------------------------------------------------------------------------------------------------- scalar
-template <typename V>
-void group_scalar(const Operands<V>& o, int64_t g) {
+template <int C>
+void group_scalar(const Operands& o, int64_t g) {
     const uint16_t* mg = o.mask + g * o.chunks * kGroup;
     for (int i = 0; i < kGroup && g * kGroup + i < o.n_rows; ++i) {
+        const int64_t row = g * kGroup + i;
         for (int64_t t0 = 0; t0 < o.tokens; t0 += kMaxTokens) {
             const int64_t nt = std::min<int64_t>(kMaxTokens, o.tokens - t0);
             float acc[kMaxTokens] = {0.f};
-            const V* chunk = o.values + o.offsets[g];
+            const auto* chunk = values_of<C>(o, g);
             for (int64_t c = 0; c < o.chunks; ++c) {
                 const uint16_t* words = mg + c * kGroup;
-                const V* p = chunk + kept(words, 0, i);
-                for (uint32_t bits = words[i]; bits; bits &= bits - 1) {
+                const auto* p = chunk + span<C>(words, 0, i);
+                float scale, zero;
+                grid<C>(o, row, c, scale, zero);
+                int k = 0;
+                for (uint32_t bits = words[i]; bits; bits &= bits - 1, ++k) {
                     const int64_t col = c * 16 + __builtin_ctz(bits);
-                    const float w = value_at(p++, 0);
+                    const float w = weight_at<C>(p, k, scale, zero);
                     for (int64_t t = 0; t < nt; ++t) acc[t] += w * o.x[(t0 + t) * o.kpad + col];
                 }
-                chunk += kept(words, 0, kGroup);
+                chunk += span<C>(words, 0, kGroup);
             }
-            for (int64_t t = 0; t < nt; ++t) o.y[(t0 + t) * o.n_rows + g * kGroup + i] = acc[t];
+            for (int64_t t = 0; t < nt; ++t) o.y[(t0 + t) * o.n_rows + row] = acc[t];
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------- codes
+// 16 codes from ``p`` as 16 bytes (int4: nibbles, low first).
+template <int C>
+__attribute__((target("avx2,fma,popcnt"))) inline __m128i codes16(const uint8_t* p) {
+    if constexpr (C == kInt8) {
+        return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+        uint64_t packed;
+        std::memcpy(&packed, p, sizeof(packed));
+        const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(packed));
+        const __m128i low = _mm_set1_epi8(0x0f);
+        return _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
     }
 }
 
@@ -104,52 +186,73 @@ const Avx2Tables& avx2_tables() {
     return tables;
 }
 
-__attribute__((target("avx2,fma,popcnt"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma,popcnt"))) inline __m256 load8(const uint16_t* p) {
-    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-
 __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
     const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-// The 8 kept-or-zero weights of ``bits`` (8 columns) from the values at ``p``, which it advances.
-template <typename V>
-__attribute__((target("avx2,fma,popcnt"))) inline __m256 spread8(const Avx2Tables& tab, uint32_t bits, const V*& p) {
+// The first 8 stored weights from ``p`` + ``k`` as floats (codes: dequantized with ``scale``, ``zero``).
+template <int C>
+__attribute__((target("avx2,fma,popcnt"))) inline __m256 load8(const typename Traits<C>::T* p, int k, __m256 scale,
+                                                              __m256 zero, const float* deq) {
+    if constexpr (C == kF32) {
+        return _mm256_loadu_ps(p + k);
+    } else if constexpr (C == kBF16) {
+        const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    } else {
+        return _mm256_loadu_ps(deq + k);  // the chunk's codes, dequantized once
+    }
+}
+
+// The 8 kept-or-zero weights of ``bits`` (8 columns): the stored values from index ``k`` spread to their columns.
+template <int C>
+__attribute__((target("avx2,fma,popcnt"))) inline __m256 spread8(const Avx2Tables& tab, uint32_t bits,
+                                                                const typename Traits<C>::T* p, int k, __m256 scale,
+                                                                __m256 zero, const float* deq) {
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[bits]));
     const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tab.keep[bits])));
-    const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(p), perm), keep);
-    p += _mm_popcnt_u32(bits);
-    return w;
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(load8<C>(p, k, scale, zero, deq), perm), keep);
 }
 
 // Rows [i0, i0 + RS) of group ``g`` times tokens [t0, t0 + NT).
-template <typename V, int NT, int RS>
-__attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const Operands<V>& o, int64_t g, int i0, int64_t t0) {
+template <int C, int NT, int RS>
+__attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const Operands& o, int64_t g, int i0, int64_t t0) {
     const Avx2Tables& tab = avx2_tables();
     const uint16_t* mg = o.mask + g * o.chunks * kGroup;
     const float* x = o.x + t0 * o.kpad;
     __m256 acc[RS][NT];
     for (int i = 0; i < RS; ++i)
         for (int t = 0; t < NT; ++t) acc[i][t] = _mm256_setzero_ps();
-    const V* chunk = o.values + o.offsets[g];
+    const auto* chunk = values_of<C>(o, g);
+    alignas(32) float deq[24] = {0.f};
     for (int64_t c = 0; c < o.chunks; ++c) {
         const uint16_t* words = mg + c * kGroup;
-        const V* p = RS == kGroup ? chunk : chunk + kept(words, 0, i0);
+        const auto* p = RS == kGroup ? chunk : chunk + span<C>(words, 0, i0);
         const float* xc = x + c * 16;
         for (int i = 0; i < RS; ++i) {
             const uint32_t bits = words[i0 + i];
-            const __m256 lo = spread8(tab, bits & 0xff, p);
-            const __m256 hi = spread8(tab, bits >> 8, p);
+            const int low = __builtin_popcount(bits & 0xff);
+            float s, z;
+            grid<C>(o, g * kGroup + i0 + i, c, s, z);
+            const __m256 scale = _mm256_set1_ps(s), zero = _mm256_set1_ps(z);
+            if constexpr (Traits<C>::quantized) {
+                const __m128i bytes = codes16<C>(p);
+                const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+                _mm256_store_ps(deq, _mm256_mul_ps(_mm256_sub_ps(a, zero), scale));
+                _mm256_store_ps(deq + 8, _mm256_mul_ps(_mm256_sub_ps(b, zero), scale));
+            }
+            const __m256 lo = spread8<C>(tab, bits & 0xff, p, 0, scale, zero, deq);
+            const __m256 hi = spread8<C>(tab, bits >> 8, p, low, scale, zero, deq);
+            p += Traits<C>::units(__builtin_popcount(bits));
             for (int t = 0; t < NT; ++t) {
                 acc[i][t] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xc + t * o.kpad), acc[i][t]);
                 acc[i][t] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xc + t * o.kpad + 8), acc[i][t]);
             }
         }
-        chunk = RS == kGroup ? p : p + kept(words, i0 + RS, kGroup);
+        chunk = RS == kGroup ? p : p + span<C>(words, i0 + RS, kGroup);
     }
     for (int i = 0; i < RS; ++i) {
         const int64_t row = g * kGroup + i0 + i;
@@ -159,34 +262,45 @@ __attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const Operands<V>& o, 
 }
 
 // ---------------------------------------------------------------------------------------------------- AVX-512
-__attribute__((target("avx512f,avx512bw,popcnt"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-__attribute__((target("avx512f,avx512bw,popcnt"))) inline __m512 load16(const uint16_t* p) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+// The first 16 stored weights from ``p`` as floats (codes: dequantized with ``scale``, ``zero``).
+template <int C>
+__attribute__((target("avx512f,avx512bw,popcnt"))) inline __m512 load16(const typename Traits<C>::T* p, __m512 scale,
+                                                                       __m512 zero) {
+    if constexpr (C == kF32) {
+        return _mm512_loadu_ps(p);
+    } else if constexpr (C == kBF16) {
+        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    } else {
+        const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes16<C>(p)));
+        return _mm512_mul_ps(_mm512_sub_ps(codes, zero), scale);
+    }
 }
 
 // Rows [i0, i0 + RS) of group ``g`` times tokens [t0, t0 + NT): each chunk of x is loaded once for RS rows.
-template <typename V, int NT, int RS>
-__attribute__((target("avx512f,avx512bw,popcnt"))) void tile_avx512(const Operands<V>& o, int64_t g, int i0,
-                                                                    int64_t t0) {
+template <int C, int NT, int RS>
+__attribute__((target("avx512f,avx512bw,popcnt"))) void tile_avx512(const Operands& o, int64_t g, int i0, int64_t t0) {
     const uint16_t* mg = o.mask + g * o.chunks * kGroup;
     const float* x = o.x + t0 * o.kpad;
     __m512 acc[RS][NT];
     for (int i = 0; i < RS; ++i)
         for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
-    const V* chunk = o.values + o.offsets[g];
+    const auto* chunk = values_of<C>(o, g);
     for (int64_t c = 0; c < o.chunks; ++c) {
         const uint16_t* words = mg + c * kGroup;
-        const V* p = RS == kGroup ? chunk : chunk + kept(words, 0, i0);
+        const auto* p = RS == kGroup ? chunk : chunk + span<C>(words, 0, i0);
         __m512 xv[NT];
         for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * o.kpad + c * 16);
         for (int i = 0; i < RS; ++i) {
             const uint32_t bits = words[i0 + i];
-            const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(p));
-            p += _mm_popcnt_u32(bits);
+            float s, z;
+            grid<C>(o, g * kGroup + i0 + i, c, s, z);
+            const __m512 w =
+                _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16<C>(p, _mm512_set1_ps(s), _mm512_set1_ps(z)));
+            p += Traits<C>::units(_mm_popcnt_u32(bits));
             for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_fmadd_ps(w, xv[t], acc[i][t]);
         }
-        chunk = RS == kGroup ? p : p + kept(words, i0 + RS, kGroup);
+        chunk = RS == kGroup ? p : p + span<C>(words, i0 + RS, kGroup);
     }
     for (int i = 0; i < RS; ++i) {
         const int64_t row = g * kGroup + i0 + i;
@@ -195,41 +309,41 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void tile_avx512(const Operan
     }
 }
 
-// Every row of group ``g`` times ``nt`` tokens from t0, RS rows at a time (RS * NT accumulators fit the registers).
-template <typename V, int NT, int RS, bool Wide>
-void rows_of(const Operands<V>& o, int64_t g, int64_t t0) {
+// Every row of group ``g`` times ``NT`` tokens from t0, RS rows at a time (RS * NT accumulators fit the registers).
+template <int C, int NT, int RS, bool Wide>
+void rows_of(const Operands& o, int64_t g, int64_t t0) {
     for (int i0 = 0; i0 < kGroup && g * kGroup + i0 < o.n_rows; i0 += RS) {
-        if constexpr (Wide) tile_avx512<V, NT, RS>(o, g, i0, t0);
-        else tile_avx2<V, NT, RS>(o, g, i0, t0);
+        if constexpr (Wide) tile_avx512<C, NT, RS>(o, g, i0, t0);
+        else tile_avx2<C, NT, RS>(o, g, i0, t0);
     }
 }
 
-template <typename V, bool Wide>
-void group_simd(const Operands<V>& o, int64_t g) {
+template <int C, bool Wide>
+void group_simd(const Operands& o, int64_t g) {
     int64_t t0 = 0;
-    for (; t0 + kMaxTokens <= o.tokens; t0 += kMaxTokens) rows_of<V, 8, Wide ? 2 : 1, Wide>(o, g, t0);
+    for (; t0 + kMaxTokens <= o.tokens; t0 += kMaxTokens) rows_of<C, 8, Wide ? 2 : 1, Wide>(o, g, t0);
     switch (o.tokens - t0) {
         case 0: break;
-        case 1: rows_of<V, 1, 8, Wide>(o, g, t0); break;
-        case 2: rows_of<V, 2, Wide ? 8 : 4, Wide>(o, g, t0); break;
-        case 3: rows_of<V, 3, Wide ? 4 : 2, Wide>(o, g, t0); break;
-        case 4: rows_of<V, 4, Wide ? 4 : 2, Wide>(o, g, t0); break;
-        case 5: rows_of<V, 5, Wide ? 2 : 1, Wide>(o, g, t0); break;
-        case 6: rows_of<V, 6, Wide ? 2 : 1, Wide>(o, g, t0); break;
-        default: rows_of<V, 7, Wide ? 2 : 1, Wide>(o, g, t0); break;
+        case 1: rows_of<C, 1, 8, Wide>(o, g, t0); break;
+        case 2: rows_of<C, 2, Wide ? 8 : 4, Wide>(o, g, t0); break;
+        case 3: rows_of<C, 3, Wide ? 4 : 2, Wide>(o, g, t0); break;
+        case 4: rows_of<C, 4, Wide ? 4 : 2, Wide>(o, g, t0); break;
+        case 5: rows_of<C, 5, Wide ? 2 : 1, Wide>(o, g, t0); break;
+        case 6: rows_of<C, 6, Wide ? 2 : 1, Wide>(o, g, t0); break;
+        default: rows_of<C, 7, Wide ? 2 : 1, Wide>(o, g, t0); break;
     }
 }
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
-template <typename V>
-void run(int64_t isa, const Operands<V>& o, int64_t groups) {
+template <int C>
+void run(int64_t isa, const Operands& o, int64_t groups) {
     const int64_t grain = std::max<int64_t>(1, groups / (8 * std::max(1, at::get_num_threads())));
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {
-            if (isa == kAvx512) group_simd<V, true>(o, g);
-            else if (isa == kAvx2) group_simd<V, false>(o, g);
-            else group_scalar(o, g);
+            if (isa == kAvx512) group_simd<C, true>(o, g);
+            else if (isa == kAvx2) group_simd<C, false>(o, g);
+            else group_scalar<C>(o, g);
         }
     });
 }
@@ -237,42 +351,52 @@ void run(int64_t isa, const Operands<V>& o, int64_t groups) {
 // ---------------------------------------------------------------------------------------------------- unpack
 // The rows of group ``g`` of the dense (N, kpad) float32 weight, written from the mask and the values: for a
 // prefill, where one dense product of many tokens beats the kernel, the weight exists only for that product.
-template <typename V>
-void unpack_scalar(const Operands<V>& o, int64_t g, float* out) {
+template <int C>
+void unpack_scalar(const Operands& o, int64_t g, float* out) {
     const uint16_t* mg = o.mask + g * o.chunks * kGroup;
     const int rows = static_cast<int>(std::min<int64_t>(kGroup, o.n_rows - g * kGroup));
     std::memset(out + g * kGroup * o.kpad, 0, sizeof(float) * rows * o.kpad);
-    const V* p = o.values + o.offsets[g];
+    const auto* p = values_of<C>(o, g);
     for (int64_t c = 0; c < o.chunks; ++c) {
         for (int i = 0; i < kGroup; ++i) {
-            for (uint32_t bits = mg[c * kGroup + i]; bits; bits &= bits - 1)
-                out[(g * kGroup + i) * o.kpad + c * 16 + __builtin_ctz(bits)] = value_at(p++, 0);
+            const uint32_t word = mg[c * kGroup + i];
+            if (g * kGroup + i < o.n_rows) {
+                float scale, zero;
+                grid<C>(o, g * kGroup + i, c, scale, zero);
+                int k = 0;
+                for (uint32_t bits = word; bits; bits &= bits - 1, ++k)
+                    out[(g * kGroup + i) * o.kpad + c * 16 + __builtin_ctz(bits)] = weight_at<C>(p, k, scale, zero);
+            }
+            p += Traits<C>::units(__builtin_popcount(word));
         }
     }
 }
 
-template <typename V>
-__attribute__((target("avx512f,avx512bw,popcnt"))) void unpack_avx512(const Operands<V>& o, int64_t g, float* out) {
+template <int C>
+__attribute__((target("avx512f,avx512bw,popcnt"))) void unpack_avx512(const Operands& o, int64_t g, float* out) {
     const uint16_t* mg = o.mask + g * o.chunks * kGroup;
-    const V* p = o.values + o.offsets[g];
+    const auto* p = values_of<C>(o, g);
     for (int64_t c = 0; c < o.chunks; ++c) {
         for (int i = 0; i < kGroup; ++i) {
             const uint32_t bits = mg[c * kGroup + i];
-            const __m512 w = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16(p));
-            p += _mm_popcnt_u32(bits);
+            float s = 1.f, z = 0.f;
+            if (g * kGroup + i < o.n_rows) grid<C>(o, g * kGroup + i, c, s, z);
+            const __m512 w =
+                _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load16<C>(p, _mm512_set1_ps(s), _mm512_set1_ps(z)));
+            p += Traits<C>::units(_mm_popcnt_u32(bits));
             if (g * kGroup + i < o.n_rows) _mm512_storeu_ps(out + (g * kGroup + i) * o.kpad + c * 16, w);
         }
     }
 }
 
-template <typename F>
-void with_values(const torch::Tensor& values, F&& fn) {
-    if (values.scalar_type() == torch::kFloat32) {
-        fn(values.data_ptr<float>());
-    } else {
-        TORCH_CHECK(values.scalar_type() == torch::kBFloat16, "values: float32 or bfloat16");
-        fn(reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()));
-    }
+template <int C>
+void unpack(int64_t isa, const Operands& o, int64_t groups, float* out) {
+    at::parallel_for(0, groups, 2, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+            if (isa == kAvx512) unpack_avx512<C>(o, g, out);
+            else unpack_scalar<C>(o, g, out);
+        }
+    });
 }
 
 }  // namespace
@@ -285,7 +409,10 @@ int64_t best_isa() {
     return kScalar;
 }
 
-void check_layout(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& offsets, int64_t rows,
+// The operands of one product, checked: ``codec`` 0 float32, 1 bfloat16, 2 int8 codes, 3 int4 codes; ``scales`` and
+// ``zeros`` (codes only, else empty) float32 (8 * groups, column groups), ``group_chunks`` chunks per column group.
+Operands operands(const torch::Tensor& mask, const torch::Tensor& values, const torch::Tensor& offsets, int64_t rows,
+                  int64_t codec, const torch::Tensor& scales, const torch::Tensor& zeros, int64_t group_chunks,
                   int64_t isa) {
     TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == torch::kUInt8 && mask.is_contiguous() &&
                     mask.size(1) % 16 == 0, "mask: contiguous uint8 (groups, 16 * chunks)");
@@ -294,30 +421,41 @@ void check_layout(const torch::Tensor& mask, const torch::Tensor& values, const 
     TORCH_CHECK(rows > (mask.size(0) - 1) * kGroup && rows <= mask.size(0) * kGroup, "rows: the weight's, in 8-row groups");
     TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values: contiguous 1-D");
     TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run the instruction set asked for");
+    const auto want = codec == kF32 ? torch::kFloat32 : codec == kBF16 ? torch::kBFloat16 : torch::kUInt8;
+    TORCH_CHECK(codec >= kF32 && codec <= kInt4 && values.scalar_type() == want, "values: the codec's dtype");
+    const int64_t kpad = mask.size(1), chunks = kpad / 16;
+    Operands o{nullptr, 0, kpad, chunks, reinterpret_cast<const uint16_t*>(mask.data_ptr<uint8_t>()),
+               static_cast<const uint8_t*>(values.data_ptr()), offsets.data_ptr<int64_t>(), nullptr, rows,
+               nullptr, nullptr, 1, std::max<int64_t>(group_chunks, 1)};
+    if (codec >= kInt8) {
+        TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && zeros.scalar_type() == torch::kFloat32 &&
+                        scales.is_contiguous() && zeros.is_contiguous() && scales.dim() == 2 &&
+                        scales.sizes() == zeros.sizes() && scales.size(0) == mask.size(0) * kGroup &&
+                        scales.size(1) == (chunks + o.group_chunks - 1) / o.group_chunks,
+                    "scales, zeros: float32 (8 * groups, column groups)");
+        o.scales = scales.data_ptr<float>();
+        o.zeros = zeros.data_ptr<float>();
+        o.col_groups = scales.size(1);
+    }
+    return o;
 }
 
-// y (tokens, rows) float32 = x (tokens, kpad) float32 times the bitmask weight, with instruction set ``isa``.
-torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor offsets,
-                             int64_t rows, int64_t isa) {
-    check_layout(mask, values, offsets, rows, isa);
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous (B, K) fp32");
-    TORCH_CHECK(x.size(1) == mask.size(1), "x must be padded to the mask's columns");
-    auto y = torch::empty({x.size(0), rows}, x.options());
-    const int64_t kpad = mask.size(1);
-    with_values(values, [&](auto* vp) {
-        using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
-        const Operands<V> o{x.data_ptr<float>(), x.size(0), kpad, kpad / 16,
-                            reinterpret_cast<const uint16_t*>(mask.data_ptr<uint8_t>()), vp,
-                            offsets.data_ptr<int64_t>(), y.data_ptr<float>(), rows};
-        run(isa, o, mask.size(0));
-    });
-    return y;
+template <typename F>
+void dispatch(int64_t codec, F&& fn) {
+    switch (codec) {
+        case kF32: fn(std::integral_constant<int, kF32>()); break;
+        case kBF16: fn(std::integral_constant<int, kBF16>()); break;
+        case kInt8: fn(std::integral_constant<int, kInt8>()); break;
+        default: fn(std::integral_constant<int, kInt4>()); break;
+    }
 }
 
-// ``x (..., K) . W^T + bias`` in x's dtype, with the padding and the casts done here rather than in Python: the
-// whole forward of ``SparseLinear`` at decode, where a few microseconds of per-call work are a share of the product.
+// ``x (..., K) . W^T + bias`` in x's dtype, the padding and the casts done here rather than in Python: the whole
+// forward of ``SparseLinear`` at decode, where a few microseconds of per-call work are a share of the product.
 torch::Tensor bitmask_linear(torch::Tensor x, torch::Tensor mask, torch::Tensor values, torch::Tensor offsets,
-                             int64_t rows, c10::optional<torch::Tensor> bias, int64_t isa) {
+                             int64_t rows, int64_t codec, torch::Tensor scales, torch::Tensor zeros,
+                             int64_t group_chunks, c10::optional<torch::Tensor> bias, int64_t isa) {
+    Operands o = operands(mask, values, offsets, rows, codec, scales, zeros, group_chunks, isa);
     const int64_t k = x.size(-1), kpad = mask.size(1);
     TORCH_CHECK(k <= kpad && k > kpad - 16, "x: the weight's ", kpad, " padded columns, got ", k);
     auto flat = x.reshape({-1, k}).to(torch::kFloat32).contiguous();
@@ -326,7 +464,11 @@ torch::Tensor bitmask_linear(torch::Tensor x, torch::Tensor mask, torch::Tensor 
         padded.narrow(1, 0, k).copy_(flat);
         flat = padded;
     }
-    auto y = bitmask_matmul(flat, mask, values, offsets, rows, isa);
+    auto y = torch::empty({flat.size(0), rows}, flat.options());
+    o.x = flat.data_ptr<float>();
+    o.tokens = flat.size(0);
+    o.y = y.data_ptr<float>();
+    dispatch(codec, [&](auto c) { run<decltype(c)::value>(isa, o, mask.size(0)); });
     if (bias.has_value() && bias->defined()) y.add_(*bias);
     auto sizes = x.sizes().vec();
     sizes.back() = rows;
@@ -336,29 +478,17 @@ torch::Tensor bitmask_linear(torch::Tensor x, torch::Tensor mask, torch::Tensor 
 // The dense (N, kpad) float32 weight of a bitmask weight (columns past the weight's width are zeros), written into
 // ``out`` (a scratch buffer reused from one product to the next: a fresh one would be page-faulted in every time).
 torch::Tensor bitmask_unpack(torch::Tensor mask, torch::Tensor values, torch::Tensor offsets, int64_t rows,
+                             int64_t codec, torch::Tensor scales, torch::Tensor zeros, int64_t group_chunks,
                              int64_t isa, torch::Tensor out) {
-    check_layout(mask, values, offsets, rows, isa);
-    const int64_t kpad = mask.size(1);
+    const Operands o = operands(mask, values, offsets, rows, codec, scales, zeros, group_chunks, isa);
     TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
-                    out.size(1) == kpad, "out: contiguous (N, kpad) float32");
-    with_values(values, [&](auto* vp) {
-        using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
-        const Operands<V> o{nullptr, 0, kpad, kpad / 16, reinterpret_cast<const uint16_t*>(mask.data_ptr<uint8_t>()),
-                            vp, offsets.data_ptr<int64_t>(), nullptr, rows};
-        float* dst = out.data_ptr<float>();
-        at::parallel_for(0, mask.size(0), 2, [&](int64_t g0, int64_t g1) {
-            for (int64_t g = g0; g < g1; ++g) {
-                if (isa == kAvx512) unpack_avx512(o, g, dst);
-                else unpack_scalar(o, g, dst);
-            }
-        });
-    });
+                    out.size(1) == mask.size(1), "out: contiguous (N, kpad) float32");
+    dispatch(codec, [&](auto c) { unpack<decltype(c)::value>(isa, o, mask.size(0), out.data_ptr<float>()); });
     return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("best_isa", &best_isa, "the best instruction set this CPU runs (0 scalar, 1 AVX2, 2 AVX-512)");
-    m.def("bitmask_matmul", &bitmask_matmul, "y = x . W^T for a bitmask weight, x padded float32 (B, kpad)");
     m.def("bitmask_linear", &bitmask_linear, "x . W^T + bias for a bitmask weight, any leading shape and dtype");
     m.def("bitmask_unpack", &bitmask_unpack, "the dense (N, kpad) float32 weight of a bitmask weight");
 }
