@@ -9,6 +9,10 @@ For each model folder (written by ``besa prune --save-format sparse``) and threa
   sparse bf16 values: time per token inside the decoder blocks (hooks on the first and last block; the embedding
   and the output head stay dense) and end to end, with the ceilings the bytes read per token allow; the tokens of
   sparse fp32 must equal dense fp32's;
+- the same with 4-bit values: sparse 4-bit codes (``load_sparse(bits=4)``, the values rounded at load on groups
+  of ``INT4_GROUP`` columns) against dense 4-bit, torch's own CPU int4 weight-only kernel
+  (``_weight_int4pack_mm_for_cpu``, what torchao's int4 weight-only runs on the CPU) on the same codes, both in a
+  bfloat16 model; per linear also sparse 8-bit codes;
 - a prefill of ``--prefill`` tokens, sparse (with its measured crossover) against dense;
 - what the pruned linears hold against their dense bytes.
 
@@ -30,6 +34,7 @@ import json
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -46,6 +51,47 @@ from unseen import model_spec  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "decode.json"
 PLOT = ROOT / "benchmarks" / "results" / "decode_speedup.png"
 PROMPT = list(range(100, 116))  # 16 fixed token ids: every variant decodes the same steps
+INT4_GROUP = (
+    64  # columns per scale of the 4-bit rows: torch's int4 kernel needs it to divide every linear's width
+)
+
+
+class DenseInt4(torch.nn.Module):
+    """A linear on torch's CPU int4 weight-only kernel: codes in [0, 15] packed by torch, a bfloat16 scale and
+    offset per (group, row) with ``w = (code - 8) * scale + offset``; bfloat16 inputs and outputs."""
+
+    def __init__(
+        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None
+    ):
+        super().__init__()
+        self.out_features = codes.shape[0]
+        self.weight_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        offset = (8 - zero) * scale  # ours is (code - zero) * scale
+        self.scales_zeros = torch.stack([scale.t(), offset.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.weight_packed, INT4_GROUP, self.scales_zeros
+        )
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def dense_int4(model: torch.nn.Module, pruned: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``model`` (bfloat16) with the linears named in ``pruned`` (name -> float32 weight) on ``DenseInt4``, their
+    weights rounded to 4-bit codes exactly as ``besa.runtime.layout.quantize`` rounds the sparse ones."""
+    from besa.formats.quant import QuantSpec, fake_quantize, quant_params, quantize_codes
+
+    spec = QuantSpec(4, INT4_GROUP)
+    for name, w in pruned.items():
+        scale, zero = quant_params(w, spec)
+        codes = quantize_codes(fake_quantize(w, scale, zero, spec), scale, zero, spec)
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, DenseInt4(codes, scale, zero, getattr(owner, child).bias))
+    return model
 
 
 def _seconds(fn, repeats: int) -> float:
@@ -124,30 +170,37 @@ def decode(model: torch.nn.Module, tokens: int, repeats: int) -> dict:
     return {"token_s": median(r[0] for r in runs), "blocks_s": median(r[1] for r in runs), "ids": runs[0][2]}
 
 
-def linear_passes(model: torch.nn.Module, repeats: int) -> dict:
-    """Every pruned linear of ``model`` once per pass, in model order, at one token: seconds and bytes per shape."""
-    from besa.runtime.kernels import kernels
+def _bf16_linear(w: torch.Tensor):
+    return lambda x: F.linear(x.to(torch.bfloat16), w)
+
+
+def linear_passes(model: torch.nn.Module, int4: torch.nn.Module, repeats: int) -> dict:
+    """Every pruned linear of ``model`` once per pass, in model order, at one token: seconds and bytes per shape,
+    sparse (float32 values, 8-bit and 4-bit codes) against dense fp32, bf16 and 4-bit (``int4``'s linears)."""
+    from besa.formats.quant import QuantSpec
+    from besa.runtime.layout import quantize
     from besa.runtime.linear import SparseLinear
 
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
-    isa = kernels().isa
     dense32 = [m.packed.dense() for m in layers]
-    dense16 = [w.to(torch.bfloat16) for w in dense32]
+    calls = {
+        "sparse": layers,
+        "sparse_int8": [SparseLinear(quantize(m.packed, QuantSpec(8, INT4_GROUP))) for m in layers],
+        "sparse_int4": [SparseLinear(quantize(m.packed, QuantSpec(4, INT4_GROUP))) for m in layers],
+        "dense_fp32": [partial(F.linear, weight=w) for w in dense32],
+        "dense_bf16": [_bf16_linear(w.to(torch.bfloat16)) for w in dense32],
+        "dense_int4": [m for m in int4.modules() if isinstance(m, DenseInt4)],
+    }
     shapes: dict[str, dict] = {}
-    for kind in ("sparse", "dense_fp32", "dense_bf16"):
+    for kind, fns in calls.items():
         per_shape: dict[str, list[float]] = {}
         for _ in range(repeats + 1):
             spent: dict[str, float] = {}
-            for m, w32, w16 in zip(layers, dense32, dense16, strict=True):
+            for m, fn in zip(layers, fns, strict=True):
                 key = f"{m.out_features}x{m.in_features}"
-                x = torch.randn(1, m.in_features)
+                x = torch.randn(1, 1, m.in_features)
                 t = time.perf_counter()
-                if kind == "sparse":
-                    m.kernel(x, isa)
-                elif kind == "dense_fp32":
-                    F.linear(x, w32)
-                else:
-                    F.linear(x.to(torch.bfloat16), w16)
+                fn(x)
                 spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
             for key, s in spent.items():
                 per_shape.setdefault(key, []).append(s)
@@ -157,6 +210,10 @@ def linear_passes(model: torch.nn.Module, repeats: int) -> dict:
         members = [m for m in layers if f"{m.out_features}x{m.in_features}" == key]
         shapes[key]["count"] = len(members)
         shapes[key]["sparse_bytes"] = sum(m.packed.nbytes for m in members)
+        for kind in ("sparse_int8", "sparse_int4"):
+            shapes[key][f"{kind}_bytes"] = sum(
+                m.packed.nbytes for m in calls[kind] if f"{m.out_features}x{m.in_features}" == key
+            )
         shapes[key]["dense_bytes"] = sum(m.packed.rows * m.packed.cols * 4 for m in members)
     return shapes
 
@@ -182,31 +239,35 @@ def bytes_per_token(model: torch.nn.Module) -> dict:
 
 def measure(folder: Path, threads: int, args: argparse.Namespace) -> dict:
     from besa.model.loading import load_model
+    from besa.runtime.linear import SparseLinear
     from besa.runtime.load import load_sparse, sparse_bytes
 
     torch.set_num_threads(threads)
     sparse, _ = load_sparse(folder)
     sparse16, _ = load_sparse(folder, dtype=torch.bfloat16)
+    sparse4, _ = load_sparse(folder, dtype=torch.bfloat16, bits=4, group_size=INT4_GROUP)
     dense, _, _ = load_model(str(folder))
     dense16 = load_model(str(folder), dtype=torch.bfloat16)[0]
+    pruned = {n: m.packed.dense().float() for n, m in sparse.named_modules() if isinstance(m, SparseLinear)}
+    dense4 = dense_int4(load_model(str(folder), dtype=torch.bfloat16)[0], pruned)
     row: dict = {
         "threads": threads,
         "crossover": next(m.crossover for m in sparse.modules() if hasattr(m, "packed")),
     }
-    for name, model in (
-        ("dense_fp32", dense),
-        ("dense_bf16", dense16),
-        ("sparse_fp32", sparse),
-        ("sparse_bf16", sparse16),
-    ):
+    variants = {"dense_fp32": dense, "dense_bf16": dense16, "sparse_fp32": sparse, "sparse_bf16": sparse16,
+                "dense_int4": dense4, "sparse_int4": sparse4}  # fmt: skip
+    for name, model in variants.items():
         row[name] = decode(model, args.tokens, args.repeats)
-    row["same_tokens"] = row["sparse_fp32"].pop("ids") == row["dense_fp32"]["ids"]
-    for name in ("dense_fp32", "dense_bf16", "sparse_bf16"):
+    row["same_tokens"] = row["sparse_fp32"]["ids"] == row["dense_fp32"]["ids"]
+    row["same_tokens_int4"] = row["sparse_int4"]["ids"] == row["dense_int4"]["ids"]
+    for name in variants:
         row[name].pop("ids")
     held, dense_bytes = sparse_bytes(sparse)
     row["held_ratio"] = held / dense_bytes
+    held4, dense4_bytes = sparse_bytes(sparse4)
+    row["held_ratio_int4"] = held4 / dense4_bytes
     row["bytes"] = bytes_per_token(sparse)
-    row["linears"] = linear_passes(sparse, args.repeats)
+    row["linears"] = linear_passes(sparse, dense4, args.repeats)
     row["prefill"] = prefill(dense, sparse, args)
     return row
 
@@ -214,10 +275,11 @@ def measure(folder: Path, threads: int, args: argparse.Namespace) -> dict:
 def prefill(dense: torch.nn.Module, sparse: torch.nn.Module, args: argparse.Namespace) -> dict:
     """Seconds of one forward of ``--prefill`` tokens, dense fp32 and sparse fp32 (with its measured crossover)."""
     prompt = torch.randint(0, 1000, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    repeats = max(args.repeats, 7)  # one forward is short and noisy: more repeats than a decode
     with torch.no_grad():
         return {
-            "dense_fp32": _seconds(lambda: dense(prompt, use_cache=False), args.repeats),
-            "sparse_fp32": _seconds(lambda: sparse(prompt, use_cache=False), args.repeats),
+            "dense_fp32": _seconds(lambda: dense(prompt, use_cache=False), repeats),
+            "sparse_fp32": _seconds(lambda: sparse(prompt, use_cache=False), repeats),
             "crossover": next(m.crossover for m in sparse.modules() if hasattr(m, "packed")),
         }
 
@@ -284,9 +346,28 @@ def write_markdown(results: dict, markdown: Path) -> None:
             f"{_ratio(d32['token_s'], s32['token_s'])} | {ceil_all:.2f}x | {row['held_ratio']:.3f} | "
             f"{'yes' if row['same_tokens'] else 'NO'} | {row['prefill']['sparse_fp32'] / row['prefill']['dense_fp32']:.2f} |"
         )
+    lines += ["", "With 4-bit values: sparse 4-bit codes (`besa.load_sparse(bits=4)`, rounded at load on groups of "
+              f"{INT4_GROUP} columns) against dense 4-bit, torch's CPU int4 weight-only kernel "
+              "(`_weight_int4pack_mm_for_cpu`, what torchao's int4 weight-only runs on the CPU) on the same codes, both in "
+              "a bfloat16 model. `held` is what the sparse codes hold against the dense codes with the same scales.", "",
+              "| model | pruned | threads | blocks ms/token dense int4 | sparse int4 | speed-up vs dense int4 | "
+              "sparse int4 vs dense fp32 | held / dense 4-bit | same tokens |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    for key, row in sorted(results["runs"].items()):
+        model, setting, threads = key.split("|")
+        if "dense_int4" not in row:
+            continue
+        d4, s4, d32 = (
+            row["dense_int4"]["blocks_s"],
+            row["sparse_int4"]["blocks_s"],
+            row["dense_fp32"]["blocks_s"],
+        )
+        lines.append(f"| {model} | {setting} | {threads} | {d4 * 1e3:.2f} | {s4 * 1e3:.2f} | **{_ratio(d4, s4)}** | "
+                     f"{_ratio(d32, s4)} | {row['held_ratio_int4']:.3f} | "
+                     f"{'yes' if row['same_tokens_int4'] else 'no'} |")  # fmt: skip
     lines += ["", "Per linear shape (all pruned linears of that shape, one token each, from memory):", "",
               "| model | pruned | threads | shape x count | sparse µs | dense fp32 µs | dense bf16 µs | speed-up vs fp32 | "
-              "bandwidth | of roofline |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "bandwidth | of roofline | sparse int8 µs | sparse int4 µs | dense int4 µs |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for key, row in sorted(results["runs"].items()):
         model, setting, threads = key.split("|")
         roof = results["roofline"][threads]
@@ -295,7 +376,8 @@ def write_markdown(results: dict, markdown: Path) -> None:
             lines.append(
                 f"| {model} | {setting} | {threads} | {shape} x {s['count']} | {s['sparse'] * 1e6:.0f} | "
                 f"{s['dense_fp32'] * 1e6:.0f} | {s['dense_bf16'] * 1e6:.0f} | {_ratio(s['dense_fp32'], s['sparse'])} | "
-                f"{bw / 1e9:.1f} GB/s | {bw / roof:.2f} |"
+                f"{bw / 1e9:.1f} GB/s | {bw / roof:.2f} | {s.get('sparse_int8', float('nan')) * 1e6:.0f} | "
+                f"{s.get('sparse_int4', float('nan')) * 1e6:.0f} | {s.get('dense_int4', float('nan')) * 1e6:.0f} |"
             )
     lines += ["", f"![decode speed-up against sparsity]({PLOT.relative_to(ROOT)})"]
     replace_section(markdown, "decode", "\n".join(lines))
