@@ -94,7 +94,7 @@ def run_speed(args: argparse.Namespace, results: dict, work: Path) -> None:
     for case in ("50% sparse", "2:4 sparse"):
         folder = _folder(work, "sparsegpt", case)
         out = work / "speed.json"
-        _besa("speedup", str(folder), "--batch", "1,16", "--seqlen", "128", "--repeats", str(args.repeats),
+        _besa("speedup", str(folder), "--batch", "1,16", "--seqlen", "1", "--repeats", str(args.repeats),
               "--json", str(out), "--png", str(_chart(case)),
               "--no-progress")  # fmt: skip
         results.setdefault("speed", {})[case] = json.loads(out.read_text())
@@ -137,7 +137,7 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
         "## What a pruned model is worth: size on disk, measured speed, simulated accelerator",
         "",
         f"Model `{args.model}`, calibration {args.nsamples} x {args.seqlen} tokens (sizes and speed do not depend on"
-        " the calibration's quality). Every method with its defaults (BESA's: AdamW, OBS update, 8 refit epochs).",
+        " the calibration's quality, nor on the settings that chose the zeros).",
         f"Machine: {_machine()}.",
         "",
         "```",
@@ -163,29 +163,39 @@ def write_markdown(args: argparse.Namespace, results: dict) -> None:
     if results.get("speed"):
         lines += [
             "",
-            "### Measured speed: dense vs torch's sparse kernels on this machine (`besa speedup`)",
+            "### Measured speed: dense vs besa's sparse CPU kernels on this machine (`besa speedup`)",
+            "",
+            "Decode shapes: one token per sequence, 1 sequence or 16 at once. Each linear timed once per pass over "
+            "all of them, in model order (its weights come from memory, as in decode); the model's dtype (fp32) "
+            "and bfloat16 (dense bf16 against sparse bf16 values), at 1 and 2 threads, in one invocation each.",
             "",
         ]
         lines += [
-            "| model | what | batch | dense ms | sparse ms | speed-up |",
-            "|---|---|---:|---:|---:|---:|",
+            "| model | what | threads | batch | dense ms | sparse ms | speed-up | dense bf16 ms | sparse bf16 ms | "
+            "speed-up bf16 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def cells(rows: list, tag: str) -> str:
+            if f"dense{tag}_s" not in rows[0]:
+                return "- | - | -"
+            d = statistics.median(r[f"dense{tag}_s"] for r in rows) * 1e3
+            s = statistics.median(r[f"sparse{tag}_s"] for r in rows) * 1e3
+            return f"{d:.3f} | {s:.3f} | {d / s:.2f}x"
+
         for case, res in results["speed"].items():
             groups: dict = {}
             for row in res["layers"]:
-                groups.setdefault((layer_type(row), row["batch"]), []).append(row)
-            for (short, batch), rows in groups.items():
-                d = statistics.median(r["dense_s"] for r in rows) * 1e3
-                s = statistics.median(r["sparse_s"] for r in rows) * 1e3
-                lines.append(f"| SparseGPT {case} | {short} (median of {len(rows)}) | {batch} | {d:.3f} | {s:.3f} |"
-                             f" {d / s:.2f}x |")  # fmt: skip
+                groups.setdefault((layer_type(row), row.get("threads", 0), row["batch"]), []).append(row)
+            for (short, threads, batch), rows in groups.items():
+                lines.append(f"| SparseGPT {case} | {short} (median of {len(rows)}) | {threads} | {batch} | "
+                             f"{cells(rows, '')} | {cells(rows, '_bf16')} |")  # fmt: skip
             for row in res["model"]:
-                lines.append(f"| SparseGPT {case} | {row['what']} | {row['batch']} | {row['dense_s'] * 1e3:.1f} |"
-                             f" {row['sparse_s'] * 1e3:.1f} | {row['speedup']:.2f}x |")  # fmt: skip
+                lines.append(f"| SparseGPT {case} | {row['what']} | {row.get('threads', 0)} | {row['batch']} | "
+                             f"{cells([row], '')} | {cells([row], '_bf16')} |")  # fmt: skip
         first = next(iter(results["speed"].values()))
-        lines.append(f"\nKernels: {', '.join(first['kinds'])} on {first['device']} ({first['threads']} threads),"
-                     f" medians of {first['repeats']} calls, seqlen {first['seqlen']}. No GPU was lent: no 2:4 GPU"
-                     " row.")  # fmt: skip
+        lines.append(f"\nKernels: {', '.join(first['kinds'])} on {first['device']}, medians of {first['repeats']}"
+                     f" passes or calls, seqlen {first['seqlen']}. No GPU was lent: no 2:4 GPU row.")  # fmt: skip
         lines.append("\n![speed-ups](benchmarks/results/speedup_50.png)")
     if results.get("simulate"):
         sims = results["simulate"]
