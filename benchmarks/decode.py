@@ -16,7 +16,8 @@ For each model folder (written by ``besa prune --save-format sparse``) and threa
 - a prefill of ``--prefill`` tokens, sparse (with its measured crossover) against dense;
 - what the pruned linears hold against their dense bytes.
 
-Medians of ``--repeats``. Models are pruned first when their folder is missing, with BESA's defaults (no flag but
+Medians of ``--repeats``, the variants taking turns run by run (a drift of the machine's speed moves them alike).
+Models are pruned first when their folder is missing, with BESA's defaults (no flag but
 the sparsity) on ``--nsamples`` x ``--seqlen`` calibration tokens (fewer than the quality tables use: the speed of
 a pruned model depends on where its zeros are, not on how well they were chosen)::
 
@@ -145,29 +146,36 @@ class BlockClock:
         self.per_forward.append(time.perf_counter() - self._start)
 
 
-def decode(model: torch.nn.Module, tokens: int, repeats: int) -> dict:
-    """Greedy decode at batch 1: per-token seconds in the blocks and end to end (prefill excluded), and the ids."""
+def decode(models: dict[str, torch.nn.Module], tokens: int, repeats: int) -> dict[str, dict]:
+    """Greedy decode at batch 1 of every model in ``models``, the variants taking turns run by run (so a drift of
+    the machine's speed moves them alike): per-token seconds in the blocks and end to end (prefill excluded), and
+    the ids, medians over ``repeats`` runs after one warm-up run each."""
     from besa.model.blocks import find_blocks
 
-    clock = BlockClock([b for _, b in find_blocks(model)])
+    clocks = {name: BlockClock([b for _, b in find_blocks(m)]) for name, m in models.items()}
+    runs: dict[str, list] = {name: [] for name in models}
+    for _ in range(repeats + 1):
+        for name, model in models.items():
+            runs[name].append(_decode_once(model, clocks[name], tokens))
+    return {name: {"token_s": median(r[0] for r in done[1:]), "blocks_s": median(r[1] for r in done[1:]),
+                   "ids": done[1][2]} for name, done in runs.items()}  # fmt: skip
+
+
+def _decode_once(model: torch.nn.Module, clock: BlockClock, tokens: int) -> tuple[float, float, list[int]]:
     prompt = torch.tensor([PROMPT])
     model.config.use_cache = True
-    runs = []
-    for _ in range(repeats + 1):
-        clock.per_forward.clear()
-        steps: list[float] = []
-        with torch.no_grad():
-            out = model(prompt, use_cache=True)
-            past, ids = out.cache, [int(out.logits[0, -1].argmax())]
-            for _ in range(tokens - 1):
-                t = time.perf_counter()
-                out = model(torch.tensor([[ids[-1]]]), cache=past, use_cache=True)
-                past = out.cache
-                ids.append(int(out.logits[0, -1].argmax()))
-                steps.append(time.perf_counter() - t)
-        runs.append((median(steps), median(clock.per_forward[1:]), ids))
-    runs = runs[1:]  # the first run warms up
-    return {"token_s": median(r[0] for r in runs), "blocks_s": median(r[1] for r in runs), "ids": runs[0][2]}
+    clock.per_forward.clear()
+    steps: list[float] = []
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        past, ids = out.cache, [int(out.logits[0, -1].argmax())]
+        for _ in range(tokens - 1):
+            t = time.perf_counter()
+            out = model(torch.tensor([[ids[-1]]]), cache=past, use_cache=True)
+            past = out.cache
+            ids.append(int(out.logits[0, -1].argmax()))
+            steps.append(time.perf_counter() - t)
+    return median(steps), median(clock.per_forward[1:]), ids
 
 
 def _bf16_linear(w: torch.Tensor):
@@ -192,9 +200,9 @@ def linear_passes(model: torch.nn.Module, int4: torch.nn.Module, repeats: int) -
         "dense_int4": [m for m in int4.modules() if isinstance(m, DenseInt4)],
     }
     shapes: dict[str, dict] = {}
-    for kind, fns in calls.items():
-        per_shape: dict[str, list[float]] = {}
-        for _ in range(repeats + 1):
+    per_kind: dict[str, dict[str, list[float]]] = {kind: {} for kind in calls}
+    for _ in range(repeats + 1):  # the kinds take turns, pass by pass
+        for kind, fns in calls.items():
             spent: dict[str, float] = {}
             for m, fn in zip(layers, fns, strict=True):
                 key = f"{m.out_features}x{m.in_features}"
@@ -202,8 +210,9 @@ def linear_passes(model: torch.nn.Module, int4: torch.nn.Module, repeats: int) -
                 t = time.perf_counter()
                 fn(x)
                 spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
-            for key, s in spent.items():
-                per_shape.setdefault(key, []).append(s)
+            for key, sec in spent.items():
+                per_kind[kind].setdefault(key, []).append(sec)
+    for kind, per_shape in per_kind.items():
         for key, values in per_shape.items():
             shapes.setdefault(key, {})[kind] = median(values[1:])
     for key in shapes:
@@ -256,8 +265,7 @@ def measure(folder: Path, threads: int, args: argparse.Namespace) -> dict:
     }
     variants = {"dense_fp32": dense, "dense_bf16": dense16, "sparse_fp32": sparse, "sparse_bf16": sparse16,
                 "dense_int4": dense4, "sparse_int4": sparse4}  # fmt: skip
-    for name, model in variants.items():
-        row[name] = decode(model, args.tokens, args.repeats)
+    row.update(decode(variants, args.tokens, args.repeats))
     row["same_tokens"] = row["sparse_fp32"]["ids"] == row["dense_fp32"]["ids"]
     row["same_tokens_int4"] = row["sparse_int4"]["ids"] == row["dense_int4"]["ids"]
     for name in variants:
@@ -275,13 +283,17 @@ def measure(folder: Path, threads: int, args: argparse.Namespace) -> dict:
 def prefill(dense: torch.nn.Module, sparse: torch.nn.Module, args: argparse.Namespace) -> dict:
     """Seconds of one forward of ``--prefill`` tokens, dense fp32 and sparse fp32 (with its measured crossover)."""
     prompt = torch.randint(0, 1000, (1, args.prefill), generator=torch.Generator().manual_seed(0))
-    repeats = max(args.repeats, 7)  # one forward is short and noisy: more repeats than a decode
+    times: dict[str, list[float]] = {"dense_fp32": [], "sparse_fp32": []}
     with torch.no_grad():
-        return {
-            "dense_fp32": _seconds(lambda: dense(prompt, use_cache=False), repeats),
-            "sparse_fp32": _seconds(lambda: sparse(prompt, use_cache=False), repeats),
-            "crossover": next(m.crossover for m in sparse.modules() if hasattr(m, "packed")),
-        }
+        for _ in range(
+            max(args.repeats, 7) + 1
+        ):  # one forward is short and noisy: more repeats, taking turns
+            for name, model in (("dense_fp32", dense), ("sparse_fp32", sparse)):
+                t = time.perf_counter()
+                model(prompt, use_cache=False)
+                times[name].append(time.perf_counter() - t)
+    return {**{name: median(t[1:]) for name, t in times.items()},
+            "crossover": next(m.crossover for m in sparse.modules() if hasattr(m, "packed"))}  # fmt: skip
 
 
 def redo_prefill(results: dict, args: argparse.Namespace) -> None:
@@ -316,7 +328,7 @@ def write_markdown(results: dict, markdown: Path) -> None:
         "below the crossover measured at load (16 to 64 tokens here) the kernel, from it on the weight unpacked into "
         "a reused buffer for one dense product. Models pruned by BESA's defaults from 16 x 256 calibration tokens "
         "(speed depends on where the zeros are, not on how well they were chosen). Medians of "
-        f"{results['repeats']} repeats of {results['tokens']} tokens.",
+        f"{results['repeats']} repeats of {results['tokens']} tokens, the variants taking turns run by run.",
         "",
         f"Machine: {results['machine']}; kernels: {results['isa']}; copy roofline "
         + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in results["roofline"].items())
@@ -420,7 +432,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prefill", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
