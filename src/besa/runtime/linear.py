@@ -36,7 +36,11 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kept = self.packed.nnz / max(self.packed.rows * self.packed.cols, 1)
-        values = f"int{self.packed.bits}" if self.packed.bits else str(self.packed.values.dtype).removeprefix("torch.")
+        values = (
+            f"int{self.packed.bits}"
+            if self.packed.bits
+            else str(self.packed.values.dtype).removeprefix("torch.")
+        )
         return f"in_features={self.in_features}, out_features={self.out_features}, kept={kept:.3f}, values={values}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,16 +82,22 @@ def _median_seconds(fn, repeats: int = 5) -> float:
 
 
 @torch.no_grad()
-def measure_crossover(layer: SparseLinear, counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)) -> int:
-    """The fewest tokens at which unpacking the weight for a dense product beats the kernel on ``layer`` (0: the
-    kernel wins at every count tried, or there is no kernel)."""
+def measure_crossover(
+    layer: SparseLinear,
+    counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128),
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """The fewest tokens at which unpacking the weight for a dense product beats the kernel on ``layer``, both on
+    inputs of ``dtype`` as the model runs them, at torch's current thread count (0: the kernel wins at every count
+    tried, or there is no kernel)."""
     found = kernels()
     if not found.available:
         return 0
+    args = layer.packed.kernel_args()
     for count in counts:
-        x = torch.randn(count, layer.in_features)
-        sparse = _median_seconds(lambda x=x: layer.kernel(x, found.isa))
-        dense = _median_seconds(lambda x=x: F.linear(x, layer.unpacked()))
+        x = torch.randn(count, layer.in_features, dtype=dtype)
+        sparse = _median_seconds(lambda x=x: found.module.bitmask_linear(x, *args, None, found.isa))
+        dense = _median_seconds(lambda x=x: F.linear(x, layer.unpacked().to(dtype)))
         if dense < sparse:
             return count
     return 0

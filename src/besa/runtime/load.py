@@ -42,8 +42,8 @@ def load_sparse(
     every product dense.
 
     ``bits`` 8 or 4 holds integer codes instead, with a scale and zero point per row and group of columns: the
-    folder's own ``--wbits`` codes where it has them (``--save-quantized``; ``bits`` must be theirs), else the
-    values rounded now, on groups of ``group_size`` columns (a multiple of 16, or 0: one group a row)."""
+    folder's own ``--wbits`` codes where it has codes of that many bits (``--save-quantized``), else the values
+    rounded now, on groups of ``group_size`` columns (a multiple of 16, or 0: one group a row)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +91,7 @@ def load_sparse(
         for layer in swapped:
             shape = (layer.out_features, layer.in_features)
             if shape not in cuts:
-                cuts[shape] = measure_crossover(layer) if crossover is None else crossover
+                cuts[shape] = measure_crossover(layer, dtype=dtype) if crossover is None else crossover
             layer.crossover = cuts[shape]
     model.config.use_cache = True  # older besa folders saved it off
     if getattr(model, "generation_config", None) is not None:
@@ -104,47 +104,56 @@ def load_sparse(
     return model.eval(), tokenizer
 
 
-def _folder_codes(folder: Path, bits: int) -> tuple[dict[str, torch.Tensor], QuantSpec | None]:
-    """The folder's ``--save-quantized`` codes, scales and zero points and their spec, when ``bits`` asks for codes
-    and the folder has them (``({}, None)`` otherwise)."""
+def _folder_codes(folder: Path, bits: int) -> tuple[Path, QuantSpec] | None:
+    """The folder's ``--save-quantized`` codes file and their spec, when ``bits`` asks for codes and the folder has
+    codes of that many bits (else ``None``: the values are rounded at load, and a line says why when it has other
+    codes)."""
     from safetensors import SafetensorError, safe_open
 
     from besa.output.saving import QUANT_LAYOUT
 
-    path = folder / QUANT_LAYOUT["file"]
     if bits not in (0, 4, 8):
         raise BesaError(
             f"the sparse kernels hold float values (bits 0) or 8-bit or 4-bit codes, not {bits}-bit"
         )
+    path = folder / QUANT_LAYOUT["file"]
     if not bits or not path.is_file():
-        return {}, None
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             stored = f.metadata() or {}
-            spec = QuantSpec(int(stored.get("bits", 0)), int(stored.get("group_size", -1)))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise BesaError(f"{path}: unreadable quantized codes ({exc})") from None
-    if spec.bits != bits:
-        raise BesaError(
-            f"{folder}'s codes are {spec.bits}-bit (--wbits {spec.bits}): load them with bits={spec.bits}"
+        spec = QuantSpec(int(stored["bits"]), int(stored["group_size"]))
+    except (OSError, ValueError, KeyError, BesaError, SafetensorError) as exc:
+        log.warning(
+            "%s: unreadable codes (%s): the values are rounded to %d-bit codes at load", path, exc, bits
         )
-    return tensors, spec
+        return None
+    if spec.bits != bits or spec.group_size % 16:
+        log.warning("%s holds %d-bit codes on groups of %d columns; the kernels are asked for %d-bit codes on "
+                    "groups that are a multiple of 16: the values are rounded at load", path, spec.bits,
+                    spec.group_size, bits)  # fmt: skip
+        return None
+    return path, spec
 
 
-def _as_codes(packed: PackedWeight, codes: tuple[dict[str, torch.Tensor], QuantSpec | None], owner: str,
+def _as_codes(packed: PackedWeight, source: tuple[Path, QuantSpec] | None, owner: str,
               spec: QuantSpec) -> PackedWeight:  # fmt: skip
-    """``packed`` as integer codes: the folder's own for ``owner`` where it has them, else rounded now to ``spec``."""
-    tensors, stored = codes
-    if stored is None or f"{owner}.codes" not in tensors:
+    """``packed`` as integer codes: the folder's own for ``owner`` where ``source`` has them (read for this linear
+    alone), else rounded now to ``spec``."""
+    from safetensors import safe_open
+
+    if source is None:
         return quantize(packed, spec)
-    keep = packed.keep_view().permute(0, 2, 1, 3).reshape(-1, packed.kpad)[: packed.rows, : packed.cols]
-    q = tensors[f"{owner}.codes"], tensors[f"{owner}.scales"], tensors[f"{owner}.zeros"]
+    with safe_open(str(source[0]), framework="pt") as f:
+        if f"{owner}.codes" not in f.keys():
+            return quantize(packed, spec)
+        q = [f.get_tensor(f"{owner}.{part}") for part in ("codes", "scales", "zeros")]
     if tuple(q[0].shape) != (packed.rows, packed.cols):
         raise BesaError(
             f"{owner}: its codes are {tuple(q[0].shape)}, its weight ({packed.rows}, {packed.cols})"
         )
-    return pack_codes(q[0], keep, q[1], q[2], stored)
+    keep = packed.keep_view().permute(0, 2, 1, 3).reshape(-1, packed.kpad)[: packed.rows, : packed.cols]
+    return pack_codes(q[0], keep, q[1], q[2], source[1])
 
 
 def sparse_bytes(model: nn.Module) -> tuple[int, int]:

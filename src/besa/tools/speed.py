@@ -35,8 +35,9 @@ def is_two_four(w: torch.Tensor) -> bool:
     return cols % 4 == 0 and bool(((w == 0).reshape(rows, cols // 4, 4).sum(-1) >= 2).all())
 
 
-_CROSSOVERS: dict[tuple[int, ...], int] = {}
-"""The bitmask twins' prefill crossover by weight shape, measured on the first linear of that shape."""
+_CROSSOVERS: dict[tuple, int] = {}
+"""The bitmask twins' prefill crossover by (weight shape, input dtype, threads), measured on the first linear of
+that shape at that thread count."""
 
 
 class SparseTwin(nn.Module):
@@ -52,19 +53,28 @@ class SparseTwin(nn.Module):
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
         if kind == "bitmask":
             from besa.runtime.layout import pack
-            from besa.runtime.linear import SparseLinear, measure_crossover
+            from besa.runtime.linear import SparseLinear
 
             self.bitmask = SparseLinear(pack(w), None)
-            shape = (*w.shape, torch.get_num_threads())  # measured once per shape, not once per linear
-            if shape not in _CROSSOVERS:
-                _CROSSOVERS[shape] = measure_crossover(self.bitmask, counts=(1, 8, 32, 128))
-            self.bitmask.crossover = _CROSSOVERS[shape]
+            self.tune(w.dtype)
         elif kind == "2:4":
             from torch.sparse import to_sparse_semi_structured
 
             self.weight = nn.Parameter(to_sparse_semi_structured(w.contiguous()), requires_grad=False)
         else:
             self.weight_csr = w.to_sparse_csr()
+
+    def tune(self, dtype: torch.dtype) -> None:
+        """Set the bitmask twin's prefill crossover for inputs of ``dtype`` at torch's current thread count (measured
+        once per weight shape, dtype and thread count)."""
+        from besa.runtime.linear import measure_crossover
+
+        if self.kind != "bitmask":
+            return
+        key = (self.out_features, self.in_features, dtype, torch.get_num_threads())
+        if key not in _CROSSOVERS:
+            _CROSSOVERS[key] = measure_crossover(self.bitmask, counts=(1, 8, 32, 128), dtype=dtype)
+        self.bitmask.crossover = _CROSSOVERS[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "bitmask":
@@ -144,8 +154,17 @@ def _threads(count: int) -> Iterator[None]:
 
 def _pair(dense: Callable[[], Any], sparse: Callable[[], Any], repeats: int, sync: Callable[[], None],
           tag: str = "") -> dict[str, float]:  # fmt: skip
-    """``dense_s``, ``sparse_s`` and ``speedup`` (``tag`` ``"_bf16"``: ``dense_bf16_s``, ...) of one side-by-side."""
-    d, s = median_time(dense, repeats, sync), median_time(sparse, repeats, sync)
+    """``dense_s``, ``sparse_s`` and ``speedup`` (``tag`` ``"_bf16"``: ``dense_bf16_s``, ...) of one side-by-side:
+    medians of ``repeats`` calls each after two warm-up calls each, dense and sparse taking turns."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for rep in range(repeats + 2):
+        for fn, spent in zip((dense, sparse), times, strict=True):
+            start = time.perf_counter()
+            fn()
+            sync()
+            if rep >= 2:
+                spent.append(time.perf_counter() - start)
+    d, s = statistics.median(times[0]), statistics.median(times[1])
     return {f"dense{tag}_s": d, f"sparse{tag}_s": s, f"speedup{tag}": d / s}
 
 
@@ -154,7 +173,9 @@ def _measure(model: nn.Module, config: SpeedConfig, device: torch.device, progre
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = next(model.parameters()).dtype
-    bf16 = config.bf16 and device.type == "cpu" and dtype != torch.bfloat16
+    from besa.runtime.kernels import kernels
+
+    bf16 = config.bf16 and device.type == "cpu" and dtype != torch.bfloat16 and kernels().available
     threads = config.threads if device.type == "cpu" else (torch.get_num_threads(),)
     linears = {(b, n): lin for b, blk in find_blocks(model) for n, lin in find_linears(blk, model).items()}
     pruned = {key: lin for key, lin in linears.items() if bool((weight_matrix(lin) == 0).any())}
@@ -187,7 +208,7 @@ def _linear_rows(pruned: dict[tuple[str, str], nn.Module], config: SpeedConfig, 
     kinds = [_kind(w, w.device) for w in weights]
     variants: dict[str, list[Callable[[torch.Tensor], Any]]] = {
         "dense_s": layers, "sparse_s": [SparseTwin(lin, k) for lin, k in zip(layers, kinds, strict=True)]}  # fmt: skip
-    if bf16 and set(kinds) == {"bitmask"}:
+    if bf16:
         biases = [getattr(lin, "bias", None) for lin in layers]
         variants["dense_bf16_s"] = [partial(F.linear, weight=w.to(torch.bfloat16),
                                             bias=None if b is None else b.to(torch.bfloat16))
@@ -200,12 +221,16 @@ def _linear_rows(pruned: dict[tuple[str, str], nn.Module], config: SpeedConfig, 
     bar = tqdm(total=total, desc="Timing linears (passes)", disable=None if progress else True)
     for count in threads:
         with _threads(count):
+            for key, twins in variants.items():
+                for twin in twins:
+                    if isinstance(twin, SparseTwin):
+                        twin.tune(torch.bfloat16 if "bf16" in key else weights[0].dtype)
             for batch in config.batch:
                 inputs = {w.shape[1]: torch.randn(batch, config.seqlen, w.shape[1], device=w.device, dtype=w.dtype)
                           for w in weights}  # fmt: skip
                 half = {width: x.to(torch.bfloat16) for width, x in inputs.items()}
-                seconds = {key: _passes(calls, weights, half if "bf16" in key else inputs, config.repeats, sync, bar)
-                           for key, calls in variants.items()}  # fmt: skip
+                feeds = {key: half if "bf16" in key else inputs for key in variants}
+                seconds = _passes(variants, weights, feeds, config.repeats, (sync, bar))
                 for (block, name), w, i in zip(pruned_keys, weights, range(len(weights)), strict=True):
                     row = {"layer": f"{block}.{name}", "type": name, "shape": list(w.shape), "kind": kinds[i], "sparsity": float((w == 0).float().mean()),
                            "batch": batch, "threads": count, **{key: s[i] for key, s in seconds.items()}}  # fmt: skip
@@ -217,20 +242,25 @@ def _linear_rows(pruned: dict[tuple[str, str], nn.Module], config: SpeedConfig, 
     return rows
 
 
-def _passes(calls: list[Callable[[torch.Tensor], Any]], weights: list[torch.Tensor], inputs: dict[int, torch.Tensor],
-            repeats: int, sync: Callable[[], None], bar: Any) -> list[float]:  # fmt: skip
-    """Median seconds of each of ``calls`` (one per linear, on the input of its width), over passes in order."""
-    times: list[list[float]] = [[] for _ in calls]
+def _passes(variants: dict[str, list[Callable[[torch.Tensor], Any]]], weights: list[torch.Tensor],
+            feeds: dict[str, dict[int, torch.Tensor]], repeats: int, hooks: tuple[Callable[[], None], Any],
+            ) -> dict[str, list[float]]:  # fmt: skip
+    """Median seconds of every call of every variant (one call per linear, on the input of its width in the
+    variant's ``feeds``), over passes in model order, the variants taking turns pass by pass (a drift of the
+    machine's speed moves them alike); ``hooks``: the device sync and the progress bar."""
+    sync, bar = hooks
+    times = {key: [[] for _ in calls] for key, calls in variants.items()}
     for rep in range(repeats + 2):
-        for i, (call, w) in enumerate(zip(calls, weights, strict=True)):
-            x = inputs[w.shape[1]]
-            start = time.perf_counter()
-            call(x)
-            sync()
-            if rep >= 2:
-                times[i].append(time.perf_counter() - start)
-        bar.update(1)
-    return [statistics.median(t) for t in times]
+        for key, calls in variants.items():
+            for i, (call, w) in enumerate(zip(calls, weights, strict=True)):
+                x = feeds[key][w.shape[1]]
+                start = time.perf_counter()
+                call(x)
+                sync()
+                if rep >= 2:
+                    times[key][i].append(time.perf_counter() - start)
+            bar.update(1)
+    return {key: [statistics.median(t) for t in per] for key, per in times.items()}
 
 
 def _whole_model(
@@ -243,6 +273,10 @@ def _whole_model(
     vocab = model.get_input_embeddings().weight.shape[0]
     out: list[dict] = []
     with _threads(count):
+        for _, sparse in pairs.values():
+            for twin in sparse.modules():
+                if isinstance(twin, SparseTwin):
+                    twin.tune(next(sparse.parameters()).dtype)
         for batch in config.batch:
             ids = torch.randint(0, vocab, (batch, config.seqlen), device=device)
             row = {"what": "forward", "batch": batch, "threads": count}

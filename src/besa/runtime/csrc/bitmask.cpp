@@ -151,9 +151,11 @@ void group_scalar(const Operands& o, int64_t g) {
 }
 
 // ---------------------------------------------------------------------------------------------------- codes
-// 16 codes from ``p`` as 16 bytes (int4: nibbles, low first).
+// 16 codes from ``p`` as 16 bytes (int4: nibbles, low first). SSE2 only and always inlined: a target attribute here
+// that the AVX-512 callers' did not include would keep GCC from inlining it, a call (and spilled accumulators) per
+// row and chunk.
 template <int C>
-__attribute__((target("avx2,fma,popcnt"))) inline __m128i codes16(const uint8_t* p) {
+__attribute__((always_inline)) inline __m128i codes16(const uint8_t* p) {
     if constexpr (C == kInt8) {
         return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     } else {
@@ -420,6 +422,10 @@ Operands operands(const torch::Tensor& mask, const torch::Tensor& values, const 
                     offsets.numel() == mask.size(0) + 1, "offsets: int64 (groups + 1)");
     TORCH_CHECK(rows > (mask.size(0) - 1) * kGroup && rows <= mask.size(0) * kGroup, "rows: the weight's, in 8-row groups");
     TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values: contiguous 1-D");
+    TORCH_CHECK(mask.device().is_cpu() && values.device().is_cpu() && offsets.device().is_cpu(), "CPU tensors only");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(mask.data_ptr()) % 2 == 0, "mask: 2-byte aligned (16-bit words)");
+    TORCH_CHECK(values.numel() >= offsets.data_ptr<int64_t>()[mask.size(0)] + 16,
+                "values: the kept values then 16 elements of padding");
     TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run the instruction set asked for");
     const auto want = codec == kF32 ? torch::kFloat32 : codec == kBF16 ? torch::kBFloat16 : torch::kUInt8;
     TORCH_CHECK(codec >= kF32 && codec <= kInt4 && values.scalar_type() == want, "values: the codec's dtype");
