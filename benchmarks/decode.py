@@ -361,7 +361,9 @@ def write_markdown(results: dict, markdown: Path) -> None:
     lines += ["", "With 4-bit values: sparse 4-bit codes (`besa.load_sparse(bits=4)`, rounded at load on groups of "
               f"{INT4_GROUP} columns) against dense 4-bit, torch's CPU int4 weight-only kernel "
               "(`_weight_int4pack_mm_for_cpu`, what torchao's int4 weight-only runs on the CPU) on the same codes, both in "
-              "a bfloat16 model. `held` is what the sparse codes hold against the dense codes with the same scales.", "",
+              "a bfloat16 model. `held` is what the sparse codes hold against the dense codes with the same scales. "
+              "`same tokens`: whether the two decode the same greedy tokens (torch's kernel rounds the scales and the "
+              "inputs to bfloat16, besa's keeps them in float32, so a close call can go either way).", "",
               "| model | pruned | threads | blocks ms/token dense int4 | sparse int4 | speed-up vs dense int4 | "
               "sparse int4 vs dense fp32 | held / dense 4-bit | same tokens |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for key, row in sorted(results["runs"].items()):
@@ -446,10 +448,13 @@ def main() -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
     results.update(machine=_machine(), isa=ISA_NAMES[kernels().isa] if kernels().available else "none (fallback)",
                    tokens=args.tokens, repeats=args.repeats)  # fmt: skip
-    results["roofline"] = {}
-    for threads in args.threads.split(","):
-        torch.set_num_threads(int(threads))
-        results["roofline"][threads] = copy_bandwidth(args.repeats + 2)
+    wanted = [f"{m}|{s}|{t}" for m in args.models.split(",") for s in args.settings.split(",")
+              for t in args.threads.split(",")]  # fmt: skip
+    if any(key not in results["runs"] for key in wanted) or "roofline" not in results:  # else: render only
+        results["roofline"] = {}
+        for threads in args.threads.split(","):
+            torch.set_num_threads(int(threads))
+            results["roofline"][threads] = copy_bandwidth(args.repeats + 2)
     if args.redo_prefill:
         redo_prefill(results, args)
     for model in args.models.split(","):
