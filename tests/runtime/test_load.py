@@ -108,13 +108,17 @@ def test_the_folders_own_wbits_codes_run_as_the_saved_weights(quantized_folder, 
     with torch.no_grad():
         want = reference.generate(prompt, max_new_tokens=16, do_sample=False)
         assert torch.equal(model.generate(prompt, max_new_tokens=16, do_sample=False), want)
-    other, _ = load_sparse(quantized_folder, bits=8, group_size=16, crossover=0)  # not the folder's: rounded now
+    other, _ = load_sparse(
+        quantized_folder, bits=8, group_size=16, crossover=0
+    )  # not the folder's: rounded now
     assert "holds 4-bit codes" in caplog.text and "rounded at load" in caplog.text
     for name, module in other.named_modules():
         if isinstance(module, SparseLinear):
             assert module.packed.bits == 8 and module.packed.group_chunks == 1
             saved = reference.get_submodule(name).weight
-            torch.testing.assert_close(module.packed.dense(), saved, rtol=0, atol=float(saved.abs().max()) / 255)
+            torch.testing.assert_close(
+                module.packed.dense(), saved, rtol=0, atol=float(saved.abs().max()) / 255
+            )
 
 
 def test_float_values_rounded_to_8_bit_codes_at_load_decode_like_their_dense_weights(sparse_folder, capsys):
