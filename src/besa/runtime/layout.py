@@ -71,6 +71,10 @@ class PackedWeight:
         return (self.mask, self.values, self.offsets, self.rows, self.codec, self.scales, self.zeros,
                 self.group_chunks)  # fmt: skip
 
+    def keep(self) -> torch.Tensor:
+        """Which weights are kept, bool (rows, cols)."""
+        return self.keep_view().permute(0, 2, 1, 3).reshape(-1, self.kpad)[: self.rows, : self.cols]
+
     def keep_view(self) -> torch.Tensor:
         """Which weights are kept, bool (groups, chunks, 8, 16): the layout's order."""
         groups, chunks = self.mask.shape[0], self.kpad // 16
@@ -92,12 +96,9 @@ class PackedWeight:
             return self.values[: int(keep.sum())]
         counts = keep.sum(-1).reshape(-1)  # kept weights of each (group, chunk, row): one block each
         codes = self.values.long()
-        if self.bits == 4:  # block b's codes start at nibble 2 * (its first byte)
+        if self.bits == 4:
             nibbles = torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1)
-            first = torch.cumsum((counts + 1) // 2, 0) - (counts + 1) // 2
-            block = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-            within = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[block]
-            codes = nibbles[2 * first[block] + within]
+            codes = nibbles[_nibble_positions(counts)]
         else:
             codes = codes[: int(counts.sum())]
         g, c, i, j = keep.nonzero(as_tuple=True)
@@ -107,6 +108,16 @@ class PackedWeight:
 
 def _unpack_little(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(mask.numpy(), axis=-1, bitorder="little").astype(bool))
+
+
+def _nibble_positions(counts: torch.Tensor) -> torch.Tensor:
+    """Where each kept 4-bit code sits in the nibble stream, in the layout's order: block b (one per (group, chunk,
+    row), holding ``counts[b]`` codes) starts at nibble 2 * (its first byte), each block padded to whole bytes."""
+    units = (counts + 1) // 2
+    first = torch.cumsum(units, 0) - units
+    block = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    within = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[block]
+    return 2 * first[block] + within
 
 
 def _padded_shape(rows: int, cols: int) -> tuple[int, int]:
@@ -203,12 +214,8 @@ def pack_codes(codes: torch.Tensor, keep: torch.Tensor, scales: torch.Tensor, ze
     counts = kept.sum(-1).reshape(groups, -1)  # per (group, chunk, row)
     if spec.bits == 4:  # each block's codes padded to whole bytes, two a byte, low nibble first
         units = (counts + 1) // 2
-        flat = counts.reshape(-1)
-        first = torch.cumsum(units.reshape(-1), 0) - units.reshape(-1)
-        block = torch.repeat_interleave(torch.arange(flat.numel()), flat)
-        within = torch.arange(stored.numel()) - (torch.cumsum(flat, 0) - flat)[block]
         nibbles = torch.zeros(2 * int(units.sum()), dtype=torch.uint8)
-        nibbles[2 * first[block] + within] = stored
+        nibbles[_nibble_positions(counts.reshape(-1))] = stored
         stored = nibbles[0::2] | (nibbles[1::2] << 4)
     else:
         units = counts
@@ -228,5 +235,4 @@ def quantize(packed: PackedWeight, spec: QuantSpec) -> PackedWeight:
     w = packed.dense().float()
     scale, zero = quant_params(w, spec)
     codes = quantize_codes(fake_quantize(w, scale, zero, spec), scale, zero, spec)
-    keep = packed.keep_view().permute(0, 2, 1, 3).reshape(-1, packed.kpad)[: packed.rows, : packed.cols]
-    return pack_codes(codes, keep, scale, zero, spec)
+    return pack_codes(codes, packed.keep(), scale, zero, spec)

@@ -152,8 +152,7 @@ def _as_codes(packed: PackedWeight, source: tuple[Path, QuantSpec] | None, owner
         raise BesaError(
             f"{owner}: its codes are {tuple(q[0].shape)}, its weight ({packed.rows}, {packed.cols})"
         )
-    keep = packed.keep_view().permute(0, 2, 1, 3).reshape(-1, packed.kpad)[: packed.rows, : packed.cols]
-    return pack_codes(q[0], keep, q[1], q[2], source[1])
+    return pack_codes(q[0], packed.keep(), q[1], q[2], source[1])
 
 
 def sparse_bytes(model: nn.Module) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from besa.errors import BesaError
 from besa.model.blocks import find_blocks, find_linears, weight_matrix
 from besa.settings.commands import SpeedConfig
 
-__all__ = ["SparseTwin", "is_two_four", "measure_speed", "median_time", "sparsify_model"]
+__all__ = ["SparseTwin", "is_two_four", "measure_speed", "sparsify_model"]
 
 
 def is_two_four(w: torch.Tensor) -> bool:
@@ -111,20 +111,6 @@ def sparsify_model(model: nn.Module) -> dict[str, str]:
             parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
             setattr(parent, name.rsplit(".", 1)[-1], SparseTwin(layer, kind))
     return kinds
-
-
-def median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` calls, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure_speed(model: nn.Module, config: SpeedConfig, progress: bool = True) -> dict[str, Any]:
