@@ -142,6 +142,12 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-refit2": ("besa", {"refit_epochs": 2}),  # the default below 70%; at 70% the default until it lost
     "besa-lsq20-refit2": ("besa", {"lsq_iters": 20, "refit_epochs": 2}),
     "besa-lsq0-refit0": ("besa", {"lsq_iters": 0, "refit_epochs": 0}),
+    # issue 37: why the refit loses from 70% on, and what keeps its gain there (a lower rate, the block's own
+    # function as the target, a penalty on the move away from the solved weights)
+    "besa-refit2-lr1e-4": ("besa", {"refit_epochs": 2, "refit_lr": 1e-4}),
+    "besa-refit2-prunedinput": ("besa", {"refit_epochs": 2, "refit_target": "pruned-input"}),
+    "besa-refit2-anchor1": ("besa", {"refit_epochs": 2, "refit_anchor": 1.0}),
+    "besa-refit2-anchor10": ("besa", {"refit_epochs": 2, "refit_anchor": 10.0}),
     # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
     "besa-nm-adamw-0.05-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 3}),
     "besa-nm-adamw-0.05-epochs3-obs-seq": (
@@ -273,6 +279,11 @@ def main() -> None:
         if pruned.report.get("refit"):
             refits = pruned.report["refit"]["blocks"].values()
             results[key]["refit_epochs_run"] = [b["epochs"] for b in refits]
+            # per block: training loss before / after, held-out loss before / at its best epoch
+            results[key]["refit_losses"] = [
+                [b["train_before"], b["train_after"], b["held_out"][0], min(b["held_out"])]
+                for b in refits if b.get("held_out")
+            ]  # fmt: skip
         print(f"{key}: ptb valid {ppl['ppl']:.3f} ({seconds:.0f}s)", flush=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
         write_markdown(Path(args.markdown), results, command)

@@ -1,6 +1,6 @@
 import torch
 
-from besa.engine.fingerprint import ids_digest, run_fingerprint
+from besa.engine.fingerprint import ADDED_LATER, ids_digest, run_fingerprint
 from besa.methods.configs import WandaConfig
 from besa.settings.config import PruneConfig
 from besa.settings.flat import to_flat
@@ -13,7 +13,7 @@ def test_the_fingerfingerprintkeeps_what_decides_the_weights_by_flat_name():
     config = PruneConfig.from_flat(method="wanda", nsamples=2, seqlen=6, kl_epochs=3, device="cpu")
     fingerprint = run_fingerprint(model, config, WandaConfig(), ids)
     keys = {k.removeprefix("config.") for k in fingerprint if k.startswith("config.")}
-    assert keys == set(config.to_dict()) - {"device"} - set(to_flat(config.kl))
+    assert keys == set(config.to_dict()) - {"device"} - set(to_flat(config.kl)) - set(ADDED_LATER)
     assert fingerprint["config.nsamples"] == 2 and fingerprint["calibration.tokens"] == ids_digest(
         ids
     ).removeprefix("sha256:")
@@ -22,3 +22,12 @@ def test_the_fingerfingerprintkeeps_what_decides_the_weights_by_flat_name():
     assert run_fingerprint(model, other, WandaConfig(), ids) == fingerprint
     moved = PruneConfig.from_flat(method="wanda", nsamples=2, seqlen=6, refit_epochs=1)
     assert run_fingerprint(model, moved, WandaConfig(), ids) != fingerprint
+
+
+def test_a_setting_added_later_changes_the_fingerprint_only_away_from_what_older_folders_ran():
+    model = make_model("llama")
+    ids = torch.arange(12).reshape(2, 6)
+    base = run_fingerprint(model, PruneConfig.from_flat(method="wanda", refit_epochs=1), WandaConfig(), ids)
+    assert "config.refit_anchor" not in base  # as a folder written before --refit-anchor existed has it
+    anchored = PruneConfig.from_flat(method="wanda", refit_epochs=1, refit_anchor=2.0)
+    assert run_fingerprint(model, anchored, WandaConfig(), ids)["config.refit_anchor"] == 2.0

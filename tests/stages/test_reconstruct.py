@@ -4,7 +4,7 @@ import torch
 import besa
 from besa.engine.pipeline import run_sequential
 from besa.engine.work import BlockWork
-from besa.stages.reconstruct import RefitSpec, block_loss, refit_block, split_holdout
+from besa.stages.reconstruct import RefitSpec, anchor_penalty, block_loss, refit_block, split_holdout
 from conftest import make_model
 
 
@@ -94,6 +94,38 @@ def test_refit_keeps_the_pruned_weights_when_the_held_out_loss_never_improves():
             assert torch.equal(layer.weight.detach(), before[name]), name
 
     _on_first_block(step)
+
+
+def test_anchor_penalty_is_the_relative_squared_move():
+    start = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # squared norm 25
+    assert float(anchor_penalty([s.clone() for s in start], start)) == 0
+    moved = [torch.tensor([3.0, 0.0]), torch.tensor([[9.0]])]  # moved by 5: 25 / 25
+    assert float(anchor_penalty(moved, start)) == pytest.approx(1.0)
+    p = torch.tensor([1.0, 2.0], requires_grad=True)
+    anchor_penalty([p], [torch.tensor([0.0, 2.0])]).backward()
+    assert torch.allclose(p.grad, torch.tensor([2.0 / 4, 0.0]))  # d/dp (p - s)^2 / |s|^2
+
+
+def test_an_anchored_refit_moves_the_weights_less_and_keeps_every_pruned_weight_zero():
+    moves: dict[float, float] = {}
+
+    def step(work: BlockWork) -> None:
+        targets = work.forward_all(keep_outputs=True)
+        _prune_half(work)
+        start = {n: layer.weight.detach().clone() for n, layer in work.linears.items()}
+        for anchor in (0.0, 100.0):
+            for name, layer in work.linears.items():
+                layer.weight.data.copy_(start[name])
+            spec = RefitSpec(epochs=3, lr=1e-3, batch_size=4, holdout=0, anchor=anchor)
+            facts = refit_block(work, work.inputs, targets, spec)
+            assert facts["train_after"] < facts["train_before"]
+            moves[anchor] = float(anchor_penalty([layer.weight.detach() for layer in work.linears.values()],
+                                                 list(start.values())))  # fmt: skip
+            for name, layer in work.linears.items():
+                assert torch.equal(layer.weight.detach() == 0, start[name] == 0), name
+
+    _on_first_block(step)
+    assert 0 < moves[100.0] < 0.5 * moves[0.0]
 
 
 def test_block_loss_is_relative_to_the_target_scale():

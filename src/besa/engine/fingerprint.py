@@ -14,20 +14,28 @@ from besa.engine.streaming import BlockStreamer
 from besa.settings.config import MethodConfig, PruneConfig
 from besa.settings.flat import to_flat
 
-__all__ = ["ids_digest", "run_fingerprint"]
+__all__ = ["ADDED_LATER", "ids_digest", "run_fingerprint"]
+
+ADDED_LATER = {"refit_anchor": 0.0}
+"""Settings newer than some run folders, with the value those folders ran with: left out of the fingerprint at that
+value, so a folder from before the setting existed still resumes."""
 
 
 def run_fingerprint(
     model: nn.Module, config: PruneConfig, method_config: MethodConfig, calib_ids: torch.Tensor | None,
     streamer: BlockStreamer | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The settings (flat names; not the device, not the KL stage, which runs after the checkpointed blocks), the
+    """The settings (flat names; not the device, not the KL stage, which runs after the checkpointed blocks, not a
+    setting of ``ADDED_LATER`` at the value older folders ran with), the
     method's options, the model's weights (a streamed model: its files) and the calibration tokens, as ``run.json``
     stores them."""
     fields = config.to_dict()
     fields.pop("device")  # where it runs does not change what it computes... up to kernel differences
     for name in to_flat(config.kl):
         fields.pop(name)
+    for name, before in ADDED_LATER.items():
+        if fields.get(name) == before:
+            fields.pop(name)
     payload: dict[str, Any] = {f"config.{k}": v for k, v in fields.items()}
     payload.update({f"option.{k}": v for k, v in method_config.to_dict().items()})
     payload["model.class"] = type(model).__name__

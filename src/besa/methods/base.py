@@ -97,7 +97,7 @@ class Pruner(ABC):
         if epochs == 0:
             return None
         cfg = self.config
-        return RefitSpec(epochs, cfg.refit.lr, cfg.refit.batch, cfg.refit.holdout)
+        return RefitSpec(epochs, cfg.refit.lr, cfg.refit.batch, cfg.refit.holdout, anchor=cfg.refit.anchor)
 
     def run_block(self, work: BlockWork) -> BlockResult:
         """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one.

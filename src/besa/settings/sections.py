@@ -205,6 +205,8 @@ class RefitSettings(Section):
     reproduce the ``target`` outputs for ``epochs`` (0: off; ``None``: the method's default,
     ``Pruner.refit_default``); the last ``holdout`` windows, never trained on, decide when to stop.
 
+    ``anchor`` > 0 adds a penalty on how far the weights move from where the refit starts.
+
     ``target``: ``dense-stream`` (the block fed the pruned model's stream must give the dense model's output),
     ``dense`` (fed the dense stream, give the dense output) or ``pruned-input`` (fed the pruned stream, give what
     the dense block gives on it).
@@ -231,8 +233,17 @@ class RefitSettings(Section):
     holdout: int = field(
         default=4, metadata={"help": "refit: last calibration windows held out for early stopping"}
     )
+    anchor: float = field(
+        default=0.0,
+        metadata={
+            "help": "refit: weight of a penalty on the surviving weights' move away from where the refit starts "
+            "(squared change over squared norm; 0: off)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.anchor < 0:
+            raise BesaError(f"--refit-anchor must be 0 or more, got {self.anchor}")
         if self.epochs is not None and self.epochs < 0:
             raise BesaError(f"--refit-epochs must be 0 or more, got {self.epochs}")
         check_choice("refit-target", self.target)

@@ -20,7 +20,15 @@ from tqdm.auto import tqdm
 from besa.engine import distributed
 from besa.engine.work import BlockWork
 
-__all__ = ["RefitSpec", "TrainSchedule", "block_loss", "split_holdout", "train_masked", "refit_block"]
+__all__ = [
+    "RefitSpec",
+    "TrainSchedule",
+    "anchor_penalty",
+    "block_loss",
+    "split_holdout",
+    "train_masked",
+    "refit_block",
+]
 
 
 @dataclass(frozen=True)
@@ -32,28 +40,38 @@ class RefitSpec:
     batch_size: int = 4
     holdout: int = 4
     patience: int = 1
+    anchor: float = 0.0
 
     def schedule(self, seed: int) -> TrainSchedule:
         """The training of ``train_masked``, shuffled by ``seed``."""
-        return TrainSchedule(self.epochs, self.lr, self.batch_size, self.patience, seed)
+        return TrainSchedule(self.epochs, self.lr, self.batch_size, self.patience, seed, self.anchor)
 
 
 @dataclass(frozen=True)
 class TrainSchedule:
     """How ``train_masked`` trains: ``epochs`` over the training windows, Adam's ``lr``, ``batch_size`` windows per
-    step, ``patience`` epochs without a better held-out loss before it stops, and the ``seed`` of the shuffling."""
+    step, ``patience`` epochs without a better held-out loss before it stops, the ``seed`` of the shuffling, and
+    the weight of ``anchor_penalty`` added to every step's loss (0: none)."""
 
     epochs: int
     lr: float
     batch_size: int
     patience: int = 1
     seed: int = 0
+    anchor: float = 0.0
 
 
 def block_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """Mean squared error of the block output relative to the target's mean square, (B, T, H) -> ()."""
     target = target.float()
     return (output.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
+
+
+def anchor_penalty(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How far ``params`` moved from ``start``: sum of squared changes over the sum of squares of ``start``, () (0
+    where they have not moved). Added to the training loss it holds the weights near where training began."""
+    moved = sum((p.float() - s.float()).square().sum() for p, s in zip(params, start, strict=True))
+    return moved / sum(s.float().square().sum() for s in start).clamp_min(1e-12)
 
 
 def split_holdout(n: int, holdout: int) -> tuple[slice, slice]:
@@ -85,8 +103,9 @@ def train_masked(
     """Adam on ``params`` with their exact zeros fixed, as ``schedule`` says: ``batch_loss(indices)`` of a shuffled
     batch of the ``n_train`` training windows per step; ``evaluate()`` (the held-out loss, or ``None``: no early
     stop) before training and after every epoch. Training stops once it has not improved for more than
-    ``schedule.patience`` epochs and the best epoch's values are put back. Returns ``held_out`` (the losses
-    measured) and ``epochs`` (run).
+    ``schedule.patience`` epochs and the best epoch's values are put back. With ``schedule.anchor`` > 0, each step
+    adds ``anchor`` x ``anchor_penalty`` (the move away from the starting values) to the loss. Returns ``held_out``
+    (the losses measured) and ``epochs`` (run).
 
     A weight that is exactly zero (pruned, or zero in the dense model) gets no gradient and is zeroed again after
     every step, so the counted sparsity cannot change. Gradients are averaged over a torchrun run's processes.
@@ -99,12 +118,15 @@ def train_masked(
     held_out = [evaluate()] if evaluate else []
     best = [p.detach().clone() for p in params] if evaluate else []
     best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
+    start = [p.detach().clone() for p in params] if schedule.anchor > 0 else []
     gen = torch.Generator().manual_seed(schedule.seed)
     with torch.enable_grad():
         for _epoch in range(epochs):
             order = torch.randperm(n_train, generator=gen)
             for i in range(0, n_train, batch_size):
                 loss = batch_loss(order[i : i + batch_size])
+                if start:
+                    loss = loss + schedule.anchor * anchor_penalty(params, start)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # an expert no token of this batch was routed to: a zero gradient, on every rank
