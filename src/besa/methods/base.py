@@ -69,7 +69,7 @@ class Pruner(ABC):
     @property
     def needs_dense_stream(self) -> bool:
         """Whether the engine must also carry the dense model's own activations (``BlockWork.dense_outputs``)."""
-        return self.refit is not None and self.config.refit.target != "pruned-input"
+        return self.refit is not None and self.refit_target != "pruned-input"
 
     def __init__(self, method_config: MethodConfig, config: PruneConfig) -> None:
         self.method_config = method_config
@@ -88,6 +88,15 @@ class Pruner(ABC):
     def refit_default(self) -> int:
         """Refit epochs when ``--refit-epochs`` is not given (a method may make them depend on the run)."""
         return self.default_refit_epochs
+
+    def refit_target_default(self) -> str:
+        """The refit's target when ``--refit-target`` is not given (a method may make it depend on the run)."""
+        return "dense-stream"
+
+    @property
+    def refit_target(self) -> str:
+        """What the refit fits each block to: ``--refit-target``, else the method's default."""
+        return self.config.refit.target or self.refit_target_default()
 
     @property
     def refit(self) -> RefitSpec | None:
@@ -172,7 +181,7 @@ class Pruner(ABC):
         spec = self.refit
         if spec is None:
             return self.prune_block(work)
-        target = self.config.refit.target
+        target = self.refit_target
         before = work.forward_all("Refit targets", keep_outputs=True) if target == "pruned-input" else None
         result = self.prune_block(work)
         inputs = work.dense_inputs if target == "dense" else work.inputs
@@ -258,7 +267,7 @@ class Pruner(ABC):
         )
         return {
             **dataclasses.asdict(spec),
-            "target": self.config.refit.target,
+            "target": self.refit_target,
             "losses": losses,
             "blocks": blocks,
         }

@@ -203,7 +203,8 @@ class RefitSettings(Section):
     """Blockwise weight reconstruction after each block is pruned (``besa.stages.reconstruct``): the surviving
     weights of the block's linears are trained with Adam (``lr``, ``batch`` windows per step), masks fixed, to
     reproduce the ``target`` outputs for ``epochs`` (0: off; ``None``: the method's default,
-    ``Pruner.refit_default``); the last ``holdout`` windows, never trained on, decide when to stop.
+    ``Pruner.refit_default``; a ``target`` of ``None`` likewise, ``Pruner.refit_target_default``); the last
+    ``holdout`` windows, never trained on, decide when to stop.
 
     ``anchor`` > 0 adds a penalty on how far the weights move from where the refit starts.
 
@@ -218,15 +219,17 @@ class RefitSettings(Section):
         default=None,
         metadata={
             "help": "train each pruned block's surviving weights to reconstruct its outputs for this many epochs "
-            "(0: off; default: the method's own: BESA 2 below 70%% sparsity and 0 from 70%%, the baselines 0)"
+            "(0: off; default: the method's own: BESA 2, the baselines 0)"
         },
     )
     lr: float = field(default=3e-4, metadata={"help": "refit: Adam learning rate"})
-    target: str = field(
-        default="dense-stream",
+    target: str | None = field(
+        default=None,
         metadata={
             "help": "refit: dense-stream (pruned stream in, dense model's block output out), dense (dense stream "
-            "in and out) or pruned-input (pruned stream in, the dense block's output on it out)"
+            "in and out) or pruned-input (pruned stream in, the dense block's output on it out); default: the "
+            "method's own: BESA dense-stream below 70%% sparsity and pruned-input from 70%%, the baselines "
+            "dense-stream"
         },
     )
     batch: int = field(default=4, metadata={"help": "refit: calibration windows per Adam step"})
@@ -246,7 +249,8 @@ class RefitSettings(Section):
             raise BesaError(f"--refit-anchor must be 0 or more, got {self.anchor}")
         if self.epochs is not None and self.epochs < 0:
             raise BesaError(f"--refit-epochs must be 0 or more, got {self.epochs}")
-        check_choice("refit-target", self.target)
+        if self.target is not None:
+            check_choice("refit-target", self.target)
         if not self.lr > 0 or self.batch < 1 or self.holdout < 0:
             raise BesaError(
                 "--refit-lr must be positive, --refit-batch at least 1, --refit-holdout 0 or more"

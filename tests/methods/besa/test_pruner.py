@@ -224,20 +224,26 @@ def test_nm_patterns_start_from_the_obs_saliency_by_default(tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "epochs"),
+    ("kwargs", "epochs", "target"),
     [
-        ({"sparsity": 0.5}, 2),
-        ({"sparsity": 0.65}, 2),
-        ({"sparsity": 0.7}, None),  # from 70% the default skips the refit (measured on PTB valid)
-        ({"sparsity": 0.8}, None),
-        ({"pattern": "2:4"}, 2),  # N:M means N/M = 50%: refit on
-        ({"sparsity": 0.7, "refit_epochs": 1}, 1),  # a given --refit-epochs always wins
-        ({"sparsity": 0.5, "refit_epochs": 0}, None),
+        ({"sparsity": 0.5}, 2, "dense-stream"),
+        ({"sparsity": 0.65}, 2, "dense-stream"),
+        (
+            {"sparsity": 0.7},
+            2,
+            "pruned-input",
+        ),  # from 70%: the dense block's function (measured on PTB valid)
+        ({"sparsity": 0.8}, 2, "pruned-input"),
+        ({"pattern": "2:4"}, 2, "dense-stream"),  # N:M means N/M = 50%
+        ({"sparsity": 0.7, "refit_target": "dense-stream"}, 2, "dense-stream"),  # a given --refit-target wins
+        ({"sparsity": 0.7, "refit_epochs": 1}, 1, "pruned-input"),  # and a given --refit-epochs
+        ({"sparsity": 0.5, "refit_epochs": 0}, None, None),
     ],
 )
-def test_default_refit_turns_off_from_70_percent(kwargs, epochs, tokenizer):
-    """BESA's blockwise refit runs 2 epochs by default below 70% sparsity and not at all from 70% on; the run's
-    report says which, and without a refit the surviving weights are exactly the OBS update's."""
+def test_default_refit_target_turns_to_the_pruned_input_from_70_percent(kwargs, epochs, target, tokenizer):
+    """BESA's blockwise refit runs 2 epochs by default, toward the dense model's output below 70% sparsity and
+    toward the dense block's function on its pruned input from 70% on; the run's report says which, and the
+    default's weights are exactly those of the same flags given."""
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     result = besa.prune(
         make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
@@ -245,12 +251,12 @@ def test_default_refit_turns_off_from_70_percent(kwargs, epochs, tokenizer):
     )  # fmt: skip
     refit = result.report["refit"]
     assert (refit["epochs"] if refit else None) == epochs
-    if refit:
+    assert (refit["target"] if refit else None) == target
+    if refit and "refit_target" not in kwargs:
         assert len(refit["blocks"]) == len(result.report["method"]["blocks"])
-    elif "refit_epochs" not in kwargs:  # the default's weights are exactly those of --refit-epochs 0
         explicit = besa.prune(
             make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
-            method_options={"epochs": 1}, refit_epochs=0, **kwargs,
+            method_options={"epochs": 1}, refit_target=target, **kwargs,
         )  # fmt: skip
         ours, theirs = _linears(result.model), _linears(explicit.model)
         assert all(torch.equal(weight_matrix(ours[n]), weight_matrix(theirs[n])) for n in ours)

@@ -7,21 +7,23 @@ from dataclasses import dataclass, field
 from besa.errors import BesaError
 from besa.settings.config import MethodConfig
 
-__all__ = ["BesaConfig", "METRICS", "REFIT_EPOCHS", "REFIT_OFF_FROM", "refit_epochs_at"]
+__all__ = ["BesaConfig", "METRICS", "REFIT_EPOCHS", "PRUNED_INPUT_FROM", "refit_target_at"]
 
 METRICS = ("wanda", "magnitude", "sparsegpt")
 """Every importance of the selection stage (``besa.stages.selection.SCORERS``; a test keeps them equal)."""
 
 REFIT_EPOCHS = 2
-"""BESA's refit epochs below ``REFIT_OFF_FROM`` (8 scored better at 50% but cost over 5 x SparseGPT's time)."""
-REFIT_OFF_FROM = 0.7
-"""Target sparsity from which BESA's default skips the refit: on PTB valid it helped at 60 and 65% (two seeds at
-65%) and hurt at 70% (three seeds), presumably by fitting the calibration text too closely (benchmarks/NOTES.md)."""
+"""BESA's refit epochs (8 scored better at 50% but cost over 5 x SparseGPT's time)."""
+PRUNED_INPUT_FROM = 0.7
+"""Target sparsity from which BESA's refit fits each block to the dense block's function on its own (pruned) input
+(``pruned-input``) instead of to the dense model's output (``dense-stream``). Undoing the errors of the blocks before
+fits the calibration text: from 70% on PTB valid the dense-stream refit lost to no refit on three calibration seeds
+and the pruned-input refit won on all three (benchmarks/NOTES.md, issue 37)."""
 
 
-def refit_epochs_at(sparsity: float) -> int:
-    """BESA's blockwise refit epochs when ``--refit-epochs`` is not given, for a run at ``sparsity`` (N:M: N/M)."""
-    return 0 if sparsity >= REFIT_OFF_FROM - 1e-9 else REFIT_EPOCHS
+def refit_target_at(sparsity: float) -> str:
+    """BESA's refit target when ``--refit-target`` is not given, for a run at ``sparsity`` (N:M: N/M)."""
+    return "pruned-input" if sparsity >= PRUNED_INPUT_FROM - 1e-9 else "dense-stream"
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from besa.engine.activations import ActivationStore
 from besa.engine.record import BlockResult
 from besa.engine.work import BlockWork
-from besa.methods.besa.config import BesaConfig, refit_epochs_at
+from besa.methods.besa.config import REFIT_EPOCHS, BesaConfig, refit_target_at
 from besa.methods.besa.finalise import FinalMasks
 from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, PatternLogits, RateLogits
 from besa.methods.besa.rates import candidate_rates, tilted_logits
@@ -53,12 +53,14 @@ class BesaPruner(FinalMasks):
     """
 
     # the defaults measured best on PTB valid (benchmarks/NOTES.md, besa-tuning): AdamW at 0.05, the OBS update group by
-    # group with the least-squares solve, then 2 epochs of blockwise refit below 70% sparsity and none from 70% on
-    # (``refit_epochs_at``); `--recipe besa-paper` is the paper's form
+    # group with the least-squares solve, then 2 epochs of blockwise refit, toward the dense model's output below 70%
+    # sparsity and toward the dense block's function on its pruned input from 70% on (``refit_target_at``);
+    # `--recipe besa-paper` is the paper's form
     default_within_block = "sequential"
+    default_refit_epochs = REFIT_EPOCHS
 
-    def refit_default(self) -> int:
-        return refit_epochs_at(self.sparsity)
+    def refit_target_default(self) -> str:
+        return refit_target_at(self.sparsity)
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
