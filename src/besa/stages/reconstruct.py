@@ -67,11 +67,16 @@ def block_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return (output.float() - target).square().mean() / target.square().mean().clamp_min(1e-12)
 
 
-def anchor_penalty(params: Sequence[torch.Tensor], start: Sequence[torch.Tensor]) -> torch.Tensor:
-    """How far ``params`` moved from ``start``: sum of squared changes over the sum of squares of ``start``, () (0
-    where they have not moved). Added to the training loss it holds the weights near where training began."""
+def anchor_penalty(
+    params: Sequence[torch.Tensor], start: Sequence[torch.Tensor], start_norm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How far ``params`` moved from ``start``: sum of squared changes over the sum of squares of ``start``
+    (``start_norm``, when the caller has it already), () (0 where they have not moved). Added to the training loss
+    it holds the weights near where training began."""
     moved = sum((p.float() - s.float()).square().sum() for p, s in zip(params, start, strict=True))
-    return moved / sum(s.float().square().sum() for s in start).clamp_min(1e-12)
+    if start_norm is None:
+        start_norm = sum(s.float().square().sum() for s in start)
+    return moved / start_norm.clamp_min(1e-12)
 
 
 def split_holdout(n: int, holdout: int) -> tuple[slice, slice]:
@@ -119,6 +124,7 @@ def train_masked(
     best = [p.detach().clone() for p in params] if evaluate else []
     best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
     start = [p.detach().clone() for p in params] if schedule.anchor > 0 else []
+    start_norm = sum(s.float().square().sum() for s in start) if start else None  # once, not at every step
     gen = torch.Generator().manual_seed(schedule.seed)
     with torch.enable_grad():
         for _epoch in range(epochs):
@@ -126,7 +132,7 @@ def train_masked(
             for i in range(0, n_train, batch_size):
                 loss = batch_loss(order[i : i + batch_size])
                 if start:
-                    loss = loss + schedule.anchor * anchor_penalty(params, start)
+                    loss = loss + schedule.anchor * anchor_penalty(params, start, start_norm)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 # an expert no token of this batch was routed to: a zero gradient, on every rank

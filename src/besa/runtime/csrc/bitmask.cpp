@@ -319,7 +319,8 @@ __attribute__((target("avx512f,avx512bw,popcnt"))) void tile_avx512(const Operan
 // No conversion, no per-chunk arithmetic: five vector operations and an FMA per row and chunk instead of about ten
 // (1.4x faster on SmolLM2's linears, AMD Zen 4). ``vpermps`` reads the low 4 bits of each index, so the bytes are
 // not masked to their nibble. The tables are made once per column group; the weights are bit-for-bit those of the
-// other paths.
+// other paths. Its own function rather than a case of ``tile_avx512``: its target attribute adds VBMI2, which the
+// plain AVX-512 path must not be compiled with (CPUs without VBMI2 run it).
 template <int NT, int RS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"))) void tile_int4_vbmi2(const Operands& o,
                                                                                            int64_t g, int i0,
