@@ -148,6 +148,20 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-refit2-prunedinput": ("besa", {"refit_epochs": 2, "refit_target": "pruned-input"}),
     "besa-refit2-anchor1": ("besa", {"refit_epochs": 2, "refit_anchor": 1.0}),
     "besa-refit2-anchor10": ("besa", {"refit_epochs": 2, "refit_anchor": 10.0}),
+    # issue 37: the mask chosen and the survivors solved together by ADMM with gradual pruning (Boza, 2024), alone
+    # on the uniform allocation (--method admm) and as BESA's weight update within the learned row counts
+    "admm": ("admm", {}),
+    "besa-admm": ("besa", {"weight_update": "admm"}),
+    "besa-admm-refit0": ("besa", {"weight_update": "admm", "refit_epochs": 0}),
+    "besa-admm-refit2-prunedinput": (
+        "besa",
+        {"weight_update": "admm", "refit_epochs": 2, "refit_target": "pruned-input"},
+    ),
+    "besa-admm-refit2-densestream": (
+        "besa",
+        {"weight_update": "admm", "refit_epochs": 2, "refit_target": "dense-stream"},
+    ),
+    "besa-refit2-densestream": ("besa", {"refit_epochs": 2, "refit_target": "dense-stream"}),
     # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
     "besa-nm-adamw-0.05-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 3}),
     "besa-nm-adamw-0.05-epochs3-obs-seq": (

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from besa.errors import BesaError
 from besa.settings.config import MethodConfig
 
-__all__ = ["MagnitudeConfig", "WandaConfig", "SparseGPTConfig"]
+__all__ = ["MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "AdmmConfig"]
 
 
 @dataclass
@@ -73,3 +73,45 @@ class SparseGPTConfig(MethodConfig):
             raise BesaError(f"--lsq-iters must be non-negative, got {self.lsq_iters}")
         if not 0 < self.percdamp < 1:
             raise BesaError(f"--percdamp must be in (0, 1), got {self.percdamp}")
+
+
+@dataclass
+class AdmmConfig(MethodConfig):
+    """ADMM pruning settings (Boža, 2024; ``besa.stages.admm``).
+
+    Args:
+        admm_iters: ADMM iterations per layer.
+        admm_gradual: iterations over which the sparsity of the projection rises to the target along a cubic schedule
+            (0: the mask is chosen once from the dense weights' Wanda scores, and only the weights are solved).
+        admm_rho: the ADMM penalty, in input-normalised coordinates.
+        admm_damp: ridge toward the dense weights during the iterations, as a fraction of the Hessian's mean diagonal.
+        lsq_iters: conjugate-gradient steps that finally solve the kept weights for the final mask in least
+            squares (0: the last ADMM iterate).
+    """
+
+    admm_iters: int = field(default=20, metadata={"help": "ADMM: iterations per layer"})
+    admm_gradual: int = field(
+        default=15, metadata={"help": "ADMM: iterations over which the sparsity rises (0: mask chosen once)"}
+    )
+    admm_rho: float = field(default=1.0, metadata={"help": "ADMM: penalty (input-normalised coordinates)"})
+    admm_damp: float = field(
+        default=0.1, metadata={"help": "ADMM: ridge toward the dense weights, fraction of mean diag"}
+    )
+    lsq_iters: int = field(
+        default=20,
+        metadata={
+            "help": "SparseGPT/BESA/ADMM: conjugate-gradient steps re-solving the kept weights (0: off)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.admm_iters < 1:
+            raise BesaError(f"--admm-iters must be positive, got {self.admm_iters}")
+        if not 0 <= self.admm_gradual <= self.admm_iters:
+            raise BesaError(f"--admm-gradual must be in [0, --admm-iters], got {self.admm_gradual}")
+        if self.admm_rho <= 0:
+            raise BesaError(f"--admm-rho must be positive, got {self.admm_rho}")
+        if not 0 <= self.admm_damp < 1:
+            raise BesaError(f"--admm-damp must be in [0, 1), got {self.admm_damp}")
+        if self.lsq_iters < 0:
+            raise BesaError(f"--lsq-iters must be non-negative, got {self.lsq_iters}")

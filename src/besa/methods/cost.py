@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ADAM_COPIES", "LSQ_CHUNK", "BlockShape", "MethodCost", "hessian_bytes", "obs_hessians"]
+__all__ = [
+    "ADAM_COPIES",
+    "LSQ_CHUNK",
+    "BlockShape",
+    "MethodCost",
+    "admm_bytes",
+    "hessian_bytes",
+    "obs_hessians",
+]
 
 ADAM_COPIES = 3
 """Adam keeps a gradient and two moments per trained weight (the refit and the KL stage train weights)."""
@@ -68,3 +76,10 @@ def obs_hessians(block: BlockShape, sequential: bool, lsq: bool) -> dict[str, in
     """The working set of an OBS weight update (``besa.stages.update.obs_sweep``) as a ``MethodCost.work`` entry."""
     label = "Hessians (float64 sums)" + (", one group at a time" if sequential else "")
     return {label: hessian_bytes(block.linears, block.groups, sequential, lsq)}
+
+
+def admm_bytes(block: BlockShape) -> dict[str, int]:
+    """ADMM's iterates (``besa.stages.admm.admm_prune``) as a ``MethodCost.work`` entry: five float32 copies of the
+    largest weight (dense, target, iterate, dual, projection) and the normalised Hessian and its Cholesky factor."""
+    widest = max(i for _o, i in block.linears.values())
+    return {"ADMM iterates (float32)": 5 * 4 * block.largest + 2 * 4 * widest * widest}

@@ -57,7 +57,9 @@ class BesaConfig(MethodConfig):
             ``--quant-mode joint`` the clipping is learned with the allocation as usual, and the OBS sweep quantizes
             on grids clipped by it. ``obs`` is the default (measured better on PTB valid at 4 and 3 bits, at 70%, and
             with the refit at 50%: benchmarks/NOTES.md); ``auto`` is kept for older recipes and means ``obs``.
-        lsq_iters: with the OBS update, conjugate-gradient steps that then solve each layer's kept weights for its
+            ``admm`` keeps the learned counts too but chooses the weights within each row by ADMM with gradual
+            pruning, which solves the survivors as it goes (``besa.stages.admm``; not with ``--quant-mode joint``).
+        lsq_iters: with the OBS or ADMM update, conjugate-gradient steps that then solve each layer's kept weights for its
             final mask in least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights).
             Not with ``--wbits`` in joint mode (the sweep's weights are on their grids).
         nm_sharpness: with ``--pattern N:M`` BESA learns, for every group of M weights, a distribution over the
@@ -89,8 +91,8 @@ class BesaConfig(MethodConfig):
     weight_update: str = field(
         default="obs",
         metadata={
-            "help": "BESA: obs (SparseGPT's update of the survivors, learned row counts) or none (the paper: "
-            "weights frozen)"
+            "help": "BESA: obs (SparseGPT's update of the survivors, learned row counts), admm (ADMM with gradual "
+            "pruning within the learned counts) or none (the paper: weights frozen)"
         },
     )
     lsq_iters: int = field(
@@ -123,7 +125,7 @@ class BesaConfig(MethodConfig):
             "granularity": ("row", "layer"),
             "target": ("pruned-input", "dense-stream"),
             "optimizer": ("prodigy", "adamw"),
-            "weight_update": ("auto", "none", "obs"),
+            "weight_update": ("auto", "none", "obs", "admm"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -2,7 +2,10 @@
 
 The learned rates are rounded to the block's exact budget and applied to the layers, either on the frozen weights
 (the paper) or through SparseGPT's OBS sweep, which keeps each row's learned count and updates the survivors
-(``--weight-update obs``); N:M patterns are applied the same two ways. The layers' order, and with a sequential OBS
+(``--weight-update obs``), or through ADMM with gradual pruning, which keeps each row's learned count, chooses the
+weights within the row as its iterations go and solves the survivors (``--weight-update admm``,
+``besa.stages.admm``); N:M patterns are applied the same three ways (ADMM and the sweep only solve the weights of
+the learned patterns). The layers' order, and with a sequential OBS
 update the Hessians of each group, come from the block as pruned so far.
 """
 
@@ -20,6 +23,7 @@ from besa.methods.besa.config import BesaConfig
 from besa.methods.besa.layer import MaskLogits, PatternLogits, RateLogits, clip_stats
 from besa.methods.besa.rates import hard_keep, round_to_budget
 from besa.model.blocks import set_weight_matrix, weight_matrix
+from besa.stages.admm import AdmmSettings, admm_prune
 from besa.stages.selection import HessianStats
 from besa.stages.update import GivenMask, MaskChoice, RowShares, SweepQuantizer, SweepSettings, obs_sweep
 
@@ -53,16 +57,21 @@ class FinalMasks(Pruner):
         return SweepSettings(lsq_iters=self.cfg.lsq_iters)
 
     @property
+    def uses_hessian(self) -> bool:
+        """Whether the weight update needs each layer's input Hessian (``obs`` and ``admm``)."""
+        return self.weight_update in ("obs", "admm")
+
+    @property
     def obs_sequential(self) -> bool:
-        """Whether the OBS update goes group by group, each group's Hessians taken after the groups before it
-        are pruned (``--within-block sequential``), as SparseGPT does by default."""
-        return self.weight_update == "obs" and self.within_block == "sequential"
+        """Whether the weight update (OBS or ADMM) goes group by group, each group's Hessians taken after the groups
+        before it are pruned (``--within-block sequential``), as SparseGPT does by default."""
+        return self.uses_hessian and self.within_block == "sequential"
 
     def _in_obs_order(self, work: BlockWork, block_logits: dict[str, MaskLogits]) -> Iterator[str]:
         """The layer names in the order their masks are applied; with a sequential OBS update each group's
         Hessians are gathered (on the block as pruned so far) just before its turn."""
         for i, group in enumerate(self._groups):
-            if i > 0 and self.weight_update == "obs":
+            if i > 0 and self.uses_hessian:
                 hessians = {
                     n: HessianStats(block_logits[n].cols, weight_matrix(block_logits[n].layer).device)
                     for n in group
@@ -99,7 +108,11 @@ class FinalMasks(Pruner):
                 layer_counts = counts[start : start + logits.rows]
                 learned = rates[start : start + logits.rows]
                 full_name = f"{work.name}.{name}"
-                if logits.hessian is not None:
+                if logits.hessian is not None and self.weight_update == "admm":
+                    choice = RowShares(layer_counts, logits.cols)
+                    self._admm_update(result, full_name, logits.layer, logits.hessian, choice)
+                    logits.hessian = None
+                elif logits.hessian is not None:
                     self._apply_obs(result, full_name, logits, layer_counts, learned_clip=not uniform)
                 else:
                     keep = hard_keep(logits.col_rank, layer_counts)
@@ -127,7 +140,10 @@ class FinalMasks(Pruner):
                 logits.reset()
             full_name = f"{work.name}.{name}"
             keep = logits.keep()
-            if logits.hessian is not None:
+            if logits.hessian is not None and self.weight_update == "admm":
+                self._admm_update(result, full_name, logits.layer, logits.hessian, GivenMask(~keep))
+                logits.hessian = None
+            elif logits.hessian is not None:
                 self._obs_update(result, full_name, logits.layer, logits.hessian, GivenMask(~keep))
                 logits.hessian = None
             else:
@@ -147,6 +163,16 @@ class FinalMasks(Pruner):
         set_weight_matrix(layer, new_w)
         grids = (quantizer.scale, quantizer.zero) if quantizer is not None else None
         self.finish_layer(result, name, layer, grids, "besa + sparsegpt joint")
+
+    def _admm_update(
+        self, result: BlockResult, name: str, layer: Any, hessian: torch.Tensor, choice: MaskChoice
+    ) -> None:
+        """Weight update ``admm``: ``choice``'s mask structure (the learned row counts, or the learned N:M patterns
+        as a given mask) chosen and solved by ADMM with gradual pruning, then rounded to nearest when quantizing."""
+        settings = AdmmSettings(lsq_iters=self.cfg.lsq_iters)
+        new_w, _ = admm_prune(weight_matrix(layer), hessian, choice, settings)
+        set_weight_matrix(layer, new_w)
+        self.finish_layer(result, name, layer, None, "besa + admm, rtn")
 
     def _apply_obs(
         self, result: BlockResult, name: str, logits: RateLogits, counts: torch.Tensor, learned_clip: bool

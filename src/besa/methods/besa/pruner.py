@@ -14,12 +14,13 @@ import torch
 from besa.engine.activations import ActivationStore
 from besa.engine.record import BlockResult
 from besa.engine.work import BlockWork
+from besa.errors import BesaError
 from besa.methods.besa.config import REFIT_EPOCHS, BesaConfig, refit_target_at
 from besa.methods.besa.finalise import FinalMasks
 from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, PatternLogits, RateLogits
 from besa.methods.besa.rates import candidate_rates, tilted_logits
 from besa.methods.besa.training import train_block
-from besa.methods.cost import BlockShape, MethodCost, obs_hessians
+from besa.methods.cost import BlockShape, MethodCost, admm_bytes, obs_hessians
 from besa.model.blocks import weight_matrix
 from besa.settings.config import MethodConfig
 from besa.stages.selection import HessianStats, get_scorer
@@ -68,6 +69,8 @@ class BesaPruner(FinalMasks):
         self.cfg = method_config
         self.metric = method_config.resolved_metric(self.pattern is not None)
         self.scorer = get_scorer(self.metric)
+        if self.weight_update == "admm" and config.quantization.joint is not None:
+            raise BesaError("--weight-update admm cannot quantize jointly: add --quant-mode rtn")
         self._block_rate: float | None = None
         self._groups: list[list[str]] = []  # the block's layers in the order their masks are applied
 
@@ -78,8 +81,9 @@ class BesaPruner(FinalMasks):
     def method_cost(self, block: BlockShape) -> MethodCost:
         """The OBS update's Hessians (``--weight-update obs``) and BESA's per-weight state; the training's forwards
         and backwards over ``epochs`` and the dense target's pass."""
-        obs = self.weight_update == "obs"
-        work = obs_hessians(block, self.obs_sequential, self.cfg.lsq_iters > 0) if obs else {}
+        work = obs_hessians(block, self.obs_sequential, self.cfg.lsq_iters > 0) if self.uses_hessian else {}
+        if self.weight_update == "admm":
+            work.update(admm_bytes(block))
         work["BESA's per-weight state"] = (
             BESA_BYTES_PER_WEIGHT * block.weights + BESA_BACKWARD_BYTES_PER_WEIGHT * block.largest
         )
@@ -101,7 +105,7 @@ class BesaPruner(FinalMasks):
             name: stats[name] if isinstance(stats[name], HessianStats)
             else HessianStats(weight_matrix(work.linears[name]).shape[1], weight_matrix(work.linears[name]).device)
             for name in self._groups[0]
-        } if self.weight_update == "obs" else {}  # fmt: skip
+        } if self.uses_hessian else {}  # fmt: skip
         outputs = work.calibrate(stats, hessians, keep_outputs=self.cfg.target == "pruned-input")
         rates = self._candidate_rates().to(work.device)
         init = tilted_logits(rates.cpu(), self.block_rate).to(work.device)
