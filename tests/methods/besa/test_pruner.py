@@ -262,6 +262,36 @@ def test_default_refit_target_turns_to_the_pruned_input_from_70_percent(kwargs, 
         assert all(torch.equal(weight_matrix(ours[n]), weight_matrix(theirs[n])) for n in ours)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "update"),
+    [
+        ({"sparsity": 0.5}, "obs"),
+        ({"sparsity": 0.7}, "admm"),
+        ({"sparsity": 0.8}, "admm"),
+        ({"pattern": "2:4"}, "obs"),  # N:M: the sweep solves the learned patterns
+        ({"sparsity": 0.7, "wbits": 4, "group_size": 16}, "obs"),  # joint quantization: ADMM has no grid
+        (
+            {"sparsity": 0.7, "method_options": {"weight_update": "obs"}},
+            "obs",
+        ),  # a given --weight-update wins
+    ],
+)
+def test_default_weight_update_turns_to_admm_from_70_percent(kwargs, update, tokenizer):
+    """Not given, BESA's weight update is ADMM for unstructured runs from 70% sparsity that do not quantize jointly,
+    the OBS sweep otherwise; the report says which ran, and the default's weights are those of the flag given."""
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    options = {"epochs": 1, **kwargs.pop("method_options", {})}
+    result = besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
+                        method_options=options, refit_epochs=0, **kwargs)  # fmt: skip
+    assert result.report["method"]["weight_update"] == update
+    if "weight_update" not in options:
+        explicit = besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids,
+                              progress=False, method_options={**options, "weight_update": update}, refit_epochs=0,
+                              **kwargs)  # fmt: skip
+        ours, theirs = _linears(result.model), _linears(explicit.model)
+        assert all(torch.equal(weight_matrix(ours[n]), weight_matrix(theirs[n])) for n in ours)
+
+
 def test_training_batch_is_independent_of_the_forward_batch(tokenizer):
     ids = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
     result = besa.prune(

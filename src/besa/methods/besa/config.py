@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from besa.errors import BesaError
 from besa.settings.config import MethodConfig
 
-__all__ = ["BesaConfig", "METRICS", "REFIT_EPOCHS", "PRUNED_INPUT_FROM", "refit_target_at"]
+__all__ = [
+    "BesaConfig", "METRICS", "REFIT_EPOCHS", "PRUNED_INPUT_FROM", "ADMM_FROM", "refit_target_at", "weight_update_at"
+]  # fmt: skip
 
 METRICS = ("wanda", "magnitude", "sparsegpt")
 """Every importance of the selection stage (``besa.stages.selection.SCORERS``; a test keeps them equal)."""
@@ -24,6 +26,19 @@ and the pruned-input refit won on all three (benchmarks/NOTES.md, issue 37)."""
 def refit_target_at(sparsity: float) -> str:
     """BESA's refit target when ``--refit-target`` is not given, for a run at ``sparsity`` (N:M: N/M)."""
     return "pruned-input" if sparsity >= PRUNED_INPUT_FROM - 1e-9 else "dense-stream"
+
+
+ADMM_FROM = 0.7
+"""Target sparsity from which BESA's default weight update (unstructured, not quantizing jointly) is ADMM with gradual
+pruning inside the learned row counts instead of the OBS sweep: at 70% on PTB valid (tuning protocol, with the
+pruned-input refit) 349.44 against 410.18 (benchmarks/NOTES.md, issue 37). Below it, and for N:M patterns, the OBS
+sweep stays the default until ADMM is measured there."""
+
+
+def weight_update_at(sparsity: float, nm: bool, joint_quant: bool) -> str:
+    """BESA's weight update when ``--weight-update`` is not given: ``admm`` for unstructured runs from ``ADMM_FROM``
+    that do not quantize jointly (ADMM's iterations have no grid), ``obs`` otherwise."""
+    return "admm" if not nm and not joint_quant and sparsity >= ADMM_FROM - 1e-9 else "obs"
 
 
 @dataclass
@@ -59,6 +74,8 @@ class BesaConfig(MethodConfig):
             with the refit at 50%: benchmarks/NOTES.md); ``auto`` is kept for older recipes and means ``obs``.
             ``admm`` keeps the learned counts too but chooses the weights within each row by ADMM with gradual
             pruning, which solves the survivors as it goes (``besa.stages.admm``; not with ``--quant-mode joint``).
+            ``None`` (not given): ``admm`` for unstructured runs from 70% without joint quantization, ``obs``
+            otherwise (``weight_update_at``).
         lsq_iters: with the OBS or ADMM update, conjugate-gradient steps that then solve each layer's kept weights for its
             final mask in least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights).
             Not with ``--wbits`` in joint mode (the sweep's weights are on their grids).
@@ -88,11 +105,12 @@ class BesaConfig(MethodConfig):
         default=0.01,
         metadata={"help": "BESA with --wbits: AdamW learning rate of the clipping logits"},
     )
-    weight_update: str = field(
-        default="obs",
+    weight_update: str | None = field(
+        default=None,
         metadata={
             "help": "BESA: obs (SparseGPT's update of the survivors, learned row counts), admm (ADMM with gradual "
-            "pruning within the learned counts) or none (the paper: weights frozen)"
+            "pruning within the learned counts) or none (the paper: weights frozen); default: admm from 70%% "
+            "sparsity (unstructured, no joint quantization), obs otherwise"
         },
     )
     lsq_iters: int = field(
@@ -125,12 +143,12 @@ class BesaConfig(MethodConfig):
             "granularity": ("row", "layer"),
             "target": ("pruned-input", "dense-stream"),
             "optimizer": ("prodigy", "adamw"),
-            "weight_update": ("auto", "none", "obs", "admm"),
+            "weight_update": ("auto", "none", "obs", "admm", None),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BesaError(
-                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                    f"--{name.replace('_', '-')} must be one of {', '.join(a for a in allowed if a is not None)}, got {getattr(self, name)!r}"
                 )
         if self.candidates < 2:
             raise BesaError(f"--candidates must be at least 2, got {self.candidates}")

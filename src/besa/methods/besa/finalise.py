@@ -19,7 +19,7 @@ import torch
 from besa.engine.record import BlockResult
 from besa.engine.work import BlockWork
 from besa.methods.base import Pruner
-from besa.methods.besa.config import BesaConfig
+from besa.methods.besa.config import BesaConfig, weight_update_at
 from besa.methods.besa.layer import MaskLogits, PatternLogits, RateLogits, clip_stats
 from besa.methods.besa.rates import hard_keep, round_to_budget
 from besa.model.blocks import set_weight_matrix, weight_matrix
@@ -43,7 +43,13 @@ class FinalMasks(Pruner):
 
     @property
     def weight_update(self) -> str:
-        """``--weight-update`` (``auto``, from older recipes, means ``obs``)."""
+        """``--weight-update`` (``auto``, from older recipes, means ``obs``); not given: BESA's default for the run
+        (``weight_update_at``)."""
+        if self.cfg.weight_update is None:
+            joint = self.config.quantization.joint is not None
+            return weight_update_at(
+                self.sparsity if self.pattern is None else 0.0, self.pattern is not None, joint
+            )
         return "obs" if self.cfg.weight_update == "auto" else self.cfg.weight_update
 
     @property
