@@ -139,7 +139,7 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-lsq0": ("besa", {"lsq_iters": 0}),  # BESA's defaults (refit included) without / with the solve
     "besa-lsq20": ("besa", {"lsq_iters": 20}),
     "besa-lsq20-refit0": ("besa", {"lsq_iters": 20, "refit_epochs": 0}),
-    "besa-refit2": ("besa", {"refit_epochs": 2}),  # the default below 70%; at 70% the default until it lost
+    "besa-refit2": ("besa", {"refit_epochs": 2}),  # the default below 70% (from 70%: besa-refit2-prunedinput)
     "besa-lsq20-refit2": ("besa", {"lsq_iters": 20, "refit_epochs": 2}),
     "besa-lsq0-refit0": ("besa", {"lsq_iters": 0, "refit_epochs": 0}),
     # issue 37: why the refit loses from 70% on, and what keeps its gain there (a lower rate, the block's own

@@ -178,7 +178,7 @@ class PruneRun:
         if where.run_dir is not None and (engine_ids is not None or self.streamer is not None):
             fingerprint = run_fingerprint(
                 self.model, self.config, self.method_config,
-                self.calib_ids if engine_ids is not None else None, self.streamer,
+                self.calib_ids if engine_ids is not None else None, self.streamer, self.pruner.resolved_defaults(),
             )  # fmt: skip
             record, options = self.record, self.options
             self.folder = RunFolder(

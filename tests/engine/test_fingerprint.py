@@ -31,3 +31,27 @@ def test_a_setting_added_later_changes_the_fingerprint_only_away_from_what_older
     assert "config.refit_anchor" not in base  # as a folder written before --refit-anchor existed has it
     anchored = PruneConfig.from_flat(method="wanda", refit_epochs=1, refit_anchor=2.0)
     assert run_fingerprint(model, anchored, WandaConfig(), ids)["config.refit_anchor"] == 2.0
+
+
+def _besa_fingerprint(sparsity, options=None, **settings):
+    """The fingerprint a BESA run would store, with what its pruner decides by default resolved."""
+    from besa.methods.besa.config import BesaConfig
+    from besa.methods.besa.pruner import BesaPruner
+
+    config = PruneConfig.from_flat(method="besa", sparsity=sparsity, **settings)
+    method_config = BesaConfig(**(options or {}))
+    pruner = BesaPruner(method_config, config)
+    ids = torch.arange(12).reshape(2, 6)
+    return run_fingerprint(
+        make_model("llama"), config, method_config, ids, resolved=pruner.resolved_defaults()
+    )
+
+
+def test_a_default_the_method_decides_is_stored_as_what_it_decided():
+    """A folder that gave the refit target and weight update explicitly (as every folder did before they became
+    the method's defaults) resumes under the defaults where they decide the same, and not where they differ."""
+    old_style = {"options": {"weight_update": "obs"}, "refit_target": "dense-stream"}
+    assert _besa_fingerprint(0.5) == _besa_fingerprint(0.5, **old_style)
+    assert _besa_fingerprint(0.7) != _besa_fingerprint(0.7, **old_style)
+    at_70 = _besa_fingerprint(0.7)
+    assert at_70["config.refit_target"] == "pruned-input" and at_70["option.weight_update"] == "admm"

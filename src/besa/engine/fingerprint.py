@@ -23,12 +23,15 @@ value, so a folder from before the setting existed still resumes."""
 
 def run_fingerprint(
     model: nn.Module, config: PruneConfig, method_config: MethodConfig, calib_ids: torch.Tensor | None,
-    streamer: BlockStreamer | None = None,
+    streamer: BlockStreamer | None = None, resolved: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The settings (flat names; not the device, not the KL stage, which runs after the checkpointed blocks, not a
     setting of ``ADDED_LATER`` at the value older folders ran with), the
     method's options, the model's weights (a streamed model: its files) and the calibration tokens, as ``run.json``
-    stores them."""
+    stores them. ``resolved`` (``Pruner.resolved_defaults``: ``config.NAME`` / ``option.NAME`` -> value) replaces a
+    setting left to the method (``None``) by what the method made of it for this run, so that a folder that gave
+    the value explicitly and a run that gets it by default agree, and a changed default cannot resume a folder that
+    ran the old one."""
     fields = config.to_dict()
     fields.pop("device")  # where it runs does not change what it computes... up to kernel differences
     for name in to_flat(config.kl):
@@ -38,6 +41,9 @@ def run_fingerprint(
             fields.pop(name)
     payload: dict[str, Any] = {f"config.{k}": v for k, v in fields.items()}
     payload.update({f"option.{k}": v for k, v in method_config.to_dict().items()})
+    for key, value in (resolved or {}).items():
+        if key in payload and payload[key] is None:
+            payload[key] = value
     payload["model.class"] = type(model).__name__
     if streamer is not None:  # the blocks are not loaded: the fingerprint of the files instead
         payload["model.weights"] = streamer.index.digest()

@@ -93,6 +93,11 @@ class Pruner(ABC):
         """The refit's target when ``--refit-target`` is not given (a method may make it depend on the run)."""
         return "dense-stream"
 
+    def resolved_defaults(self) -> dict[str, Any]:
+        """Settings the method decides for this run when they are not given, as the run fingerprint names them
+        (``besa.engine.fingerprint.run_fingerprint``): the refit's target."""
+        return {"config.refit_target": self.refit_target}
+
     @property
     def refit_target(self) -> str:
         """What the refit fits each block to: ``--refit-target``, else the method's default."""

@@ -60,6 +60,9 @@ class BesaPruner(FinalMasks):
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
 
+    def resolved_defaults(self) -> dict[str, Any]:
+        return {**super().resolved_defaults(), "option.weight_update": self.weight_update}
+
     def refit_target_default(self) -> str:
         return refit_target_at(self.sparsity)
 
