@@ -48,6 +48,7 @@ from besa.settings.config import MethodConfig, PruneConfig
 from besa.settings.options import REPORT_NAME, ResolvedRun, RunOptions
 from besa.settings.recipe import recipe_text
 from besa.stages.distill import distill, teacher_targets
+from besa.stages.rotation import rotate_model
 
 __all__ = ["PruneRun"]
 
@@ -78,6 +79,7 @@ class PruneRun:
     documents: list[str] | None = None
     resumed: int = 0
     kl_facts: dict[str, Any] | None = None
+    rotation_facts: dict[str, Any] | None = None
 
     def execute(self) -> tuple[nn.Module | None, Any, dict[str, Any], Path | None]:
         """Every step in order; return (model, tokenizer, report, out). ``model`` is ``None`` after a streamed
@@ -109,6 +111,8 @@ class PruneRun:
             raise BesaError("--save-quantized needs --wbits between 2 and 8")
         if options.stream and config.kl.epochs:
             raise BesaError("--kl-epochs trains the whole model at once: it cannot run with --stream")
+        if options.stream and config.rotate != "none":
+            raise BesaError("--rotate turns the whole model before pruning: it cannot run with --stream")
         self.pruner = get_method(config.method).pruner_cls(self.method_config, config)
         reads_text = self.needs_data and self.calib_ids is None
         self.where = options.resolve(
@@ -203,6 +207,12 @@ class PruneRun:
             targets = teacher_targets(
                 model, local_ids, config.kl.topk, self.device, config.kl.batch, options.progress
             )
+        if config.rotate != "none" and local_ids is not None:
+            tr = time.perf_counter()
+            self.rotation_facts = rotate_model(
+                model, local_ids, self.device, config.runtime.forward_batch, options.progress
+            )
+            self.timings["rotation"] = time.perf_counter() - tr
         pruner.prepare(model, local_ids, self.device, config.runtime.forward_batch, options.progress)
         self.timings["allocation"] = time.perf_counter() - t
         torch.manual_seed(config.calibration.seed)
@@ -249,6 +259,8 @@ class PruneRun:
         report["config"]["bos_added"] = self.bos is not None  # what --bos resolved to (False for given ids)
         if self.kl_facts is not None:
             report["kl"] = self.kl_facts
+        if self.rotation_facts is not None:
+            report["rotation"] = self.rotation_facts
         out = self.where.out
         if out is None:
             return report

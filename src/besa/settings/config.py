@@ -49,6 +49,8 @@ class PruneConfig:
             ``sequential``, group by group in calling order (q/k/v, then o, gate/up, down), each after the groups
             before it are pruned (GPTQ's "true sequential"); ``None`` is the method's own default
             (``Pruner.default_within_block``).
+        rotate: ``none``, or ``pca``: before pruning, the residual stream is turned by the principal axes of the
+            calibration windows' stream, folded into the weights (``besa.stages.rotation``).
         calibration, runtime, quantization, allocation, experts, refit, kl: the sections.
 
     Build one from flat names (flags, recipe keys, ``besa.prune`` keywords) with ``PruneConfig.from_flat``; its
@@ -78,6 +80,13 @@ class PruneConfig:
             "default: the method's own, sequential for sparsegpt, parallel for the others"
         },
     )
+    rotate: str = field(
+        default="none",
+        metadata={
+            "help": "before pruning, turn the residual stream by an orthogonal matrix folded into the weights: "
+            "none, or pca (the principal axes of the calibration windows' stream; pre-norm models only)"
+        },
+    )
     refit: RefitSettings = section(RefitSettings)
     kl: KLSettings = section(KLSettings)
 
@@ -90,6 +99,8 @@ class PruneConfig:
                 )
             self.sparsity = nm.sparsity
             self.pattern = str(nm)
+        if self.rotate not in ("none", "pca"):
+            raise BesaError(f"unknown --rotate {self.rotate!r}: choose none or pca")
         if self.sparsity is None:
             self.sparsity = 0.5
         if not 0.0 <= self.sparsity < 1.0:
