@@ -162,6 +162,10 @@ GRID: dict[str, tuple[str, dict]] = {
         {"weight_update": "admm", "refit_epochs": 2, "refit_target": "dense-stream"},
     ),
     "besa-refit2-densestream": ("besa", {"refit_epochs": 2, "refit_target": "dense-stream"}),
+    # issue 37: the residual stream turned by its principal axes before pruning (--rotate pca), alone and with BESA
+    "sparsegpt-rotate": ("sparsegpt", {"rotate": "pca"}),
+    "besa-rotate": ("besa", {"rotate": "pca"}),
+    "admm-rotate": ("admm", {"rotate": "pca"}),
     # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
     "besa-nm-adamw-0.05-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 3}),
     "besa-nm-adamw-0.05-epochs3-obs-seq": (
