@@ -55,9 +55,9 @@ def test_summary_figures_are_the_beyond_and_unseen_sections(bench, tmp_path):
     wt2, ptb = {}, {}
     for line in text.splitlines():
         cells = _cells(line) if line.startswith("| ") else []
-        if len(cells) == 9 and cells[1] in labels:
-            wt2[(cells[0], labels[cells[1]])] = (cells[3], cells[4], cells[7])
-        elif len(cells) == 4 and cells[1] in labels:
+        if len(cells) == 10 and cells[1] in labels:
+            wt2[(cells[0], labels[cells[1]])] = (cells[3], cells[4], cells[8])
+        elif len(cells) == 5 and cells[1] in labels:
             ptb[(cells[0], labels[cells[1]])] = (cells[2], cells[3])
     assert wt2 and ptb
     names = {"SparseGPT": "sparsegpt", "**BESA**": "besa", "Wanda": "wanda"}
