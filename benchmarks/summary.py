@@ -195,8 +195,10 @@ def render(beyond: dict, baselines: dict, unseen: dict) -> str:
         " (below 1: closer to dense than SparseGPT). The first table's unmarked rows are those of *Beyond BESA*"
         " below (`beyond.json`); magnitude and Wanda, which it has no run of, come from the first baselines table"
         " (`baselines.json`, now in `benchmarks/NOTES.md`) with that table's SparseGPT as their reference. From 70%"
-        " sparsity on BESA's defaults leave the blockwise refit out (PTB valid preferred that); *Beyond BESA* has"
-        " the run with it, and each stage alone.",
+        " sparsity BESA's defaults fit each block to the dense block on its pruned input in the refit and choose"
+        " the weights within the learned row counts by ADMM (PTB valid preferred both); *Beyond BESA* has the runs"
+        " without them, and each stage alone. A setting with a SparseGPT row and no BESA row has not been run with"
+        " BESA's defaults yet.",
         "",
         *defaults_table(beyond, baselines, marks),
         "",
