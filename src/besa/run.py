@@ -100,8 +100,9 @@ class PruneRun:
 
     @property
     def needs_data(self) -> bool:
-        """Calibration windows are needed: by the method, or by the KL stage, which trains on them."""
-        return self.pruner.needs_calibration or self.config.kl.epochs > 0
+        """Calibration windows are needed: by the method, by the KL stage, which trains on them, or by the rotation,
+        which is chosen from them."""
+        return self.pruner.needs_calibration or self.config.kl.epochs > 0 or self.config.rotate != "none"
 
     def prepare(self) -> None:
         """The method's pruner (it may refuse the shared settings), every place the run writes, the device, the

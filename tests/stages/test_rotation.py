@@ -140,3 +140,13 @@ def test_a_rotated_model_with_a_tied_head_saves_and_loads_as_it_ran(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     torch.testing.assert_close(_logits(loaded), _logits(result.model))
+
+
+def test_a_data_free_method_still_rotates_on_the_calibration_windows():
+    """Magnitude reads no data, but the rotation is chosen from the windows: they are read for it, not skipped."""
+    dense = _with_random_norms("llama")
+    before = _logits(dense)
+    result = besa.prune(dense, tokenizer=make_tokenizer(), method="magnitude", sparsity=0.0, calib_ids=IDS,
+                        rotate="pca", progress=False, checkpoint=False)  # fmt: skip
+    assert result.report["rotation"]["writers"] == 4
+    torch.testing.assert_close(_logits(result.model), before, rtol=1e-4, atol=1e-4)
