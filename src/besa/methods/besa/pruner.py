@@ -53,10 +53,11 @@ class BesaPruner(FinalMasks):
     Learning is here; the final masks are ``besa.methods.besa.finalise.FinalMasks``'s.
     """
 
-    # the defaults measured best on PTB valid (benchmarks/NOTES.md, besa-tuning): AdamW at 0.05, the OBS update group by
-    # group with the least-squares solve, then 2 epochs of blockwise refit, toward the dense model's output below 70%
-    # sparsity and toward the dense block's function on its pruned input from 70% on (``refit_target_at``);
-    # `--recipe besa-paper` is the paper's form
+    # the defaults measured best on PTB valid (benchmarks/NOTES.md, besa-tuning): AdamW at 0.05, the weight update group
+    # by group with the least-squares solve (the OBS sweep below 70% sparsity and for N:M, ADMM from 70%:
+    # ``weight_update_at``), then 2 epochs of blockwise refit, toward the dense model's output below 70% sparsity and
+    # toward the dense block's function on its pruned input from 70% on (``refit_target_at``); `--recipe besa-paper`
+    # is the paper's form
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
 
