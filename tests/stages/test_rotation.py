@@ -105,19 +105,23 @@ def test_pca_basis_is_orthogonal_sorted_and_signed():
     cov = normalised_covariance(x)
     rms = x.double().square().mean(-1, keepdim=True).sqrt()
     torch.testing.assert_close(cov, (x.double() / rms).t() @ (x.double() / rms))
-    q = pca_basis(cov)
+    q, values = pca_basis(cov)
     torch.testing.assert_close(q.t() @ q, torch.eye(16, dtype=torch.float64))
     spread = torch.diagonal(q.t() @ cov @ q)
     assert (spread[:-1] >= spread[1:] - 1e-9).all()
+    torch.testing.assert_close(values, spread)
     assert (q[q.abs().argmax(0), torch.arange(16)] > 0).all()
 
 
 def test_rotate_pca_prunes_exactly_and_alone_keeps_the_function():
     dense = _with_random_norms("llama")
-    before = _logits(dense)
+    before, embedding = _logits(dense), dense.model.embed_tokens.weight.detach().clone()
     kept = besa.prune(dense, tokenizer=make_tokenizer(), method="wanda", sparsity=0.0, calib_ids=IDS, rotate="pca",
                       progress=False, checkpoint=False)  # fmt: skip
     torch.testing.assert_close(_logits(kept.model), before, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(
+        kept.model.model.embed_tokens.weight, embedding, atol=1e-3
+    )  # turned, not skipped
     result = besa.prune(_with_random_norms("llama"), tokenizer=make_tokenizer(), method="sparsegpt", sparsity=0.6,
                         calib_ids=IDS, rotate="pca", progress=False, checkpoint=False)  # fmt: skip
     assert result.report["rotation"]["writers"] == 4

@@ -99,8 +99,7 @@ class PruneConfig:
                 )
             self.sparsity = nm.sparsity
             self.pattern = str(nm)
-        if self.rotate not in ("none", "pca"):
-            raise BesaError(f"unknown --rotate {self.rotate!r}: choose none or pca")
+        check_choice("rotate", self.rotate)
         if self.sparsity is None:
             self.sparsity = 0.5
         if not 0.0 <= self.sparsity < 1.0:

@@ -141,14 +141,16 @@ def normalised_covariance(hidden: torch.Tensor) -> torch.Tensor:
     return x.t() @ x
 
 
-def pca_basis(covariance: torch.Tensor) -> torch.Tensor:
-    """Q (d, d), orthogonal: the eigenvectors of ``covariance`` as columns, largest eigenvalue first, each signed
-    so that its largest entry is positive (the same Q for the same data on every machine)."""
+def pca_basis(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, variances): Q (d, d) orthogonal, the eigenvectors of ``covariance`` as columns, largest eigenvalue first,
+    each signed so that its largest entry is positive (the same Q for the same data on every machine), and the
+    eigenvalues in that order."""
     values, vectors = torch.linalg.eigh(covariance.double())
-    vectors = vectors[:, torch.argsort(values, descending=True)]
+    order = torch.argsort(values, descending=True)
+    values, vectors = values[order], vectors[:, order]
     peak = vectors.abs().argmax(0)
     signs = torch.sign(vectors[peak, torch.arange(vectors.shape[1])])
-    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs), values
 
 
 @torch.no_grad()
@@ -224,8 +226,7 @@ def rotate_model(
 
     run_sequential(model, calib_ids, measure, device, forward_batch, progress)
     covariance = distributed.sum_(covariance)
-    q = pca_basis(covariance)
-    values = torch.linalg.eigvalsh(covariance).flip(0)
+    q, values = pca_basis(covariance)
     facts = fold_rotation(model, names, q.to(torch.float32), calib_ids[:1, :32])
     top = values[: max(1, width // 10)].sum() / values.sum()
     return {**facts, "variance_in_top_tenth": round(float(top), 4)}

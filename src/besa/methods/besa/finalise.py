@@ -47,9 +47,7 @@ class FinalMasks(Pruner):
         (``weight_update_at``)."""
         if self.cfg.weight_update is None:
             joint = self.config.quantization.joint is not None
-            return weight_update_at(
-                self.sparsity if self.pattern is None else 0.0, self.pattern is not None, joint
-            )
+            return weight_update_at(self.sparsity, self.pattern is not None, joint)
         return "obs" if self.cfg.weight_update == "auto" else self.cfg.weight_update
 
     @property
