@@ -162,6 +162,7 @@ GRID: dict[str, tuple[str, dict]] = {
         {"weight_update": "admm", "refit_epochs": 2, "refit_target": "dense-stream"},
     ),
     "besa-refit2-densestream": ("besa", {"refit_epochs": 2, "refit_target": "dense-stream"}),
+    "admm-refit2-prunedinput": ("admm", {"refit_epochs": 2, "refit_target": "pruned-input"}),
     # issue 37: the residual stream turned by its principal axes before pruning (--rotate pca), alone and with BESA
     "sparsegpt-rotate": ("sparsegpt", {"rotate": "pca"}),
     "besa-rotate": ("besa", {"rotate": "pca"}),
