@@ -96,6 +96,7 @@ ONLY_AT = {
     "besa:wanda-start": {"2:4"},  # unstructured, Wanda's metric is the default: the same run as ``besa``
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``
+    "besa+admm": {"0.5", "0.6", "2:4", "4:8"},  # from 70% ADMM is the default: the same run as ``besa``
 }
 GOALS = {"0.5": 49.1, "0.6": 86.0, "0.7": 177.0, "2:4": 83.5}
 """Issue 11's goals on WikiText-2 test (excess over dense at most 0.6 x SparseGPT's at 50%, 0.5 x at 70%)."""
