@@ -185,6 +185,9 @@ GRID: dict[str, tuple[str, dict]] = {
     "besa-nm-metric-wanda-refit0": ("besa", {"metric": "wanda", "refit_epochs": 0}),
     "besa-nm-metric-sparsegpt": ("besa", {"metric": "sparsegpt"}),
     "besa-nm-metric-sparsegpt-refit0": ("besa", {"metric": "sparsegpt", "refit_epochs": 0}),
+    # issue 37: the patterns started from ADMM's own N:M mask (the saliency its final projection chose by)
+    "besa-nm-metric-admm": ("besa", {"metric": "admm"}),
+    "besa-nm-metric-admm-prunedinput": ("besa", {"metric": "admm", "refit_target": "pruned-input"}),
 }
 SETTINGS = {name for name, _ in PruneConfig.settings()}
 """Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from besa.settings.values import NMPattern
-from besa.stages.admm import AdmmSettings, admm_prune, choose_mask, gradual_fraction
+from besa.stages.admm import AdmmSettings, admm_prune, admm_saliency, choose_mask, gradual_fraction
 from besa.stages.masks import prune_mask_by_rank, row_prune_counts
 from besa.stages.selection import HessianStats
 from besa.stages.update import BlockShare, GivenMask, NMGroups, RowShares, masked_least_squares
@@ -112,6 +112,24 @@ def test_dead_inputs_get_zero_weights_and_are_pruned_first():
     new_w, prune = admm_prune(w, stats.hessian, BlockShare(0.5))
     assert prune[:, 5].all() and (new_w[:, 5] == 0).all()
     assert torch.isfinite(new_w).all()
+
+
+@pytest.mark.parametrize("choice", [BlockShare(0.7), NMGroups(NMPattern(2, 4))], ids=["share", "2:4"])
+def test_admm_saliency_chooses_admms_own_mask_and_ranks_every_weight(choice):
+    """``admm_saliency`` (what ``--metric admm`` starts BESA from) gives ADMM's own final mask when the same
+    choice is taken of it, and still ranks the weights inside the kept and the pruned sets (no ties), with the
+    weights of a dead input at 0."""
+    w, _, h = _problem()
+    h[5, :] = 0
+    h[:, 5] = 0
+    _, prune = admm_prune(w, h, choice, AdmmSettings())
+    saliency = admm_saliency(w, h, choice, AdmmSettings(lsq_iters=0))
+    assert saliency.shape == w.shape and saliency.dtype == torch.float32
+    assert torch.equal(choose_mask(saliency, choice), prune)
+    assert (saliency[:, 5] == 0).all()
+    live = torch.cat([saliency[:, :5], saliency[:, 6:]], dim=1)
+    assert live.unique().numel() == live.numel()
+    assert not torch.equal(prune, choose_mask(w.abs() * h.diagonal().sqrt(), choice))  # not Wanda's mask
 
 
 def test_bad_settings_are_refused():

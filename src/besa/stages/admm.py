@@ -24,7 +24,15 @@ import torch
 
 from besa.stages.update import MaskChoice, masked_least_squares
 
-__all__ = ["AdmmSettings", "gradual_fraction", "choose_mask", "admm_prune"]
+__all__ = [
+    "AdmmSettings",
+    "AdmmState",
+    "gradual_fraction",
+    "choose_mask",
+    "admm_iterate",
+    "admm_prune",
+    "admm_saliency",
+]
 
 
 @dataclass(frozen=True)
@@ -83,13 +91,24 @@ def choose_mask(saliency: torch.Tensor, choice: MaskChoice, fraction: float = 1.
     return mask.reshape(saliency.shape)
 
 
-def admm_prune(
-    w: torch.Tensor, hessian: torch.Tensor, choice: MaskChoice, settings: AdmmSettings | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune weight ``w`` (out, in) given its inputs' Hessian (in, in) (H = 2/N X X^T, any positive scale); return
-    (new weight, prune mask). The mask has exactly the structure ``choice`` asks for; pruned weights, and the weights
-    of inputs that never fire, are exactly 0 (a dead input's weight is pruned first, as its saliency is 0)."""
-    settings = settings if settings is not None else AdmmSettings()
+@dataclass
+class AdmmState:
+    """Where ``admm_iterate`` ended, in input-normalised coordinates: the least-squares iterate, the scaled dual,
+    the final prune mask, the saliency |W' + U| that mask was chosen by, and the inputs' norms and dead inputs."""
+
+    weight: torch.Tensor
+    dual: torch.Tensor
+    prune: torch.Tensor
+    saliency: torch.Tensor
+    norm: torch.Tensor
+    dead: torch.Tensor
+
+
+def admm_iterate(
+    w: torch.Tensor, hessian: torch.Tensor, choice: MaskChoice, settings: AdmmSettings
+) -> AdmmState:
+    """The ADMM iterations with gradual pruning on weight ``w`` (out, in) and its inputs' Hessian (in, in), before
+    any final solve (``admm_prune`` and ``admm_saliency`` read what they need of it)."""
     h = hessian.float()
     dead = h.diagonal() <= 0
     norm = h.diagonal().clamp_min(0).sqrt()
@@ -104,16 +123,41 @@ def admm_prune(
     hn[diag, diag] += settings.rho
     chol = torch.linalg.cholesky(hn)
     weight, dual = w0.clone(), torch.zeros_like(w0)
-    prune = choose_mask(w0.abs(), choice)  # gradual = 0: the mask of the dense weights, kept throughout
+    saliency = w0.abs()
+    prune = choose_mask(saliency, choice)  # gradual = 0: the mask of the dense weights, kept throughout
     for step in range(settings.iters):
         if step < settings.gradual:
-            prune = choose_mask((weight + dual).abs(), choice, gradual_fraction(step, settings.gradual))
+            saliency = (weight + dual).abs()
+            prune = choose_mask(saliency, choice, gradual_fraction(step, settings.gradual))
         z = (weight + dual).masked_fill(prune, 0)
         dual = dual + weight - z
         # (target + rho (z - u)) (H + damp + rho)^-1, H symmetric: solved as its transpose
         weight = torch.cholesky_solve((target + settings.rho * (z - dual)).t(), chol).t()
-    z = (weight + dual).masked_fill(prune, 0) / norm
-    z[:, dead] = 0
+    return AdmmState(weight, dual, prune, saliency, norm, dead)
+
+
+def admm_prune(
+    w: torch.Tensor, hessian: torch.Tensor, choice: MaskChoice, settings: AdmmSettings | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune weight ``w`` (out, in) given its inputs' Hessian (in, in) (H = 2/N X X^T, any positive scale); return
+    (new weight, prune mask). The mask has exactly the structure ``choice`` asks for; pruned weights, and the weights
+    of inputs that never fire, are exactly 0 (a dead input's weight is pruned first, as its saliency is 0)."""
+    settings = settings if settings is not None else AdmmSettings()
+    state = admm_iterate(w, hessian, choice, settings)
+    prune = state.prune
+    z = (state.weight + state.dual).masked_fill(prune, 0) / state.norm
+    z[:, state.dead] = 0
     if settings.lsq_iters:
         z = masked_least_squares(w, hessian, prune, z, settings.lsq_iters, settings.lsq_percdamp)
     return z.to(w.dtype), prune
+
+
+def admm_saliency(
+    w: torch.Tensor, hessian: torch.Tensor, choice: MaskChoice, settings: AdmmSettings | None = None
+) -> torch.Tensor:
+    """ADMM's importance of every weight of ``w`` (out, in): the saliency |W' + U| (input-normalised) its final
+    mask was chosen by, in float32, 0 for inputs that never fire. Choosing ``choice``'s mask of it, lowest first,
+    gives ``admm_prune``'s mask; unlike that mask it ranks every weight, so BESA can start from it (``--metric
+    admm``) and move away."""
+    state = admm_iterate(w, hessian, choice, settings if settings is not None else AdmmSettings())
+    return state.saliency.masked_fill(state.dead.unsqueeze(0), 0.0)

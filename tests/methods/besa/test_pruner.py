@@ -223,6 +223,24 @@ def test_nm_patterns_start_from_the_obs_saliency_by_default(tokenizer):
     assert BesaConfig(metric="magnitude").resolved_metric(nm=True) == "magnitude"
 
 
+def test_metric_admm_starts_the_patterns_at_admms_own_nm_mask(tokenizer):
+    """``--metric admm`` with nothing learned keeps, in the first block (whose inputs no pruning has touched yet),
+    exactly the N:M mask ``--method admm`` chooses from the same Hessians, which is not SparseGPT's saliency's."""
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    masks, metric = _frozen_masks(tokenizer, ids, metric="admm")
+    obs, _ = _frozen_masks(tokenizer, ids, metric="sparsegpt")
+    admm = besa.prune(
+        make_model("llama"), tokenizer=tokenizer, method="admm", pattern="2:4", calib_ids=ids, progress=False,
+        within_block="parallel",
+    )  # fmt: skip
+    admm_masks = {n: weight_matrix(m) == 0 for n, m in _linears(admm.model).items()}
+    first = [n for n in masks if ".0." in n]
+    assert metric == "admm" and first
+    assert all(torch.equal(masks[n], admm_masks[n]) for n in first)
+    assert any(not torch.equal(masks[n], obs[n]) for n in first)
+    assert all((m.reshape(m.shape[0], -1, 4).sum(-1) == 2).all() for m in masks.values())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "epochs", "target"),
     [

@@ -11,8 +11,9 @@ __all__ = [
     "BesaConfig", "METRICS", "REFIT_EPOCHS", "PRUNED_INPUT_FROM", "ADMM_FROM", "refit_target_at", "weight_update_at"
 ]  # fmt: skip
 
-METRICS = ("wanda", "magnitude", "sparsegpt")
-"""Every importance of the selection stage (``besa.stages.selection.SCORERS``; a test keeps them equal)."""
+METRICS = ("wanda", "magnitude", "sparsegpt", "admm")
+"""The importances BESA can rank by: those of the selection stage (``besa.stages.selection.SCORERS``), and ``admm``,
+the saliency ADMM with gradual pruning chose its own mask by at the block's target (``besa.stages.admm``)."""
 
 REFIT_EPOCHS = 2
 """BESA's refit epochs (8 scored better at 50% but cost over 5 x SparseGPT's time)."""
@@ -47,7 +48,8 @@ class BesaConfig(MethodConfig):
 
     Args:
         metric: importance used to rank the weights of each row once per block: wanda, magnitude, sparsegpt
-            (SparseGPT's OBS saliency), or ``auto`` (the default): ``sparsegpt`` with ``--pattern N:M``, where
+            (SparseGPT's OBS saliency), admm (the saliency ADMM's own mask at the block's target or N:M pattern
+            is chosen by, so the learning starts from ADMM's mask), or ``auto`` (the default): ``sparsegpt`` with ``--pattern N:M``, where
             the learned patterns start from it, ``wanda`` otherwise (measured on PTB valid: benchmarks/NOTES.md).
         granularity: ``row`` (one learned rate per output row, the paper's setting) or ``layer``.
         candidates: number of candidate pruning rates D.
@@ -88,7 +90,9 @@ class BesaConfig(MethodConfig):
 
     metric: str = field(
         default="auto",
-        metadata={"help": "BESA: importance ranking: wanda, magnitude, sparsegpt, auto (sparsegpt for N:M)"},
+        metadata={
+            "help": "BESA: importance ranking: wanda, magnitude, sparsegpt, admm, auto (sparsegpt for N:M)"
+        },
     )
     granularity: str = field(default="row", metadata={"help": "BESA: learn a rate per row or per layer"})
     candidates: int = field(default=100, metadata={"help": "BESA: number of candidate pruning rates"})

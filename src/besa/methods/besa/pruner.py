@@ -23,7 +23,9 @@ from besa.methods.besa.training import train_block
 from besa.methods.cost import BlockShape, MethodCost, admm_bytes, obs_hessians
 from besa.model.blocks import weight_matrix
 from besa.settings.config import MethodConfig
-from besa.stages.selection import HessianStats, get_scorer
+from besa.stages.admm import AdmmSettings, admm_saliency
+from besa.stages.selection import HessianStats, LayerStats, get_scorer
+from besa.stages.update import BlockShare, NMGroups
 
 __all__ = ["BESA_BACKWARD_BYTES_PER_WEIGHT", "BESA_BYTES_PER_WEIGHT", "BesaPruner"]
 
@@ -72,7 +74,8 @@ class BesaPruner(FinalMasks):
         assert isinstance(method_config, BesaConfig)
         self.cfg = method_config
         self.metric = method_config.resolved_metric(self.pattern is not None)
-        self.scorer = get_scorer(self.metric)
+        # ``admm`` ranks by ADMM's own saliency, computed from the same Hessians as SparseGPT's
+        self.scorer = get_scorer("sparsegpt" if self.metric == "admm" else self.metric)
         if self.weight_update == "admm" and config.quantization.joint is not None:
             raise BesaError("--weight-update admm cannot quantize jointly: add --quant-mode rtn")
         self._block_rate: float | None = None
@@ -86,7 +89,7 @@ class BesaPruner(FinalMasks):
         """The OBS update's Hessians (``--weight-update obs``) and BESA's per-weight state; the training's forwards
         and backwards over ``epochs`` and the dense target's pass."""
         work = obs_hessians(block, self.obs_sequential, self.cfg.lsq_iters > 0) if self.uses_hessian else {}
-        if self.weight_update == "admm":
+        if self.weight_update == "admm" or self.metric == "admm":
             work.update(admm_bytes(block))
         work["BESA's per-weight state"] = (
             BESA_BYTES_PER_WEIGHT * block.weights + BESA_BACKWARD_BYTES_PER_WEIGHT * block.largest
@@ -115,7 +118,7 @@ class BesaPruner(FinalMasks):
         init = tilted_logits(rates.cpu(), self.block_rate).to(work.device)
         block_logits: dict[str, MaskLogits] = {}
         for name, layer in work.linears.items():
-            scores = self.scorer.scores(weight_matrix(layer), stats.pop(name))
+            scores = self._scores(layer, stats.pop(name))
             if self.pattern is not None:
                 block_logits[name] = PatternLogits(name, layer, scores, self.pattern, self.cfg.nm_sharpness)
             else:
@@ -128,6 +131,16 @@ class BesaPruner(FinalMasks):
             if name in hessians:
                 block_logits[name].hessian = hessians.pop(name).hessian
         return block_logits, outputs
+
+    def _scores(self, layer: Any, stats: LayerStats | None) -> torch.Tensor:
+        """The importance (R, C) the layer's weights are ranked by: the scorer's, or with ``--metric admm`` the
+        saliency ADMM's own mask at the block's rate (or the run's N:M pattern) was chosen by."""
+        w = weight_matrix(layer)
+        if self.metric != "admm":
+            return self.scorer.scores(w, stats)
+        assert isinstance(stats, HessianStats)
+        choice = NMGroups(self.pattern) if self.pattern is not None else BlockShare(self.block_rate)
+        return admm_saliency(w, stats.hessian, choice, AdmmSettings(lsq_iters=0))
 
     def _learn(
         self, work: BlockWork, block_logits: dict[str, MaskLogits], targets: Sequence[torch.Tensor]
