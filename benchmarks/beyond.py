@@ -82,6 +82,11 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
         [],
         "mask and weights solved together alone: ADMM with gradual pruning (Boza, 2024)",
     ),
+    "admm+refit": (
+        "admm",
+        ["--refit-epochs", "2", "--refit-target", "pruned-input"],
+        "ADMM with gradual pruning, then the refit toward the dense block on its pruned input",
+    ),
     "besa+admm": (
         "besa",
         ["--weight-update", "admm"],
