@@ -49,8 +49,9 @@ class BesaConfig(MethodConfig):
     Args:
         metric: importance used to rank the weights of each row once per block: wanda, magnitude, sparsegpt
             (SparseGPT's OBS saliency), admm (the saliency ADMM's own mask at the block's target or N:M pattern
-            is chosen by, so the learning starts from ADMM's mask), or ``auto`` (the default): ``sparsegpt`` with ``--pattern N:M``, where
-            the learned patterns start from it, ``wanda`` otherwise (measured on PTB valid: benchmarks/NOTES.md).
+            is chosen by, so the learning starts from ADMM's mask), or ``auto`` (the default): ``sparsegpt``
+            with ``--pattern N:M``, where the learned patterns start from it, ``wanda`` otherwise (measured on
+            PTB valid: benchmarks/NOTES.md).
         granularity: ``row`` (one learned rate per output row, the paper's setting) or ``layer``.
         candidates: number of candidate pruning rates D.
         rate_window: candidates span [target - w, target + w] (clipped to [0, max_rate]); bounds how far one
