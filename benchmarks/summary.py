@@ -2,7 +2,7 @@
 texts, and what BESA's defaults cost against SparseGPT, read from the results the other scripts stored.
 
 Nothing is pruned or scored here. The rows come from ``benchmarks/results/beyond.json`` (the configurations of
-``beyond.py`` that pass no flag: SparseGPT, Wanda where it ran, BESA; WikiText-2 test and PTB test),
+``beyond.py`` that pass no flag: SparseGPT, Wanda and ADMM where they ran, BESA; WikiText-2 test and PTB test),
 ``baselines.json`` (the methods ``beyond.json`` has no run of, magnitude and Wanda, run with no flag; WikiText-2
 test only) and ``unseen.json`` (Gemma-3-270M). Excess ratios and time ratios are computed as ``beyond.py`` and
 ``unseen.py`` compute them, so the figures are those of their sections.
@@ -29,8 +29,14 @@ from unseen import table_rows as unseen_rows  # noqa: E402
 
 SECTION = "summary"
 TITLE = "# Benchmarks"
-METHODS = ["magnitude", "wanda", "sparsegpt", "besa"]  # table order
-LABELS = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "besa": "**BESA**"}
+METHODS = ["magnitude", "wanda", "sparsegpt", "admm", "besa"]  # table order
+LABELS = {
+    "magnitude": "magnitude",
+    "wanda": "Wanda",
+    "sparsegpt": "SparseGPT",
+    "admm": "ADMM",
+    "besa": "**BESA**",
+}
 DEFAULT_CONFIGS = {method: name for name, (method, flags, _) in CONFIGS.items() if not flags}
 """``beyond.py``'s configurations that pass no flag, by method: each method's defaults."""
 

@@ -60,7 +60,7 @@ def test_summary_figures_are_the_beyond_and_unseen_sections(bench, tmp_path):
         elif len(cells) == 5 and cells[1] in labels:
             ptb[(cells[0], labels[cells[1]])] = (cells[2], cells[3])
     assert wt2 and ptb
-    names = {"SparseGPT": "sparsegpt", "**BESA**": "besa", "Wanda": "wanda"}
+    names = {label: method for method, label in bench["summary"].LABELS.items()}
     seen = 0
     for line in body.splitlines():
         cells = _cells(line) if line.startswith("| ") else []
