@@ -17,7 +17,7 @@ from besa.settings.values import NMPattern
 from besa.stages.masks import nm_prune_mask, prune_mask_by_rank
 
 __all__ = [
-    "MaskChoice", "BlockShare", "RowShares", "NMGroups", "GivenMask", "uniform_choice", "SweepQuantizer",
+    "MaskChoice", "BlockShare", "RowShares", "NMGroups", "GivenMask", "SweepQuantizer",
     "SweepSettings", "inverse_hessian_factor", "dense_target_weight", "obs_sweep", "masked_least_squares"
 ]  # fmt: skip
 
@@ -126,12 +126,6 @@ class GivenMask(MaskChoice):
 
     def block_mask(self, saliency: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
         return self.prune[:, i1:i2].to(saliency.device)
-
-
-def uniform_choice(sparsity: float, pattern: NMPattern | None) -> MaskChoice:
-    """The mask a layerwise method prunes a layer to: the ``pattern``'s N:M groups, else ``sparsity``'s share of
-    the whole layer (``BlockShare``)."""
-    return NMGroups(pattern) if pattern is not None else BlockShare(sparsity)
 
 
 @dataclass

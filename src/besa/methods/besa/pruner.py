@@ -25,7 +25,7 @@ from besa.model.blocks import weight_matrix
 from besa.settings.config import MethodConfig
 from besa.stages.admm import AdmmSettings, admm_saliency
 from besa.stages.selection import HessianStats, LayerStats, get_scorer
-from besa.stages.update import uniform_choice
+from besa.stages.update import BlockShare, NMGroups
 
 __all__ = ["BESA_BACKWARD_BYTES_PER_WEIGHT", "BESA_BYTES_PER_WEIGHT", "BesaPruner"]
 
@@ -139,7 +139,7 @@ class BesaPruner(FinalMasks):
         if self.metric != "admm":
             return self.scorer.scores(w, stats)
         assert isinstance(stats, HessianStats)
-        choice = uniform_choice(self.block_rate, self.pattern)
+        choice = NMGroups(self.pattern) if self.pattern is not None else BlockShare(self.block_rate)
         return admm_saliency(w, stats.hessian, choice, AdmmSettings(lsq_iters=0))
 
     def _learn(
