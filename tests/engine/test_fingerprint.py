@@ -55,3 +55,19 @@ def test_a_default_the_method_decides_is_stored_as_what_it_decided():
     assert _besa_fingerprint(0.7) != _besa_fingerprint(0.7, **old_style)
     at_70 = _besa_fingerprint(0.7)
     assert at_70["config.refit_target"] == "pruned-input" and at_70["option.weight_update"] == "admm"
+    assert at_70["option.epochs"] == 1 == _besa_fingerprint(0.7, options={"epochs": 1})["option.epochs"]
+
+
+def test_a_folder_of_the_learned_nm_default_is_not_resumed_by_todays():
+    """A 2:4 folder from when BESA learned its patterns by default (1 epoch, the OBS update, the dense-stream refit,
+    all stored as given or resolved then) differs from today's default (nothing learned, ADMM, pruned input)."""
+    before = {
+        "options": {"epochs": 1, "weight_update": "obs"},
+        "refit_target": "dense-stream",
+        "pattern": "2:4",
+    }
+    today = _besa_fingerprint(0.5, pattern="2:4")
+    assert today != _besa_fingerprint(0.5, **before)
+    assert (today["option.epochs"], today["option.weight_update"], today["config.refit_target"]) == (
+        0, "admm", "pruned-input"
+    )  # fmt: skip

@@ -14,7 +14,7 @@ from besa.model.blocks import set_weight_matrix, weight_matrix
 from besa.settings.config import MethodConfig, PruneConfig
 from besa.stages.admm import AdmmSettings, admm_prune
 from besa.stages.selection import HessianStats, LayerStats
-from besa.stages.update import BlockShare, MaskChoice, NMGroups
+from besa.stages.update import uniform_choice
 
 __all__ = ["AdmmConfig", "AdmmPruner"]
 
@@ -49,7 +49,8 @@ class AdmmPruner(LayerwisePruner):
 
     def prune_layer(self, layer: nn.Module, stats: LayerStats | None, rate: float) -> QuantGrids | None:
         assert isinstance(stats, HessianStats)
-        choice: MaskChoice = NMGroups(self.pattern) if self.pattern is not None else BlockShare(rate)
-        new_w, _ = admm_prune(weight_matrix(layer), stats.hessian, choice, self.settings)
+        new_w, _ = admm_prune(
+            weight_matrix(layer), stats.hessian, uniform_choice(self.pattern, rate), self.settings
+        )
         set_weight_matrix(layer, new_w)
         return None

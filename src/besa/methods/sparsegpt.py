@@ -17,14 +17,7 @@ from besa.methods.layerwise import LayerwisePruner
 from besa.model.blocks import set_weight_matrix, weight_matrix
 from besa.settings.values import NMPattern
 from besa.stages.selection import CrossStats, HessianStats, LayerStats
-from besa.stages.update import (
-    BlockShare,
-    NMGroups,
-    SweepQuantizer,
-    SweepSettings,
-    dense_target_weight,
-    obs_sweep,
-)
+from besa.stages.update import SweepQuantizer, SweepSettings, dense_target_weight, obs_sweep, uniform_choice
 
 __all__ = ["SparseGPTConfig", "SparseGPTPruner", "sparsegpt_prune"]
 
@@ -46,7 +39,7 @@ def sparsegpt_prune(
     solved for the sweep's mask in least squares (``masked_least_squares``). ``sweep``: the lazy block, dampening
     and mask block (``SweepSettings``; default: SparseGPT's). See ``besa.stages.update.obs_sweep``.
     """
-    choice = NMGroups(pattern) if pattern is not None else BlockShare(sparsity)
+    choice = uniform_choice(pattern, sparsity)
     quantizer = SweepQuantizer(quant) if quant is not None else None
     new_w, prune = obs_sweep(w, hessian, choice, sweep or SweepSettings(), quantizer)
     return new_w, prune, (quantizer.scale, quantizer.zero) if quantizer is not None else None

@@ -3,8 +3,7 @@
 ``none`` keeps them as they are (magnitude, Wanda, the BESA paper). ``obs`` is SparseGPT's sweep (Frantar &
 Alistarh, 2023): columns left to right in blocks with lazy updates, each pruned (and, with a quantizer, rounded)
 column's error spread over the columns not yet processed through the inverse Hessian. The sweep is told *which*
-weights to drop by a ``MaskChoice`` and *how* to round the kept ones by an optional ``SweepQuantizer``.
-"""
+weights to drop by a ``MaskChoice`` and *how* to round the kept ones by an optional ``SweepQuantizer``."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from besa.settings.values import NMPattern
 from besa.stages.masks import nm_prune_mask, prune_mask_by_rank
 
 __all__ = [
-    "MaskChoice", "BlockShare", "RowShares", "NMGroups", "GivenMask", "SweepQuantizer",
+    "MaskChoice", "BlockShare", "RowShares", "NMGroups", "GivenMask", "uniform_choice", "SweepQuantizer",
     "SweepSettings", "inverse_hessian_factor", "dense_target_weight", "obs_sweep", "masked_least_squares"
 ]  # fmt: skip
 
@@ -52,9 +51,7 @@ def dense_target_weight(
     diag = torch.arange(h.shape[0], device=h.device)
     damp = max(float(percdamp * h.diagonal().mean()), 1e-12)
     h[diag, diag] += damp
-    c[diag, diag] += (
-        damp  # the ridge pulls toward W, not toward 0: channels with little input keep their weights
-    )
+    c[diag, diag] += damp  # a ridge toward W, not 0: channels with little input keep their weights
     rhs = w.double() @ c  # (out, in)
     return torch.linalg.solve(h, rhs.t()).t().to(w.dtype)  # H is symmetric: (H^-1 rhs^T)^T = rhs H^-1
 
@@ -115,6 +112,11 @@ class NMGroups(MaskChoice):
 
     def group_mask(self, saliency: torch.Tensor) -> torch.Tensor:
         return nm_prune_mask(saliency, self.pattern)
+
+
+def uniform_choice(pattern: NMPattern | None, sparsity: float) -> MaskChoice:
+    """Nothing allocated: ``n`` of every ``m`` with a pattern, else the layer's ``sparsity`` share (SparseGPT's)."""
+    return NMGroups(pattern) if pattern is not None else BlockShare(sparsity)
 
 
 @dataclass

@@ -4,6 +4,7 @@ learns which N of every M weights go instead (an extension: one distribution per
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from besa.model.blocks import weight_matrix
 from besa.settings.config import MethodConfig
 from besa.stages.admm import AdmmSettings, admm_saliency
 from besa.stages.selection import HessianStats, LayerStats, get_scorer
-from besa.stages.update import BlockShare, NMGroups
+from besa.stages.update import uniform_choice
 
 __all__ = ["BESA_BACKWARD_BYTES_PER_WEIGHT", "BESA_BYTES_PER_WEIGHT", "BesaPruner"]
 
@@ -64,16 +65,21 @@ class BesaPruner(FinalMasks):
     default_refit_epochs = REFIT_EPOCHS
 
     def resolved_defaults(self) -> dict[str, Any]:
-        return {**super().resolved_defaults(), "option.weight_update": self.weight_update}
+        return {
+            **super().resolved_defaults(),
+            "option.weight_update": self.weight_update,
+            "option.epochs": self.cfg.epochs,
+        }
 
     def refit_target_default(self) -> str:
-        return refit_target_at(self.sparsity)
+        return refit_target_at(self.sparsity, self.pattern is not None)
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
         assert isinstance(method_config, BesaConfig)
-        self.cfg = method_config
-        self.metric = method_config.resolved_metric(self.pattern is not None)
+        nm = self.pattern is not None
+        self.cfg = dataclasses.replace(method_config, epochs=method_config.resolved_epochs(nm))
+        self.metric = method_config.resolved_metric(nm)
         # ``admm`` ranks by ADMM's own saliency, computed from the same Hessians as SparseGPT's
         self.scorer = get_scorer("sparsegpt" if self.metric == "admm" else self.metric)
         if self.weight_update == "admm" and config.quantization.joint is not None:
@@ -82,18 +88,26 @@ class BesaPruner(FinalMasks):
         self._groups: list[list[str]] = []  # the block's layers in the order their masks are applied
 
     @property
+    def learns(self) -> bool:
+        """Whether the block's allocation (or N:M patterns) is learned (``--epochs`` above 0)."""
+        return bool(self.cfg.epochs)
+
+    @property
     def needs_dense_stream(self) -> bool:
-        return self.cfg.target == "dense-stream" or super().needs_dense_stream
+        return (self.learns and self.cfg.target == "dense-stream") or super().needs_dense_stream
 
     def method_cost(self, block: BlockShape) -> MethodCost:
         """The OBS update's Hessians (``--weight-update obs``) and BESA's per-weight state; the training's forwards
         and backwards over ``epochs`` and the dense target's pass."""
         work = obs_hessians(block, self.obs_sequential, self.cfg.lsq_iters > 0) if self.uses_hessian else {}
-        if self.weight_update == "admm" or self.metric == "admm":
+        if self.weight_update == "admm" or (self.learns and self.metric == "admm"):
             work.update(admm_bytes(block))
+        if not self.learns:
+            return MethodCost(work)
         work["BESA's per-weight state"] = (
             BESA_BYTES_PER_WEIGHT * block.weights + BESA_BACKWARD_BYTES_PER_WEIGHT * block.largest
         )
+        assert self.cfg.epochs is not None
         return MethodCost(work, 3.0 * self.cfg.epochs + 1.0)
 
     # -- statistics and ranking -------------------------------------------------------------------------------
@@ -139,7 +153,7 @@ class BesaPruner(FinalMasks):
         if self.metric != "admm":
             return self.scorer.scores(w, stats)
         assert isinstance(stats, HessianStats)
-        choice = NMGroups(self.pattern) if self.pattern is not None else BlockShare(self.block_rate)
+        choice = uniform_choice(self.pattern, self.block_rate)
         return admm_saliency(w, stats.hessian, choice, AdmmSettings(lsq_iters=0))
 
     def _learn(
@@ -162,6 +176,10 @@ class BesaPruner(FinalMasks):
 
     def prune_block(self, work: BlockWork) -> BlockResult:
         self._block_rate = self.allocation.block_rate(work.name)
+        if not self.learns:
+            result = BlockResult()
+            result.facts = {"steps": 0, "learned": False, "layers": self._prune_uniform(work, result)}
+            return result
         requires = [p.requires_grad for p in work.module.parameters()]
         work.module.requires_grad_(False)
         try:
