@@ -56,14 +56,29 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     "besa-paper": ("besa", ["--recipe", "besa-paper"], "BESA, the paper's form (frozen weights)"),
     "besa+obs": (
         "besa",
-        ["--refit-epochs", "0"],
-        "learned allocation + OBS update and solve, no refit",
+        ["--epochs", "1", "--weight-update", "obs", "--refit-epochs", "0"],
+        "learned allocation (N:M: learned patterns) + OBS update and solve, no refit",
     ),
     "besa:wanda-start": (
         "besa",
-        ["--metric", "wanda"],
-        "BESA's defaults with the N:M patterns started from Wanda's metric (the N:M default until the OBS start"
-        " measured better on PTB valid)",
+        ["--epochs", "1", "--metric", "wanda", "--weight-update", "obs", "--refit-target", "dense-stream"],
+        "BESA learning the N:M patterns from Wanda's metric, OBS update, refit toward the dense model's output (the"
+        " N:M default until the OBS start measured better on PTB valid)",
+    ),
+    "besa:learned-nm": (
+        "besa",
+        [
+            "--epochs",
+            "1",
+            "--metric",
+            "sparsegpt",
+            "--weight-update",
+            "obs",
+            "--refit-target",
+            "dense-stream",
+        ],
+        "BESA learning the N:M patterns from the OBS saliency, OBS update, refit toward the dense model's output (the"
+        " N:M default until ADMM's own patterns with the pruned-input refit measured better on PTB valid)",
     ),
     "besa+refit": (
         "besa",
@@ -99,9 +114,10 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
 NO_NM = {"besa-paper", "sparsegpt+owl", "sparsegpt-paper"}
 ONLY_AT = {
     "besa:wanda-start": {"2:4"},  # unstructured, Wanda's metric is the default: the same run as ``besa``
+    "besa:learned-nm": {"2:4", "4:8"},  # N:M only: unstructured, the learning is the default
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``
-    "besa+admm": {"0.5", "0.6", "2:4", "4:8"},  # from 70% ADMM is the default: the same run as ``besa``
+    "besa+admm": {"0.5", "0.6"},  # from 70% and for N:M ADMM is the default: the same run as ``besa``
 }
 GOALS = {"0.5": 49.1, "0.6": 86.0, "0.7": 177.0, "2:4": 83.5}
 """Issue 11's goals on WikiText-2 test (excess over dense at most 0.6 x SparseGPT's at 50%, 0.5 x at 70%)."""

@@ -167,7 +167,9 @@ GRID: dict[str, tuple[str, dict]] = {
     "sparsegpt-rotate": ("sparsegpt", {"rotate": "pca"}),
     "besa-rotate": ("besa", {"rotate": "pca"}),
     "admm-rotate": ("admm", {"rotate": "pca"}),
-    # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references)
+    # with --pattern N:M: BESA learns each group's pattern (the wanda / sparsegpt rows are the references); since issue
+    # 37 an N:M run learns only with --epochs 1 (its default keeps ADMM's patterns: besa-default, and the rows before
+    # ran with the N:M defaults of their time: the OBS sweep and the dense-stream refit)
     "besa-nm-adamw-0.05-epochs3": ("besa", {"optimizer": "adamw", "lr": 0.05, "epochs": 3}),
     "besa-nm-adamw-0.05-epochs3-obs-seq": (
         "besa",
@@ -177,17 +179,20 @@ GRID: dict[str, tuple[str, dict]] = {
     # what the learned N:M masks are worth under the defaults' update: the same OBS update, solve and refit on
     # SparseGPT's own mask (sparsegpt-refit2) and on the metric's mask, never moved (lr 0: the prior's argmax)
     "sparsegpt-refit2": ("sparsegpt", {"refit_epochs": 2}),
-    "besa-nm-lr0": ("besa", {"lr": 0.0}),
-    "besa-nm-sharpness3": ("besa", {"nm_sharpness": 3.0}),
+    "besa-nm-lr0": ("besa", {"epochs": 1, "lr": 0.0}),
+    "besa-nm-sharpness3": ("besa", {"epochs": 1, "nm_sharpness": 3.0}),
     # the 2:4 gap on PTB valid: the patterns started from Wanda's metric (the N:M default before it measured
     # worse, with and without the refit) or from SparseGPT's OBS saliency (the default since, `--metric auto`)
-    "besa-nm-metric-wanda": ("besa", {"metric": "wanda"}),
-    "besa-nm-metric-wanda-refit0": ("besa", {"metric": "wanda", "refit_epochs": 0}),
-    "besa-nm-metric-sparsegpt": ("besa", {"metric": "sparsegpt"}),
-    "besa-nm-metric-sparsegpt-refit0": ("besa", {"metric": "sparsegpt", "refit_epochs": 0}),
+    "besa-nm-metric-wanda": ("besa", {"epochs": 1, "metric": "wanda"}),
+    "besa-nm-metric-wanda-refit0": ("besa", {"epochs": 1, "metric": "wanda", "refit_epochs": 0}),
+    "besa-nm-metric-sparsegpt": ("besa", {"epochs": 1, "metric": "sparsegpt"}),
+    "besa-nm-metric-sparsegpt-refit0": ("besa", {"epochs": 1, "metric": "sparsegpt", "refit_epochs": 0}),
     # issue 37: the patterns started from ADMM's own N:M mask (the saliency its final projection chose by)
-    "besa-nm-metric-admm": ("besa", {"metric": "admm"}),
-    "besa-nm-metric-admm-prunedinput": ("besa", {"metric": "admm", "refit_target": "pruned-input"}),
+    "besa-nm-metric-admm": ("besa", {"epochs": 1, "metric": "admm"}),
+    "besa-nm-metric-admm-prunedinput": (
+        "besa",
+        {"epochs": 1, "metric": "admm", "refit_target": "pruned-input"},
+    ),
 }
 SETTINGS = {name for name, _ in PruneConfig.settings()}
 """Options of a configuration that are run settings (``PruneConfig`` fields), not the method's own."""

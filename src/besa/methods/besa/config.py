@@ -92,8 +92,8 @@ class BesaConfig(MethodConfig):
             with the refit at 50%: benchmarks/NOTES.md); ``auto`` is kept for older recipes and means ``obs``.
             ``admm`` keeps the learned counts too but chooses the weights within each row by ADMM with gradual
             pruning, which solves the survivors as it goes (``besa.stages.admm``; not with ``--quant-mode joint``).
-            ``None`` (not given): ``admm`` for unstructured runs from 70% without joint quantization, ``obs``
-            otherwise (``weight_update_at``).
+            ``None`` (not given): ``admm`` for N:M and for unstructured runs from 70%, without joint
+            quantization, ``obs`` otherwise (``weight_update_at``).
         lsq_iters: with the OBS or ADMM update, conjugate-gradient steps that then solve each layer's kept weights for its
             final mask in least squares (``besa.stages.update.masked_least_squares``; 0: the sweep's own weights).
             Not with ``--wbits`` in joint mode (the sweep's weights are on their grids).
@@ -106,9 +106,7 @@ class BesaConfig(MethodConfig):
 
     metric: str = field(
         default="auto",
-        metadata={
-            "help": "BESA: importance ranking: wanda, magnitude, sparsegpt, admm, auto (sparsegpt for N:M)"
-        },
+        metadata={"help": "BESA: importance ranking: wanda, magnitude, sparsegpt, admm, auto (admm for N:M)"},
     )
     granularity: str = field(default="row", metadata={"help": "BESA: learn a rate per row or per layer"})
     candidates: int = field(default=100, metadata={"help": "BESA: number of candidate pruning rates"})
@@ -135,7 +133,7 @@ class BesaConfig(MethodConfig):
         metadata={
             "help": "BESA: obs (SparseGPT's update of the survivors, learned row counts), admm (ADMM with gradual "
             "pruning within the learned counts) or none (the paper: weights frozen); default: admm from 70%% "
-            "sparsity (unstructured, no joint quantization), obs otherwise"
+            "sparsity and for N:M (no joint quantization), obs otherwise"
         },
     )
     lsq_iters: int = field(

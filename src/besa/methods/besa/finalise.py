@@ -1,4 +1,5 @@
-"""The last step of BESA's block (``besa.methods.besa.pruner``): from what was learned to the final masks.
+"""The last step of BESA's block (``besa.methods.besa.pruner``): from what was learned to the final masks (with
+``--epochs 0``, the default for N:M, nothing was: ``BesaPruner._prune_uniform``).
 
 The learned rates are rounded to the block's exact budget and applied to the layers, either on the frozen weights
 (the paper) or through SparseGPT's OBS sweep, which keeps each row's learned count and updates the survivors
@@ -18,14 +19,13 @@ import torch
 
 from besa.engine.record import BlockResult
 from besa.engine.work import BlockWork
-from besa.methods.base import Pruner, apply_prune_mask
+from besa.methods.base import Pruner
 from besa.methods.besa.config import BesaConfig, weight_update_at
 from besa.methods.besa.layer import MaskLogits, PatternLogits, RateLogits, clip_stats
 from besa.methods.besa.rates import hard_keep, round_to_budget
 from besa.model.blocks import set_weight_matrix, weight_matrix
 from besa.stages.admm import AdmmSettings, admm_prune
-from besa.stages.masks import select_prune_mask
-from besa.stages.selection import HessianStats, Scorer
+from besa.stages.selection import HessianStats
 from besa.stages.update import (
     GivenMask,
     MaskChoice,
@@ -33,7 +33,6 @@ from besa.stages.update import (
     SweepQuantizer,
     SweepSettings,
     obs_sweep,
-    uniform_choice,
 )
 
 __all__ = ["FinalMasks"]
@@ -47,7 +46,6 @@ class FinalMasks(Pruner):
     """
 
     cfg: BesaConfig
-    scorer: Scorer
     _block_rate: float | None
     _groups: list[list[str]]
 
@@ -141,35 +139,6 @@ class FinalMasks(Pruner):
                     else None,
                 }
         return info
-
-    def _prune_uniform(self, work: BlockWork, result: BlockResult) -> dict[str, Any]:
-        """``--epochs 0``: nothing learned. Every linear keeps the block's rate (or the run's N:M pattern), the
-        weights chosen by the weight update itself as ``--method sparsegpt`` / ``--method admm`` choose them (OBS /
-        ADMM, group by group with ``--within-block sequential``), or by the metric's ranking on the frozen weights
-        (``--weight-update none``, within each row)."""
-        choice = uniform_choice(self.pattern, self.block_rate)
-        groups = work.input_groups() if self.obs_sequential else [list(work.linears)]
-        for group in groups:
-            stats = {
-                n: HessianStats(weight_matrix(work.linears[n]).shape[1], weight_matrix(work.linears[n]).device)
-                if self.uses_hessian else self.scorer.stats_for(work.linears[n])
-                for n in group
-            }  # fmt: skip
-            work.calibrate(stats, stop_after=group if self.obs_sequential else ())
-            for name in group:
-                layer, full_name, entry = work.linears[name], f"{work.name}.{name}", stats.pop(name)
-                if self.uses_hessian:
-                    assert isinstance(entry, HessianStats)
-                    update = self._admm_update if self.weight_update == "admm" else self._obs_update
-                    update(result, full_name, layer, entry.hessian, choice)
-                else:
-                    scores = self.scorer.scores(weight_matrix(layer), entry)
-                    apply_prune_mask(layer, select_prune_mask(scores, self.block_rate, self.pattern))
-                    self.finish_layer(result, full_name, layer, None, "besa, nothing learned")
-                result.rates[full_name] = (
-                    self.pattern.sparsity if self.pattern is not None else self.block_rate
-                )
-        return {name: {"final_rate": result.rates[f"{work.name}.{name}"]} for name in work.linears}
 
     def _finalise_patterns(
         self, work: BlockWork, block_logits: dict[str, MaskLogits], result: BlockResult, uniform: bool

@@ -1,6 +1,7 @@
 """BESA (Xu et al., ICLR 2024): per block, learn each row's (or layer's) pruning rate by minimising the block's
 output reconstruction error, with the weights frozen; then prune to an exact budget. With ``--pattern N:M`` it
-learns which N of every M weights go instead (an extension: one distribution per group over its patterns)."""
+learns which N of every M weights go instead (an extension: one distribution per group over its patterns) when asked
+(``--epochs 1``; by default N:M runs keep the patterns ADMM chooses). ``--epochs 0`` learns nothing."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from besa.engine.activations import ActivationStore
 from besa.engine.record import BlockResult
 from besa.engine.work import BlockWork
 from besa.errors import BesaError
+from besa.methods.base import apply_prune_mask
 from besa.methods.besa.config import REFIT_EPOCHS, BesaConfig, refit_target_at
 from besa.methods.besa.finalise import FinalMasks
 from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, PatternLogits, RateLogits
@@ -25,6 +27,7 @@ from besa.methods.cost import BlockShape, MethodCost, admm_bytes, obs_hessians
 from besa.model.blocks import weight_matrix
 from besa.settings.config import MethodConfig
 from besa.stages.admm import AdmmSettings, admm_saliency
+from besa.stages.masks import select_prune_mask
 from besa.stages.selection import HessianStats, LayerStats, get_scorer
 from besa.stages.update import uniform_choice
 
@@ -57,10 +60,10 @@ class BesaPruner(FinalMasks):
     """
 
     # the defaults measured best on PTB valid (benchmarks/NOTES.md, besa-tuning): AdamW at 0.05, the weight update group
-    # by group with the least-squares solve (the OBS sweep below 70% sparsity and for N:M, ADMM from 70%:
+    # by group with the least-squares solve (the OBS sweep below 70% sparsity, ADMM from 70% and for N:M:
     # ``weight_update_at``), then 2 epochs of blockwise refit, toward the dense model's output below 70% sparsity and
-    # toward the dense block's function on its pruned input from 70% on (``refit_target_at``); `--recipe besa-paper`
-    # is the paper's form
+    # toward the dense block's function on its pruned input from 70% on and for N:M (``refit_target_at``); N:M
+    # patterns are not learned (``NM_EPOCHS``: ADMM's own); `--recipe besa-paper` is the paper's form
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
 
@@ -155,6 +158,35 @@ class BesaPruner(FinalMasks):
         assert isinstance(stats, HessianStats)
         choice = uniform_choice(self.pattern, self.block_rate)
         return admm_saliency(w, stats.hessian, choice, AdmmSettings(lsq_iters=0))
+
+    def _prune_uniform(self, work: BlockWork, result: BlockResult) -> dict[str, Any]:
+        """``--epochs 0``: nothing learned. Every linear keeps the block's rate (or the run's N:M pattern), the
+        weights chosen by the weight update itself as ``--method sparsegpt`` / ``--method admm`` choose them (OBS /
+        ADMM, group by group with ``--within-block sequential``), or by the metric's ranking on the frozen weights
+        (``--weight-update none``, within each row)."""
+        choice = uniform_choice(self.pattern, self.block_rate)
+        groups = work.input_groups() if self.obs_sequential else [list(work.linears)]
+        for group in groups:
+            stats = {
+                n: HessianStats(weight_matrix(work.linears[n]).shape[1], weight_matrix(work.linears[n]).device)
+                if self.uses_hessian else self.scorer.stats_for(work.linears[n])
+                for n in group
+            }  # fmt: skip
+            work.calibrate(stats, stop_after=group if self.obs_sequential else ())
+            for name in group:
+                layer, full_name, entry = work.linears[name], f"{work.name}.{name}", stats.pop(name)
+                if self.uses_hessian:
+                    assert isinstance(entry, HessianStats)
+                    update = self._admm_update if self.weight_update == "admm" else self._obs_update
+                    update(result, full_name, layer, entry.hessian, choice)
+                else:
+                    scores = self._scores(layer, entry)
+                    apply_prune_mask(layer, select_prune_mask(scores, self.block_rate, self.pattern))
+                    self.finish_layer(result, full_name, layer, None, "besa, nothing learned")
+                result.rates[full_name] = (
+                    self.pattern.sparsity if self.pattern is not None else self.block_rate
+                )
+        return {name: {"final_rate": result.rates[f"{work.name}.{name}"]} for name in work.linears}
 
     def _learn(
         self, work: BlockWork, block_logits: dict[str, MaskLogits], targets: Sequence[torch.Tensor]
