@@ -85,7 +85,8 @@ def test_plan_sums_the_tensors_a_run_keeps():
     linears = sum(o * i for o, i in shape.blocks[0].values())
     state = BESA_BYTES_PER_WEIGHT * linears + BESA_BACKWARD_BYTES_PER_WEIGHT * 128 * 64  # largest: the MLP's
     assert besa.peaks["host"] == shape.total_params * 4 + 4 * 8 * 16 * 64 * 4 + state
-    assert besa.forwards == 2 * (2.0 + 0.75 + 3.0 * BesaConfig().epochs + 1.0)  # sequential; training; target
+    # sequential; training (1 epoch: unstructured); target
+    assert besa.forwards == 2 * (2.0 + 0.75 + 3.0 * BesaConfig().resolved_epochs(nm=False) + 1.0)
     gpu = _plan(shape, "wanda", torch.bfloat16, runtime=RuntimeSettings(), stream=True, device="cuda:1")
     assert gpu.peaks["host"] == shape.outside_params * 2 + 2 * 8 * 16 * 64 * 2  # auto: bfloat16 on CUDA
     assert set(gpu.peaks) == {"host", "device"}
