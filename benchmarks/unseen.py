@@ -52,6 +52,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {  # SparseGPT first: the rows' time
             "dense-stream",
         ],
     ),
+    "besa:nm-refit": ("besa", ["--refit-epochs", "2"]),
     "besa": ("besa", []),
 }
 """Each row's method and flags (``besa:learned-nm``: the N:M defaults before issue 37's, for N:M settings)."""
@@ -59,6 +60,7 @@ METHODS = list(CONFIGS)
 LABELS = {
     "dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM (`--method admm`)",
     "besa:learned-nm": "BESA learning the N:M patterns (the N:M defaults before issue 37)",
+    "besa:nm-refit": "BESA's N:M defaults with the pruned-input refit (`--refit-epochs 2`)",
     "besa": "**BESA, the defaults**",
 }  # fmt: skip
 
@@ -156,6 +158,7 @@ def table_rows(results: dict, marks: dict[str, str] | None = None) -> list[str]:
                 same_run = reference is not None and reference["invocation"] == r["invocation"]
                 time_ratio = f"{r['prune_s'] / reference['prune_s']:.2f}" if same_run else "-"
                 label = LABELS[method] + (marks or {}).get(r.get("machine", ""), "")
+                label += f" ({r['note']})" if r.get("note") else ""
                 lines.append(
                     f"| {model} | {setting} | {label} | {' | '.join(cells)} | {r['prune_s']:.0f} | {time_ratio} |"
                     f" {r['peak_rss_mib']:.0f} |"

@@ -8,7 +8,7 @@ from besa.errors import BesaError
 from besa.settings.config import MethodConfig
 
 __all__ = [
-    "BesaConfig", "METRICS", "REFIT_EPOCHS", "PRUNED_INPUT_FROM", "ADMM_FROM", "NM_EPOCHS", "refit_target_at",
+    "BesaConfig", "METRICS", "REFIT_EPOCHS", "NM_REFIT_EPOCHS", "PRUNED_INPUT_FROM", "ADMM_FROM", "NM_EPOCHS", "refit_target_at",
     "weight_update_at",
 ]  # fmt: skip
 
@@ -18,6 +18,11 @@ the saliency ADMM with gradual pruning chose its own mask by at the block's targ
 
 REFIT_EPOCHS = 2
 """BESA's refit epochs (8 scored better at 50% but cost over 5 x SparseGPT's time)."""
+NM_REFIT_EPOCHS = 0
+"""BESA's refit epochs with ``--pattern N:M``: none. At 2:4 the pruned-input refit after ADMM's patterns scored best on
+SmolLM2's PTB valid (197.61 against 222.81 without), but on the held-out Gemma-3-270M it lost to SparseGPT on
+WikiText-2 and the Python docs (excess ratios 1.02 and 1.13) where ADMM without it leads on all three texts (0.84,
+0.88, 0.86; BENCHMARKS.md, section ``unseen``): it fits the calibration text. ``--refit-epochs 2`` turns it on."""
 PRUNED_INPUT_FROM = 0.7
 """Target sparsity from which BESA's refit fits each block to the dense block's function on its own (pruned) input
 (``pruned-input``) instead of to the dense model's output (``dense-stream``). Undoing the errors of the blocks before
@@ -51,7 +56,7 @@ NM_EPOCHS = 0
 seed 0, the pruned-input refit after each) ADMM's own patterns and solve score 197.61; BESA's pattern learning started
 from them 214.92, and from the OBS saliency 231.28 (benchmarks/NOTES.md, issue 37): learning scores the patterns on
 the frozen weights and moves away from a mask ADMM chose with the update in view. So by default an N:M run keeps
-ADMM's patterns (the weight update's own choice) and spends its time on the refit; ``--epochs 1`` learns them."""
+ADMM's patterns (the weight update's own choice); ``--epochs 1`` learns them."""
 
 
 @dataclass

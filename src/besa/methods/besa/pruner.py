@@ -18,7 +18,7 @@ from besa.engine.record import BlockResult
 from besa.engine.work import BlockWork
 from besa.errors import BesaError
 from besa.methods.base import apply_prune_mask
-from besa.methods.besa.config import REFIT_EPOCHS, BesaConfig, refit_target_at
+from besa.methods.besa.config import NM_REFIT_EPOCHS, REFIT_EPOCHS, BesaConfig, refit_target_at
 from besa.methods.besa.finalise import FinalMasks
 from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, PatternLogits, RateLogits
 from besa.methods.besa.rates import candidate_rates, tilted_logits
@@ -63,7 +63,7 @@ class BesaPruner(FinalMasks):
     # by group with the least-squares solve (the OBS sweep below 70% sparsity, ADMM from 70% and for N:M:
     # ``weight_update_at``), then 2 epochs of blockwise refit, toward the dense model's output below 70% sparsity and
     # toward the dense block's function on its pruned input from 70% on and for N:M (``refit_target_at``); N:M
-    # patterns are not learned (``NM_EPOCHS``: ADMM's own); `--recipe besa-paper` is the paper's form
+    # patterns are not learned (``NM_EPOCHS``: ADMM's own) nor refitted (``NM_REFIT_EPOCHS``); `--recipe besa-paper` is the paper's form
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
 
@@ -73,6 +73,9 @@ class BesaPruner(FinalMasks):
             "option.weight_update": self.weight_update,
             "option.epochs": self.cfg.epochs,
         }
+
+    def refit_default(self) -> int:
+        return NM_REFIT_EPOCHS if self.pattern is not None else REFIT_EPOCHS
 
     def refit_target_default(self) -> str:
         return refit_target_at(self.sparsity, self.pattern is not None)
