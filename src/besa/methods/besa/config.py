@@ -8,8 +8,8 @@ from besa.errors import BesaError
 from besa.settings.config import MethodConfig
 
 __all__ = [
-    "BesaConfig", "METRICS", "REFIT_EPOCHS", "NM_REFIT_EPOCHS", "PRUNED_INPUT_FROM", "ADMM_FROM", "NM_EPOCHS", "refit_target_at",
-    "weight_update_at",
+    "BesaConfig", "METRICS", "REFIT_EPOCHS", "NM_REFIT_EPOCHS", "PRUNED_INPUT_FROM", "ADMM_FROM", "NM_EPOCHS",
+    "refit_target_at", "weight_update_at",
 ]  # fmt: skip
 
 METRICS = ("wanda", "magnitude", "sparsegpt", "admm")

@@ -63,7 +63,8 @@ class BesaPruner(FinalMasks):
     # by group with the least-squares solve (the OBS sweep below 70% sparsity, ADMM from 70% and for N:M:
     # ``weight_update_at``), then 2 epochs of blockwise refit, toward the dense model's output below 70% sparsity and
     # toward the dense block's function on its pruned input from 70% on and for N:M (``refit_target_at``); N:M
-    # patterns are not learned (``NM_EPOCHS``: ADMM's own) nor refitted (``NM_REFIT_EPOCHS``); `--recipe besa-paper` is the paper's form
+    # patterns are not learned (``NM_EPOCHS``: ADMM's own) nor refitted (``NM_REFIT_EPOCHS``); `--recipe besa-paper`
+    # is the paper's form
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
 
