@@ -31,31 +31,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import excess_ratio, protocol_parser, replace_section  # noqa: E402
 from baselines import _besa, _machine, prune_and_score  # noqa: E402
+from beyond import CONFIGS as BEYOND  # noqa: E402
 from beyond import _load, _store  # noqa: E402
 
 TEXTS = ["wikitext2", "ptb", "pydocs"]
 TEXT_LABELS = {"wikitext2": "WikiText-2 test", "ptb": "PTB test", "pydocs": "Python docs"}
 CONFIGS: dict[str, tuple[str, list[str]]] = {  # SparseGPT first: the rows' time ratios are against it
-    "sparsegpt": ("sparsegpt", []),
-    "wanda": ("wanda", []),
-    "admm": ("admm", []),
-    "besa:learned-nm": (
-        "besa",
-        [
-            "--epochs",
-            "1",
-            "--metric",
-            "sparsegpt",
-            "--weight-update",
-            "obs",
-            "--refit-target",
-            "dense-stream",
-        ],
-    ),
-    "besa:nm-refit": ("besa", ["--refit-epochs", "2"]),
-    "besa": ("besa", []),
+    name: (BEYOND[name][0], BEYOND[name][1])
+    for name in ("sparsegpt", "wanda", "admm", "besa:learned-nm", "besa:nm-refit", "besa")
 }
-"""Each row's method and flags (``besa:learned-nm``: the N:M defaults before issue 37's, for N:M settings)."""
+"""Each row's method and flags, as the beyond table runs them (``besa:learned-nm``: the N:M defaults before issue
+37's, for N:M settings)."""
 METHODS = list(CONFIGS)
 LABELS = {
     "dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM (`--method admm`)",
