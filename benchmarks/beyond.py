@@ -113,6 +113,12 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
         "BESA's N:M defaults (ADMM's patterns and solve) with the refit toward the dense block on its pruned input"
         " (best on PTB valid; lost to SparseGPT on the held-out Gemma-3-270M, so not the default)",
     ),
+    "besa:nm-refit-token": (
+        "besa",
+        ["--refit-epochs", "2", "--refit-loss", "token"],
+        "BESA's N:M defaults with the pruned-input refit on each token's relative error (`--refit-loss token`: the"
+        " windows' first tokens, which carry SmolLM2's massive activations, weigh as much as any other)",
+    ),
     "besa": ("besa", [], "**BESA, the defaults** (`--method besa`, no other flag)"),
 }
 # unstructured only: the paper learns unstructured rates, OWL varies the rate per block (SparseGPT's paper form at
@@ -122,6 +128,7 @@ ONLY_AT = {
     "besa:wanda-start": {"2:4"},  # unstructured, Wanda's metric is the default: the same run as ``besa``
     "besa:learned-nm": {"2:4", "4:8"},  # N:M only: unstructured, the learning is the default
     "besa:nm-refit": {"2:4", "4:8"},  # N:M only: unstructured, the refit is the default
+    "besa:nm-refit-token": {"2:4", "4:8"},
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``
     "besa+admm": {"0.5", "0.6"},  # from 70% and for N:M ADMM is the default: the same run as ``besa``

@@ -163,6 +163,15 @@ GRID: dict[str, tuple[str, dict]] = {
     ),
     "besa-refit2-densestream": ("besa", {"refit_epochs": 2, "refit_target": "dense-stream"}),
     "admm-refit2-prunedinput": ("admm", {"refit_epochs": 2, "refit_target": "pruned-input"}),
+    # issue 37: the refit's loss weighing every token alike (--refit-loss token) instead of by its squared norm
+    "admm-refit2-prunedinput-token": (
+        "admm",
+        {"refit_epochs": 2, "refit_target": "pruned-input", "refit_loss": "token"},
+    ),
+    "besa-refit2-prunedinput-token": (
+        "besa",
+        {"refit_epochs": 2, "refit_target": "pruned-input", "refit_loss": "token"},
+    ),
     # issue 37: the residual stream turned by its principal axes before pruning (--rotate pca), alone and with BESA
     "sparsegpt-rotate": ("sparsegpt", {"rotate": "pca"}),
     "besa-rotate": ("besa", {"rotate": "pca"}),

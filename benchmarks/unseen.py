@@ -38,7 +38,15 @@ TEXTS = ["wikitext2", "ptb", "pydocs"]
 TEXT_LABELS = {"wikitext2": "WikiText-2 test", "ptb": "PTB test", "pydocs": "Python docs"}
 CONFIGS: dict[str, tuple[str, list[str]]] = {  # SparseGPT first: the rows' time ratios are against it
     name: (BEYOND[name][0], BEYOND[name][1])
-    for name in ("sparsegpt", "wanda", "admm", "besa:learned-nm", "besa:nm-refit", "besa")
+    for name in (
+        "sparsegpt",
+        "wanda",
+        "admm",
+        "besa:learned-nm",
+        "besa:nm-refit",
+        "besa:nm-refit-token",
+        "besa",
+    )
 }
 """Each row's method and flags, as the beyond table runs them (``besa:learned-nm``: the N:M defaults before issue
 37's, for N:M settings)."""
@@ -47,6 +55,7 @@ LABELS = {
     "dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM (`--method admm`)",
     "besa:learned-nm": "BESA learning the N:M patterns (the N:M defaults before issue 37)",
     "besa:nm-refit": "BESA's N:M defaults with the pruned-input refit (`--refit-epochs 2`)",
+    "besa:nm-refit-token": "the same refit on each token's relative error (`--refit-epochs 2 --refit-loss token`)",
     "besa": "**BESA, the defaults**",
 }  # fmt: skip
 

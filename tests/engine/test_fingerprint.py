@@ -31,6 +31,9 @@ def test_a_setting_added_later_changes_the_fingerprint_only_away_from_what_older
     assert "config.refit_anchor" not in base  # as a folder written before --refit-anchor existed has it
     anchored = PruneConfig.from_flat(method="wanda", refit_epochs=1, refit_anchor=2.0)
     assert run_fingerprint(model, anchored, WandaConfig(), ids)["config.refit_anchor"] == 2.0
+    assert "config.refit_loss" not in base  # likewise --refit-loss at mse
+    per_token = PruneConfig.from_flat(method="wanda", refit_epochs=1, refit_loss="token")
+    assert run_fingerprint(model, per_token, WandaConfig(), ids)["config.refit_loss"] == "token"
 
 
 def _besa_fingerprint(sparsity, options=None, **settings):

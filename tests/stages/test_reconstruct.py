@@ -4,7 +4,15 @@ import torch
 import besa
 from besa.engine.pipeline import run_sequential
 from besa.engine.work import BlockWork
-from besa.stages.reconstruct import RefitSpec, anchor_penalty, block_loss, refit_block, split_holdout
+from besa.stages.reconstruct import (
+    LOSSES,
+    RefitSpec,
+    anchor_penalty,
+    block_loss,
+    refit_block,
+    split_holdout,
+    token_loss,
+)
 from conftest import make_model
 
 
@@ -134,6 +142,59 @@ def test_block_loss_is_relative_to_the_target_scale():
     assert float(block_loss(10 * t, 10 * t + 10 * 0.1)) == pytest.approx(
         float(block_loss(t, t + 0.1)), rel=1e-5
     )
+
+
+def test_token_loss_is_the_mean_of_each_tokens_relative_error():
+    t = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    noise = 0.1 * torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    by_hand = torch.stack(
+        [(noise[b, i].square().sum() / t[b, i].square().sum()) for b in range(2) for i in range(3)]
+    ).mean()
+    assert float(token_loss(t, t + noise)) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(token_loss(t, t)) == 0
+    # scaling one token (target and output alike) leaves it unchanged: every token weighs the same
+    scale = torch.ones(2, 3, 1)
+    scale[0, 0] = 100.0
+    assert float(token_loss(t * scale, (t + noise) * scale)) == pytest.approx(float(token_loss(t, t + noise)))
+
+
+def test_a_massive_token_dominates_the_whole_output_loss_and_not_the_token_loss():
+    t = torch.ones(1, 8, 4)
+    t[0, 0] *= 100.0  # a massive activation on the first token
+    err_first = t.clone()
+    err_first[0, 0] *= 1.1  # a 10% error on the massive token only
+    err_rest = t.clone()
+    err_rest[0, 1:] *= 1.1  # the same relative error on the seven others
+    assert float(block_loss(t, err_first)) > 100 * float(block_loss(t, err_rest))
+    assert float(token_loss(t, err_rest)) == pytest.approx(7 * float(token_loss(t, err_first)))
+    assert set(LOSSES) == {"mse", "token"} and LOSSES["mse"] is block_loss
+
+
+def test_a_token_loss_refit_lowers_its_loss_and_keeps_every_pruned_weight_zero():
+    def step(work: BlockWork) -> None:
+        targets = work.forward_all(keep_outputs=True)
+        _prune_half(work)
+        zeros = {n: layer.weight.detach() == 0 for n, layer in work.linears.items()}
+        inputs, wanted = torch.cat(list(work.inputs)), torch.cat(list(targets))
+        with torch.no_grad():
+            before = float(token_loss(wanted[:8], work.forward(inputs[:8])))  # the 8 training windows
+        spec = RefitSpec(epochs=4, lr=1e-3, batch_size=4, holdout=4, loss="token")
+        facts = refit_block(work, work.inputs, targets, spec)
+        assert facts["train_before"] == pytest.approx(before, rel=1e-5)  # the facts are in the token loss
+        assert facts["train_after"] < 0.5 * facts["train_before"]
+        with torch.no_grad():
+            after = float(token_loss(wanted[:8], work.forward(inputs[:8])))
+        assert after == pytest.approx(facts["train_after"], rel=1e-5)
+        for name, layer in work.linears.items():
+            assert torch.equal(layer.weight.detach() == 0, zeros[name]), name
+
+    _on_first_block(step)
+
+
+def test_an_unknown_refit_loss_is_refused():
+    with pytest.raises(besa.BesaError, match="refit-loss"):
+        besa.prune(make_model("llama"), method="wanda", calib_ids=_ids(), refit_epochs=1, refit_loss="l1",
+                   progress=False, checkpoint=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("target", ["dense-stream", "dense", "pruned-input"])

@@ -111,7 +111,8 @@ class Pruner(ABC):
         if epochs == 0:
             return None
         cfg = self.config
-        return RefitSpec(epochs, cfg.refit.lr, cfg.refit.batch, cfg.refit.holdout, anchor=cfg.refit.anchor)
+        refit = cfg.refit
+        return RefitSpec(epochs, refit.lr, refit.batch, refit.holdout, anchor=refit.anchor, loss=refit.loss)
 
     def run_block(self, work: BlockWork) -> BlockResult:
         """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one.

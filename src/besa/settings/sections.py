@@ -208,6 +208,10 @@ class RefitSettings(Section):
 
     ``anchor`` > 0 adds a penalty on how far the weights move from where the refit starts.
 
+    ``loss``: ``mse`` (the squared error over the whole output, relative to the target's mean square) or ``token``
+    (each token's squared error relative to that token's own squared norm, averaged over tokens: the few tokens
+    that carry a model's massive activations weigh no more than any other; ``besa.stages.reconstruct.LOSSES``).
+
     ``target``: ``dense-stream`` (the block fed the pruned model's stream must give the dense model's output),
     ``dense`` (fed the dense stream, give the dense output) or ``pruned-input`` (fed the pruned stream, give what
     the dense block gives on it).
@@ -244,7 +248,16 @@ class RefitSettings(Section):
         },
     )
 
+    loss: str = field(
+        default="mse",
+        metadata={
+            "help": "refit: mse (squared error over the whole block output, relative to its mean square) or token "
+            "(each token's squared error relative to its own squared norm, averaged over tokens)"
+        },
+    )
+
     def __post_init__(self) -> None:
+        check_choice("refit-loss", self.loss)
         if self.anchor < 0:
             raise BesaError(f"--refit-anchor must be 0 or more, got {self.anchor}")
         if self.epochs is not None and self.epochs < 0:

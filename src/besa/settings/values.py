@@ -18,6 +18,7 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
     "quant-mode": ("joint", "rtn"),
     "expert-stats": ("routed", "pooled"),
     "refit-target": ("dense-stream", "dense", "pruned-input"),
+    "refit-loss": ("mse", "token"),
     "rotate": ("none", "pca"),
 }
 
