@@ -6,8 +6,8 @@ The learned rates are rounded to the block's exact budget and applied to the lay
 (``--weight-update obs``), or through ADMM with gradual pruning, which keeps each row's learned count, chooses the
 weights within the row as its iterations go and solves the survivors (``--weight-update admm``,
 ``besa.stages.admm``); N:M patterns are applied the same three ways (ADMM and the sweep only solve the weights of
-the learned patterns). The layers' order, and with a sequential OBS
-update the Hessians of each group, come from the block as pruned so far.
+the learned patterns); ``WEIGHT_UPDATES`` names the methods of each way. The layers' order, and with a sequential
+OBS update the Hessians of each group, come from the block as pruned so far.
 """
 
 from __future__ import annotations
@@ -35,7 +35,17 @@ from besa.stages.update import (
     obs_sweep,
 )
 
-__all__ = ["FinalMasks"]
+__all__ = ["WEIGHT_UPDATES", "FinalMasks"]
+
+WEIGHT_UPDATES: dict[str, tuple[str, str]] = {
+    "none": ("_apply_frozen", "_frozen_update"),
+    "obs": ("_apply_obs", "_obs_update"),
+    "admm": ("_rows_admm", "_admm_update"),
+}
+"""``--weight-update`` -> the ``FinalMasks`` methods that apply it: to the learned row counts (``result, name,
+logits, counts, learned_clip``), and to a given mask (``result, name, layer, hessian, choice``: the learned N:M
+patterns, or with ``--epochs 0`` the block rate's uniform choice). Names, not functions, so a subclass's override
+is the one called."""
 
 
 class FinalMasks(Pruner):
@@ -120,15 +130,9 @@ class FinalMasks(Pruner):
                 layer_counts = counts[start : start + logits.rows]
                 learned = rates[start : start + logits.rows]
                 full_name = f"{work.name}.{name}"
-                if logits.hessian is not None and self.weight_update == "admm":
-                    choice = RowShares(layer_counts, logits.cols)
-                    self._admm_update(result, full_name, logits.layer, logits.hessian, choice)
-                    logits.hessian = None
-                elif logits.hessian is not None:
-                    self._apply_obs(result, full_name, logits, layer_counts, learned_clip=not uniform)
-                else:
-                    keep = hard_keep(logits.col_rank, layer_counts)
-                    self._apply_frozen(result, full_name, logits, keep, not uniform)
+                rows = getattr(self, WEIGHT_UPDATES[self.weight_update][0])
+                rows(result, full_name, logits, layer_counts, not uniform)
+                logits.hessian = None
                 final = layer_counts.float() / logits.cols
                 result.rates[full_name] = float(layer_counts.sum()) / logits.numel
                 info["layers"][name] = {
@@ -151,19 +155,19 @@ class FinalMasks(Pruner):
             if uniform:
                 logits.reset()
             full_name = f"{work.name}.{name}"
-            keep = logits.keep()
-            if logits.hessian is not None and self.weight_update == "admm":
-                self._admm_update(result, full_name, logits.layer, logits.hessian, GivenMask(~keep))
-                logits.hessian = None
-            elif logits.hessian is not None:
-                self._obs_update(result, full_name, logits.layer, logits.hessian, GivenMask(~keep))
-                logits.hessian = None
-            else:
-                weight_matrix(logits.layer).masked_fill_(~keep.to(logits.layer.weight.device), 0)
-                self.finish_layer(result, full_name, logits.layer, None, "besa n:m")
+            given = getattr(self, WEIGHT_UPDATES[self.weight_update][1])
+            given(result, full_name, logits.layer, logits.hessian, GivenMask(~logits.keep()))
+            logits.hessian = None
             result.rates[full_name] = logits.pattern.sparsity
             info["layers"][name] = {"patterns_moved": round(logits.moved(), 4)}
         return info
+
+    def _frozen_update(
+        self, result: BlockResult, name: str, layer: Any, hessian: torch.Tensor | None, choice: GivenMask
+    ) -> None:
+        """Weight update ``none`` on a given mask (the learned N:M patterns): the mask on the frozen weights."""
+        weight_matrix(layer).masked_fill_(choice.prune.to(layer.weight.device), 0)
+        self.finish_layer(result, name, layer, None, "besa n:m")
 
     def _obs_update(
         self, result: BlockResult, name: str, layer: Any, hessian: torch.Tensor, choice: MaskChoice
@@ -185,6 +189,13 @@ class FinalMasks(Pruner):
         new_w, _ = admm_prune(weight_matrix(layer), hessian, choice, settings)
         set_weight_matrix(layer, new_w)
         self.finish_layer(result, name, layer, None, "besa + admm, rtn")
+
+    def _rows_admm(
+        self, result: BlockResult, name: str, logits: RateLogits, counts: torch.Tensor, learned_clip: bool
+    ) -> None:
+        """Weight update ``admm`` on the learned row counts: ``_admm_update`` on their ``RowShares``."""
+        assert logits.hessian is not None
+        self._admm_update(result, name, logits.layer, logits.hessian, RowShares(counts, logits.cols))
 
     def _apply_obs(
         self, result: BlockResult, name: str, logits: RateLogits, counts: torch.Tensor, learned_clip: bool
@@ -211,9 +222,11 @@ class FinalMasks(Pruner):
             self.finish_layer(result, name, logits.layer, grids, "besa + sparsegpt joint")
 
     def _apply_frozen(
-        self, result: BlockResult, name: str, logits: RateLogits, keep: torch.Tensor, learned_clip: bool
+        self, result: BlockResult, name: str, logits: RateLogits, counts: torch.Tensor, learned_clip: bool
     ) -> None:
-        """Weight update ``none`` (the paper): the hard mask on the frozen weights; jointly learned grids first."""
+        """Weight update ``none`` (the paper): the learned row counts' hard mask (each row's lowest-ranked weights)
+        on the frozen weights; jointly learned grids first."""
+        keep = hard_keep(logits.col_rank, counts)
         if logits.clip is not None and learned_clip:
             grids = logits.grids()
             set_weight_matrix(

@@ -19,7 +19,7 @@ from besa.engine.work import BlockWork
 from besa.errors import BesaError
 from besa.methods.base import apply_prune_mask
 from besa.methods.besa.config import NM_REFIT_EPOCHS, REFIT_EPOCHS, BesaConfig, refit_target_at
-from besa.methods.besa.finalise import FinalMasks
+from besa.methods.besa.finalise import WEIGHT_UPDATES, FinalMasks
 from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, PatternLogits, RateLogits
 from besa.methods.besa.rates import candidate_rates, tilted_logits
 from besa.methods.besa.training import train_block
@@ -181,7 +181,7 @@ class BesaPruner(FinalMasks):
                 layer, full_name, entry = work.linears[name], f"{work.name}.{name}", stats.pop(name)
                 if self.uses_hessian:
                     assert isinstance(entry, HessianStats)
-                    update = self._admm_update if self.weight_update == "admm" else self._obs_update
+                    update = getattr(self, WEIGHT_UPDATES[self.weight_update][1])
                     update(result, full_name, layer, entry.hessian, choice)
                 else:
                     scores = self._scores(layer, entry)
