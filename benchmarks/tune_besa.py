@@ -168,6 +168,7 @@ GRID: dict[str, tuple[str, dict]] = {
         "admm",
         {"refit_epochs": 2, "refit_target": "pruned-input", "refit_loss": "token"},
     ),
+    "besa-refit2-token": ("besa", {"refit_epochs": 2, "refit_loss": "token"}),
     "besa-refit2-prunedinput-token": (
         "besa",
         {"refit_epochs": 2, "refit_target": "pruned-input", "refit_loss": "token"},
