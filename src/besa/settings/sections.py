@@ -206,11 +206,8 @@ class RefitSettings(Section):
     ``Pruner.refit_default``; a ``target`` of ``None`` likewise, ``Pruner.refit_target_default``); the last
     ``holdout`` windows, never trained on, decide when to stop.
 
-    ``anchor`` > 0 adds a penalty on how far the weights move from where the refit starts.
-
-    ``loss``: ``mse`` (the squared error over the whole output, relative to the target's mean square) or ``token``
-    (each token's squared error relative to that token's own squared norm, averaged over tokens: the few tokens
-    that carry a model's massive activations weigh no more than any other; ``besa.stages.reconstruct.LOSSES``).
+    ``anchor`` > 0 adds a penalty on how far the weights move from where the refit starts. ``loss``: a name in
+    ``besa.stages.reconstruct.LOSSES``, ``mse`` (the whole output's error) or ``token``.
 
     ``target``: ``dense-stream`` (the block fed the pruned model's stream must give the dense model's output),
     ``dense`` (fed the dense stream, give the dense output) or ``pruned-input`` (fed the pruned stream, give what
@@ -251,8 +248,8 @@ class RefitSettings(Section):
     loss: str = field(
         default="mse",
         metadata={
-            "help": "refit: mse (squared error over the whole block output, relative to its mean square) or token "
-            "(each token's squared error relative to its own squared norm, averaged over tokens)"
+            "help": "refit: mse (squared error over the whole block output, "
+            "relative to its mean square) or token (each token's, relative to its own squared norm)"
         },
     )
 
