@@ -112,7 +112,7 @@ def split_holdout(n: int, holdout: int) -> tuple[slice, slice]:
 
 
 def _loss_over(
-    work: BlockWork, inputs: torch.Tensor, targets: torch.Tensor, batch: int, loss: Callable = block_loss
+    work: BlockWork, inputs: torch.Tensor, targets: torch.Tensor, batch: int, loss: Callable
 ) -> float:
     """Mean ``loss`` of the block over ``inputs`` (N, T, H) against ``targets``, no gradients."""
     total = 0.0

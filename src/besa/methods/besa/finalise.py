@@ -121,6 +121,7 @@ class FinalMasks(Pruner):
             counts, shift = round_to_budget(rates, widths, budget, self.cfg.max_rate)
             info: dict[str, Any] = {"shift": shift, "layers": {}}
             starts, position = {}, 0
+            rows = getattr(self, WEIGHT_UPDATES[self.weight_update][0])
             for name, logits in block_logits.items():
                 starts[name], position = position, position + logits.rows
             for name in self._in_obs_order(work, block_logits):
@@ -130,7 +131,6 @@ class FinalMasks(Pruner):
                 layer_counts = counts[start : start + logits.rows]
                 learned = rates[start : start + logits.rows]
                 full_name = f"{work.name}.{name}"
-                rows = getattr(self, WEIGHT_UPDATES[self.weight_update][0])
                 rows(result, full_name, logits, layer_counts, not uniform)
                 logits.hessian = None
                 final = layer_counts.float() / logits.cols
@@ -149,13 +149,13 @@ class FinalMasks(Pruner):
     ) -> dict[str, Any]:
         """N:M: every group's most likely pattern (``uniform``: the initial one, the metric's own N:M mask)."""
         info: dict[str, Any] = {"layers": {}}
+        given = getattr(self, WEIGHT_UPDATES[self.weight_update][1])
         for name in self._in_obs_order(work, block_logits):
             logits = block_logits[name]
             assert isinstance(logits, PatternLogits)
             if uniform:
                 logits.reset()
             full_name = f"{work.name}.{name}"
-            given = getattr(self, WEIGHT_UPDATES[self.weight_update][1])
             given(result, full_name, logits.layer, logits.hessian, GivenMask(~logits.keep()))
             logits.hessian = None
             result.rates[full_name] = logits.pattern.sparsity

@@ -170,6 +170,7 @@ class BesaPruner(FinalMasks):
         (``--weight-update none``, within each row)."""
         choice = uniform_choice(self.pattern, self.block_rate)
         groups = work.input_groups() if self.obs_sequential else [list(work.linears)]
+        update = getattr(self, WEIGHT_UPDATES[self.weight_update][1])  # used only with a Hessian
         for group in groups:
             stats = {
                 n: HessianStats(weight_matrix(work.linears[n]).shape[1], weight_matrix(work.linears[n]).device)
@@ -181,7 +182,6 @@ class BesaPruner(FinalMasks):
                 layer, full_name, entry = work.linears[name], f"{work.name}.{name}", stats.pop(name)
                 if self.uses_hessian:
                     assert isinstance(entry, HessianStats)
-                    update = getattr(self, WEIGHT_UPDATES[self.weight_update][1])
                     update(result, full_name, layer, entry.hessian, choice)
                 else:
                     scores = self._scores(layer, entry)
