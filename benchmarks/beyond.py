@@ -53,6 +53,11 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
         ["--refit-epochs", "2"],
         "blockwise weight reconstruction alone: SparseGPT + refit",
     ),
+    "sparsegpt+rotate": (
+        "sparsegpt",
+        ["--rotate", "pca"],
+        "rotation alone: the residual stream turned by its principal axes before pruning (`--rotate pca`) + SparseGPT",
+    ),
     "besa-paper": ("besa", ["--recipe", "besa-paper"], "BESA, the paper's form (frozen weights)"),
     "besa+obs": (
         "besa",
