@@ -125,6 +125,12 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
         "BESA's N:M defaults with the pruned-input refit on each token's relative error (`--refit-loss token`: the"
         " windows' first tokens, which carry SmolLM2's massive activations, weigh as much as any other)",
     ),
+    "besa:nm-refit-rel": (
+        "besa",
+        ["--refit-epochs", "2", "--refit-rel-lr", "1.2e-3"],
+        "BESA's N:M defaults with the pruned-input refit at a rate relative to each linear's weights"
+        " (`--refit-rel-lr 1.2e-3`: SmolLM2's 3e-4 over its median surviving RMS at 2:4)",
+    ),
     "besa": ("besa", [], "**BESA, the defaults** (`--method besa`, no other flag)"),
 }
 # unstructured only: the paper learns unstructured rates, OWL varies the rate per block (SparseGPT's paper form at
@@ -138,6 +144,7 @@ ONLY_AT = {
         "2:4",
         "4:8",
     },  # N:M only: unstructured, --refit-loss token is a tuning row so far
+    "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only so far
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``
     "besa+admm": {"0.5", "0.6"},  # from 70% and for N:M ADMM is the default: the same run as ``besa``

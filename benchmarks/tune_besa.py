@@ -168,6 +168,11 @@ GRID: dict[str, tuple[str, dict]] = {
         "admm",
         {"refit_epochs": 2, "refit_target": "pruned-input", "refit_loss": "token"},
     ),
+    # issue 37: the refit's Adam rate relative to each linear's surviving weights (Gemma-3-270M's are 5x smaller)
+    "admm-refit2-prunedinput-rel": (
+        "admm",
+        {"refit_epochs": 2, "refit_target": "pruned-input", "refit_rel_lr": 1.2e-3},
+    ),
     "besa-refit2-token": ("besa", {"refit_epochs": 2, "refit_loss": "token"}),
     "besa-refit2-prunedinput-token": (
         "besa",

@@ -45,6 +45,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {  # SparseGPT first: the rows' time
         "besa:learned-nm",
         "besa:nm-refit",
         "besa:nm-refit-token",
+        "besa:nm-refit-rel",
         "besa",
     )
 }
@@ -56,6 +57,7 @@ LABELS = {
     "besa:learned-nm": "BESA learning the N:M patterns (the N:M defaults before issue 37)",
     "besa:nm-refit": "BESA's N:M defaults with the pruned-input refit (`--refit-epochs 2`)",
     "besa:nm-refit-token": "the same refit on each token's relative error (`--refit-epochs 2 --refit-loss token`)",
+    "besa:nm-refit-rel": "the same refit at a rate relative to each linear's weights (`--refit-rel-lr 1.2e-3`)",
     "besa": "**BESA, the defaults**",
 }  # fmt: skip
 

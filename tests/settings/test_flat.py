@@ -15,7 +15,7 @@ FLAT_NAMES = {
     "method", "sparsity", "pattern", "calib", "nsamples", "seqlen", "seed", "bos", "device", "dtype", "forward_batch",
     "wbits", "group_size", "quant_mode", "allocation", "owl_m", "owl_lambda", "prune_routers", "expert_min_tokens",
     "expert_stats", "leave_unknown_dense", "within_block", "refit_epochs", "refit_lr", "refit_target", "refit_batch",
-    "refit_holdout", "refit_anchor", "refit_loss", "rotate", "kl_epochs", "kl_lr", "kl_topk", "kl_batch", "kl_holdout",
+    "refit_holdout", "refit_anchor", "refit_rel_lr", "refit_loss", "rotate", "kl_epochs", "kl_lr", "kl_topk", "kl_batch", "kl_holdout",
 }  # fmt: skip
 
 

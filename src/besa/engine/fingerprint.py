@@ -16,7 +16,7 @@ from besa.settings.flat import to_flat
 
 __all__ = ["ADDED_LATER", "ids_digest", "run_fingerprint"]
 
-ADDED_LATER = {"refit_anchor": 0.0, "rotate": "none", "refit_loss": "mse"}
+ADDED_LATER = {"refit_anchor": 0.0, "rotate": "none", "refit_loss": "mse", "refit_rel_lr": 0.0}
 """Settings newer than some run folders, with the value those folders ran with: left out of the fingerprint at that
 value, so a folder from before the setting existed still resumes."""
 

@@ -112,7 +112,15 @@ class Pruner(ABC):
             return None
         cfg = self.config
         refit = cfg.refit
-        return RefitSpec(epochs, refit.lr, refit.batch, refit.holdout, anchor=refit.anchor, loss=refit.loss)
+        return RefitSpec(
+            epochs,
+            refit.lr,
+            refit.batch,
+            refit.holdout,
+            anchor=refit.anchor,
+            loss=refit.loss,
+            rel_lr=refit.rel_lr,
+        )
 
     def run_block(self, work: BlockWork) -> BlockResult:
         """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one.

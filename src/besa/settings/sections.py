@@ -12,14 +12,9 @@ from besa.settings.flat import Section
 from besa.settings.values import QuantSpec, check_choice
 
 __all__ = [
-    "AllocationSettings",
-    "CalibrationSettings",
-    "ExpertSettings",
-    "KLSettings",
-    "QuantSettings",
-    "RefitSettings",
+    "AllocationSettings", "CalibrationSettings", "ExpertSettings", "KLSettings", "QuantSettings", "RefitSettings",
     "RuntimeSettings",
-]
+]  # fmt: skip
 
 
 @dataclass
@@ -208,6 +203,7 @@ class RefitSettings(Section):
 
     ``anchor`` > 0 adds a penalty on how far the weights move from where the refit starts. ``loss``: a name in
     ``besa.stages.reconstruct.LOSSES``, ``mse`` (the whole output's error) or ``token``.
+    ``rel_lr`` > 0: each linear's rate is this fraction of its surviving weights' RMS (any model's scale).
 
     ``target``: ``dense-stream`` (the block fed the pruned model's stream must give the dense model's output),
     ``dense`` (fed the dense stream, give the dense output) or ``pruned-input`` (fed the pruned stream, give what
@@ -244,7 +240,10 @@ class RefitSettings(Section):
             "(squared change over squared norm; 0: off)"
         },
     )
-
+    rel_lr: float = field(
+        default=0.0,
+        metadata={"help": "refit: Adam rate per linear, a fraction of its surviving weights' RMS (0: off)"},
+    )
     loss: str = field(
         default="mse",
         metadata={
@@ -255,8 +254,8 @@ class RefitSettings(Section):
 
     def __post_init__(self) -> None:
         check_choice("refit-loss", self.loss)
-        if self.anchor < 0:
-            raise BesaError(f"--refit-anchor must be 0 or more, got {self.anchor}")
+        if self.anchor < 0 or self.rel_lr < 0:
+            raise BesaError("--refit-anchor and --refit-rel-lr must be 0 or more")
         if self.epochs is not None and self.epochs < 0:
             raise BesaError(f"--refit-epochs must be 0 or more, got {self.epochs}")
         if self.target is not None:
