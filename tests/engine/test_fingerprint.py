@@ -34,6 +34,9 @@ def test_a_setting_added_later_changes_the_fingerprint_only_away_from_what_older
     assert "config.refit_loss" not in base  # likewise --refit-loss at mse
     per_token = PruneConfig.from_flat(method="wanda", refit_epochs=1, refit_loss="token")
     assert run_fingerprint(model, per_token, WandaConfig(), ids)["config.refit_loss"] == "token"
+    assert "config.refit_rel_lr" not in base  # likewise --refit-rel-lr at 0 (off)
+    relative = PruneConfig.from_flat(method="wanda", refit_epochs=1, refit_rel_lr=1e-3)
+    assert run_fingerprint(model, relative, WandaConfig(), ids)["config.refit_rel_lr"] == 1e-3
 
 
 def _besa_fingerprint(sparsity, options=None, **settings):

@@ -7,11 +7,14 @@ from besa.engine.work import BlockWork
 from besa.stages.reconstruct import (
     LOSSES,
     RefitSpec,
+    TrainSchedule,
     anchor_penalty,
     block_loss,
     refit_block,
     split_holdout,
+    surviving_rms,
     token_loss,
+    train_masked,
 )
 from conftest import make_model
 
@@ -189,6 +192,41 @@ def test_a_token_loss_refit_lowers_its_loss_and_keeps_every_pruned_weight_zero()
             assert torch.equal(layer.weight.detach() == 0, zeros[name]), name
 
     _on_first_block(step)
+
+
+def test_surviving_rms_counts_only_the_nonzero_weights():
+    assert surviving_rms(torch.tensor([[0.0, 3.0], [4.0, 0.0]])) == pytest.approx((12.5) ** 0.5)
+    assert surviving_rms(torch.zeros(2, 3)) == 0.0
+
+
+def test_a_relative_rate_moves_each_tensor_by_its_own_scale_and_keeps_its_zeros():
+    # Adam's first step is its rate times sign(gradient) in every coordinate: with --refit-rel-lr each tensor's
+    # rate is that fraction of its surviving RMS, so a tensor 100x larger moves 100x as far
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(4, 8, generator=gen)
+    small[:, ::2] = 0
+    params = [small.clone(), small.clone() * 100]
+    start = [p.clone() for p in params]
+    pull = torch.randn(4, 8, generator=gen)
+
+    def loss(_idx):
+        return sum((p * pull).sum() for p in params)
+
+    schedule = TrainSchedule(epochs=1, lr=0.5, batch_size=1, rel_lr=1e-2)
+    assert schedule.rates(params) == pytest.approx([1e-2 * surviving_rms(small), 1.0 * surviving_rms(small)])
+    train_masked(params, loss, 1, None, schedule)
+    for p, s, rate in zip(params, start, schedule.rates(start), strict=True):
+        moved = (p.detach() - s)[s != 0]
+        assert torch.allclose(moved.abs(), torch.full_like(moved, rate), rtol=1e-5)
+        assert torch.all(p.detach()[s == 0] == 0)
+    absolute = TrainSchedule(epochs=1, lr=0.5, batch_size=1)
+    assert absolute.rates(params) == [0.5, 0.5]
+
+
+def test_a_negative_relative_rate_is_refused():
+    with pytest.raises(besa.BesaError, match="refit-rel-lr"):
+        besa.prune(make_model("llama"), method="wanda", calib_ids=_ids(), refit_epochs=1, refit_rel_lr=-1.0,
+                   progress=False, checkpoint=False)  # fmt: skip
 
 
 def test_an_unknown_refit_loss_is_refused():
