@@ -110,17 +110,8 @@ class Pruner(ABC):
         epochs = given if given is not None else (0 if self.quant is not None else self.refit_default())
         if epochs == 0:
             return None
-        cfg = self.config
-        refit = cfg.refit
-        return RefitSpec(
-            epochs,
-            refit.lr,
-            refit.batch,
-            refit.holdout,
-            anchor=refit.anchor,
-            loss=refit.loss,
-            rel_lr=refit.rel_lr,
-        )
+        r = self.config.refit
+        return RefitSpec(epochs, r.lr, r.batch, r.holdout, anchor=r.anchor, loss=r.loss, rel_lr=r.rel_lr)
 
     def run_block(self, work: BlockWork) -> BlockResult:
         """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one.
