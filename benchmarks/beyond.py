@@ -140,10 +140,8 @@ ONLY_AT = {
     "besa:wanda-start": {"2:4"},  # unstructured, Wanda's metric is the default: the same run as ``besa``
     "besa:learned-nm": {"2:4", "4:8"},  # N:M only: unstructured, the learning is the default
     "besa:nm-refit": {"2:4", "4:8"},  # N:M only: unstructured, the refit is the default
-    "besa:nm-refit-token": {
-        "2:4",
-        "4:8",
-    },  # N:M only: unstructured, --refit-loss token is a tuning row so far
+    # N:M only: unstructured, --refit-loss token is a tuning row so far
+    "besa:nm-refit-token": {"2:4", "4:8"},
     "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only so far
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``

@@ -168,10 +168,12 @@ def train_masked(
     for p in params:
         p.requires_grad_(True)
     epochs, batch_size, patience = schedule.epochs, schedule.batch_size, schedule.patience
-    groups = [{"params": [p], "lr": r} for p, r in zip(params, schedule.rates(params), strict=True)]
-    opt = torch.optim.Adam(
-        groups if schedule.rel_lr > 0 else params, lr=schedule.lr
-    )  # one group: bits as before
+    if schedule.rel_lr > 0:  # a rate per tensor
+        opt = torch.optim.Adam(
+            [{"params": [p], "lr": r} for p, r in zip(params, schedule.rates(params), strict=True)]
+        )
+    else:  # one group, as before the relative rate existed: the same bits
+        opt = torch.optim.Adam(params, lr=schedule.lr)
     held_out = [evaluate()] if evaluate else []
     best = [p.detach().clone() for p in params] if evaluate else []
     best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
