@@ -6,7 +6,7 @@ from besa.errors import BesaError
 from besa.settings.commands import PlanConfig
 from besa.settings.config import PruneConfig
 from besa.settings.flat import allows_none, flat_fields, from_flat, to_flat, type_name
-from besa.settings.sections import KLSettings, RefitSettings
+from besa.settings.training import KLSettings, RefitSettings
 from besa.settings.values import CHOICES, check_choice
 
 # The flat names of every pruning setting: the flags, the recipe's ``prune`` keys, the report's ``config`` and the

@@ -36,14 +36,14 @@ def run_fingerprint(
     fields.pop("device")  # where it runs does not change what it computes... up to kernel differences
     for name in to_flat(config.kl):
         fields.pop(name)
-    for name, before in ADDED_LATER.items():
-        if fields.get(name) == before:
-            fields.pop(name)
     payload: dict[str, Any] = {f"config.{k}": v for k, v in fields.items()}
     payload.update({f"option.{k}": v for k, v in method_config.to_dict().items()})
     for key, value in (resolved or {}).items():
         if key in payload and payload[key] is None:
             payload[key] = value
+    for name, before in ADDED_LATER.items():  # given or resolved to the value older folders ran with
+        if payload.get(f"config.{name}") == before:
+            payload.pop(f"config.{name}")
     payload["model.class"] = type(model).__name__
     if streamer is not None:  # the blocks are not loaded: the fingerprint of the files instead
         payload["model.weights"] = streamer.index.digest()

@@ -3,7 +3,6 @@ each linear on its own from its inputs' statistics build on ``besa.methods.layer
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from typing import Any
@@ -17,13 +16,14 @@ from besa.errors import BesaError
 from besa.formats.quant import QuantSpec, fake_quantize, quant_params
 from besa.methods.cost import BlockShape, MethodCost
 from besa.methods.reach import pooled_calibration, routed_tokens, unreached_linears
+from besa.methods.refit import RefitChoice
 from besa.model.blocks import set_weight_matrix, weight_matrix
 from besa.model.experts import ExpertLinear
 from besa.settings.config import MethodConfig, PruneConfig
 from besa.settings.values import NMPattern
 from besa.stages.allocation import Allocation, make_allocation
 from besa.stages.masks import select_prune_mask
-from besa.stages.reconstruct import RefitSpec, refit_block
+from besa.stages.reconstruct import refit_block
 from besa.stages.selection import LayerStats, magnitude_scores
 
 __all__ = ["Pruner", "LayerStats", "QuantGrids", "BlockResult", "apply_prune_mask"]
@@ -36,7 +36,7 @@ def destroyed(before: torch.Tensor, after: torch.Tensor) -> bool:
     return bool(before.count_nonzero()) and not bool(after.count_nonzero())
 
 
-class Pruner(ABC):
+class Pruner(RefitChoice, ABC):
     """Base class of every pruning method; subclasses are registered with ``besa.registry.register_method``.
 
     A method prunes each block to the rate its ``allocation`` (``--allocation``) gives that block.
@@ -45,8 +45,6 @@ class Pruner(ABC):
     """
 
     uses_data: bool = True
-    default_refit_epochs: int = 0
-    """Epochs of blockwise weight reconstruction when ``--refit-epochs`` is not given (0: none)."""
     default_within_block: str = "parallel"
     """How a layerwise method gathers statistics inside a block when ``--within-block`` is not given."""
 
@@ -84,34 +82,6 @@ class Pruner(ABC):
             raise BesaError(
                 "--refit-epochs with --wbits is not supported: the refit would move the weights off their grids"
             )
-
-    def refit_default(self) -> int:
-        """Refit epochs when ``--refit-epochs`` is not given (a method may make them depend on the run)."""
-        return self.default_refit_epochs
-
-    def refit_target_default(self) -> str:
-        """The refit's target when ``--refit-target`` is not given (a method may make it depend on the run)."""
-        return "dense-stream"
-
-    def resolved_defaults(self) -> dict[str, Any]:
-        """Settings the method decides for this run when they are not given, as the run fingerprint names them
-        (``besa.engine.fingerprint.run_fingerprint``): the refit's target."""
-        return {"config.refit_target": self.refit_target}
-
-    @property
-    def refit_target(self) -> str:
-        """What the refit fits each block to: ``--refit-target``, else the method's default."""
-        return self.config.refit.target or self.refit_target_default()
-
-    @property
-    def refit(self) -> RefitSpec | None:
-        """The blockwise weight reconstruction that follows every block's pruning, or ``None``."""
-        given = self.config.refit.epochs
-        epochs = given if given is not None else (0 if self.quant is not None else self.refit_default())
-        if epochs == 0:
-            return None
-        r = self.config.refit
-        return RefitSpec(epochs, r.lr, r.batch, r.holdout, anchor=r.anchor, loss=r.loss, rel_lr=r.rel_lr)
 
     def run_block(self, work: BlockWork) -> BlockResult:
         """The engine's step for one block: ``prune_block``, then the refit of the survivors if the run has one.
@@ -260,22 +230,6 @@ class Pruner(ABC):
     def report_allocation(self) -> dict[str, Any]:
         """The ``allocation`` section of the report: the allocation's name, options and block rates."""
         return self.allocation.report()
-
-    def report_refit(self, blocks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-        """The ``refit`` section of the report (settings, every block's losses), or ``None`` without a refit."""
-        spec = self.refit
-        if spec is None:
-            return None
-        losses = (
-            "block output MSE / mean square of the target; held_out[0] is before any training, then one per "
-            "epoch; the weights of the best held-out epoch are kept"
-        )
-        return {
-            **dataclasses.asdict(spec),
-            "target": self.refit_target,
-            "losses": losses,
-            "blocks": blocks,
-        }
 
     def report_quantization(self, quant_info: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         """The ``quantization`` section of the report, or ``None`` without quantization."""

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from besa.errors import BesaError
 from besa.settings.config import PruneConfig
 from besa.settings.flat import section
-from besa.settings.sections import CalibrationSettings, KLSettings, RefitSettings, RuntimeSettings
+from besa.settings.sections import CalibrationSettings, RuntimeSettings
+from besa.settings.training import KLSettings, RefitSettings
 from besa.settings.values import check_choice
 
 __all__ = ["EvalConfig", "GenerateConfig", "PlanConfig", "SpeedConfig"]

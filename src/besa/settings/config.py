@@ -17,11 +17,10 @@ from besa.settings.sections import (
     AllocationSettings,
     CalibrationSettings,
     ExpertSettings,
-    KLSettings,
     QuantSettings,
-    RefitSettings,
     RuntimeSettings,
 )
+from besa.settings.training import KLSettings, RefitSettings
 from besa.settings.values import NMPattern, check_choice, parse_pattern
 
 __all__ = ["MethodConfig", "PruneConfig"]

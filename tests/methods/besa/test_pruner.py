@@ -4,7 +4,7 @@ import torch
 import besa
 from besa.engine.pipeline import run_sequential
 from besa.errors import BesaError
-from besa.methods.besa.config import BesaConfig
+from besa.methods.besa.config import NM_REFIT_EPOCHS, NM_REFIT_REL_LR, BesaConfig
 from besa.methods.besa.layer import reconstruction_loss
 from besa.methods.besa.pruner import BesaPruner
 from besa.methods.besa.training import masked, train_block
@@ -181,29 +181,39 @@ def test_besa_refuses_bad_options(tokenizer):
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
-def test_nm_defaults_are_admms_own_patterns_and_solve(pattern, tokenizer):
-    """Not given ``--epochs``, an N:M run learns nothing and refits nothing: its weights are exactly those of
-    ``--method admm`` (with ``--refit-epochs 2``: both followed by the refit toward the dense block on its pruned
-    input), every group of m keeps m - n weights, and the report says no step was taken."""
+def test_nm_defaults_are_admms_own_patterns_and_solve_then_the_relative_rate_refit(pattern, tokenizer):
+    """Not given ``--epochs``, an N:M run learns nothing: its weights are exactly those of ``--method admm``
+    followed by the refit toward the dense block on its pruned input at ``--refit-rel-lr 1.2e-3``
+    (``NM_REFIT_REL_LR``), and without the refit exactly ``--method admm``'s; every group of m keeps m - n
+    weights, and the report says no learning step was taken."""
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    ours = besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", pattern=pattern, calib_ids=ids,
-                      progress=False)  # fmt: skip
-    theirs = besa.prune(make_model("llama"), tokenizer=tokenizer, method="admm", pattern=pattern, calib_ids=ids,
-                        progress=False)  # fmt: skip
-    assert ours.report["refit"] is None
+
+    def run(method, **settings):
+        return besa.prune(make_model("llama"), tokenizer=tokenizer, method=method, pattern=pattern, calib_ids=ids,
+                          progress=False, **settings)  # fmt: skip
+
+    def same(x, y):
+        a, b = _linears(x.model), _linears(y.model)
+        return bool(a) and all(torch.equal(weight_matrix(a[name]), weight_matrix(b[name])) for name in a)
+
+    ours = run("besa")
+    assert (ours.report["refit"]["target"], ours.report["refit"]["rel_lr"]) == (
+        "pruned-input",
+        NM_REFIT_REL_LR,
+    )
+    assert NM_REFIT_EPOCHS == ours.report["refit"]["epochs"] == 2
     blocks = ours.report["method"]["blocks"].values()
     assert blocks and all(b["steps"] == 0 and b["learned"] is False for b in blocks)
-    a, b = _linears(ours.model), _linears(theirs.model)
-    assert a and all(torch.equal(weight_matrix(a[name]), weight_matrix(b[name])) for name in a)
-    refit = besa.prune(make_model("llama"), tokenizer=tokenizer, method="besa", pattern=pattern, calib_ids=ids,
-                       progress=False, refit_epochs=2)  # fmt: skip
-    theirs_refit = besa.prune(make_model("llama"), tokenizer=tokenizer, method="admm", pattern=pattern,
-                              calib_ids=ids, progress=False, refit_epochs=2, refit_target="pruned-input")  # fmt: skip
-    assert refit.report["refit"]["target"] == "pruned-input"
-    a, b = _linears(refit.model), _linears(theirs_refit.model)
-    assert all(torch.equal(weight_matrix(a[name]), weight_matrix(b[name])) for name in a)
+    assert same(ours, run("admm", refit_epochs=2, refit_target="pruned-input", refit_rel_lr=NM_REFIT_REL_LR))
+    assert not same(
+        ours, run("besa", refit_rel_lr=0.0)
+    )  # the relative rate is what ran, not the absolute one
+    unrefitted = run("besa", refit_epochs=0)
+    assert unrefitted.report["refit"] is None and same(unrefitted, run("admm"))
     n, m = map(int, pattern.split(":"))
-    assert all(((weight_matrix(w) == 0).reshape(-1, m).sum(-1) == n).all() for w in a.values())
+    assert all(
+        ((weight_matrix(w) == 0).reshape(-1, m).sum(-1) == n).all() for w in _linears(ours.model).values()
+    )
 
 
 @pytest.mark.parametrize(("update", "method"), [("obs", "sparsegpt"), ("admm", "admm"), ("none", "wanda")])
@@ -295,12 +305,8 @@ def test_metric_admm_starts_the_patterns_at_admms_own_nm_mask(tokenizer):
             "pruned-input",
         ),  # from 70%: the dense block's function (measured on PTB valid)
         ({"sparsity": 0.8}, 2, "pruned-input"),
-        ({"pattern": "2:4"}, None, None),  # N:M: no refit (it fits the calibration text on a held-out model)
-        (
-            {"pattern": "2:4", "refit_epochs": 2},
-            2,
-            "pruned-input",
-        ),  # toward the pruned input (PTB valid, 2:4)
+        ({"pattern": "2:4"}, 2, "pruned-input"),  # N:M: toward the pruned input (PTB valid, 2:4)
+        ({"pattern": "2:4", "refit_epochs": 0}, None, None),
         ({"sparsity": 0.7, "refit_target": "dense-stream"}, 2, "dense-stream"),  # a given --refit-target wins
         ({"sparsity": 0.7, "refit_epochs": 1}, 1, "pruned-input"),  # and a given --refit-epochs
         ({"sparsity": 0.5, "refit_epochs": 0}, None, None),

@@ -8,7 +8,8 @@ from besa.errors import BesaError
 from besa.settings.config import MethodConfig
 
 __all__ = [
-    "BesaConfig", "METRICS", "REFIT_EPOCHS", "NM_REFIT_EPOCHS", "PRUNED_INPUT_FROM", "ADMM_FROM", "NM_EPOCHS",
+    "BesaConfig", "METRICS", "REFIT_EPOCHS", "NM_REFIT_EPOCHS", "NM_REFIT_REL_LR", "PRUNED_INPUT_FROM", "ADMM_FROM",
+    "NM_EPOCHS",
     "refit_target_at", "weight_update_at",
 ]  # fmt: skip
 
@@ -18,11 +19,17 @@ the saliency ADMM with gradual pruning chose its own mask by at the block's targ
 
 REFIT_EPOCHS = 2
 """BESA's refit epochs (8 scored better at 50% but cost over 5 x SparseGPT's time)."""
-NM_REFIT_EPOCHS = 0
-"""BESA's refit epochs with ``--pattern N:M``: none. At 2:4 the pruned-input refit after ADMM's patterns scored best on
-SmolLM2's PTB valid (197.61 against 222.81 without), but on the held-out Gemma-3-270M it lost to SparseGPT on
-WikiText-2 and the Python docs (excess ratios 1.02 and 1.13) where ADMM without it leads on all three texts (0.84,
-0.88, 0.86; BENCHMARKS.md, section ``unseen``): it fits the calibration text. ``--refit-epochs 2`` turns it on."""
+NM_REFIT_EPOCHS = 2
+"""BESA's refit epochs with ``--pattern N:M``: the pruned-input refit after ADMM's patterns and solve, at the rate
+``NM_REFIT_REL_LR``. At 2:4 on SmolLM2's PTB valid (tuning protocol) it scored 206.11 against 222.81 for ADMM alone,
+and on the held-out Gemma-3-270M it leads ADMM alone on every text (WikiText-2 / PTB / Python docs excess ratios 0.75
+/ 0.76 / 0.81 against 0.84 / 0.88 / 0.86; BENCHMARKS.md, section ``unseen``). The absolute rate scored better on
+SmolLM2 (197.61) but lost to SparseGPT on Gemma (1.02 / 0.96 / 1.13). ``--refit-epochs 0`` turns it off."""
+NM_REFIT_REL_LR = 1.2e-3
+"""BESA's refit rate with ``--pattern N:M``, relative to each linear's surviving weights' RMS (``--refit-rel-lr``):
+SmolLM2's 3e-4 over its median surviving RMS at 2:4 (0.25). Gemma-3-270M's kept weights are five times smaller (RMS
+0.052), so the absolute 3e-4 overshot there: the held-out loss rose after the first epoch in 16 of 18 blocks
+(benchmarks/NOTES.md, issue 37). Unstructured runs keep the absolute ``--refit-lr`` until measured."""
 PRUNED_INPUT_FROM = 0.7
 """Target sparsity from which BESA's refit fits each block to the dense block's function on its own (pruned) input
 (``pruned-input``) instead of to the dense model's output (``dense-stream``). Undoing the errors of the blocks before
@@ -32,8 +39,7 @@ and the pruned-input refit won on all three (benchmarks/NOTES.md, issue 37)."""
 
 def refit_target_at(sparsity: float, nm: bool) -> str:
     """BESA's refit target when ``--refit-target`` is not given, for a run at ``sparsity``: ``pruned-input`` from
-    ``PRUNED_INPUT_FROM`` and for every N:M pattern (2:4 on PTB valid: 197.61 against 222.81 without a refit, on
-    ADMM's patterns; benchmarks/NOTES.md, issue 37), ``dense-stream`` otherwise."""
+    ``PRUNED_INPUT_FROM`` and for every N:M pattern (``NM_REFIT_EPOCHS``), ``dense-stream`` otherwise."""
     return "pruned-input" if nm or sparsity >= PRUNED_INPUT_FROM - 1e-9 else "dense-stream"
 
 

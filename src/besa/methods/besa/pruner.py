@@ -18,7 +18,13 @@ from besa.engine.record import BlockResult
 from besa.engine.work import BlockWork
 from besa.errors import BesaError
 from besa.methods.base import apply_prune_mask
-from besa.methods.besa.config import NM_REFIT_EPOCHS, REFIT_EPOCHS, BesaConfig, refit_target_at
+from besa.methods.besa.config import (
+    NM_REFIT_EPOCHS,
+    NM_REFIT_REL_LR,
+    REFIT_EPOCHS,
+    BesaConfig,
+    refit_target_at,
+)
 from besa.methods.besa.finalise import WEIGHT_UPDATES, FinalMasks
 from besa.methods.besa.layer import MaskLogits, NonFiniteLoss, PatternLogits, RateLogits
 from besa.methods.besa.rates import candidate_rates, tilted_logits
@@ -63,7 +69,8 @@ class BesaPruner(FinalMasks):
     # by group with the least-squares solve (the OBS sweep below 70% sparsity, ADMM from 70% and for N:M:
     # ``weight_update_at``), then 2 epochs of blockwise refit, toward the dense model's output below 70% sparsity and
     # toward the dense block's function on its pruned input from 70% on and for N:M (``refit_target_at``); N:M
-    # patterns are not learned (``NM_EPOCHS``: ADMM's own) nor refitted (``NM_REFIT_EPOCHS``); `--recipe besa-paper`
+    # patterns are not learned (``NM_EPOCHS``: ADMM's own) and the refit's rate is relative to each linear's weights
+    # (``NM_REFIT_REL_LR``); `--recipe besa-paper`
     # is the paper's form
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
@@ -80,6 +87,9 @@ class BesaPruner(FinalMasks):
 
     def refit_target_default(self) -> str:
         return refit_target_at(self.sparsity, self.pattern is not None)
+
+    def refit_rel_lr_default(self) -> float:
+        return NM_REFIT_REL_LR if self.pattern is not None else 0.0
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)

@@ -1,0 +1,78 @@
+"""What refit a run gets: the blockwise weight reconstruction's settings with the method's defaults filled in
+(``Pruner`` inherits ``RefitChoice``; a method overrides the ``*_default`` hooks), and its report section."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from besa.formats.quant import QuantSpec
+from besa.settings.config import PruneConfig
+from besa.stages.reconstruct import RefitSpec
+
+__all__ = ["RefitChoice"]
+
+
+class RefitChoice:
+    """The refit settings of a run: ``--refit-*`` where given, else the method's defaults for this run."""
+
+    config: PruneConfig
+    quant: QuantSpec | None  # the run's weight quantization (``Pruner.quant``): no refit by default then
+    default_refit_epochs: int = 0
+    """Epochs of blockwise weight reconstruction when ``--refit-epochs`` is not given (0: none)."""
+
+    def refit_default(self) -> int:
+        """Refit epochs when ``--refit-epochs`` is not given (a method may make them depend on the run)."""
+        return self.default_refit_epochs
+
+    def refit_target_default(self) -> str:
+        """The refit's target when ``--refit-target`` is not given (a method may make it depend on the run)."""
+        return "dense-stream"
+
+    def refit_rel_lr_default(self) -> float:
+        """The refit's rate relative to each linear's weights when ``--refit-rel-lr`` is not given (0: off)."""
+        return 0.0
+
+    def resolved_defaults(self) -> dict[str, Any]:
+        """Settings the method decides for this run when they are not given, as the run fingerprint names them
+        (``besa.engine.fingerprint.run_fingerprint``): the refit's target and relative rate."""
+        return {"config.refit_target": self.refit_target, "config.refit_rel_lr": self.refit_rel_lr}
+
+    @property
+    def refit_target(self) -> str:
+        """What the refit fits each block to: ``--refit-target``, else the method's default."""
+        return self.config.refit.target or self.refit_target_default()
+
+    @property
+    def refit_rel_lr(self) -> float:
+        """``--refit-rel-lr``, else the method's default."""
+        given = self.config.refit.rel_lr
+        return given if given is not None else self.refit_rel_lr_default()
+
+    @property
+    def refit(self) -> RefitSpec | None:
+        """The blockwise weight reconstruction that follows every block's pruning, or ``None``."""
+        given = self.config.refit.epochs
+        epochs = given if given is not None else (0 if self.quant is not None else self.refit_default())
+        if epochs == 0:
+            return None
+        r = self.config.refit
+        return RefitSpec(
+            epochs, r.lr, r.batch, r.holdout, anchor=r.anchor, loss=r.loss, rel_lr=self.refit_rel_lr
+        )
+
+    def report_refit(self, blocks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """The ``refit`` section of the report (settings, every block's losses), or ``None`` without a refit."""
+        spec = self.refit
+        if spec is None:
+            return None
+        losses = (
+            "block output MSE / mean square of the target; held_out[0] is before any training, then one per "
+            "epoch; the weights of the best held-out epoch are kept"
+        )
+        return {
+            **dataclasses.asdict(spec),
+            "target": self.refit_target,
+            "losses": losses,
+            "blocks": blocks,
+        }
