@@ -173,6 +173,8 @@ GRID: dict[str, tuple[str, dict]] = {
         "admm",
         {"refit_epochs": 2, "refit_target": "pruned-input", "refit_rel_lr": 1.2e-3},
     ),
+    # the defaults, with the N:M default's relative rate (unstructured runs keep the absolute one)
+    "besa-refit-rel": ("besa", {"refit_rel_lr": 1.2e-3}),
     "besa-refit2-token": ("besa", {"refit_epochs": 2, "refit_loss": "token"}),
     "besa-refit2-prunedinput-token": (
         "besa",
