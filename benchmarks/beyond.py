@@ -131,6 +131,12 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
         "BESA's N:M defaults with the pruned-input refit at a rate relative to each linear's weights"
         " (`--refit-rel-lr 1.2e-3`: SmolLM2's 3e-4 over its median surviving RMS at 2:4)",
     ),
+    "besa:refit-rel": (
+        "besa",
+        ["--refit-rel-lr", "1.2e-3"],
+        "BESA's defaults with the refit at the N:M default's rate relative to each linear's weights (unstructured"
+        " runs keep the absolute `--refit-lr`)",
+    ),
     "besa": ("besa", [], "**BESA, the defaults** (`--method besa`, no other flag)"),
 }
 # unstructured only: the paper learns unstructured rates, OWL varies the rate per block (SparseGPT's paper form at
@@ -142,7 +148,8 @@ ONLY_AT = {
     "besa:nm-refit": {"2:4", "4:8"},  # N:M only: unstructured, the refit is the default
     # N:M only: unstructured, --refit-loss token is a tuning row so far
     "besa:nm-refit-token": {"2:4", "4:8"},
-    "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only so far
+    "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only: the N:M default since issue 37
+    "besa:refit-rel": {"0.5", "0.6", "0.7", "0.8"},  # unstructured: at N:M the default
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``
     "besa+admm": {"0.5", "0.6"},  # from 70% and for N:M ADMM is the default: the same run as ``besa``

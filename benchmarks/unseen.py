@@ -46,6 +46,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {  # SparseGPT first: the rows' time
         "besa:nm-refit",
         "besa:nm-refit-token",
         "besa:nm-refit-rel",
+        "besa:refit-rel",
         "besa",
     )
 }
@@ -58,6 +59,7 @@ LABELS = {
     "besa:nm-refit": "BESA's N:M defaults with the pruned-input refit (`--refit-epochs 2`)",
     "besa:nm-refit-token": "the same refit on each token's relative error (`--refit-epochs 2 --refit-loss token`)",
     "besa:nm-refit-rel": "the same refit at a rate relative to each linear's weights (`--refit-rel-lr 1.2e-3`)",
+    "besa:refit-rel": "BESA's defaults with the refit at the N:M default's relative rate (`--refit-rel-lr 1.2e-3`)",
     "besa": "**BESA, the defaults**",
 }  # fmt: skip
 
