@@ -114,22 +114,22 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     ),
     "besa:nm-refit": (
         "besa",
-        ["--refit-epochs", "2"],
-        "BESA's N:M defaults (ADMM's patterns and solve) with the refit toward the dense block on its pruned input"
-        " (2:4 on PTB valid: 197.61, ADMM alone 222.81; lost to SparseGPT on the held-out Gemma-3-270M, so not the"
-        " default)",
+        ["--refit-epochs", "2", "--refit-rel-lr", "0"],
+        "ADMM's patterns and solve with the refit toward the dense block on its pruned input at the absolute"
+        " `--refit-lr` (2:4 on PTB valid: 197.61, ADMM alone 222.81; lost to SparseGPT on the held-out Gemma-3-270M)",
     ),
     "besa:nm-refit-token": (
         "besa",
-        ["--refit-epochs", "2", "--refit-loss", "token"],
-        "BESA's N:M defaults with the pruned-input refit on each token's relative error (`--refit-loss token`: the"
+        ["--refit-epochs", "2", "--refit-rel-lr", "0", "--refit-loss", "token"],
+        "ADMM's patterns and solve with the pruned-input refit on each token's relative error (`--refit-loss token`: the"
         " windows' first tokens, which carry SmolLM2's massive activations, weigh as much as any other)",
     ),
     "besa:nm-refit-rel": (
         "besa",
         ["--refit-epochs", "2", "--refit-rel-lr", "1.2e-3"],
-        "BESA's N:M defaults with the pruned-input refit at a rate relative to each linear's weights"
-        " (`--refit-rel-lr 1.2e-3`: SmolLM2's 3e-4 over its median surviving RMS at 2:4)",
+        "ADMM's patterns and solve with the pruned-input refit at a rate relative to each linear's weights"
+        " (`--refit-rel-lr 1.2e-3`: SmolLM2's 3e-4 over its median surviving RMS at 2:4; the N:M default since issue"
+        " 37)",
     ),
     "besa:refit-rel": (
         "besa",
