@@ -1,0 +1,45 @@
+"""What refit a run gets (``besa.methods.refit.RefitChoice``): the flags where given, else the method's defaults."""
+
+import pytest
+
+from besa.methods.besa.config import NM_REFIT_REL_LR, BesaConfig
+from besa.methods.besa.pruner import BesaPruner
+from besa.methods.configs import WandaConfig
+from besa.methods.wanda import WandaPruner
+from besa.settings.config import PruneConfig
+
+
+def _besa(**settings):
+    return BesaPruner(BesaConfig(), PruneConfig.from_flat(method="besa", **settings))
+
+
+def _wanda(**settings):
+    return WandaPruner(WandaConfig(), PruneConfig.from_flat(method="wanda", **settings))
+
+
+@pytest.mark.parametrize(
+    ("pruner", "epochs", "target", "rel_lr"),
+    [
+        (lambda: _besa(sparsity=0.5), 2, "dense-stream", 0.0),
+        (lambda: _besa(sparsity=0.7), 2, "pruned-input", 0.0),
+        (lambda: _besa(pattern="2:4"), 2, "pruned-input", NM_REFIT_REL_LR),  # N:M: the relative rate
+        (lambda: _besa(pattern="4:8", refit_rel_lr=0.0), 2, "pruned-input", 0.0),  # a given 0 wins
+        (lambda: _besa(sparsity=0.5, refit_rel_lr=2e-3), 2, "dense-stream", 2e-3),
+        (lambda: _wanda(refit_epochs=1), 1, "dense-stream", 0.0),  # the baselines: absolute rate
+        (lambda: _wanda(pattern="2:4", refit_epochs=1), 1, "dense-stream", 0.0),
+    ],
+)
+def test_the_refit_a_run_gets(pruner, epochs, target, rel_lr):
+    """The spec the engine runs, the report's settings and the fingerprint's resolved values agree."""
+    p = pruner()
+    spec = p.refit
+    assert (spec.epochs, spec.rel_lr, p.refit_target) == (epochs, rel_lr, target)
+    assert p.resolved_defaults()["config.refit_rel_lr"] == rel_lr
+    report = p.report_refit({})
+    assert (report["epochs"], report["rel_lr"], report["target"]) == (epochs, rel_lr, target)
+
+
+def test_no_refit_by_default_where_it_would_move_quantized_weights_off_their_grids():
+    assert _besa(pattern="2:4", wbits=4).refit is None and _besa(sparsity=0.5, wbits=4).refit is None
+    assert _wanda().refit is None and _wanda().report_refit({}) is None
+    assert _besa(pattern="2:4", refit_epochs=0).refit is None
