@@ -75,11 +75,12 @@ class TrainSchedule:
     anchor: float = 0.0
     rel_lr: float = 0.0
 
-    def rates(self, params: Sequence[torch.Tensor]) -> list[float]:
-        """Adam's rate for each of ``params``, as they are before training."""
+    def param_groups(self, params: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+        """Adam's parameter groups for ``params`` as they are before training: one group at ``lr``, or with
+        ``rel_lr`` > 0 one group per tensor at its own rate."""
         if self.rel_lr > 0:
-            return [self.rel_lr * surviving_rms(p) for p in params]
-        return [self.lr] * len(params)
+            return [{"params": [p], "lr": self.rel_lr * surviving_rms(p)} for p in params]
+        return [{"params": list(params), "lr": self.lr}]
 
 
 def surviving_rms(weight: torch.Tensor) -> float:
@@ -156,8 +157,8 @@ def train_masked(
     """Adam on ``params`` with their exact zeros fixed, as ``schedule`` says: ``batch_loss(indices)`` of a shuffled
     batch of the ``n_train`` training windows per step; ``evaluate()`` (the held-out loss, or ``None``: no early
     stop) before training and after every epoch. Training stops once it has not improved for more than
-    ``schedule.patience`` epochs and the best epoch's values are put back. Each tensor's rate is
-    ``schedule.rates``. With ``schedule.anchor`` > 0, each step
+    ``schedule.patience`` epochs and the best epoch's values are put back. Adam's groups are
+    ``schedule.param_groups``. With ``schedule.anchor`` > 0, each step
     adds ``anchor`` x ``anchor_penalty`` (the move away from the starting values) to the loss. Returns ``held_out``
     (the losses measured) and ``epochs`` (run).
 
@@ -168,12 +169,7 @@ def train_masked(
     for p in params:
         p.requires_grad_(True)
     epochs, batch_size, patience = schedule.epochs, schedule.batch_size, schedule.patience
-    if schedule.rel_lr > 0:  # a rate per tensor
-        opt = torch.optim.Adam(
-            [{"params": [p], "lr": r} for p, r in zip(params, schedule.rates(params), strict=True)]
-        )
-    else:  # one group, as before the relative rate existed: the same bits
-        opt = torch.optim.Adam(params, lr=schedule.lr)
+    opt = torch.optim.Adam(schedule.param_groups(params))
     held_out = [evaluate()] if evaluate else []
     best = [p.detach().clone() for p in params] if evaluate else []
     best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
