@@ -173,7 +173,16 @@ GRID: dict[str, tuple[str, dict]] = {
         "admm",
         {"refit_epochs": 2, "refit_target": "pruned-input", "refit_rel_lr": 1.2e-3},
     ),
-    # the defaults, with the N:M default's relative rate (unstructured runs keep the absolute one)
+    # issue 37: the N:M default's refit (relative rate) with every token weighed alike, and with 4 epochs
+    "admm-refit2-prunedinput-rel-token": (
+        "admm",
+        {"refit_epochs": 2, "refit_target": "pruned-input", "refit_rel_lr": 1.2e-3, "refit_loss": "token"},
+    ),
+    "admm-refit4-prunedinput-rel": (
+        "admm",
+        {"refit_epochs": 4, "refit_target": "pruned-input", "refit_rel_lr": 1.2e-3},
+    ),
+    # the defaults, with the N:M default's relative rate (before issue 37 made it the default from 70%)
     "besa-refit-rel": ("besa", {"refit_rel_lr": 1.2e-3}),
     "besa-refit2-token": ("besa", {"refit_epochs": 2, "refit_loss": "token"}),
     "besa-refit2-prunedinput-token": (
