@@ -134,8 +134,8 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     "besa:refit-rel": (
         "besa",
         ["--refit-rel-lr", "1.2e-3"],
-        "BESA's defaults with the refit at the N:M default's rate relative to each linear's weights (unstructured"
-        " runs keep the absolute `--refit-lr`)",
+        "BESA's defaults with the refit at a rate relative to each linear's weights (`--refit-rel-lr 1.2e-3`; from 70%"
+        " and for N:M the default since issue 37, below it the absolute `--refit-lr`)",
     ),
     "besa": ("besa", [], "**BESA, the defaults** (`--method besa`, no other flag)"),
 }
@@ -149,7 +149,7 @@ ONLY_AT = {
     # N:M only: unstructured, --refit-loss token is a tuning row so far
     "besa:nm-refit-token": {"2:4", "4:8"},
     "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only: the N:M default since issue 37
-    "besa:refit-rel": {"0.5", "0.6", "0.7", "0.8"},  # unstructured: at N:M the default
+    "besa:refit-rel": {"0.5", "0.6"},  # from 70% and for N:M the default: the same run as ``besa``
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``
     "besa+admm": {"0.5", "0.6"},  # from 70% and for N:M ADMM is the default: the same run as ``besa``

@@ -2,7 +2,7 @@
 
 import pytest
 
-from besa.methods.besa.config import NM_REFIT_REL_LR, BesaConfig
+from besa.methods.besa.config import REFIT_REL_LR, BesaConfig
 from besa.methods.besa.pruner import BesaPruner
 from besa.methods.configs import WandaConfig
 from besa.methods.wanda import WandaPruner
@@ -21,8 +21,11 @@ def _wanda(**settings):
     ("pruner", "epochs", "target", "rel_lr"),
     [
         (lambda: _besa(sparsity=0.5), 2, "dense-stream", 0.0),
-        (lambda: _besa(sparsity=0.7), 2, "pruned-input", 0.0),
-        (lambda: _besa(pattern="2:4"), 2, "pruned-input", NM_REFIT_REL_LR),  # N:M: the relative rate
+        (lambda: _besa(sparsity=0.6), 2, "dense-stream", 0.0),  # below 70%: the absolute rate
+        (lambda: _besa(sparsity=0.7), 2, "pruned-input", REFIT_REL_LR),  # from 70%: the relative rate
+        (lambda: _besa(sparsity=0.8), 2, "pruned-input", REFIT_REL_LR),
+        (lambda: _besa(sparsity=0.7, refit_target="dense-stream"), 2, "dense-stream", REFIT_REL_LR),
+        (lambda: _besa(pattern="2:4"), 2, "pruned-input", REFIT_REL_LR),  # N:M: the relative rate
         (lambda: _besa(pattern="4:8", refit_rel_lr=0.0), 2, "pruned-input", 0.0),  # a given 0 wins
         (lambda: _besa(sparsity=0.5, refit_rel_lr=2e-3), 2, "dense-stream", 2e-3),
         (lambda: _wanda(refit_epochs=1), 1, "dense-stream", 0.0),  # the baselines: absolute rate

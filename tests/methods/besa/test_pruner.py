@@ -4,7 +4,7 @@ import torch
 import besa
 from besa.engine.pipeline import run_sequential
 from besa.errors import BesaError
-from besa.methods.besa.config import NM_REFIT_EPOCHS, NM_REFIT_REL_LR, BesaConfig
+from besa.methods.besa.config import NM_REFIT_EPOCHS, REFIT_REL_LR, BesaConfig
 from besa.methods.besa.layer import reconstruction_loss
 from besa.methods.besa.pruner import BesaPruner
 from besa.methods.besa.training import masked, train_block
@@ -184,7 +184,7 @@ def test_besa_refuses_bad_options(tokenizer):
 def test_nm_defaults_are_admms_own_patterns_and_solve_then_the_relative_rate_refit(pattern, tokenizer):
     """Not given ``--epochs``, an N:M run learns nothing: its weights are exactly those of ``--method admm``
     followed by the refit toward the dense block on its pruned input at ``--refit-rel-lr 1.2e-3``
-    (``NM_REFIT_REL_LR``), and without the refit exactly ``--method admm``'s; every group of m keeps m - n
+    (``REFIT_REL_LR``), and without the refit exactly ``--method admm``'s; every group of m keeps m - n
     weights, and the report says no learning step was taken."""
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
@@ -199,12 +199,12 @@ def test_nm_defaults_are_admms_own_patterns_and_solve_then_the_relative_rate_ref
     ours = run("besa")
     assert (ours.report["refit"]["target"], ours.report["refit"]["rel_lr"]) == (
         "pruned-input",
-        NM_REFIT_REL_LR,
+        REFIT_REL_LR,
     )
     assert NM_REFIT_EPOCHS == ours.report["refit"]["epochs"] == 2
     blocks = ours.report["method"]["blocks"].values()
     assert blocks and all(b["steps"] == 0 and b["learned"] is False for b in blocks)
-    assert same(ours, run("admm", refit_epochs=2, refit_target="pruned-input", refit_rel_lr=NM_REFIT_REL_LR))
+    assert same(ours, run("admm", refit_epochs=2, refit_target="pruned-input", refit_rel_lr=REFIT_REL_LR))
     assert not same(
         ours, run("besa", refit_rel_lr=0.0)
     )  # the relative rate is what ran, not the absolute one
@@ -295,43 +295,59 @@ def test_metric_admm_starts_the_patterns_at_admms_own_nm_mask(tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "epochs", "target"),
+    ("kwargs", "epochs", "target", "rel_lr"),
     [
-        ({"sparsity": 0.5}, 2, "dense-stream"),
-        ({"sparsity": 0.65}, 2, "dense-stream"),
+        ({"sparsity": 0.5}, 2, "dense-stream", 0.0),
+        ({"sparsity": 0.65}, 2, "dense-stream", 0.0),
+        # from 70%: the dense block's function, at the rate relative to each linear's weights (PTB valid, Gemma)
+        ({"sparsity": 0.7}, 2, "pruned-input", REFIT_REL_LR),
+        ({"sparsity": 0.8}, 2, "pruned-input", REFIT_REL_LR),
         (
-            {"sparsity": 0.7},
+            {"pattern": "2:4"},
             2,
             "pruned-input",
-        ),  # from 70%: the dense block's function (measured on PTB valid)
-        ({"sparsity": 0.8}, 2, "pruned-input"),
-        ({"pattern": "2:4"}, 2, "pruned-input"),  # N:M: toward the pruned input (PTB valid, 2:4)
-        ({"pattern": "2:4", "refit_epochs": 0}, None, None),
-        ({"sparsity": 0.7, "refit_target": "dense-stream"}, 2, "dense-stream"),  # a given --refit-target wins
-        ({"sparsity": 0.7, "refit_epochs": 1}, 1, "pruned-input"),  # and a given --refit-epochs
-        ({"sparsity": 0.5, "refit_epochs": 0}, None, None),
+            REFIT_REL_LR,
+        ),  # N:M: toward the pruned input (PTB valid, 2:4)
+        ({"pattern": "2:4", "refit_epochs": 0}, None, None, None),
+        (
+            {"sparsity": 0.7, "refit_target": "dense-stream"},
+            2,
+            "dense-stream",
+            REFIT_REL_LR,
+        ),  # a given target wins
+        ({"sparsity": 0.7, "refit_epochs": 1}, 1, "pruned-input", REFIT_REL_LR),  # and a given --refit-epochs
+        ({"sparsity": 0.7, "refit_rel_lr": 0.0}, 2, "pruned-input", 0.0),  # and a given rate
+        ({"sparsity": 0.5, "refit_epochs": 0}, None, None, None),
     ],
 )
-def test_default_refit_target_turns_to_the_pruned_input_from_70_percent(kwargs, epochs, target, tokenizer):
-    """BESA's blockwise refit runs 2 epochs by default, toward the dense model's output below 70% sparsity and
-    toward the dense block's function on its pruned input from 70% on; the run's report says which, and the
-    default's weights are exactly those of the same flags given."""
+def test_default_refit_turns_to_the_pruned_input_at_the_relative_rate_from_70_percent(
+    kwargs, epochs, target, rel_lr, tokenizer
+):
+    """BESA's blockwise refit runs 2 epochs by default, toward the dense model's output at the absolute
+    ``--refit-lr`` below 70% sparsity, and toward the dense block's function on its pruned input at the rate
+    relative to each linear's weights from 70% on; the run's report says which, and the default's weights are
+    exactly those of the same flags given (and not those of the other rate)."""
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    result = besa.prune(
-        make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
-        method_options={"epochs": 1}, **kwargs,
-    )  # fmt: skip
+
+    def run(**more):
+        return besa.prune(
+            make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
+            method_options={"epochs": 1}, **kwargs, **more,
+        )  # fmt: skip
+
+    def same(x, y):
+        a, b = _linears(x.model), _linears(y.model)
+        return bool(a) and all(torch.equal(weight_matrix(a[n]), weight_matrix(b[n])) for n in a)
+
+    result = run()
     refit = result.report["refit"]
     assert (refit["epochs"] if refit else None) == epochs
     assert (refit["target"] if refit else None) == target
-    if refit and "refit_target" not in kwargs:
+    assert (refit["rel_lr"] if refit else None) == rel_lr
+    if refit and "refit_target" not in kwargs and "refit_rel_lr" not in kwargs:
         assert len(refit["blocks"]) == len(result.report["method"]["blocks"])
-        explicit = besa.prune(
-            make_model("llama"), tokenizer=tokenizer, method="besa", calib_ids=ids, progress=False,
-            method_options={"epochs": 1}, refit_target=target, **kwargs,
-        )  # fmt: skip
-        ours, theirs = _linears(result.model), _linears(explicit.model)
-        assert all(torch.equal(weight_matrix(ours[n]), weight_matrix(theirs[n])) for n in ours)
+        assert same(result, run(refit_target=target, refit_rel_lr=rel_lr))
+        assert not same(result, run(refit_rel_lr=2e-3 if rel_lr == 0 else 0.0))  # the rate is what ran
 
 
 @pytest.mark.parametrize(

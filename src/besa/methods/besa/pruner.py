@@ -20,9 +20,9 @@ from besa.errors import BesaError
 from besa.methods.base import apply_prune_mask
 from besa.methods.besa.config import (
     NM_REFIT_EPOCHS,
-    NM_REFIT_REL_LR,
     REFIT_EPOCHS,
     BesaConfig,
+    refit_rel_lr_at,
     refit_target_at,
 )
 from besa.methods.besa.finalise import WEIGHT_UPDATES, FinalMasks
@@ -69,9 +69,8 @@ class BesaPruner(FinalMasks):
     # by group with the least-squares solve (the OBS sweep below 70% sparsity, ADMM from 70% and for N:M:
     # ``weight_update_at``), then 2 epochs of blockwise refit, toward the dense model's output below 70% sparsity and
     # toward the dense block's function on its pruned input from 70% on and for N:M (``refit_target_at``); N:M
-    # patterns are not learned (``NM_EPOCHS``: ADMM's own) and the refit's rate is relative to each linear's weights
-    # (``NM_REFIT_REL_LR``); `--recipe besa-paper`
-    # is the paper's form
+    # patterns are not learned (``NM_EPOCHS``: ADMM's own) and from 70% and for N:M the refit's rate is relative to
+    # each linear's weights (``refit_rel_lr_at``); `--recipe besa-paper` is the paper's form
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
 
@@ -89,7 +88,7 @@ class BesaPruner(FinalMasks):
         return refit_target_at(self.sparsity, self.pattern is not None)
 
     def refit_rel_lr_default(self) -> float:
-        return NM_REFIT_REL_LR if self.pattern is not None else 0.0
+        return refit_rel_lr_at(self.sparsity, self.pattern is not None)
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
