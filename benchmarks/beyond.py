@@ -137,6 +137,12 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
         "BESA's defaults with the refit at a rate relative to each linear's weights (`--refit-rel-lr 1.2e-3`; from 70%"
         " and for N:M the default since issue 37, below it the absolute `--refit-lr`)",
     ),
+    "besa:refit-abs": (
+        "besa",
+        ["--refit-rel-lr", "0"],
+        "BESA's defaults with the refit at the absolute `--refit-lr 3e-4` (from 70% the default before issue 37 made"
+        " the relative rate the default there)",
+    ),
     "besa": ("besa", [], "**BESA, the defaults** (`--method besa`, no other flag)"),
 }
 # unstructured only: the paper learns unstructured rates, OWL varies the rate per block (SparseGPT's paper form at
@@ -150,6 +156,7 @@ ONLY_AT = {
     "besa:nm-refit-token": {"2:4", "4:8"},
     "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only: the N:M default since issue 37
     "besa:refit-rel": {"0.5", "0.6"},  # from 70% and for N:M the default: the same run as ``besa``
+    "besa:refit-abs": {"0.7", "0.8"},  # below 70% the default: the same run as ``besa``
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
     "besa-norefit": {"0.8"},  # at 50-70% the same run as ``besa+obs``
     "besa+admm": {"0.5", "0.6"},  # from 70% and for N:M ADMM is the default: the same run as ``besa``

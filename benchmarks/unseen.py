@@ -47,6 +47,7 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {  # SparseGPT first: the rows' time
         "besa:nm-refit-token",
         "besa:nm-refit-rel",
         "besa:refit-rel",
+        "besa:refit-abs",
         "besa",
     )
 }
@@ -61,6 +62,8 @@ LABELS = {
     "besa:nm-refit-rel": "the same refit at a rate relative to each linear's weights (`--refit-rel-lr 1.2e-3`)",
     "besa:refit-rel": "BESA's defaults with the refit at the relative rate (`--refit-rel-lr 1.2e-3`; the default from"
     " 70% since issue 37)",
+    "besa:refit-abs": "BESA's defaults with the refit at the absolute `--refit-lr 3e-4` (the default from 70% before issue"
+    " 37)",
     "besa": "**BESA, the defaults**",
 }  # fmt: skip
 
