@@ -102,7 +102,9 @@ def defaults_table(beyond: dict, baselines: dict, marks: dict[str, str]) -> list
         time_ratio = "-"
         if row["source"] == "beyond":
             reference_s = _reference_s(beyond, setting, row["invocation"])
-            time_ratio = _f(reference_s and row["prune_s"] / reference_s)
+            time_ratio = _f(reference_s and row["prune_s"] / reference_s) + (
+                " \u2021" if row.get("note") else ""
+            )
         lines.append(
             f"| {setting} | {LABELS[method]}{marks.get(row.get('machine', ''), '')} | {_f(ppl)} | {excess} |"
             f" {_f(also)} | {excess_also} | {row['prune_s']:.0f} | {time_ratio} | {row['peak_rss_mib']:.0f} |"
@@ -207,6 +209,9 @@ def render(beyond: dict, baselines: dict, unseen: dict) -> str:
         " BESA's defaults yet.",
         "",
         *defaults_table(beyond, baselines, marks),
+        "",
+        "\u2021: the row has a note in *Beyond BESA* below: where it came from (a run of the same settings under"
+        " their flags) and, where other processes shared the cores, that its time overstates or understates the cost.",
         "",
         "Held out: a model of another family, and a text no setting was tuned on (*Unseen model and text* below).",
         "",
