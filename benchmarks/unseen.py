@@ -57,8 +57,8 @@ METHODS = list(CONFIGS)
 LABELS = {
     "dense": "dense", "wanda": "Wanda", "sparsegpt": "SparseGPT", "admm": "ADMM (`--method admm`)",
     "besa:learned-nm": "BESA learning the N:M patterns (the N:M defaults before issue 37)",
-    "besa:nm-refit": "ADMM's patterns and solve with the pruned-input refit at the absolute rate (`--refit-epochs 2`)",
-    "besa:nm-refit-token": "the same refit on each token's relative error (`--refit-epochs 2 --refit-loss token`)",
+    "besa:nm-refit": "ADMM's patterns and solve with the pruned-input refit at the absolute rate (`--refit-epochs 2 --refit-rel-lr 0`)",
+    "besa:nm-refit-token": "the same refit on each token's relative error (`--refit-epochs 2 --refit-rel-lr 0 --refit-loss token`)",
     "besa:nm-refit-rel": "the same refit at a rate relative to each linear's weights (`--refit-rel-lr 1.2e-3`)",
     "besa:refit-rel": "BESA's defaults with the refit at the relative rate (`--refit-rel-lr 1.2e-3`; the default from"
     " 70% since issue 37)",

@@ -61,12 +61,19 @@ def test_summary_figures_are_the_beyond_and_unseen_sections(bench, tmp_path):
             ptb[(cells[0], labels[cells[1]])] = (cells[2], cells[3])
     assert wt2 and ptb
     names = {label: method for method, label in bench["summary"].LABELS.items()}
+    noted = {
+        (r["setting"], r["method"])
+        for r in bench["summary"].default_rows(beyond, baselines)
+        if r["source"] == "beyond" and r.get("note")
+    }
+    assert noted  # the stored results have rows with notes, so the mark below is exercised both ways
     seen = 0
     for line in body.splitlines():
         cells = _cells(line) if line.startswith("| ") else []
         if len(cells) == 9 and cells[1] in names:  # the unmarked rows: beyond.json's
             key = (cells[0], names[cells[1]])
-            # a time ratio marked ‡ is one whose row has a note in the beyond section
+            # a time ratio is marked ‡ exactly where its row has a note in the beyond section
+            assert cells[7].endswith(" \u2021") == (key in noted), key
             assert (cells[2], cells[3], cells[7].removesuffix(" \u2021")) == wt2[key], key
             assert (cells[4], cells[5]) == ptb[key], key
             seen += 1
