@@ -129,6 +129,8 @@ GRID: dict[str, tuple[str, dict]] = {
         "besa",
         {"kl_epochs": 2, "kl_lr": 1e-4},
     ),  # the defaults (refit included) + KL
+    "besa-defaults-kl2-lr3e-5": ("besa", {"kl_epochs": 2, "kl_lr": 3e-5}),
+    "besa-defaults-kl4-lr1e-4": ("besa", {"kl_epochs": 4, "kl_lr": 1e-4}),
     # SparseGPT's least-squares solve of the kept weights after the sweep (issue 14), with either mask block
     # mask16-lsq0 was the default before the solve, mask128-lsq0 is the paper's, mask128-lsq20 the default since
     "sparsegpt-mask16-lsq0": ("sparsegpt", {"mask_block": 16, "lsq_iters": 0}),

@@ -15,7 +15,8 @@ FLAT_NAMES = {
     "method", "sparsity", "pattern", "calib", "nsamples", "seqlen", "seed", "bos", "device", "dtype", "forward_batch",
     "wbits", "group_size", "quant_mode", "allocation", "owl_m", "owl_lambda", "prune_routers", "expert_min_tokens",
     "expert_stats", "leave_unknown_dense", "within_block", "refit_epochs", "refit_lr", "refit_target", "refit_batch",
-    "refit_holdout", "refit_anchor", "refit_rel_lr", "refit_loss", "rotate", "kl_epochs", "kl_lr", "kl_topk", "kl_batch", "kl_holdout",
+    "refit_holdout", "refit_anchor", "refit_rel_lr", "refit_loss", "rotate", "kl_epochs", "kl_lr", "kl_rel_lr",
+    "kl_topk", "kl_batch", "kl_holdout",
 }  # fmt: skip
 
 
@@ -61,6 +62,7 @@ def test_section_prefixes_make_the_flat_names():
     assert to_flat(KLSettings(epochs=2)) == {
         "kl_epochs": 2,
         "kl_lr": 1e-5,
+        "kl_rel_lr": 0.0,
         "kl_topk": 64,
         "kl_batch": 4,
         "kl_holdout": 4,

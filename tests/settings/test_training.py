@@ -21,6 +21,7 @@ def test_the_refits_epochs_target_and_relative_rate_are_left_to_the_method():
         (RefitSettings, {"target": "dense-output"}, "refit-target"),
         (RefitSettings, {"loss": "kl"}, "refit-loss"),
         (KLSettings, {"lr": 0.0}, "--kl-lr"),
+        (KLSettings, {"rel_lr": -1e-4}, "--kl-rel-lr"),
         (KLSettings, {"topk": 0}, "--kl-topk"),
     ],
 )

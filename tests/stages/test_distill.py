@@ -126,6 +126,34 @@ def test_distill_keeps_the_pruned_model_when_the_held_out_kl_never_improves():
         assert torch.equal(layer.weight.detach(), before[name]), name
 
 
+def test_distill_at_a_relative_rate_moves_each_linear_by_its_own_share_of_its_surviving_rms():
+    """One Adam step (every training window in one batch): Adam's first step moves each coordinate by its rate, so
+    each linear's kept weights move by ``rel_lr`` times that linear's surviving RMS, and its zeros stay zero."""
+    from besa.stages.reconstruct import surviving_rms
+
+    model, ids = make_model("llama"), _ids()
+    dense = teacher_targets(model, ids, topk=8, device=CPU, progress=False)
+    _prune_half(model)
+    before = {n: layer.weight.detach().clone() for n, layer in _linears(model).items()}
+    with torch.no_grad():  # linears of very different sizes, so one absolute rate could not pass for both
+        next(iter(_linears(model).values())).weight.mul_(50.0)
+    first = next(iter(before))
+    before[first] = before[first] * 50.0
+    facts = distill(
+        model, ids, dense, KLSettings(epochs=1, rel_lr=1e-3, batch=12, holdout=0), CPU, progress=False
+    )
+    assert facts["epochs"] == 1
+    for name, layer in _linears(model).items():
+        start, now = before[name], layer.weight.detach()
+        moved = (now - start)[start != 0].abs()
+        rate = 1e-3 * surviving_rms(start)
+        # |step| = rate * |g| / (|g| + eps): at most the rate, and within Adam's eps of it where the gradient is not
+        # tiny (this toy model's gradients are ~1e-6, so a few percent below)
+        assert float(moved.max()) <= rate * (1 + 1e-5), name
+        assert float(moved.max()) == pytest.approx(rate, rel=0.05), name
+        assert torch.all(now[start == 0] == 0), name
+
+
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
 def test_kl_stage_after_a_method_keeps_its_exact_sparsity_and_reports_its_facts(tokenizer, method):
     model = make_model("llama")

@@ -64,7 +64,7 @@ class RefitSettings(Section):
         default=None,
         metadata={
             "help": "refit: Adam rate per linear, a fraction of its surviving weights' RMS (0: off; default: "
-            "the method's own: BESA 1.2e-3 for N:M patterns, 0 otherwise)"
+            "the method's own: BESA 1.2e-3 from 70% sparsity and for N:M patterns, 0 otherwise)"
         },
     )
     loss: str = field(
@@ -92,9 +92,10 @@ class RefitSettings(Section):
 @dataclass
 class KLSettings(Section):
     """The optional last stage (``besa.stages.distill``): with every mask fixed, the whole pruned model's surviving
-    weights are trained (Adam, ``lr``, ``batch`` windows per step) toward the dense model's next-token distribution
-    (its ``topk`` most likely tokens per position) on the calibration windows for ``epochs`` (0: off); the last
-    ``holdout`` windows decide when to stop. It runs after the checkpointed blocks, so no run folder records it."""
+    weights are trained (Adam at ``lr``, or with ``rel_lr`` > 0 at that fraction of each linear's surviving RMS;
+    ``batch`` windows per step) toward the dense model's next-token distribution (its ``topk`` most likely tokens
+    per position) on the calibration windows for ``epochs`` (0: off); the last ``holdout`` windows decide when to
+    stop. It runs after the checkpointed blocks, so no run folder records it."""
 
     prefix = "kl_"
 
@@ -106,6 +107,13 @@ class KLSettings(Section):
         },
     )
     lr: float = field(default=1e-5, metadata={"help": "KL stage: Adam learning rate"})
+    rel_lr: float = field(
+        default=0.0,
+        metadata={
+            "help": "KL stage: Adam rate per linear, a fraction of its surviving weights' RMS, instead of --kl-lr "
+            "(0: off)"
+        },
+    )
     topk: int = field(
         default=64, metadata={"help": "KL stage: the dense model's most likely tokens kept per position"}
     )
@@ -115,8 +123,9 @@ class KLSettings(Section):
     )
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or not self.lr > 0 or self.topk < 1 or self.batch < 1 or self.holdout < 0:
+        bad = not self.lr > 0 or not self.rel_lr >= 0 or self.topk < 1 or self.batch < 1
+        if self.epochs < 0 or self.holdout < 0 or bad:
             raise BesaError(
-                "--kl-epochs must be 0 or more, --kl-lr positive, --kl-topk and --kl-batch at least 1, "
-                "--kl-holdout 0 or more"
+                "--kl-epochs must be 0 or more, --kl-lr positive, --kl-rel-lr 0 or more, --kl-topk and --kl-batch "
+                "at least 1, --kl-holdout 0 or more"
             )

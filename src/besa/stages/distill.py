@@ -131,8 +131,8 @@ def distill(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the surviving weights of every block's linears of ``model`` (Adam, masks fixed) toward ``targets`` on
-    ``windows`` (N, T), as ``kl`` says (``epochs``, ``lr``, ``batch`` windows per step, the last ``holdout`` windows
-    held out; ``topk`` is the targets' own); return the facts: KL before / after on the training and held-out
+    ``windows`` (N, T), as ``kl`` says (``epochs``; ``lr``, or per linear ``rel_lr`` of its surviving RMS;
+    ``batch`` windows per step; the last ``holdout`` windows held out; ``topk`` is the targets' own); return the facts: KL before / after on the training and held-out
     windows, epochs run.
 
     Only the blocks' linears train (embeddings, norms and the head stay as they are); the model is on ``device``
@@ -163,7 +163,7 @@ def distill(
             "train_before": distributed.mean_value(_kl_over(model, x, t, kl.batch, device)),
             "held_out_windows": int(xh.shape[0]) * ranks,
         }
-        schedule = TrainSchedule(kl.epochs, kl.lr, kl.batch, PATIENCE, seed)
+        schedule = TrainSchedule(kl.epochs, kl.lr, kl.batch, PATIENCE, seed, rel_lr=kl.rel_lr)
         facts.update(
             train_masked(params, batch_loss, x.shape[0], evaluate if xh.shape[0] else None, schedule, bar)
         )
