@@ -131,6 +131,8 @@ GRID: dict[str, tuple[str, dict]] = {
     ),  # the defaults (refit included) + KL
     "besa-defaults-kl2-lr3e-5": ("besa", {"kl_epochs": 2, "kl_lr": 3e-5}),
     "besa-defaults-kl4-lr1e-4": ("besa", {"kl_epochs": 4, "kl_lr": 1e-4}),
+    "besa-defaults-kl2-rel4e-4": ("besa", {"kl_epochs": 2, "kl_rel_lr": 4e-4}),
+    "besa-defaults-kl4-rel4e-4": ("besa", {"kl_epochs": 4, "kl_rel_lr": 4e-4}),
     # SparseGPT's least-squares solve of the kept weights after the sweep (issue 14), with either mask block
     # mask16-lsq0 was the default before the solve, mask128-lsq0 is the paper's, mask128-lsq20 the default since
     "sparsegpt-mask16-lsq0": ("sparsegpt", {"mask_block": 16, "lsq_iters": 0}),
@@ -328,9 +330,17 @@ def main() -> None:
         if method == "besa" and not args.pattern:  # N:M learns patterns, not rates: no budget shift
             blocks = pruned.report["method"]["blocks"].values()
             results[key]["mean_abs_shift"] = sum(abs(b["shift"]) for b in blocks) / len(blocks)
-        elif method == "besa":
+        elif (
+            method == "besa"
+        ):  # learned patterns only: the N:M default follows ADMM's patterns (no such facts)
             layers = [i for b in pruned.report["method"]["blocks"].values() for i in b["layers"].values()]
-            results[key]["patterns_moved"] = sum(i["patterns_moved"] for i in layers) / len(layers)
+            moved = [i["patterns_moved"] for i in layers if "patterns_moved" in i]
+            if moved:
+                results[key]["patterns_moved"] = sum(moved) / len(moved)
+        if pruned.report.get("kl"):  # the KL stage: epochs run, held-out KL before and after each epoch
+            results[key]["kl"] = {
+                k: pruned.report["kl"].get(k) for k in ("epochs", "held_out", "train_before", "train_after")
+            }
         if pruned.report.get("refit"):
             refits = pruned.report["refit"]["blocks"].values()
             results[key]["refit_epochs_run"] = [b["epochs"] for b in refits]
