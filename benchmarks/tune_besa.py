@@ -330,9 +330,8 @@ def main() -> None:
         if method == "besa" and not args.pattern:  # N:M learns patterns, not rates: no budget shift
             blocks = pruned.report["method"]["blocks"].values()
             results[key]["mean_abs_shift"] = sum(abs(b["shift"]) for b in blocks) / len(blocks)
-        elif (
-            method == "besa"
-        ):  # learned patterns only: the N:M default follows ADMM's patterns (no such facts)
+        elif method == "besa":
+            # learned patterns only: the N:M default follows ADMM's patterns and has no such facts
             layers = [i for b in pruned.report["method"]["blocks"].values() for i in b["layers"].values()]
             moved = [i["patterns_moved"] for i in layers if "patterns_moved" in i]
             if moved:

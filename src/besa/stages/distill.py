@@ -132,8 +132,8 @@ def distill(
 ) -> dict[str, Any]:
     """Train the surviving weights of every block's linears of ``model`` (Adam, masks fixed) toward ``targets`` on
     ``windows`` (N, T), as ``kl`` says (``epochs``; ``lr``, or per linear ``rel_lr`` of its surviving RMS;
-    ``batch`` windows per step; the last ``holdout`` windows held out; ``topk`` is the targets' own); return the facts: KL before / after on the training and held-out
-    windows, epochs run.
+    ``batch`` windows per step; the last ``holdout`` windows held out; ``topk`` is the targets' own); return the
+    facts: KL before / after on the training and held-out windows, epochs run.
 
     Only the blocks' linears train (embeddings, norms and the head stay as they are); the model is on ``device``
     while it trains and back on the CPU after.
