@@ -5,6 +5,7 @@ import besa
 from besa.model.blocks import find_blocks, find_linears
 from besa.settings.config import KLSettings
 from besa.stages.distill import distill, teacher_targets, topk_kl, topk_targets
+from besa.stages.reconstruct import surviving_rms
 from conftest import make_model
 
 CPU = torch.device("cpu")
@@ -129,16 +130,12 @@ def test_distill_keeps_the_pruned_model_when_the_held_out_kl_never_improves():
 def test_distill_at_a_relative_rate_moves_each_linear_by_its_own_share_of_its_surviving_rms():
     """One Adam step (every training window in one batch): Adam's first step moves each coordinate by its rate, so
     each linear's kept weights move by ``rel_lr`` times that linear's surviving RMS, and its zeros stay zero."""
-    from besa.stages.reconstruct import surviving_rms
-
     model, ids = make_model("llama"), _ids()
     dense = teacher_targets(model, ids, topk=8, device=CPU, progress=False)
     _prune_half(model)
-    before = {n: layer.weight.detach().clone() for n, layer in _linears(model).items()}
     with torch.no_grad():  # linears of very different sizes, so one absolute rate could not pass for both
         next(iter(_linears(model).values())).weight.mul_(50.0)
-    first = next(iter(before))
-    before[first] = before[first] * 50.0
+    before = {n: layer.weight.detach().clone() for n, layer in _linears(model).items()}
     facts = distill(
         model, ids, dense, KLSettings(epochs=1, rel_lr=1e-3, batch=12, holdout=0), CPU, progress=False
     )
