@@ -337,9 +337,7 @@ def main() -> None:
             if moved:
                 results[key]["patterns_moved"] = sum(moved) / len(moved)
         if pruned.report.get("kl"):  # the KL stage: epochs run, held-out KL before and after each epoch
-            results[key]["kl"] = {
-                k: pruned.report["kl"].get(k) for k in ("epochs", "held_out", "train_before", "train_after")
-            }
+            results[key]["kl"] = {k: pruned.report["kl"].get(k) for k in ("epochs", "held_out", "train")}
         if pruned.report.get("refit"):
             refits = pruned.report["refit"]["blocks"].values()
             results[key]["refit_epochs_run"] = [b["epochs"] for b in refits]

@@ -95,6 +95,17 @@ def make_llama4() -> transformers.PreTrainedModel:
     return model.eval()
 
 
+def make_softcapped_gemma3() -> torch.nn.Module:
+    """A tiny Gemma 3 whose logits are soft-capped after its head: they are not the head's output."""
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=2.0,
+    )  # fmt: skip
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
 class EinsumMoeConfig(transformers.LlamaConfig):
     model_type = "besa_test_einsum_moe"
 

@@ -3,10 +3,18 @@ import torch
 
 import besa
 from besa.model.blocks import find_blocks, find_linears
+from besa.model.training import checkpointed_blocks, head_splits
 from besa.settings.config import KLSettings
-from besa.stages.distill import distill, teacher_targets, topk_kl, topk_targets
-from besa.stages.reconstruct import surviving_rms
-from conftest import make_model
+from besa.stages.distill import (
+    _kl,
+    _kl_over,
+    distill,
+    teacher_targets,
+    topk_kl,
+    topk_targets,
+)
+from besa.stages.reconstruct import TrainSchedule, surviving_rms, train_masked
+from conftest import VOCAB, make_model, make_softcapped_gemma3
 
 CPU = torch.device("cpu")
 
@@ -78,9 +86,11 @@ def test_distill_lowers_the_kl_and_keeps_every_zero_exactly():
         if n.endswith(("embed_tokens.weight", "norm.weight"))
     }
     requires = [p.requires_grad for p in model.parameters()]
+    before = _kl_over(model, False, ids[:8], targets[:8], 4, CPU)
     facts = distill(model, ids, targets, KLSettings(epochs=4, lr=1e-3, topk=16, batch=4, holdout=4), CPU,
                     progress=False)  # fmt: skip
-    assert facts["train_after"] < 0.8 * facts["train_before"]
+    assert _kl_over(model, False, ids[:8], targets[:8], 4, CPU) < 0.8 * before
+    assert len(facts["train"]) == facts["epochs"] and facts["train"][-1] < facts["train"][0]
     assert facts["held_out_windows"] == 4 and len(facts["held_out"]) == facts["epochs"] + 1
     for name, layer in _linears(model).items():
         assert torch.equal(layer.weight.detach() == 0, zeros[name]), name  # the same zeros, exactly
@@ -158,7 +168,7 @@ def test_kl_stage_after_a_method_keeps_its_exact_sparsity_and_reports_its_facts(
                         kl_lr=1e-3, kl_topk=16, progress=False, checkpoint=False)  # fmt: skip
     report = result.report
     assert report["sparsity"]["pruned_layers"] == 0.5
-    assert report["kl"]["train_after"] <= report["kl"]["train_before"]
+    assert report["kl"]["train"][-1] < report["kl"]["train"][0]
     assert report["kl"]["held_out_windows"] == 4
     assert report["timings_s"]["kl"] > 0
     assert report["config"]["kl_epochs"] == 2
@@ -174,3 +184,85 @@ def test_kl_stage_is_refused_with_quantization_and_with_streaming(tokenizer, tmp
     with pytest.raises(besa.BesaError, match="--stream"):
         besa.prune(str(tmp_path), method="wanda", kl_epochs=1, stream=True, out=str(tmp_path / "out"),
                    progress=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3-softcap"])
+def test_the_kl_over_chunks_of_positions_with_recomputed_blocks_equals_the_whole_logits_kl_and_its_gradient(
+    arch, monkeypatch
+):
+    """``LOGIT_ELEMENTS`` set to 3 positions' logits: the loss and every linear's gradient are those of the plain
+    ``topk_kl`` of the whole logits with every activation kept (the soft-capped model, which does not split, takes
+    the whole logits, and its KL is the capped logits' KL)."""
+    model = make_softcapped_gemma3() if arch == "gemma3-softcap" else make_model(arch)
+    ids = _ids(3)
+    targets = teacher_targets(make_model("llama", seed=1), ids, topk=8, device=CPU, progress=False)
+    params = [layer.weight for layer in _linears(model).values()]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    reference = topk_kl(model(input_ids=ids).logits, targets.ids, targets.log_q)
+    grads = torch.autograd.grad(reference, params)
+    monkeypatch.setattr("besa.stages.distill.LOGIT_ELEMENTS", 3 * VOCAB)
+    split = head_splits(model, ids)
+    assert split == (arch == "llama")
+    with checkpointed_blocks(model):
+        loss = _kl(model, split, ids, targets.ids, targets.log_q)
+        chunked = torch.autograd.grad(loss, params)
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-7)
+    for g, r in zip(chunked, grads, strict=True):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-8)
+    # the blocks are as they were
+    assert all("forward" not in block.__dict__ for _, block in find_blocks(model))
+
+
+def test_teacher_targets_over_chunks_of_positions_equal_the_whole_logits_targets(monkeypatch):
+    model, ids = make_model("llama"), _ids(3)
+    whole = topk_targets(model(input_ids=ids).logits, 8)
+    monkeypatch.setattr("besa.stages.distill.LOGIT_ELEMENTS", 5 * VOCAB)
+    chunked = teacher_targets(model, ids, topk=8, device=CPU, batch=2, progress=False)
+    assert torch.equal(chunked.ids, whole[0])
+    assert torch.allclose(chunked.log_q, whole[1], rtol=0, atol=1e-5)
+
+
+def test_distill_trains_as_torch_adam_on_the_whole_logits_would():
+    """The KL stage (chunked head, recomputed blocks, ``KeptAdam``) against the same training written plainly:
+    ``train_masked`` with ``torch.optim.Adam`` on the whole logits' KL."""
+    ids = _ids()
+    lean, plain = make_model("llama"), make_model("llama")
+    targets = teacher_targets(lean, ids, topk=16, device=CPU, progress=False)
+    _prune_half(lean)
+    _prune_half(plain)
+    # no early stop: every step compared
+    settings = KLSettings(epochs=2, lr=1e-3, topk=16, batch=4, holdout=0)
+    distill(lean, ids, targets, settings, CPU, progress=False)
+    params = [layer.weight for layer in _linears(plain).values()]
+    plain.requires_grad_(False)
+    train_masked(
+        params,
+        lambda idx: topk_kl(plain(input_ids=ids[idx]).logits, targets.ids[idx], targets.log_q[idx]),
+        ids.shape[0],
+        None,
+        TrainSchedule(2, 1e-3, 4),
+    )
+    for (name, a), b in zip(_linears(lean).items(), params, strict=True):
+        assert torch.allclose(a.weight.detach(), b.detach(), rtol=0, atol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "gemma3", "llama4"])
+def test_distill_on_other_architectures_lowers_the_kl_and_keeps_every_zero(arch):
+    """Conv1D linears (GPT-2), ALiBi (BLOOM), sliding windows (Gemma 3) and a Mixture of Experts whose experts
+    some batches never reach (Llama 4): the recomputed blocks and the kept-weight Adam train all of them."""
+    from conftest import make_llama4
+
+    model = make_llama4() if arch == "llama4" else make_model(arch)
+    ids = _ids()
+    targets = teacher_targets(model, ids, topk=16, device=CPU, progress=False)
+    _prune_half(model)
+    zeros = {n: layer.weight.detach() == 0 for n, layer in _linears(model).items()}
+    before = _kl_over(model, head_splits(model, ids), ids[:8], targets[:8], 4, CPU)
+    facts = distill(model, ids, targets, KLSettings(epochs=3, lr=1e-3, topk=16, batch=4, holdout=4), CPU,
+                    progress=False)  # fmt: skip
+    assert facts["head_split"]
+    assert _kl_over(model, True, ids[:8], targets[:8], 4, CPU) < before
+    for name, layer in _linears(model).items():
+        assert torch.equal(layer.weight.detach() == 0, zeros[name]), name

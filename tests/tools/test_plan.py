@@ -127,10 +127,14 @@ def test_the_kl_stage_peak_is_the_whole_model_training_not_added_to_the_blocks()
     kl = _plan(shape, "wanda", kl=KLSettings(epochs=1, batch=4, topk=8))
     trained = sum(o * i for block in shape.blocks for o, i in block.values())
     parts = kl_stage_bytes(shape, 8, 16, 4, 4, 8)
-    assert parts["KL stage: Adam state of the blocks' linears"] == 3 * trained * 4
+    # two float32 moments and a float32 best copy of the kept half, a byte of mask per weight
+    assert parts["KL stage: Adam's moments of the kept weights (half), masks, best epoch"] == (
+        trained // 2 * 12 + trained
+    )
     assert parts["KL stage: the dense targets"] == 8 * 16 * (4 * 8 + 4 * 9)
-    assert parts["KL stage: one batch's activations and logits"] == (
-        4 * 16 * 64 * 4 * KL_SAVED_PER_TOKEN_BLOCK * 2 + 3 * 4 * 16 * shape.vocab * 4
+    # every block's input, one block's recomputed activations, the logits of all 64 positions (fewer than a chunk)
+    assert parts["KL stage: one batch's block inputs, a block's activations, a chunk of logits"] == (
+        4 * 16 * 64 * 4 * (2 + KL_SAVED_PER_TOKEN_BLOCK) + 4 * 4 * 16 * shape.vocab * 4
     )
     assert shape.vocab == 260
     assert kl.peaks["host"] == max(base.peaks["host"], sum(parts.values()))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from besa.engine import distributed
 from besa.engine.work import BlockWork
+from besa.stages.adam import DenseAdam, Stepper
 
 __all__ = [
     "LOSSES",
@@ -81,6 +82,10 @@ class TrainSchedule:
         if self.rel_lr > 0:
             return [{"params": [p], "lr": self.rel_lr * surviving_rms(p)} for p in params]
         return [{"params": list(params), "lr": self.lr}]
+
+    def rates(self, params: Sequence[torch.Tensor]) -> list[float]:
+        """Each tensor's rate, as ``param_groups`` gives it."""
+        return [self.rel_lr * surviving_rms(p) if self.rel_lr > 0 else self.lr for p in params]
 
 
 def surviving_rms(weight: torch.Tensor) -> float:
@@ -153,25 +158,25 @@ def train_masked(
     evaluate: Callable[[], float] | None,
     schedule: TrainSchedule,
     bar: Any = None,
+    stepper: Stepper | None = None,
 ) -> dict[str, Any]:
     """Adam on ``params`` with their exact zeros fixed, as ``schedule`` says: ``batch_loss(indices)`` of a shuffled
     batch of the ``n_train`` training windows per step; ``evaluate()`` (the held-out loss, or ``None``: no early
     stop) before training and after every epoch. Training stops once it has not improved for more than
-    ``schedule.patience`` epochs and the best epoch's values are put back. Adam's groups are
-    ``schedule.param_groups``. With ``schedule.anchor`` > 0, each step
-    adds ``anchor`` x ``anchor_penalty`` (the move away from the starting values) to the loss. Returns ``held_out``
-    (the losses measured) and ``epochs`` (run).
+    ``schedule.patience`` epochs and the best epoch's values are put back. ``stepper`` (made before training, so its
+    zeros are the pruned weights; ``DenseAdam`` with ``schedule.param_groups`` when not given) runs each step. With
+    ``schedule.anchor`` > 0, each step adds ``anchor`` x ``anchor_penalty`` (the move away from the starting values)
+    to the loss. Returns ``held_out`` (the losses measured) and ``epochs`` (run).
 
-    A weight that is exactly zero (pruned, or zero in the dense model) gets no gradient and is zeroed again after
-    every step, so the counted sparsity cannot change. Gradients are averaged over a torchrun run's processes.
+    A weight that is exactly zero (pruned, or zero in the dense model) stays exactly zero, so the counted sparsity
+    cannot change. Gradients are averaged over a torchrun run's processes.
     """
-    masks = [p.detach() != 0 for p in params]
+    stepper = stepper if stepper is not None else DenseAdam(params, schedule.param_groups(params))
     for p in params:
         p.requires_grad_(True)
     epochs, batch_size, patience = schedule.epochs, schedule.batch_size, schedule.patience
-    opt = torch.optim.Adam(schedule.param_groups(params))
     held_out = [evaluate()] if evaluate else []
-    best = [p.detach().clone() for p in params] if evaluate else []
+    best = stepper.snapshot() if evaluate else []
     best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
     start = [p.detach().clone() for p in params] if schedule.anchor > 0 else []
     start_norm = sum(s.float().square().sum() for s in start) if start else None  # once, not at every step
@@ -183,19 +188,7 @@ def train_masked(
                 loss = batch_loss(order[i : i + batch_size])
                 if start:
                     loss = loss + schedule.anchor * anchor_penalty(params, start, start_norm)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                # an expert no token of this batch was routed to: a zero gradient, on every rank
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                distributed.mean_grads(params)
-                for p, keep in zip(params, masks, strict=True):
-                    p.grad.mul_(keep)
-                opt.step()
-                with torch.no_grad():
-                    for p, keep in zip(params, masks, strict=True):
-                        p.mul_(keep)
+                stepper.step(loss)
             run += 1
             if bar is not None:
                 bar.update()
@@ -207,15 +200,13 @@ def train_masked(
                 bar.set_postfix(held_out=f"{loss_now:.4g}")
             if loss_now < best_loss:
                 best_loss, waited = loss_now, 0
-                best = [p.detach().clone() for p in params]
+                best = stepper.snapshot()
             else:
                 waited += 1
                 if waited > patience:
                     break
     if evaluate is not None:
-        with torch.no_grad():
-            for p, b in zip(params, best, strict=True):
-                p.copy_(b)
+        stepper.restore(best)
     return {"held_out": held_out, "epochs": run}
 
 

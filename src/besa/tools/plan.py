@@ -26,9 +26,17 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelShape", "Plan", "model_shape", "plan_run", "format_plan", "largest_block", "block_step"]
 
-# The KL stage's backward keeps, per token and block, about this many hidden-size vectors (the inputs of the
-# linears, norms and activation function; not the attention matrices, which SDPA does not keep).
+# The KL stage's backward keeps, per token, each block's input; the block backward is in recomputes about this many
+# hidden-size vectors per token (the inputs of the linears, norms and activation function; not the attention
+# matrices, which SDPA does not keep).
 KL_SAVED_PER_TOKEN_BLOCK = 16
+
+# The KL stage's Adam keeps moments of the kept weights only: planned at half of them (50% and 2:4).
+KL_KEPT = 0.5
+
+# The logits of a chunk of positions live in about this many float32 copies at once (the logits, their
+# log-normaliser's work, the coarsened tail's, and their gradient).
+KL_LOGIT_COPIES = 4
 
 
 @dataclass
@@ -110,17 +118,23 @@ def activation_bytes(nsamples: int, seqlen: int, hidden: int, element: int, stor
 def kl_stage_bytes(
     shape: ModelShape, nsamples: int, seqlen: int, compute: int, batch: int, topk: int
 ) -> dict[str, int]:
-    """The optional KL stage (``--kl-epochs``), after every block is pruned: the whole model, Adam's state of the
-    blocks' linears (float32), one batch's saved activations and logits (with their gradient and softmax), and the
-    dense model's top-k targets of every window (int32 ids, float32 log-probabilities and the bucket)."""
+    """The optional KL stage (``--kl-epochs``), after every block is pruned (``besa.stages.distill``): the whole
+    model; ``KeptAdam``'s two float32 moments of the kept weights (``KL_KEPT`` of the blocks' linears), their
+    masks (a byte per weight) and the best epoch's kept values; one batch's block inputs, one block's recomputed
+    activations and one chunk of logits; and the dense model's top-k targets of every window (int32 ids, float32
+    log-probabilities and the bucket)."""
+    from besa.stages.distill import LOGIT_ELEMENTS
+
     trained = sum(o * i for block in shape.blocks for o, i in block.values())
+    kept = int(trained * KL_KEPT)
     tokens = min(batch, nsamples) * seqlen
     return {
         "KL stage: the whole model": shape.total_params * compute,
-        "KL stage: Adam state of the blocks' linears": ADAM_COPIES * trained * 4,
-        "KL stage: one batch's activations and logits": (
-            tokens * shape.hidden * compute * KL_SAVED_PER_TOKEN_BLOCK * len(shape.blocks)
-            + 3 * tokens * shape.vocab * 4
+        "KL stage: Adam's moments of the kept weights (half), masks, best epoch": kept * (8 + compute)
+        + trained,
+        "KL stage: one batch's block inputs, a block's activations, a chunk of logits": (
+            tokens * shape.hidden * compute * (len(shape.blocks) + KL_SAVED_PER_TOKEN_BLOCK)
+            + KL_LOGIT_COPIES * min(LOGIT_ELEMENTS, tokens * max(shape.vocab, 1)) * 4
         ),
         "KL stage: the dense targets": nsamples * seqlen * (4 * topk + 4 * (topk + 1)),
     }
