@@ -16,10 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from besa.model.blocks import find_blocks
 
-__all__ = ["final_hidden", "head_splits", "checkpointed_blocks"]
+__all__ = ["model_logits", "final_hidden", "head_splits", "checkpointed_blocks"]
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s whole logits for ``ids`` (no cache)."""
     return model(input_ids=ids, use_cache=False).logits
 
 
@@ -49,7 +50,7 @@ def head_splits(model: nn.Module, ids: torch.Tensor) -> bool:
     if head is None:
         return False
     return torch.allclose(
-        head(final_hidden(model, sample)).float(), _logits(model, sample).float(), 1e-4, 1e-5
+        head(final_hidden(model, sample)).float(), model_logits(model, sample).float(), 1e-4, 1e-5
     )
 
 

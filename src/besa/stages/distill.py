@@ -5,7 +5,7 @@ The dense model's distribution is kept as its ``topk`` most likely tokens at eve
 the other tokens, measured once before pruning; the pruned model's distribution is coarsened the same way and the
 loss is the KL divergence between the two coarsened distributions: 0 for the dense model itself, and
 ``N * T * (topk + 1)`` numbers kept instead of the whole vocabulary. As in the
-blockwise refit, a weight that is exactly zero gets no gradient and is zeroed again after every step (the counted
+blockwise refit, a weight that is exactly zero stays exactly zero (``KeptAdam`` never writes it; the counted
 sparsity is unchanged), and the last ``holdout`` windows are never trained on: their KL is measured before training
 and after every epoch, training stops when it no longer falls, and the best epoch's weights are kept.
 
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from besa.engine import distributed
 from besa.engine.activations import return_large_frees, trim_heap
 from besa.model.blocks import find_blocks, find_linears
-from besa.model.training import checkpointed_blocks, final_hidden, head_splits
+from besa.model.training import checkpointed_blocks, final_hidden, head_splits, model_logits
 from besa.stages.adam import KeptAdam
 from besa.stages.reconstruct import TrainSchedule, split_holdout, train_masked
 
@@ -100,12 +100,13 @@ def topk_kl(logits: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor) -> tor
     return (log_q.exp() * (log_q - log_p)).sum(dim=-1).mean()
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _chunk(head: nn.Module) -> int:
+    """Positions whose logits the head makes at once: ``LOGIT_ELEMENTS`` over the vocabulary size."""
+    return max(1, LOGIT_ELEMENTS // head.weight.shape[0])
 
 
 def _kl_sum(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -118,10 +119,10 @@ def _kl(
     """``topk_kl`` of ``model`` on the windows ``ids`` (B, T); with ``split``, the head runs over a chunk of
     positions at a time, each chunk's logits recomputed in backward instead of kept."""
     if not split:
-        return topk_kl(_logits(model, ids), t_ids, t_lq)
+        return topk_kl(model_logits(model, ids), t_ids, t_lq)
     head = model.get_output_embeddings()
     hidden, t_ids, t_lq = _rows(final_hidden(model, ids)), _rows(t_ids), _rows(t_lq)
-    step = max(1, LOGIT_ELEMENTS // head.weight.shape[0])
+    step = _chunk(head)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, hidden.shape[0], step):
         part = (hidden[i : i + step], t_ids[i : i + step], t_lq[i : i + step])
@@ -148,18 +149,18 @@ def teacher_targets(
     model.eval().to(device)
     ids, log_q = [], []
     try:
-        split = head_splits(model, windows.to(device))
+        split = head_splits(model, windows[:1].to(device))
         head = model.get_output_embeddings()
         for i in tqdm(
             range(0, windows.shape[0], batch), desc="Dense targets", disable=None if progress else True
         ):
             x = windows[i : i + batch].to(device)
             if not split:
-                top = topk_targets(_logits(model, x), topk)
+                top = topk_targets(model_logits(model, x), topk)
             else:
                 hidden = final_hidden(model, x)
                 rows = _rows(hidden)
-                step = max(1, LOGIT_ELEMENTS // head.weight.shape[0])
+                step = _chunk(head)
                 parts = [topk_targets(head(rows[j : j + step]), topk) for j in range(0, rows.shape[0], step)]
                 top = tuple(torch.cat(p).reshape(*hidden.shape[:2], -1) for p in zip(*parts, strict=True))
             ids.append(top[0].cpu())
@@ -216,7 +217,7 @@ def distill(
     was_training = model.training
     model.eval().to(device)
     model.requires_grad_(False)
-    split = head_splits(model, windows.to(device))
+    split = head_splits(model, windows[:1].to(device))
 
     seen: list[float] = []  # every step's training KL, as it trained
 
