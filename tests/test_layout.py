@@ -1,6 +1,6 @@
 """The house rules, checked on the source: imports flow one way between the package's floors (settings -> model /
 formats -> engine -> stages / methods -> output / evaluation / tools / runtime -> run / api / cli), no import circle, no
-module over 300 lines, no function over 7 parameters, and the settings import no torch."""
+module over 300 lines, no function over 7 parameters, the settings import no torch, and no two test files share a name."""
 
 from __future__ import annotations
 
@@ -123,3 +123,14 @@ def test_functions_take_few_parameters():
                 if len(params) > MAX_PARAMETERS:
                     long.append(f"{name}.{node.name}: {len(params)}")
     assert not long, "\n".join(long)
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (rootdir mode, no __init__.py), so two test files of one name in
+    different folders stop the whole collection on a fresh clone."""
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, list[str]] = {}
+    for path in sorted(tests.rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(tests)))
+    twins = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not twins, twins
