@@ -259,3 +259,50 @@ def test_refit_with_quantization_is_refused(tokenizer):
     with pytest.raises(besa.BesaError, match="refit"):
         besa.prune(make_model("llama"), tokenizer=tokenizer, method="wanda", calib_ids=_ids(), refit_epochs=1,
                    wbits=4, progress=False, checkpoint=False)  # fmt: skip
+
+
+class _CountingStepper:
+    """A stepper whose every step adds 1 to the one weight; it records how many of its copies are alive when it
+    makes a new one, and what it is asked to put back."""
+
+    def __init__(self, p: torch.Tensor) -> None:
+        self.p, self.alive, self.most_alive, self.restored = p, [], 0, None
+
+    def step(self, loss: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.p += 1
+
+    def snapshot(self) -> list[torch.Tensor]:
+        import weakref
+
+        self.alive = [r for r in self.alive if r() is not None]
+        copy = [self.p.detach().clone()]
+        self.alive.append(weakref.ref(copy[0]))
+        self.most_alive = max(self.most_alive, len(self.alive))
+        return copy
+
+    def restore(self, values: list[torch.Tensor]) -> None:
+        self.restored = float(values[0])
+        self.p.data.copy_(values[0])
+
+
+@pytest.mark.parametrize(
+    ("held_out", "kept", "restored"),
+    [
+        ([5.0, 4.0, 3.0, 2.0], 3.0, None),  # better every epoch: the last epoch's values, no copy put back
+        ([5.0, 4.0, 3.0, 3.5], 2.0, 2.0),  # the last epoch is worse: epoch 2's copy put back
+        ([5.0, 6.0, 7.0, 8.0], 0.0, 0.0),  # never better: the values before training put back (stopped early)
+    ],
+)
+def test_train_masked_keeps_one_copy_at_a_time_and_puts_back_the_best_epoch(held_out, kept, restored):
+    """One step per epoch (1 window, batch 1), 3 epochs, the held-out losses given: the weight ends at the best
+    epoch's value; at most one copy of the values exists at any time (the best one is dropped before a new one is
+    made), and none is made after the last epoch, whose values are the best as they are."""
+    p = torch.zeros(())
+    stepper = _CountingStepper(p)
+    losses = iter(held_out)
+    train_masked([p], lambda idx: p.sum(), 1, lambda: next(losses),
+                 TrainSchedule(epochs=3, lr=1.0, batch_size=1, patience=1, seed=0), stepper=stepper)  # fmt: skip
+    assert float(p) == kept
+    assert stepper.restored == restored
+    assert stepper.most_alive == 1

@@ -176,7 +176,7 @@ def train_masked(
         p.requires_grad_(True)
     epochs, batch_size, patience = schedule.epochs, schedule.batch_size, schedule.patience
     held_out = [evaluate()] if evaluate else []
-    best = stepper.snapshot() if evaluate else []
+    best = stepper.snapshot() if evaluate else None  # None: the values as they are now are the best
     best_loss, waited, run = (held_out[0] if evaluate else math.inf), 0, 0
     start = [p.detach().clone() for p in params] if schedule.anchor > 0 else []
     start_norm = sum(s.float().square().sum() for s in start) if start else None  # once, not at every step
@@ -200,12 +200,14 @@ def train_masked(
                 bar.set_postfix(held_out=f"{loss_now:.4g}")
             if loss_now < best_loss:
                 best_loss, waited = loss_now, 0
-                best = stepper.snapshot()
+                best = None  # the old copy goes before the new one is made (two copies would be the peak)
+                if run < epochs:  # after the last epoch the values themselves are the best: no copy
+                    best = stepper.snapshot()
             else:
                 waited += 1
                 if waited > patience:
                     break
-    if evaluate is not None:
+    if best is not None:
         stepper.restore(best)
     return {"held_out": held_out, "epochs": run}
 
