@@ -137,6 +137,11 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
         "the N:M default's blocks, then the whole model toward the dense model's next-token distribution (the KL"
         " stage, 2 epochs at `--kl-rel-lr 4e-4`: SmolLM2's `--kl-lr` 1e-4 over its median surviving RMS at 2:4)",
     ),
+    "besa:nm-kl1": (
+        "besa",
+        ["--kl-epochs", "1", "--kl-rel-lr", "4e-4"],
+        "the same with 1 KL epoch (`--kl-epochs 1 --kl-rel-lr 4e-4`: its first epoch gives most of the held-out gain)",
+    ),
     "besa:refit-rel": (
         "besa",
         ["--refit-rel-lr", "1.2e-3"],
@@ -162,6 +167,7 @@ ONLY_AT = {
     "besa:nm-refit-token": {"2:4", "4:8"},
     "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only: the N:M default since issue 37
     "besa:nm-kl": {"2:4", "4:8"},  # N:M only so far
+    "besa:nm-kl1": {"2:4", "4:8"},  # N:M only so far
     "besa:refit-rel": {"0.5", "0.6"},  # from 70% and for N:M the default: the same run as ``besa``
     "besa:refit-abs": {"0.7", "0.8"},  # below 70% the default: the same run as ``besa``
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``
