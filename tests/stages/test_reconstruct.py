@@ -1,3 +1,5 @@
+import weakref
+
 import pytest
 import torch
 
@@ -273,8 +275,6 @@ class _CountingStepper:
             self.p += 1
 
     def snapshot(self) -> list[torch.Tensor]:
-        import weakref
-
         self.alive = [r for r in self.alive if r() is not None]
         copy = [self.p.detach().clone()]
         self.alive.append(weakref.ref(copy[0]))

@@ -151,6 +151,7 @@ def teacher_targets(
     try:
         split = head_splits(model, windows[:1].to(device))
         head = model.get_output_embeddings()
+        step = _chunk(head) if split else 0
         for i in tqdm(
             range(0, windows.shape[0], batch), desc="Dense targets", disable=None if progress else True
         ):
@@ -160,7 +161,6 @@ def teacher_targets(
             else:
                 hidden = final_hidden(model, x)
                 rows = _rows(hidden)
-                step = _chunk(head)
                 parts = [topk_targets(head(rows[j : j + step]), topk) for j in range(0, rows.shape[0], step)]
                 top = tuple(torch.cat(p).reshape(*hidden.shape[:2], -1) for p in zip(*parts, strict=True))
             ids.append(top[0].cpu())
