@@ -1,7 +1,9 @@
+import tempfile
+
 import pytest
 import torch
 
-from besa.stages.adam import DenseAdam, KeptAdam, adam_update
+from besa.stages.adam import DenseAdam, KeptAdam, SpilledTensors, adam_update, pack_bits, unpack_bits
 
 
 def _params(seed: int = 0) -> list[torch.Tensor]:
@@ -64,3 +66,49 @@ def test_kept_adam_snapshot_restores_the_kept_values():
     assert not torch.equal(params[0].detach(), before[0])
     opt.restore(saved)
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (2, 3, 11), (0, 4)])
+def test_pack_bits_holds_one_bit_per_entry_and_unpacks_to_the_same_mask(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.5
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(bits, mask.shape), mask)
+
+
+def test_pack_bits_puts_the_first_entry_in_the_lowest_bit():
+    assert pack_bits(
+        torch.tensor([True, False, False, False, False, False, False, False, False, True])
+    ).tolist() == [
+        1,
+        2,
+    ]
+
+
+def test_spilled_tensors_read_back_every_dtype_exactly_and_leave_no_named_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gen = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(5, 3, generator=gen),
+        torch.randn(7, generator=gen).to(torch.bfloat16),
+        torch.randint(-9, 9, (2, 2, 2), generator=gen),
+        torch.empty(0),
+        torch.randn(4, 6, generator=gen).T,  # not contiguous
+    ]
+    spilled = SpilledTensors(iter(tensors))
+    assert list(tmp_path.iterdir()) == []  # anonymous: nothing to delete, even after a crash
+    for _ in range(2):  # read back as often as asked
+        back = list(spilled)
+        assert len(back) == len(tensors)
+        for b, t in zip(back, tensors, strict=True):
+            assert b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t)
+
+
+def test_kept_adam_holds_its_kept_entries_as_bits_and_its_snapshot_outside_memory():
+    params = _params()
+    opt = KeptAdam(params, [1e-2, 1e-2])
+    assert [b.numel() for b in opt.bits] == [-(-p.numel() // 8) for p in params]
+    assert all(torch.equal(opt._keep(i), p != 0) for i, p in enumerate(params))
+    saved = opt.snapshot()
+    assert isinstance(saved, SpilledTensors)
+    assert [t.numel() for t in saved] == [int((p != 0).sum()) for p in params]

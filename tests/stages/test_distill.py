@@ -215,6 +215,29 @@ def test_the_kl_over_chunks_of_positions_with_recomputed_blocks_equals_the_whole
     assert all("forward" not in block.__dict__ for _, block in find_blocks(model))
 
 
+def test_the_chunked_kl_runs_the_head_once_per_chunk_through_forward_and_backward(monkeypatch):
+    """Each chunk's gradient is taken as its logits are made: backward runs no head (no chunk's logits are made
+    twice), and a loss that is scaled on its way to backward scales the gradient the blocks get."""
+    model, ids = make_model("llama"), _ids(2)  # 2 x 16 = 32 positions, 3 at a time: 11 chunks
+    targets = teacher_targets(make_model("llama", seed=1), ids, topk=8, device=CPU, progress=False)
+    monkeypatch.setattr("besa.stages.distill.LOGIT_ELEMENTS", 3 * VOCAB)
+    params = [layer.weight for layer in _linears(model).values()]
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    calls = []
+    model.get_output_embeddings().register_forward_hook(  # final_hidden's own call is given no position
+        lambda _m, args, _out: calls.append(args[0].numel() // args[0].shape[-1]) if args[0].numel() else None
+    )
+    loss = _kl(model, True, ids, targets.ids, targets.log_q)
+    assert len(calls) == 11 and sum(calls) == 32
+    once = torch.autograd.grad(loss, params, retain_graph=True)
+    assert len(calls) == 11
+    thrice = torch.autograd.grad(3 * loss, params)
+    for a, b in zip(once, thrice, strict=True):
+        assert torch.allclose(3 * a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
 def test_teacher_targets_over_chunks_of_positions_equal_the_whole_logits_targets(monkeypatch):
     model, ids = make_model("llama"), _ids(3)
     whole = topk_targets(model(input_ids=ids).logits, 8)

@@ -7,7 +7,9 @@ weights, a gradient and two moments of every entry, pruned ones included: four c
 SmolLM2-135M). ``KeptAdam`` keeps its two moments for the kept entries only (half the entries at 50% and 2:4), and
 steps each tensor from a hook the moment backward has finished its gradient, which is then dropped: no more than
 a few gradients exist at once. Its update is ``torch.optim.Adam``'s (default betas and eps, no weight decay) on the
-kept entries; a pruned entry is never written, so it stays exactly 0.
+kept entries; a pruned entry is never written, so it stays exactly 0. Which entries are kept is held as 1 bit each
+(``pack_bits``), and a ``snapshot`` of the kept values (the best epoch's, a whole model's kept weights) goes to an
+anonymous temporary file (``SpilledTensors``) instead of memory.
 
 Under torchrun the gradients are averaged over the processes before any step (an expert one process routed no
 token to must still wait for the others), so there every gradient is kept until backward ends.
@@ -16,14 +18,25 @@ token to must still wait for the others), so there every gradient is kept until 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from besa.engine import distributed
 
-__all__ = ["BETAS", "EPS", "Stepper", "DenseAdam", "adam_update", "KeptAdam"]
+__all__ = [
+    "BETAS",
+    "EPS",
+    "Stepper",
+    "DenseAdam",
+    "adam_update",
+    "KeptAdam",
+    "SpilledTensors",
+    "pack_bits",
+    "unpack_bits",
+]
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -69,8 +82,8 @@ class Stepper(Protocol):
     """How ``train_masked`` steps: ``step(loss)`` (backward and one update), ``snapshot()`` and ``restore``."""
 
     def step(self, loss: torch.Tensor) -> None: ...
-    def snapshot(self) -> list[torch.Tensor]: ...
-    def restore(self, values: Sequence[torch.Tensor]) -> None: ...
+    def snapshot(self) -> Iterable[torch.Tensor]: ...
+    def restore(self, values: Iterable[torch.Tensor]) -> None: ...
 
 
 def adam_update(
@@ -81,7 +94,7 @@ def adam_update(
     b1, b2 = BETAS
     m.lerp_(grad, 1 - b1)
     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(EPS)
+    denom = v.sqrt().div_(math.sqrt(1 - b2**step)).add_(EPS)
     value.addcdiv_(m, denom, value=-lr / (1 - b1**step))
 
 
@@ -94,13 +107,16 @@ class KeptAdam:
     def __init__(self, params: Sequence[torch.Tensor], lrs: Sequence[float]) -> None:
         self.params = list(params)
         self.lrs = list(lrs)
-        self.masks = [p.detach() != 0 for p in self.params]
-        self.m = [torch.zeros(int(k.sum()), device=k.device) for k in self.masks]
+        self.bits = [pack_bits(p.detach() != 0) for p in self.params]  # 1 bit per entry, not a bool's byte
+        self.m = [torch.zeros(int(_kept(p)), device=p.device) for p in self.params]
         self.v = [torch.zeros_like(m) for m in self.m]
         self.steps = 0
 
+    def _keep(self, i: int) -> torch.Tensor:
+        return unpack_bits(self.bits[i], self.params[i].shape)
+
     def _update(self, i: int, grad: torch.Tensor | None) -> None:
-        p, keep = self.params[i], self.masks[i]
+        p, keep = self.params[i], self._keep(i)
         g = grad[keep].float() if grad is not None else torch.zeros_like(self.m[i])
         with torch.no_grad():
             kept = p.data[keep].float()
@@ -136,12 +152,56 @@ class KeptAdam:
         p.grad = None
         done[i] = True
 
-    def snapshot(self) -> list[torch.Tensor]:
-        """A copy of the kept values of every tensor."""
-        return [p.detach()[keep].clone() for p, keep in zip(self.params, self.masks, strict=True)]
+    def snapshot(self) -> SpilledTensors:
+        """A copy of the kept values of every tensor, in a temporary file (a whole model's kept weights)."""
+        return SpilledTensors(p.detach()[self._keep(i)] for i, p in enumerate(self.params))
 
-    def restore(self, values: Sequence[torch.Tensor]) -> None:
+    def restore(self, values: Iterable[torch.Tensor]) -> None:
         """Put back the kept values of a ``snapshot``."""
         with torch.no_grad():
-            for p, keep, kept in zip(self.params, self.masks, values, strict=True):
-                p.data.masked_scatter_(keep, kept)
+            for i, kept in enumerate(values):
+                self.params[i].data.masked_scatter_(self._keep(i), kept.to(self.params[i].device))
+
+
+def _kept(p: torch.Tensor) -> int:
+    return int(torch.count_nonzero(p.detach()))
+
+
+_BIT = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as 1 bit per entry: uint8 (ceil(numel / 8),), first entry in the lowest bit."""
+    flat = mask.reshape(-1)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BIT.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``pack_bits``' inverse: the boolean tensor of ``shape``."""
+    flat = (bits.unsqueeze(1) & _BIT.to(bits.device)).bool().reshape(-1)
+    return flat[: math.prod(shape)].reshape(shape)
+
+
+class SpilledTensors:
+    """Tensors written one at a time to an anonymous temporary file (``tempfile.TemporaryFile``: no name, gone when
+    this object or the process is), and read back one at a time, on the CPU, by iterating."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.specs: list[tuple[torch.Size, torch.dtype]] = []
+        for t in tensors:
+            t = t.detach().to("cpu").contiguous()
+            self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self.specs.append((t.shape, t.dtype))
+        self.file.flush()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.file.seek(0)
+        for shape, dtype in self.specs:
+            t = torch.empty(shape, dtype=dtype)
+            if t.numel() and self.file.readinto(t.reshape(-1).view(torch.uint8).numpy().data) != t.nbytes:
+                raise OSError("a spilled tensor's temporary file was cut short")
+            yield t

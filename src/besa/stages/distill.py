@@ -10,9 +10,10 @@ sparsity is unchanged), and the last ``holdout`` windows are never trained on: t
 and after every epoch, training stops when it no longer falls, and the best epoch's weights are kept.
 
 Memory is held to about the pruned model's own size: the output head runs over ``LOGIT_ELEMENTS`` logits at a time
-(a vocabulary of 262k tokens makes the logits of 4 x 512 tokens 2 GiB), each block's activations are recomputed
-in backward rather than kept (``checkpointed_blocks``), and ``KeptAdam`` keeps Adam's moments of the kept weights
-only and steps each linear as its gradient arrives. The head is split from the model by reading its input; a model
+(a vocabulary of 262k tokens makes the logits of 4 x 512 tokens 2 GiB), each chunk's gradient taken as soon as its
+logits are made; each block's activations are recomputed in backward rather than kept (``checkpointed_blocks``);
+``KeptAdam`` keeps Adam's moments of the kept weights only, steps each linear as its gradient arrives, and keeps
+the best epoch's values in a temporary file. The head is split from the model by reading its input; a model
 whose logits are more than its head's output (a soft cap, a scale) is found by comparing the two once, and there
 the whole logits are used.
 """
@@ -21,12 +22,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from besa.engine import distributed
@@ -113,25 +112,42 @@ def _kl_sum(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, log_q: tor
     return topk_kl(head(hidden), ids, log_q) * hidden.shape[0]
 
 
+class _GradGiven(torch.autograd.Function):
+    """``value``, whose gradient with respect to ``hidden`` is ``grad``, worked out already: backward hands
+    ``hidden`` ``grad`` times the gradient that arrives."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * out, None, None
+
+
 def _kl(
     model: nn.Module, split: bool, ids: torch.Tensor, t_ids: torch.Tensor, t_lq: torch.Tensor
 ) -> torch.Tensor:
     """``topk_kl`` of ``model`` on the windows ``ids`` (B, T); with ``split``, the head runs over a chunk of
-    positions at a time, each chunk's logits recomputed in backward instead of kept."""
+    positions at a time. With gradients, each chunk's gradient with respect to the head's input is taken at once
+    and its logits dropped (the head trains no weight here), so no chunk's logits are kept or made twice."""
     if not split:
         return topk_kl(model_logits(model, ids), t_ids, t_lq)
     head = model.get_output_embeddings()
     hidden, t_ids, t_lq = _rows(final_hidden(model, ids)), _rows(t_ids), _rows(t_lq)
-    step = _chunk(head)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], step):
-        part = (hidden[i : i + step], t_ids[i : i + step], t_lq[i : i + step])
-        total = total + (
-            checkpoint(partial(_kl_sum, head), *part, use_reentrant=False)
-            if torch.is_grad_enabled()
-            else _kl_sum(head, *part)
-        )
-    return total / hidden.shape[0]
+    step, n, grad_on = _chunk(head), hidden.shape[0], torch.is_grad_enabled()
+    scale = torch.ones((), device=hidden.device) / n  # what backward of ``total / n`` hands each chunk
+    total, grads = hidden.new_zeros((), dtype=torch.float32), []
+    for i in range(0, n, step):
+        part = hidden[i : i + step].detach().requires_grad_(grad_on)
+        with torch.set_grad_enabled(grad_on):
+            kl_sum = _kl_sum(head, part, t_ids[i : i + step], t_lq[i : i + step])
+        if grad_on:
+            grads.extend(torch.autograd.grad(kl_sum, part, scale))
+        total = total + kl_sum.detach()
+    return _GradGiven.apply(hidden, total / n, torch.cat(grads)) if grad_on else total / n
 
 
 @torch.no_grad()

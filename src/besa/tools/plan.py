@@ -119,10 +119,10 @@ def kl_stage_bytes(
     shape: ModelShape, nsamples: int, seqlen: int, compute: int, batch: int, topk: int
 ) -> dict[str, int]:
     """The optional KL stage (``--kl-epochs``), after every block is pruned (``besa.stages.distill``): the whole
-    model; ``KeptAdam``'s two float32 moments of the kept weights (``KL_KEPT`` of the blocks' linears), their
-    masks (a byte per weight) and the best epoch's kept values; one batch's block inputs, one block's recomputed
-    activations and one chunk of logits; and the dense model's top-k targets of every window (int32 ids, float32
-    log-probabilities and the bucket)."""
+    model; ``KeptAdam``'s two float32 moments of the kept weights (``KL_KEPT`` of the blocks' linears) and their
+    masks (a bit per weight; the best epoch's kept values go to a temporary file); one batch's block inputs, one
+    block's recomputed activations and one chunk of logits; and the dense model's top-k targets of every window
+    (int32 ids, float32 log-probabilities and the bucket)."""
     from besa.stages.distill import LOGIT_ELEMENTS
 
     trained = sum(o * i for block in shape.blocks for o, i in block.values())
@@ -130,8 +130,7 @@ def kl_stage_bytes(
     tokens = min(batch, nsamples) * seqlen
     return {
         "KL stage: the whole model": shape.total_params * compute,
-        "KL stage: Adam's moments of the kept weights (half), masks, best epoch": kept * (8 + compute)
-        + trained,
+        "KL stage: Adam's moments of the kept weights (half), their masks": kept * 8 + -(-trained // 8),
         "KL stage: one batch's block inputs, a block's activations, a chunk of logits": (
             tokens * shape.hidden * compute * (len(shape.blocks) + KL_SAVED_PER_TOKEN_BLOCK)
             + KL_LOGIT_COPIES * min(LOGIT_ELEMENTS, tokens * max(shape.vocab, 1)) * 4
