@@ -3,6 +3,7 @@ import tempfile
 import pytest
 import torch
 
+from besa.errors import BesaError
 from besa.stages.adam import DenseAdam, KeptAdam, SpilledTensors, adam_update, pack_bits, unpack_bits
 
 
@@ -112,3 +113,11 @@ def test_kept_adam_holds_its_kept_entries_as_bits_and_its_snapshot_outside_memor
     saved = opt.snapshot()
     assert isinstance(saved, SpilledTensors)
     assert [t.numel() for t in saved] == [int((p != 0).sum()) for p in params]
+
+
+def test_spilled_tensors_without_a_usable_temporary_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    missing = tmp_path / "gone"
+    monkeypatch.setattr(tempfile, "tempdir", str(missing))
+    with pytest.raises(BesaError, match="set TMPDIR") as err:
+        SpilledTensors(iter([torch.ones(3)]))
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from besa.engine import distributed
+from besa.errors import BesaError
 
 __all__ = [
     "BETAS",
@@ -159,7 +160,7 @@ class KeptAdam:
     def restore(self, values: Iterable[torch.Tensor]) -> None:
         """Put back the kept values of a ``snapshot``."""
         with torch.no_grad():
-            for i, kept in enumerate(values):
+            for i, kept in zip(range(len(self.params)), values, strict=True):
                 self.params[i].data.masked_scatter_(self._keep(i), kept.to(self.params[i].device))
 
 
@@ -190,13 +191,19 @@ class SpilledTensors:
     this object or the process is), and read back one at a time, on the CPU, by iterating."""
 
     def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
-        self.file = tempfile.TemporaryFile()
         self.specs: list[tuple[torch.Size, torch.dtype]] = []
-        for t in tensors:
-            t = t.detach().to("cpu").contiguous()
-            self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
-            self.specs.append((t.shape, t.dtype))
-        self.file.flush()
+        try:
+            self.file = tempfile.TemporaryFile()
+            for t in tensors:
+                t = t.detach().to("cpu").contiguous()
+                self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+                self.specs.append((t.shape, t.dtype))
+            self.file.flush()
+        except OSError as exc:  # a full or read-only temporary folder: one line, not a traceback
+            raise BesaError(
+                f"cannot keep the best epoch's weights in a temporary file in {tempfile.gettempdir()!r} "
+                f"(set TMPDIR to a folder with room): {exc.strerror or exc}"
+            ) from None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.file.seek(0)
