@@ -6,6 +6,8 @@ from besa.model.blocks import find_blocks, find_linears
 from besa.model.training import checkpointed_blocks, head_splits
 from besa.settings.config import KLSettings
 from besa.stages.distill import (
+    LOGIT_ELEMENTS,
+    _chunk,
     _kl,
     _kl_over,
     distill,
@@ -236,6 +238,14 @@ def test_the_chunked_kl_runs_the_head_once_per_chunk_through_forward_and_backwar
     thrice = torch.autograd.grad(3 * loss, params)
     for a, b in zip(once, thrice, strict=True):
         assert torch.allclose(3 * a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("vocab", [49152, 262144, 50257, 1 << 24])
+def test_a_chunk_of_logits_is_never_under_logit_elements(vocab):
+    """Rounded up: SmolLM2's 49152 tokens give 171 positions (33.6 MB), not 170 (31.9 MB, under glibc's 32 MiB)."""
+    step = _chunk(torch.nn.Linear(1, vocab, bias=False, device="meta"))
+    assert step * vocab >= LOGIT_ELEMENTS > (step - 1) * vocab
+    assert step >= 1
 
 
 def test_teacher_targets_over_chunks_of_positions_equal_the_whole_logits_targets(monkeypatch):

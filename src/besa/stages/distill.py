@@ -59,7 +59,8 @@ PATIENCE = 1
 
 
 LOGIT_ELEMENTS = 1 << 23
-"""Logits computed at once (32 MiB in float32): the head runs over this many over the vocabulary size positions."""
+"""Logits computed at once (32 MiB in float32): the head runs over this many over the vocabulary size positions,
+rounded up (``_chunk``)."""
 
 
 @dataclass
@@ -104,8 +105,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(head: nn.Module) -> int:
-    """Positions whose logits the head makes at once: ``LOGIT_ELEMENTS`` over the vocabulary size."""
-    return max(1, LOGIT_ELEMENTS // head.weight.shape[0])
+    """Positions whose logits the head makes at once: ``LOGIT_ELEMENTS`` over the vocabulary size, rounded up.
+
+    Up, so that a chunk's logits and their like are never under 32 MiB: glibc serves those from their own mappings
+    and, when one under 32 MiB is freed, raises its mmap threshold to its size; from then on such tensors come from
+    the heap, which keeps what they free. Measured on ``besa prune`` at 2:4 and 4:8 on SmolLM2-135M (49152 tokens,
+    170 positions a chunk when rounded down): the dense targets' pass peaked at 2.1-2.4 GiB resident in three of five
+    processes and 1.1 GiB in the others; rounded up (171), at 1.2-1.3 GiB in five of five."""
+    return -(-LOGIT_ELEMENTS // head.weight.shape[0])
 
 
 def _kl_sum(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
