@@ -78,12 +78,8 @@ def test_pack_bits_holds_one_bit_per_entry_and_unpacks_to_the_same_mask(shape):
 
 
 def test_pack_bits_puts_the_first_entry_in_the_lowest_bit():
-    assert pack_bits(
-        torch.tensor([True, False, False, False, False, False, False, False, False, True])
-    ).tolist() == [
-        1,
-        2,
-    ]
+    first_and_tenth = torch.tensor([True] + [False] * 8 + [True])
+    assert pack_bits(first_and_tenth).tolist() == [1, 2]
 
 
 def test_spilled_tensors_read_back_every_dtype_exactly_and_leave_no_named_file(tmp_path, monkeypatch):
