@@ -109,7 +109,7 @@ class KeptAdam:
         self.params = list(params)
         self.lrs = list(lrs)
         self.bits = [pack_bits(p.detach() != 0) for p in self.params]  # 1 bit per entry, not a bool's byte
-        self.m = [torch.zeros(int(_kept(p)), device=p.device) for p in self.params]
+        self.m = [torch.zeros(int(torch.count_nonzero(p.detach())), device=p.device) for p in self.params]
         self.v = [torch.zeros_like(m) for m in self.m]
         self.steps = 0
 
@@ -162,10 +162,6 @@ class KeptAdam:
         with torch.no_grad():
             for i, kept in zip(range(len(self.params)), values, strict=True):
                 self.params[i].data.masked_scatter_(self._keep(i), kept.to(self.params[i].device))
-
-
-def _kept(p: torch.Tensor) -> int:
-    return int(torch.count_nonzero(p.detach()))
 
 
 _BIT = 1 << torch.arange(8, dtype=torch.uint8)
