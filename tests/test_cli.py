@@ -1,6 +1,7 @@
 """The command line: bad input is one line on stderr, exit status 2, and nothing written."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -226,6 +227,20 @@ def test_help_and_argument_errors_import_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out[-500:]
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("0", "0")])
+def test_a_command_asks_torch_for_huge_pages_unless_the_user_said_otherwise(monkeypatch, capsys, given, seen):
+    """The console script sets ``THP_MEM_ALLOC_ENABLE`` for its own process (before torch is imported); a value
+    already in the environment is the user's and stays."""
+    from besa.cli import HUGE_PAGES
+
+    if given is None:
+        monkeypatch.delenv(HUGE_PAGES, raising=False)
+    else:
+        monkeypatch.setenv(HUGE_PAGES, given)
+    code, _, _ = _run(capsys, "prune", "m", "--method", "nope", "--out", "o")
+    assert code == 2 and os.environ[HUGE_PAGES] == seen
 
 
 @pytest.mark.parametrize("command", ["prune", "eval"])

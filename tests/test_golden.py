@@ -109,8 +109,9 @@ CASES: dict[str, dict] = {
                         "refit_epochs": 0},
     "besa-dense-stream": {"method": "besa", "method_options": {**BESA_FAST, "target": "dense-stream"}},
     "besa-obs": {"method": "besa", "method_options": {**BESA_FAST, "weight_update": "obs"}},
-    # the patterns learned (the N:M default before issue 37 moved it to ADMM's own patterns), as recorded
-    "besa-2:4": {"method": "besa", "pattern": "2:4", "refit_target": "dense-stream", "refit_epochs": 2,
+    # the patterns learned (the N:M default before issue 37 moved it to ADMM's own patterns and added the KL stage),
+    # as recorded
+    "besa-2:4": {"method": "besa", "pattern": "2:4", "refit_target": "dense-stream", "refit_epochs": 2, "kl_epochs": 0,
                  "method_options": {**BESA_FAST, "weight_update": "obs", "epochs": 1, "metric": "sparsegpt"}},
     "wanda-w4": {"method": "wanda", "wbits": 4, "group_size": 32},
     "sparsegpt-w4-joint": {"method": "sparsegpt", "wbits": 4, "group_size": 32},

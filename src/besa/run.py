@@ -45,8 +45,10 @@ from besa.output.report import RunFacts, build_report
 from besa.output.saving import SaveOptions, save_pruned
 from besa.registry import get_method
 from besa.settings.config import MethodConfig, PruneConfig
+from besa.settings.flat import to_flat
 from besa.settings.options import REPORT_NAME, ResolvedRun, RunOptions
 from besa.settings.recipe import recipe_text
+from besa.settings.training import KLSettings
 from besa.stages.distill import distill, teacher_targets
 from besa.stages.rotation import rotate_model
 
@@ -66,6 +68,7 @@ class PruneRun:
     # filled by the steps
     local_ids: torch.Tensor | None = None
     pruner: Any = None
+    kl: KLSettings = field(default_factory=lambda: KLSettings(epochs=0))  # resolved by ``prepare``
     where: ResolvedRun | None = None
     device: torch.device | None = None
     source: Any = None
@@ -102,7 +105,7 @@ class PruneRun:
     def needs_data(self) -> bool:
         """Calibration windows are needed: by the method, by the KL stage, which trains on them, or by the rotation,
         which is chosen from them."""
-        return self.pruner.needs_calibration or self.config.kl.epochs > 0 or self.config.rotate != "none"
+        return self.pruner.needs_calibration or bool(self.kl.epochs) or self.config.rotate != "none"
 
     def prepare(self) -> None:
         """The method's pruner (it may refuse the shared settings), every place the run writes, the device, the
@@ -115,6 +118,7 @@ class PruneRun:
         if options.stream and config.rotate != "none":
             raise BesaError("--rotate turns the whole model before pruning: it cannot run with --stream")
         self.pruner = get_method(config.method).pruner_cls(self.method_config, config)
+        self.kl = self.pruner.kl_settings(streamed=options.stream)
         reads_text = self.needs_data and self.calib_ids is None
         self.where = options.resolve(
             self.needs_data, inputs_read(self.model, config.calibration.source, reads_text)
@@ -198,16 +202,14 @@ class PruneRun:
         ``timings["prune"]`` covers all of it (OWL's statistics pass is part of pruning with OWL; the KL stage's
         dense targets, measured before any block is pruned, and its training are part of pruning with KL).
         """
-        config, options, pruner, model = self.config, self.options, self.pruner, self.model
+        config, options, pruner, model, kl = self.config, self.options, self.pruner, self.model, self.kl
         local_ids = self.local_ids
         t = time.perf_counter()
         targets = None
-        if config.kl.epochs and local_ids is not None:
+        if kl.epochs and local_ids is not None:
             # the dense model's distribution, before anything is pruned (a resumed run restores its pruned blocks
             # inside the engine, after this)
-            targets = teacher_targets(
-                model, local_ids, config.kl.topk, self.device, config.kl.batch, options.progress
-            )
+            targets = teacher_targets(model, local_ids, kl.topk, self.device, kl.batch, options.progress)
         if config.rotate != "none" and local_ids is not None:
             tr = time.perf_counter()
             self.rotation_facts = rotate_model(
@@ -240,7 +242,7 @@ class PruneRun:
         if targets is not None and local_ids is not None:
             tk = time.perf_counter()
             self.kl_facts = distill(
-                model, local_ids, targets, config.kl, self.device, config.calibration.seed, options.progress
+                model, local_ids, targets, kl, self.device, config.calibration.seed, options.progress
             )
             self.timings["kl"] = time.perf_counter() - tk
         self.timings["prune"] = time.perf_counter() - t
@@ -258,6 +260,7 @@ class PruneRun:
         )  # fmt: skip
         report = build_report(model, facts)
         report["config"]["bos_added"] = self.bos is not None  # what --bos resolved to (False for given ids)
+        report["config"].update(to_flat(self.kl))  # what the method made of --kl-* for this run
         if self.kl_facts is not None:
             report["kl"] = self.kl_facts
         if self.rotation_facts is not None:

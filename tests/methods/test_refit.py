@@ -1,8 +1,9 @@
-"""What refit a run gets (``besa.methods.refit.RefitChoice``): the flags where given, else the method's defaults."""
+"""What refit and KL stage a run gets (``besa.methods.refit.RefitChoice``): the flags where given, else the method's
+defaults."""
 
 import pytest
 
-from besa.methods.besa.config import REFIT_REL_LR, BesaConfig
+from besa.methods.besa.config import KL_REL_LR, NM_KL_EPOCHS, REFIT_REL_LR, BesaConfig
 from besa.methods.besa.pruner import BesaPruner
 from besa.methods.configs import WandaConfig
 from besa.methods.wanda import WandaPruner
@@ -46,3 +47,25 @@ def test_no_refit_by_default_where_it_would_move_quantized_weights_off_their_gri
     assert _besa(pattern="2:4", wbits=4).refit is None and _besa(sparsity=0.5, wbits=4).refit is None
     assert _wanda().refit is None and _wanda().report_refit({}) is None
     assert _besa(pattern="2:4", refit_epochs=0).refit is None
+
+
+@pytest.mark.parametrize(
+    ("pruner", "streamed", "epochs", "rel_lr"),
+    [
+        (lambda: _besa(pattern="2:4"), False, NM_KL_EPOCHS, KL_REL_LR),  # N:M: one epoch, the relative rate
+        (lambda: _besa(pattern="4:8"), False, NM_KL_EPOCHS, KL_REL_LR),
+        (lambda: _besa(sparsity=0.5), False, 0, 0.0),  # unstructured: no stage
+        (lambda: _besa(sparsity=0.7), False, 0, 0.0),
+        (lambda: _besa(pattern="2:4", wbits=4), False, 0, KL_REL_LR),  # it would train off the grids
+        (lambda: _besa(pattern="2:4"), True, 0, KL_REL_LR),  # --stream: it trains the whole model at once
+        (lambda: _besa(pattern="2:4", kl_epochs=0), False, 0, KL_REL_LR),  # a given 0 wins
+        (lambda: _besa(pattern="2:4", kl_epochs=2, kl_rel_lr=0.0), False, 2, 0.0),
+        (lambda: _besa(sparsity=0.5, kl_epochs=1), False, 1, 0.0),
+        (lambda: _wanda(pattern="2:4"), False, 0, 0.0),  # the baselines: none unless asked
+        (lambda: _wanda(kl_epochs=1, kl_rel_lr=1e-3), False, 1, 1e-3),
+    ],
+)
+def test_the_kl_stage_a_run_gets(pruner, streamed, epochs, rel_lr):
+    kl = pruner().kl_settings(streamed=streamed)
+    assert (kl.epochs, kl.rel_lr) == (epochs, rel_lr)
+    assert (kl.lr, kl.batch, kl.topk, kl.holdout) == (1e-5, 4, 64, 4)  # the rest as given (here the defaults)

@@ -62,7 +62,7 @@ def test_section_prefixes_make_the_flat_names():
     assert to_flat(KLSettings(epochs=2)) == {
         "kl_epochs": 2,
         "kl_lr": 1e-5,
-        "kl_rel_lr": 0.0,
+        "kl_rel_lr": None,  # the method's own (``Pruner.kl_settings``)
         "kl_topk": 64,
         "kl_batch": 4,
         "kl_holdout": 4,

@@ -1,5 +1,6 @@
-"""What refit a run gets: the blockwise weight reconstruction's settings with the method's defaults filled in
-(``Pruner`` inherits ``RefitChoice``; a method overrides the ``*_default`` hooks), and its report section."""
+"""What refit a run gets: the blockwise weight reconstruction's and the KL stage's settings with the method's defaults
+filled in (``Pruner`` inherits ``RefitChoice``; a method overrides the ``*_default`` hooks), and the refit's report
+section."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from besa.formats.quant import QuantSpec
 from besa.settings.config import PruneConfig
+from besa.settings.training import KLSettings
 from besa.stages.reconstruct import RefitSpec
 
 __all__ = ["RefitChoice"]
@@ -32,6 +34,25 @@ class RefitChoice:
     def refit_rel_lr_default(self) -> float:
         """The refit's rate relative to each linear's weights when ``--refit-rel-lr`` is not given (0: off)."""
         return 0.0
+
+    def kl_epochs_default(self) -> int:
+        """KL epochs when ``--kl-epochs`` is not given (a method may make them depend on the run; 0: no stage)."""
+        return 0
+
+    def kl_rel_lr_default(self) -> float:
+        """The KL stage's rate relative to each linear's weights when ``--kl-rel-lr`` is not given (0: off)."""
+        return 0.0
+
+    def kl_settings(self, streamed: bool = False) -> KLSettings:
+        """The KL stage's settings for this run: ``--kl-*`` where given, else the method's defaults. By default a
+        run that quantizes (the stage trains full-precision weights) or streams (it trains the whole model at once)
+        has no stage."""
+        kl = self.config.kl
+        epochs = kl.epochs
+        if epochs is None:
+            epochs = 0 if self.quant is not None or streamed else self.kl_epochs_default()
+        rel_lr = kl.rel_lr if kl.rel_lr is not None else self.kl_rel_lr_default()
+        return dataclasses.replace(kl, epochs=epochs, rel_lr=rel_lr)
 
     def resolved_defaults(self) -> dict[str, Any]:
         """Settings the method decides for this run when they are not given, as the run fingerprint names them

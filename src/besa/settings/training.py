@@ -95,23 +95,25 @@ class KLSettings(Section):
     weights are trained (Adam at ``lr``, or with ``rel_lr`` > 0 at that fraction of each linear's surviving RMS;
     ``batch`` windows per step) toward the dense model's next-token distribution (its ``topk`` most likely tokens
     per position) on the calibration windows for ``epochs`` (0: off); the last ``holdout`` windows decide when to
-    stop. It runs after the checkpointed blocks, so no run folder records it."""
+    stop. It runs after the checkpointed blocks, so no run folder records it. ``epochs`` or ``rel_lr`` of ``None``:
+    the method's default (``Pruner.kl_settings``)."""
 
     prefix = "kl_"
 
-    epochs: int = field(
-        default=0,
+    epochs: int | None = field(
+        default=None,
         metadata={
             "help": "last stage, masks fixed: train the whole pruned model's surviving weights toward the dense "
-            "model's next-token distribution on the calibration windows (KL) for this many epochs (0: off)"
+            "model's next-token distribution on the calibration windows (KL) for this many epochs (0: off; "
+            "default: the method's own: BESA 1 for N:M patterns, 0 otherwise and with --stream or --wbits)"
         },
     )
     lr: float = field(default=1e-5, metadata={"help": "KL stage: Adam learning rate"})
-    rel_lr: float = field(
-        default=0.0,
+    rel_lr: float | None = field(
+        default=None,
         metadata={
             "help": "KL stage: Adam rate per linear, a fraction of its surviving weights' RMS, instead of --kl-lr "
-            "(0: off)"
+            "(0: off; default: the method's own: BESA 4e-4 for N:M patterns, 0 otherwise)"
         },
     )
     topk: int = field(
@@ -123,8 +125,8 @@ class KLSettings(Section):
     )
 
     def __post_init__(self) -> None:
-        bad = not self.lr > 0 or not self.rel_lr >= 0 or self.topk < 1 or self.batch < 1
-        if self.epochs < 0 or self.holdout < 0 or bad:
+        bad = not self.lr > 0 or not (self.rel_lr or 0.0) >= 0 or self.topk < 1 or self.batch < 1
+        if (self.epochs or 0) < 0 or self.holdout < 0 or bad:
             raise BesaError(
                 "--kl-epochs must be 0 or more, --kl-lr positive, --kl-rel-lr 0 or more, --kl-topk and --kl-batch "
                 "at least 1, --kl-holdout 0 or more"

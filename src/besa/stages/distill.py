@@ -258,7 +258,7 @@ def distill(
         trim_heap()  # what the blocks freed goes back to the system, and from here on every large free at once:
         return_large_frees()  # the KL stage's peak is the run's (measured: 2.5 GiB -> 1.8 GiB on SmolLM2-135M)
         facts: dict[str, Any] = {"held_out_windows": int(xh.shape[0]) * ranks, "head_split": split}
-        schedule = TrainSchedule(kl.epochs, kl.lr, kl.batch, PATIENCE, seed, rel_lr=kl.rel_lr)
+        schedule = TrainSchedule(kl.epochs or 0, kl.lr, kl.batch, PATIENCE, seed, rel_lr=kl.rel_lr or 0.0)
         stepper = KeptAdam(params, schedule.rates(params))
         with checkpointed_blocks(model):
             facts.update(

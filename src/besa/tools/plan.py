@@ -170,13 +170,13 @@ def plan_run(shape: ModelShape, cfg: PlanConfig, pruner: Pruner, stored: torch.d
     the activations + the largest working set of a block step. On CUDA the host keeps the model as stored (or,
     streamed, what lies outside the blocks) and the activations; the device one block, what lies outside the blocks
     (for the embedding pass), one forward batch and the working set. The KL stage (``--kl-epochs``) comes after the
-    blocks: its peak is compared with theirs."""
+    blocks (given, or the method's default: ``Pruner.kl_settings``): its peak is compared with theirs."""
     device = cfg.device.split(":")[0]
     compute = resolve_dtype(cfg.runtime.dtype, torch.device(device))
     work, forwards = block_step(largest_block(shape), pruner)
     rows, peaks = _block_rows(shape, cfg, pruner, compute, stored, work)
     notes = ["a block's stages run one after the other: a peak counts the largest working set, not their sum"]
-    if cfg.kl.epochs:  # after the blocks: the whole model trains on the device; the engine's stores are gone
+    if pruner.kl_settings(cfg.stream).epochs:  # after the blocks: the whole model trains, the stores are gone
         _add_kl_stage(rows, peaks, shape, cfg, dtype_bytes(compute), dtype_bytes(stored))
         notes.append("the KL stage runs after the blocks: its peak is compared with theirs, not added")
     if device == "cpu":

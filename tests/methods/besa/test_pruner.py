@@ -4,7 +4,7 @@ import torch
 import besa
 from besa.engine.pipeline import run_sequential
 from besa.errors import BesaError
-from besa.methods.besa.config import NM_REFIT_EPOCHS, REFIT_REL_LR, BesaConfig
+from besa.methods.besa.config import KL_REL_LR, NM_KL_EPOCHS, NM_REFIT_EPOCHS, REFIT_REL_LR, BesaConfig
 from besa.methods.besa.layer import reconstruction_loss
 from besa.methods.besa.pruner import BesaPruner
 from besa.methods.besa.training import masked, train_block
@@ -153,7 +153,7 @@ def test_nm_patterns_are_learned_exactly(pattern, update, wbits, tokenizer):
     result = besa.prune(
         dense, tokenizer=tokenizer, method="besa", pattern=pattern, calib_ids=ids, wbits=wbits, group_size=16,
         method_options={"weight_update": update, "optimizer": "adamw", "lr": 0.05, "epochs": 3}, progress=False,
-        refit_epochs=0,
+        refit_epochs=0, kl_epochs=0,
     )  # fmt: skip
     moved = []
     for name, layer in _linears(result.model).items():
@@ -184,8 +184,9 @@ def test_besa_refuses_bad_options(tokenizer):
 def test_nm_defaults_are_admms_own_patterns_and_solve_then_the_relative_rate_refit(pattern, tokenizer):
     """Not given ``--epochs``, an N:M run learns nothing: its weights are exactly those of ``--method admm``
     followed by the refit toward the dense block on its pruned input at ``--refit-rel-lr 1.2e-3``
-    (``REFIT_REL_LR``), and without the refit exactly ``--method admm``'s; every group of m keeps m - n
-    weights, and the report says no learning step was taken."""
+    (``REFIT_REL_LR``) and one epoch of the KL stage at ``--kl-rel-lr 4e-4`` (``NM_KL_EPOCHS``, ``KL_REL_LR``),
+    and without the refit and the KL stage exactly ``--method admm``'s; every group of m keeps m - n weights, and
+    the report says no learning step was taken."""
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
 
     def run(method, **settings):
@@ -202,14 +203,22 @@ def test_nm_defaults_are_admms_own_patterns_and_solve_then_the_relative_rate_ref
         REFIT_REL_LR,
     )
     assert NM_REFIT_EPOCHS == ours.report["refit"]["epochs"] == 2
+    assert (ours.report["config"]["kl_epochs"], ours.report["config"]["kl_rel_lr"]) == (
+        NM_KL_EPOCHS,
+        KL_REL_LR,
+    )
+    assert NM_KL_EPOCHS == ours.report["kl"]["epochs"] == 1
     blocks = ours.report["method"]["blocks"].values()
     assert blocks and all(b["steps"] == 0 and b["learned"] is False for b in blocks)
-    assert same(ours, run("admm", refit_epochs=2, refit_target="pruned-input", refit_rel_lr=REFIT_REL_LR))
+    refit = {"refit_epochs": 2, "refit_target": "pruned-input", "refit_rel_lr": REFIT_REL_LR}
+    assert same(ours, run("admm", **refit, kl_epochs=1, kl_rel_lr=KL_REL_LR))
     assert not same(
         ours, run("besa", refit_rel_lr=0.0)
-    )  # the relative rate is what ran, not the absolute one
-    unrefitted = run("besa", refit_epochs=0)
-    assert unrefitted.report["refit"] is None and same(unrefitted, run("admm"))
+    )  # the relative rates are what ran, not the absolute ones
+    assert not same(ours, run("besa", kl_rel_lr=0.0))
+    assert not same(ours, run("admm", **refit))  # the KL stage ran
+    plain = run("besa", refit_epochs=0, kl_epochs=0)
+    assert plain.report["refit"] is None and "kl" not in plain.report and same(plain, run("admm"))
     n, m = map(int, pattern.split(":"))
     assert all(
         ((weight_matrix(w) == 0).reshape(-1, m).sum(-1) == n).all() for w in _linears(ours.model).values()
@@ -518,7 +527,7 @@ def test_obs_update_within_block_sees_the_inputs_of_the_pruned_block(
     besa.prune(
         model, tokenizer=tokenizer, method="besa", pattern=pattern, calib_ids=ids, forward_batch=4,
         within_block=within_block, method_options={"weight_update": "obs", "optimizer": "adamw", "lr": 0.05},
-        refit_epochs=0,
+        refit_epochs=0, kl_epochs=0,
         progress=False, checkpoint=False,
     )  # fmt: skip
     final = _pruned_stream_hessians(model, ids)

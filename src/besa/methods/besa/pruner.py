@@ -19,6 +19,8 @@ from besa.engine.work import BlockWork
 from besa.errors import BesaError
 from besa.methods.base import apply_prune_mask
 from besa.methods.besa.config import (
+    KL_REL_LR,
+    NM_KL_EPOCHS,
     NM_REFIT_EPOCHS,
     REFIT_EPOCHS,
     BesaConfig,
@@ -70,7 +72,8 @@ class BesaPruner(FinalMasks):
     # ``weight_update_at``), then 2 epochs of blockwise refit, toward the dense model's output below 70% sparsity and
     # toward the dense block's function on its pruned input from 70% on and for N:M (``refit_target_at``); N:M
     # patterns are not learned (``NM_EPOCHS``: ADMM's own) and from 70% and for N:M the refit's rate is relative to
-    # each linear's weights (``refit_rel_lr_at``); `--recipe besa-paper` is the paper's form
+    # each linear's weights (``refit_rel_lr_at``); N:M runs end with one epoch of the KL stage (``NM_KL_EPOCHS``);
+    # `--recipe besa-paper` is the paper's form
     default_within_block = "sequential"
     default_refit_epochs = REFIT_EPOCHS
 
@@ -89,6 +92,12 @@ class BesaPruner(FinalMasks):
 
     def refit_rel_lr_default(self) -> float:
         return refit_rel_lr_at(self.sparsity, self.pattern is not None)
+
+    def kl_epochs_default(self) -> int:
+        return NM_KL_EPOCHS if self.pattern is not None else 0
+
+    def kl_rel_lr_default(self) -> float:
+        return KL_REL_LR if self.pattern is not None else 0.0
 
     def __init__(self, method_config: MethodConfig, config: Any) -> None:
         super().__init__(method_config, config)
