@@ -61,12 +61,23 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     "besa-paper": ("besa", ["--recipe", "besa-paper"], "BESA, the paper's form (frozen weights)"),
     "besa+obs": (
         "besa",
-        ["--epochs", "1", "--weight-update", "obs", "--refit-epochs", "0"],
+        ["--epochs", "1", "--weight-update", "obs", "--refit-epochs", "0", "--kl-epochs", "0"],
         "learned allocation (N:M: learned patterns) + OBS update and solve, no refit",
     ),
     "besa:wanda-start": (
         "besa",
-        ["--epochs", "1", "--metric", "wanda", "--weight-update", "obs", "--refit-target", "dense-stream"],
+        [
+            "--epochs",
+            "1",
+            "--metric",
+            "wanda",
+            "--weight-update",
+            "obs",
+            "--refit-target",
+            "dense-stream",
+            "--kl-epochs",
+            "0",
+        ],
         "BESA learning the N:M patterns from Wanda's metric, OBS update, refit toward the dense model's output (the"
         " N:M default until the OBS start measured better on PTB valid)",
     ),
@@ -81,6 +92,8 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
             "obs",
             "--refit-target",
             "dense-stream",
+            "--kl-epochs",
+            "0",
         ],
         "BESA learning the N:M patterns from the OBS saliency, OBS update, refit toward the dense model's output (the"
         " N:M default until ADMM's own patterns with the pruned-input refit measured better on PTB valid)",
@@ -114,22 +127,22 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     ),
     "besa:nm-refit": (
         "besa",
-        ["--refit-epochs", "2", "--refit-rel-lr", "0"],
+        ["--refit-epochs", "2", "--refit-rel-lr", "0", "--kl-epochs", "0"],
         "ADMM's patterns and solve with the refit toward the dense block on its pruned input at the absolute"
         " `--refit-lr` (2:4 on PTB valid: 197.61, ADMM alone 222.81; lost to SparseGPT on the held-out Gemma-3-270M)",
     ),
     "besa:nm-refit-token": (
         "besa",
-        ["--refit-epochs", "2", "--refit-rel-lr", "0", "--refit-loss", "token"],
+        ["--refit-epochs", "2", "--refit-rel-lr", "0", "--refit-loss", "token", "--kl-epochs", "0"],
         "ADMM's patterns and solve with the pruned-input refit on each token's relative error (`--refit-loss token`: the"
         " windows' first tokens, which carry SmolLM2's massive activations, weigh as much as any other)",
     ),
     "besa:nm-refit-rel": (
         "besa",
-        ["--refit-epochs", "2", "--refit-rel-lr", "1.2e-3"],
+        ["--refit-epochs", "2", "--refit-rel-lr", "1.2e-3", "--kl-epochs", "0"],
         "ADMM's patterns and solve with the pruned-input refit at a rate relative to each linear's weights"
-        " (`--refit-rel-lr 1.2e-3`: SmolLM2's 3e-4 over its median surviving RMS at 2:4; the N:M default since issue"
-        " 37)",
+        " (`--refit-rel-lr 1.2e-3`: SmolLM2's 3e-4 over its median surviving RMS at 2:4; the N:M default in issue 37"
+        " until the KL epoch was added)",
     ),
     "besa:nm-kl": (
         "besa",
@@ -140,7 +153,8 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     "besa:nm-kl1": (
         "besa",
         ["--kl-epochs", "1", "--kl-rel-lr", "4e-4"],
-        "the same with 1 KL epoch (`--kl-epochs 1 --kl-rel-lr 4e-4`: its first epoch gives most of the held-out gain)",
+        "the same with 1 KL epoch (`--kl-epochs 1 --kl-rel-lr 4e-4`: its first epoch gives most of the held-out gain;"
+        " the N:M default since issue 37)",
     ),
     "besa:refit-rel": (
         "besa",
@@ -165,9 +179,12 @@ ONLY_AT = {
     "besa:nm-refit": {"2:4", "4:8"},  # N:M only: unstructured, the refit is the default
     # N:M only: unstructured, --refit-loss token is a tuning row so far
     "besa:nm-refit-token": {"2:4", "4:8"},
-    "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only: the N:M default since issue 37
+    "besa:nm-refit-rel": {"2:4", "4:8"},  # N:M only: unstructured, the refit-only runs are other rows
     "besa:nm-kl": {"2:4", "4:8"},  # N:M only so far
-    "besa:nm-kl1": {"2:4", "4:8"},  # N:M only so far
+    "besa:nm-kl1": {
+        "2:4",
+        "4:8",
+    },  # N:M only: the N:M default (unstructured runs have no KL stage by default)
     "besa:refit-rel": {"0.5", "0.6"},  # from 70% and for N:M the default: the same run as ``besa``
     "besa:refit-abs": {"0.7", "0.8"},  # below 70% the default: the same run as ``besa``
     "besa+refit": {"0.7", "0.8"},  # below 70% the dense-stream refit is the default: the same run as ``besa``

@@ -341,10 +341,10 @@ def main() -> None:
         if pruned.report.get("refit"):
             refits = pruned.report["refit"]["blocks"].values()
             results[key]["refit_epochs_run"] = [b["epochs"] for b in refits]
-            # per block: training loss before / after, held-out loss before / at its best epoch
+            # per block: the first and last epoch's mean training loss, held-out loss before / at its best epoch
             results[key]["refit_losses"] = [
-                [b["train_before"], b["train_after"], b["held_out"][0], min(b["held_out"])]
-                for b in refits if b.get("held_out")
+                [b["train"][0], b["train"][-1], b["held_out"][0], min(b["held_out"])]
+                for b in refits if b.get("held_out") and b.get("train")
             ]  # fmt: skip
         print(f"{key}: ptb valid {ppl['ppl']:.3f} ({seconds:.0f}s)", flush=True)
         results_path.write_text(json.dumps(results, indent=2) + "\n")

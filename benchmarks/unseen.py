@@ -62,8 +62,8 @@ LABELS = {
     "besa:nm-refit": "ADMM's patterns and solve with the pruned-input refit at the absolute rate (`--refit-epochs 2 --refit-rel-lr 0`)",
     "besa:nm-refit-token": "the same refit on each token's relative error (`--refit-epochs 2 --refit-rel-lr 0 --refit-loss token`)",
     "besa:nm-refit-rel": "the same refit at a rate relative to each linear's weights (`--refit-rel-lr 1.2e-3`)",
-    "besa:nm-kl": "the N:M default, then the KL stage on the whole model (`--kl-epochs 2 --kl-rel-lr 4e-4`)",
-    "besa:nm-kl1": "the same with 1 KL epoch (`--kl-epochs 1 --kl-rel-lr 4e-4`)",
+    "besa:nm-kl": "the N:M default's blocks, then the KL stage on the whole model (`--kl-epochs 2 --kl-rel-lr 4e-4`)",
+    "besa:nm-kl1": "the same with 1 KL epoch (`--kl-epochs 1 --kl-rel-lr 4e-4`: the N:M default since issue 37)",
     "besa:refit-rel": "BESA's defaults with the refit at the relative rate (`--refit-rel-lr 1.2e-3`; the default from"
     " 70% since issue 37)",
     "besa:refit-abs": "BESA's defaults with the refit at the absolute `--refit-lr 3e-4` (the default from 70% before issue"

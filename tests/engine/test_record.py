@@ -7,8 +7,7 @@ def test_a_blocks_checkpoint_json_brings_back_its_refit_and_facts():
     """What a resumed run reads back for a finished block is what the block produced (through JSON, as on disk)."""
     record = RunRecord()
     refit = {
-        "train_before": 0.5,
-        "train_after": 0.1,
+        "train": [0.5, 0.1],
         "held_out": [0.6, 0.4, 0.45],
         "held_out_windows": 4,
         "epochs": 2,

@@ -49,15 +49,24 @@ def test_split_holdout_keeps_the_last_windows_apart():
     assert split_holdout(3, 4) == (slice(0, 3), slice(3, 3))  # too few windows: nothing held out
 
 
+def _training_loss(work: BlockWork, targets, loss=block_loss) -> float:
+    """The block's loss on the 8 training windows of the tests' 12 (the last 4 held out where a spec says so)."""
+    inputs, wanted = torch.cat(list(work.inputs)), torch.cat(list(targets))
+    with torch.no_grad():
+        return float(loss(wanted[:8], work.forward(inputs[:8])))
+
+
 def test_refit_lowers_the_training_loss_and_keeps_every_pruned_weight_zero():
     def step(work: BlockWork) -> None:
         targets = work.forward_all(keep_outputs=True)  # the dense block's outputs
         _prune_half(work)
         zeros = {n: layer.weight.detach() == 0 for n, layer in work.linears.items()}
         requires = [p.requires_grad for p in work.module.parameters()]
+        before = _training_loss(work, targets)
         facts = refit_block(work, work.inputs, targets, RefitSpec(epochs=4, lr=1e-3, batch_size=4, holdout=4))
-        assert facts["train_after"] < 0.5 * facts["train_before"]
+        assert _training_loss(work, targets) < 0.5 * before
         assert facts["epochs"] >= 1 and len(facts["held_out"]) == facts["epochs"] + 1
+        assert len(facts["train"]) == facts["epochs"] and facts["train"][-1] < facts["train"][0]
         for name, layer in work.linears.items():
             assert torch.equal(layer.weight.detach() == 0, zeros[name]), name  # same zeros, exactly
             assert layer.weight.grad is None
@@ -130,8 +139,9 @@ def test_an_anchored_refit_moves_the_weights_less_and_keeps_every_pruned_weight_
             for name, layer in work.linears.items():
                 layer.weight.data.copy_(start[name])
             spec = RefitSpec(epochs=3, lr=1e-3, batch_size=4, holdout=0, anchor=anchor)
+            before = _training_loss(work, targets)
             facts = refit_block(work, work.inputs, targets, spec)
-            assert facts["train_after"] < facts["train_before"]
+            assert _training_loss(work, targets) < before and len(facts["train"]) == 3
             moves[anchor] = float(anchor_penalty([layer.weight.detach() for layer in work.linears.values()],
                                                  list(start.values())))  # fmt: skip
             for name, layer in work.linears.items():
@@ -181,15 +191,13 @@ def test_a_token_loss_refit_lowers_its_loss_and_keeps_every_pruned_weight_zero()
         _prune_half(work)
         zeros = {n: layer.weight.detach() == 0 for n, layer in work.linears.items()}
         inputs, wanted = torch.cat(list(work.inputs)), torch.cat(list(targets))
+        before = _training_loss(work, targets, token_loss)
         with torch.no_grad():
-            before = float(token_loss(wanted[:8], work.forward(inputs[:8])))  # the 8 training windows
+            held_before = float(token_loss(wanted[8:], work.forward(inputs[8:])))  # the 4 held-out windows
         spec = RefitSpec(epochs=4, lr=1e-3, batch_size=4, holdout=4, loss="token")
         facts = refit_block(work, work.inputs, targets, spec)
-        assert facts["train_before"] == pytest.approx(before, rel=1e-5)  # the facts are in the token loss
-        assert facts["train_after"] < 0.5 * facts["train_before"]
-        with torch.no_grad():
-            after = float(token_loss(wanted[:8], work.forward(inputs[:8])))
-        assert after == pytest.approx(facts["train_after"], rel=1e-5)
+        assert facts["held_out"][0] == pytest.approx(held_before, rel=1e-5)  # the facts are in the token loss
+        assert _training_loss(work, targets, token_loss) < 0.5 * before
         for name, layer in work.linears.items():
             assert torch.equal(layer.weight.detach() == 0, zeros[name]), name
 
@@ -249,7 +257,7 @@ def test_refit_after_any_method_keeps_its_exact_sparsity_and_structure(tokenizer
     assert report["sparsity"]["pruned_layers"] == 0.5
     assert set(report["refit"]["blocks"]) == {"model.layers.0", "model.layers.1"}
     for facts in report["refit"]["blocks"].values():
-        assert facts["train_after"] <= facts["train_before"]
+        assert len(facts["train"]) == facts["epochs"] == 2 and facts["train"][-1] < facts["train"][0]
     if pattern:
         for block in model.model.layers:  # the test knows the tiny model's layout
             for layer in (block.self_attn.q_proj, block.mlp.down_proj):

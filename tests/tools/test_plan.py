@@ -141,6 +141,21 @@ def test_the_kl_stage_peak_is_the_whole_model_training_not_added_to_the_blocks()
     assert {r for r, _, _ in kl.rows} >= set(parts)
 
 
+def test_the_kl_stage_is_planned_where_the_method_runs_it_by_default():
+    """BESA's N:M runs end with a KL epoch unless told otherwise (``Pruner.kl_settings``); a streamed run has none."""
+    shape = shape_of(make_model("llama"))
+    spec = get_method("besa")
+
+    def kl_rows(stream, **settings):
+        run = PruneConfig.from_flat(method="besa", nsamples=8, seqlen=16, dtype="float32", **settings)
+        cfg = PlanConfig(method="besa", stream=stream, calibration=run.calibration, runtime=run.runtime)
+        plan = plan_run(shape, cfg, spec.pruner_cls(spec.config_cls(), run), torch.float32)
+        return [r for r, _, _ in plan.rows if r.startswith("KL stage")]
+
+    assert set(kl_rows(False, pattern="2:4")) == set(kl_stage_bytes(shape, 8, 16, 4, 4, 64))
+    assert kl_rows(False, pattern="2:4", kl_epochs=0) == kl_rows(True, pattern="2:4") == kl_rows(False) == []
+
+
 def test_cli_plan_prints_the_peaks_and_refuses_bad_input(model_dir, capsys):
     assert main(["plan", str(model_dir), "--method", "besa", "--nsamples", "4", "--seqlen", "32"]) == 0
     out = capsys.readouterr().out

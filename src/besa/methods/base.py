@@ -36,6 +36,15 @@ def destroyed(before: torch.Tensor, after: torch.Tensor) -> bool:
     return bool(before.count_nonzero()) and not bool(after.count_nonzero())
 
 
+def _losses(refit: dict[str, Any]) -> str:
+    """A refit's losses in a log line: the held-out loss before -> at its best epoch, or without held-out windows
+    the first -> last epoch's mean training loss."""
+    held, train = refit["held_out"], refit["train"]
+    if held:
+        return f"held-out loss {held[0]:.4g} -> {min(held):.4g}"
+    return f"training loss {train[0]:.4g} -> {train[-1]:.4g} (epoch means)" if train else "no epoch run"
+
+
 class Pruner(RefitChoice, ABC):
     """Base class of every pruning method; subclasses are registered with ``besa.registry.register_method``.
 
@@ -165,8 +174,9 @@ class Pruner(RefitChoice, ABC):
         result.refit = refit_block(work, inputs, targets, spec, self.config.calibration.seed)
         if before is not None:
             before.release()
-        log.info("%s: refit %s loss %.4g -> %.4g in %d epochs", work.name, target, result.refit["train_before"],
-                 result.refit["train_after"], result.refit["epochs"])  # fmt: skip
+        log.info(
+            "%s: refit %s, %d epochs: %s", work.name, target, result.refit["epochs"], _losses(result.refit)
+        )
         return result
 
     @property

@@ -89,7 +89,8 @@ class RefitChoice:
             return None
         losses = (
             "block output MSE / mean square of the target; held_out[0] is before any training, then one per "
-            "epoch; the weights of the best held-out epoch are kept"
+            "epoch; the weights of the best held-out epoch are kept; train: each epoch's mean over its batches, "
+            "as they trained"
         )
         return {
             **dataclasses.asdict(spec),

@@ -220,7 +220,8 @@ def refit_block(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Train the surviving weights of ``work``'s linears (Adam, masks fixed) so the block maps ``inputs`` to
-    ``targets``; return the facts: losses before / after on the training and held-out windows, epochs run."""
+    ``targets``; return the facts: the held-out loss before training and after every epoch, each epoch's mean
+    training loss (of its batches, as they trained: the training windows get no pass of their own), epochs run."""
     x_all, y_all = torch.cat(list(inputs)), torch.cat(list(targets))
     ranks = distributed.world().size  # data parallel: each rank holds out its share of the held-out windows
     train, held = split_holdout(x_all.shape[0], -(-spec.holdout // ranks))
@@ -232,18 +233,19 @@ def refit_block(
     work.module.requires_grad_(False)
     loss = LOSSES[spec.loss]
 
+    seen: list[float] = []  # each step's training loss, as it trained (no pass of its own)
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         out = work.forward(x[idx])
-        return loss(y[idx].to(out.device), out)
+        value = loss(y[idx].to(out.device), out)
+        seen.append(float(value.detach()))
+        return value
 
     def loss_over(inputs: torch.Tensor, targets: torch.Tensor) -> float:
         return distributed.mean_value(_loss_over(work, inputs, targets, spec.batch_size, loss))
 
     evaluate = (lambda: loss_over(xh, yh)) if xh.shape[0] else None
-    facts: dict[str, Any] = {
-        "train_before": loss_over(x, y),
-        "held_out_windows": int(xh.shape[0]) * ranks,
-    }
+    facts: dict[str, Any] = {"held_out_windows": int(xh.shape[0]) * ranks}
     bar = tqdm(
         total=spec.epochs, desc=f"({work.index + 1}/{work.num_blocks}) Refitting", leave=False,
         disable=None if work.progress else True,
@@ -255,5 +257,8 @@ def refit_block(
         for p, r in zip(work.module.parameters(), requires, strict=True):
             p.requires_grad_(r)
             p.grad = None
-    facts["train_after"] = loss_over(x, y)
+    steps = -(-x.shape[0] // spec.batch_size)
+    facts["train"] = [
+        distributed.mean_value(sum(seen[i : i + steps]) / steps) for i in range(0, len(seen), steps)
+    ]
     return facts
