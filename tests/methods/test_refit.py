@@ -69,3 +69,17 @@ def test_the_kl_stage_a_run_gets(pruner, streamed, epochs, rel_lr):
     kl = pruner().kl_settings(streamed=streamed)
     assert (kl.epochs, kl.rel_lr) == (epochs, rel_lr)
     assert (kl.lr, kl.batch, kl.topk, kl.holdout) == (1e-5, 4, 64, 4)  # the rest as given (here the defaults)
+
+
+@pytest.mark.parametrize(
+    ("settings", "streamed", "why"), [({"wbits": 4}, False, "--wbits"), ({}, True, "--stream")]
+)
+def test_a_default_kl_stage_left_out_says_so(caplog, settings, streamed, why):
+    with caplog.at_level("WARNING", logger="besa.methods.refit"):
+        assert _besa(pattern="2:4", **settings).kl_settings(streamed=streamed).epochs == 0
+    assert f"left out with {why}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="besa.methods.refit"):  # said explicitly, or nothing to leave out
+        assert _besa(pattern="2:4", kl_epochs=0, **settings).kl_settings(streamed=streamed).epochs == 0
+        assert _besa(sparsity=0.5, **settings).kl_settings(streamed=streamed).epochs == 0
+    assert caplog.text == ""

@@ -5,6 +5,7 @@ section."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 from besa.formats.quant import QuantSpec
@@ -13,6 +14,8 @@ from besa.settings.training import KLSettings
 from besa.stages.reconstruct import RefitSpec
 
 __all__ = ["RefitChoice"]
+
+log = logging.getLogger(__name__)
 
 
 class RefitChoice:
@@ -46,11 +49,17 @@ class RefitChoice:
     def kl_settings(self, streamed: bool = False) -> KLSettings:
         """The KL stage's settings for this run: ``--kl-*`` where given, else the method's defaults. By default a
         run that quantizes (the stage trains full-precision weights) or streams (it trains the whole model at once)
-        has no stage."""
+        has no stage, and a warning says so where the method would have run one."""
         kl = self.config.kl
         epochs = kl.epochs
         if epochs is None:
-            epochs = 0 if self.quant is not None or streamed else self.kl_epochs_default()
+            epochs = self.kl_epochs_default()
+            why = "--wbits (it trains full-precision weights)" if self.quant is not None else None
+            why = "--stream (it trains the whole model at once)" if streamed else why
+            if epochs and why:
+                log.warning("the method's default KL stage (%d epoch%s) is left out with %s; --kl-epochs 0 says "
+                            "so explicitly", epochs, "s" * (epochs != 1), why)  # fmt: skip
+                epochs = 0
         rel_lr = kl.rel_lr if kl.rel_lr is not None else self.kl_rel_lr_default()
         return dataclasses.replace(kl, epochs=epochs, rel_lr=rel_lr)
 
