@@ -35,6 +35,15 @@ from _markdown import excess_ratio, protocol_parser, replace_section  # noqa: E4
 from baselines import _besa, _machine, prune_and_score  # noqa: E402
 
 SETTINGS = ["0.5", "0.6", "0.7", "0.8", "2:4", "4:8"]
+
+
+def _learned_nm(metric: str) -> list[str]:
+    """The flags of BESA learning the N:M patterns from ``metric``'s saliency (an N:M default before issue 37):
+    the OBS update, the refit toward the dense model's output, no KL stage."""
+    return ["--epochs", "1", "--metric", metric, "--weight-update", "obs", "--refit-target", "dense-stream",
+            "--kl-epochs", "0"]  # fmt: skip
+
+
 CONFIGS: dict[str, tuple[str, list[str], str]] = {
     "sparsegpt": ("sparsegpt", [], "SparseGPT (the reference: OBS sweep + least-squares solve)"),
     "sparsegpt-paper": (
@@ -66,35 +75,13 @@ CONFIGS: dict[str, tuple[str, list[str], str]] = {
     ),
     "besa:wanda-start": (
         "besa",
-        [
-            "--epochs",
-            "1",
-            "--metric",
-            "wanda",
-            "--weight-update",
-            "obs",
-            "--refit-target",
-            "dense-stream",
-            "--kl-epochs",
-            "0",
-        ],
+        _learned_nm("wanda"),
         "BESA learning the N:M patterns from Wanda's metric, OBS update, refit toward the dense model's output (the"
         " N:M default until the OBS start measured better on PTB valid)",
     ),
     "besa:learned-nm": (
         "besa",
-        [
-            "--epochs",
-            "1",
-            "--metric",
-            "sparsegpt",
-            "--weight-update",
-            "obs",
-            "--refit-target",
-            "dense-stream",
-            "--kl-epochs",
-            "0",
-        ],
+        _learned_nm("sparsegpt"),
         "BESA learning the N:M patterns from the OBS saliency, OBS update, refit toward the dense model's output (the"
         " N:M default until ADMM's own patterns with the pruned-input refit measured better on PTB valid)",
     ),

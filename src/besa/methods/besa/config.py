@@ -30,8 +30,9 @@ NM_KL_EPOCHS = 1
 model's kept weights trained toward the dense model's next-token distribution), at the rate ``KL_REL_LR``. At 2:4 on
 SmolLM2's PTB valid (tuning protocol) two epochs scored 166.03 against 206.11 without the stage, the largest step any
 stage made there; one epoch is their first (held-out KL 0.761 -> 0.652, then 0.630), and two cost 5.97x SparseGPT's
-prune time on the benchmark protocol, over issue 37's 5x. One epoch on the benchmark protocol: WikiText-2 / PTB test
-excess ratios 0.51 / 0.49 at 2:4 and 0.50 / 0.53 at 4:8 against 0.69 / 0.69 and 0.66 / 0.73 without it; on the
+prune time on the benchmark protocol, over issue 37's 5x. One epoch on the benchmark protocol (run21): WikiText-2 /
+PTB test excess ratios 0.52 / 0.49 at 2:4 and 0.50 / 0.55 at 4:8 against 0.69 / 0.69 and 0.66 / 0.73 without it, at
+4.37x / 4.34x SparseGPT's prune time and peaks of 1793 / 1834 MiB; on the
 held-out Gemma-3-270M at 2:4 0.54 / 0.64 / 0.62 (WikiText-2 / PTB / Python docs) against 0.75 / 0.76 / 0.81
 (benchmarks/NOTES.md, issue 37). Not run by default with ``--stream`` or ``--wbits`` (``Pruner.kl_settings``)."""
 KL_REL_LR = 4e-4
