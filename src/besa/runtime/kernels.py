@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["ISA_NAMES", "Kernels", "kernels"]
 
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512-vbmi2"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512-vbmi2", 4: "avx512-vpopcntdq"}
 SOURCE = Path(__file__).with_name("csrc") / "bitmask.cpp"
 
 
