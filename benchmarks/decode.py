@@ -330,8 +330,18 @@ def write_markdown(results: dict, markdown: Path) -> None:
         "(speed depends on where the zeros are, not on how well they were chosen). Medians of "
         f"{results['repeats']} repeats of {results['tokens']} tokens, the variants taking turns run by run.",
         "",
-        f"Machine: {results['machine']}; kernels: {results['isa']}; copy roofline "
-        + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in results["roofline"].items())
+        f"Machine: {results['machine']}. Each row names the kernels it ran (`besa.runtime.kernels`: the "
+        "instruction set; rows measured in different invocations) and is held against the copy roofline measured in "
+        "its own invocation: "
+        + "; ".join(
+            sorted(
+                {
+                    f"{r['isa']}: "
+                    + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in r["roofline"].items())
+                    for r in results["runs"].values()
+                }
+            )
+        )
         + ".",
         "",
         "Command:",
@@ -340,10 +350,10 @@ def write_markdown(results: dict, markdown: Path) -> None:
         "BESA_DATA_DIR=../shared/data python benchmarks/decode.py --work out/decode",
         "```",
         "",
-        "| model | pruned | threads | blocks ms/token dense fp32 | dense bf16 | sparse fp32 | sparse bf16 | blocks "
+        "| model | pruned | threads | kernels | blocks ms/token dense fp32 | dense bf16 | sparse fp32 | sparse bf16 | blocks "
         "speed-up vs fp32 | vs bf16 (bf16 values) | ceiling blocks | end-to-end speed-up | ceiling end to end | "
         "linears held / dense | same tokens | prefill sparse / dense |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for key, row in sorted(results["runs"].items()):
         model, setting, threads = key.split("|")
@@ -352,7 +362,7 @@ def write_markdown(results: dict, markdown: Path) -> None:
         ceil_all = (b["blocks_dense"] + b["head"]) / (b["blocks_sparse"] + b["head"])
         d32, d16, s32, s16 = (row[k] for k in ("dense_fp32", "dense_bf16", "sparse_fp32", "sparse_bf16"))
         lines.append(
-            f"| {model} | {setting} | {threads} | {d32['blocks_s'] * 1e3:.2f} | {d16['blocks_s'] * 1e3:.2f} | "
+            f"| {model} | {setting} | {threads} | {row['isa']} | {d32['blocks_s'] * 1e3:.2f} | {d16['blocks_s'] * 1e3:.2f} | "
             f"{s32['blocks_s'] * 1e3:.2f} | {s16['blocks_s'] * 1e3:.2f} | **{_ratio(d32['blocks_s'], s32['blocks_s'])}** | "
             f"{_ratio(d16['blocks_s'], s16['blocks_s'])} | {ceil_blocks:.2f}x | "
             f"{_ratio(d32['token_s'], s32['token_s'])} | {ceil_all:.2f}x | {row['held_ratio']:.3f} | "
@@ -384,7 +394,7 @@ def write_markdown(results: dict, markdown: Path) -> None:
               "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for key, row in sorted(results["runs"].items()):
         model, setting, threads = key.split("|")
-        roof = results["roofline"][threads]
+        roof = row["roofline"][threads]
         for shape, s in row["linears"].items():
             bw = s["sparse_bytes"] / s["sparse"]
             lines.append(
@@ -464,7 +474,8 @@ def main() -> None:
                 if key in results["runs"]:
                     continue
                 print(f"measuring {key}", flush=True)
-                results["runs"][key] = measure(_folder(args.work, model, setting), int(threads), args)
+                run = measure(_folder(args.work, model, setting), int(threads), args)
+                results["runs"][key] = {**run, "isa": results["isa"], "roofline": results["roofline"]}
                 RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     plot(results)
     write_markdown(results, args.markdown)
