@@ -78,14 +78,16 @@ def test_every_instruction_set_gives_the_dense_product_of_the_masked_weight(
 
 @pytest.mark.skipif(kernels().isa < 3, reason="needs two AVX-512 paths (this CPU runs fewer)")
 @pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
-@pytest.mark.parametrize("bits", [0, 8, 4])
+@pytest.mark.parametrize("values", ["float32", "bfloat16", 8, 4])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-def test_the_avx512_paths_agree_bit_for_bit(rows, cols, sparsity, bits, tokens):
+def test_the_avx512_paths_agree_bit_for_bit(rows, cols, sparsity, values, tokens):
     """``vexpandps`` and the bit-count ``vpermps`` (and VBMI2's byte spread for 4-bit codes) place the same weights
     in the same lanes and add them in the same order: the same floats, not merely close ones."""
-    packed = pack(_pruned(rows, cols, sparsity, seed=rows * cols))
-    if bits:
-        packed = quantize(packed, QuantSpec(bits, 16))
+    w = _pruned(rows, cols, sparsity, seed=rows * cols)
+    if isinstance(values, int):
+        packed = quantize(pack(w), QuantSpec(values, 16))
+    else:
+        packed = pack(w, getattr(torch, values))
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
     layer = SparseLinear(packed)
     first = layer.kernel(x, 2)
