@@ -25,7 +25,9 @@ a pruned model depends on where its zeros are, not on how well they were chosen)
         [--models smollm2-135m,gemma3-270m] [--settings 0.5,0.7,2:4] [--threads 1,2]
 
 Writes ``benchmarks/results/decode.json``, the ``decode`` section of BENCHMARKS.md and
-``benchmarks/results/decode_speedup.png``; keeps finished measurements and skips them when rerun.
+``benchmarks/results/decode_speedup.png``; keeps finished measurements and skips them when rerun. Runs are kept per
+CPU (``cpu_tag``: AMD EPYC and Intel Xeon machines alternate here, and their kernels differ), each CPU with its own
+tables and panel of the plot.
 """
 
 from __future__ import annotations
@@ -110,6 +112,31 @@ def copy_bandwidth(repeats: int) -> float:
     src = torch.rand(64 * 2**20)
     dst = torch.empty_like(src)
     return 2 * src.numel() * 4 / _seconds(lambda: dst.copy_(src), repeats)
+
+
+def cpu_tag(machine: str) -> str:
+    """A short name of the CPU in ``machine`` (``baselines._machine()``): "AMD EPYC", "Intel Xeon"."""
+    cpu = machine.split("(", 1)[1].rsplit(")", 1)[0] if "(" in machine else machine
+    for noise in ("(R)", "(TM)", " Processor", " CPU"):
+        cpu = cpu.replace(noise, "")
+    return " ".join(cpu.split()[:2])
+
+
+def _split(key: str) -> tuple[str, str, str, str]:
+    """(cpu, model, setting, threads) of a run's key."""
+    cpu, model, setting, threads = key.split("|")
+    return cpu, model, setting, threads
+
+
+def _migrate(results: dict) -> dict:
+    """Results written before runs were kept per CPU: their keys gain the CPU of the file's one machine."""
+    old = {k: v for k, v in results.get("runs", {}).items() if k.count("|") == 2}
+    for key, row in old.items():
+        row.setdefault("machine", results["machine"])
+        results["runs"][f"{cpu_tag(row['machine'])}|{key}"] = results["runs"].pop(key)
+    for stale in ("machine", "isa", "roofline"):
+        results.pop(stale, None)
+    return results
 
 
 def _folder(work: Path, model: str, setting: str) -> Path:
@@ -301,8 +328,11 @@ def redo_prefill(results: dict, args: argparse.Namespace) -> None:
     from besa.model.loading import load_model
     from besa.runtime.load import load_sparse
 
+    here = cpu_tag(_machine())
     for key, row in results["runs"].items():
-        model, setting, threads = key.split("|")
+        cpu, model, setting, threads = _split(key)
+        if cpu != here:
+            continue
         torch.set_num_threads(int(threads))
         folder = _folder(args.work, model, setting)
         print(f"prefill again: {key}", flush=True)
@@ -316,6 +346,8 @@ def _ratio(a: float, b: float) -> str:
 
 
 def write_markdown(results: dict, markdown: Path) -> None:
+    runs = results["runs"]
+    cpus = sorted({_split(k)[0] for k in runs})
     lines = [
         "## Decode on sparse CPU kernels: pruned models against their dense weights (`besa.load_sparse`)",
         "",
@@ -324,39 +356,45 @@ def write_markdown(results: dict, markdown: Path) -> None:
         "the time per token inside the decoder blocks (the embedding and the output head stay dense); `ceiling` is "
         "what the bytes read per token allow (dense bytes / sparse bytes: blocks alone, and with the head). "
         "Per-linear `bandwidth` is the bytes the kernel reads per second, every pruned linear once per pass in "
-        "model order, against the copy roofline. `prefill` is one forward of 128 tokens, sparse over dense fp32: "
-        "below the crossover measured at load (16 to 64 tokens here) the kernel, from it on the weight unpacked into "
-        "a reused buffer for one dense product. Models pruned by BESA's defaults from 16 x 256 calibration tokens "
+        "model order, against the copy roofline. `prefill` is one forward of 128 tokens, sparse over dense fp32 "
+        "(below the crossover measured at load the kernel, from it on the weight unpacked for dense products). "
+        "Models pruned by BESA's defaults from 16 x 256 calibration tokens "
         "(speed depends on where the zeros are, not on how well they were chosen). Medians of "
         f"{results['repeats']} repeats of {results['tokens']} tokens, the variants taking turns run by run.",
         "",
-        f"Machine: {results['machine']}. Each row names the kernels it ran (`besa.runtime.kernels`: the "
-        "instruction set; rows measured in different invocations) and is held against the copy roofline measured in "
-        "its own invocation: "
-        + "; ".join(
-            sorted(
-                {
-                    f"{r['isa']}: "
-                    + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in r["roofline"].items())
-                    for r in results["runs"].values()
-                }
-            )
-        )
-        + ".",
-        "",
-        "Command:",
+        "Command (each CPU's rows come from a machine of that CPU; the script keeps the other CPU's rows):",
         "",
         "```",
         "BESA_DATA_DIR=../shared/data python benchmarks/decode.py --work out/decode",
         "```",
+    ]
+    for cpu in cpus:
+        lines += _cpu_tables(cpu, {k: r for k, r in runs.items() if _split(k)[0] == cpu})
+    lines += ["", f"![decode speed-up against sparsity]({PLOT.relative_to(ROOT)})"]
+    replace_section(markdown, "decode", "\n".join(lines))
+
+
+def _cpu_tables(cpu: str, runs: dict) -> list[str]:
+    """The three tables of one CPU's runs."""
+    machines = sorted({r["machine"] for r in runs.values()})
+    roofs = sorted({f"{r['isa']}: " + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in r["roofline"].items())
+                    for r in runs.values()})  # fmt: skip
+    lines = [
+        "",
+        f"### {cpu}",
+        "",
+        f"Machine: {'; '.join(machines)}. Each row names the kernels it ran (`besa.runtime.kernels`: the "
+        "instruction set) and is held against the copy roofline measured in its own invocation: "
+        + "; ".join(roofs)
+        + ".",
         "",
         "| model | pruned | threads | kernels | blocks ms/token dense fp32 | dense bf16 | sparse fp32 | sparse bf16 | blocks "
         "speed-up vs fp32 | vs bf16 (bf16 values) | ceiling blocks | end-to-end speed-up | ceiling end to end | "
         "linears held / dense | same tokens | prefill sparse / dense |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for key, row in sorted(results["runs"].items()):
-        model, setting, threads = key.split("|")
+    for key, row in sorted(runs.items()):
+        _, model, setting, threads = _split(key)
         b = row["bytes"]
         ceil_blocks = b["blocks_dense"] / b["blocks_sparse"]
         ceil_all = (b["blocks_dense"] + b["head"]) / (b["blocks_sparse"] + b["head"])
@@ -376,8 +414,8 @@ def write_markdown(results: dict, markdown: Path) -> None:
               "inputs to bfloat16, besa's keeps them in float32, so a close call can go either way).", "",
               "| model | pruned | threads | blocks ms/token dense int4 | sparse int4 | speed-up vs dense int4 | "
               "sparse int4 vs dense fp32 | held / dense 4-bit | same tokens |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-    for key, row in sorted(results["runs"].items()):
-        model, setting, threads = key.split("|")
+    for key, row in sorted(runs.items()):
+        _, model, setting, threads = _split(key)
         if "dense_int4" not in row:
             continue
         d4, s4, d32 = (
@@ -392,8 +430,8 @@ def write_markdown(results: dict, markdown: Path) -> None:
               "| model | pruned | threads | shape x count | sparse µs | dense fp32 µs | dense bf16 µs | speed-up vs fp32 | "
               "bandwidth | of roofline | sparse int8 µs | sparse int4 µs | dense int4 µs |",
               "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for key, row in sorted(results["runs"].items()):
-        model, setting, threads = key.split("|")
+    for key, row in sorted(runs.items()):
+        _, model, setting, threads = _split(key)
         roof = row["roofline"][threads]
         for shape, s in row["linears"].items():
             bw = s["sparse_bytes"] / s["sparse"]
@@ -403,8 +441,7 @@ def write_markdown(results: dict, markdown: Path) -> None:
                 f"{bw / 1e9:.1f} GB/s | {bw / roof:.2f} | {s.get('sparse_int8', float('nan')) * 1e6:.0f} | "
                 f"{s.get('sparse_int4', float('nan')) * 1e6:.0f} | {s.get('dense_int4', float('nan')) * 1e6:.0f} |"
             )
-    lines += ["", f"![decode speed-up against sparsity]({PLOT.relative_to(ROOT)})"]
-    replace_section(markdown, "decode", "\n".join(lines))
+    return lines
 
 
 def plot(results: dict) -> None:
@@ -413,25 +450,30 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    two_four: dict[tuple[str, str], float] = {}
-    for key, row in results["runs"].items():
-        model, setting, threads = key.split("|")
-        speed = row["dense_fp32"]["blocks_s"] / row["sparse_fp32"]["blocks_s"]
-        if ":" in setting:
-            two_four[(model, threads)] = speed
-        else:
-            series.setdefault((model, threads), []).append((float(setting), speed))
-    for (model, threads), points in sorted(series.items()):
-        points.sort()
-        line = ax.plot(*zip(*points, strict=True), marker="o", label=f"{model}, {threads} thread(s)")[0]
-        if (model, threads) in two_four:
-            ax.scatter([0.5], [two_four[(model, threads)]], marker="x", s=60, color=line.get_color())
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("sparsity (x: 2:4)")
-    ax.set_ylabel("decoder blocks: dense fp32 time / sparse time")
-    ax.legend(fontsize=8)
+    cpus = sorted({_split(k)[0] for k in results["runs"]})
+    fig, axes = plt.subplots(1, len(cpus), figsize=(6 * len(cpus), 4), sharey=True, squeeze=False)
+    for ax, cpu in zip(axes[0], cpus, strict=True):
+        series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        two_four: dict[tuple[str, str], float] = {}
+        for key, row in results["runs"].items():
+            where, model, setting, threads = _split(key)
+            if where != cpu:
+                continue
+            speed = row["dense_fp32"]["blocks_s"] / row["sparse_fp32"]["blocks_s"]
+            if ":" in setting:
+                two_four[(model, threads)] = speed
+            else:
+                series.setdefault((model, threads), []).append((float(setting), speed))
+        for (model, threads), points in sorted(series.items()):
+            points.sort()
+            line = ax.plot(*zip(*points, strict=True), marker="o", label=f"{model}, {threads} thread(s)")[0]
+            if (model, threads) in two_four:
+                ax.scatter([0.5], [two_four[(model, threads)]], marker="x", s=60, color=line.get_color())
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(cpu)
+        ax.set_xlabel("sparsity (x: 2:4)")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("decoder blocks: dense fp32 time / sparse time")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=120)
 
@@ -455,28 +497,28 @@ def main() -> None:
     from besa.runtime.kernels import ISA_NAMES, kernels
 
     prune_missing(args, args.work)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
-    results.update(machine=_machine(), isa=ISA_NAMES[kernels().isa] if kernels().available else "none (fallback)",
-                   tokens=args.tokens, repeats=args.repeats)  # fmt: skip
-    wanted = [f"{m}|{s}|{t}" for m in args.models.split(",") for s in args.settings.split(",")
+    results = _migrate(json.loads(RESULTS.read_text())) if RESULTS.is_file() else {"runs": {}}
+    results.update(tokens=args.tokens, repeats=args.repeats)
+    machine = _machine()
+    here = cpu_tag(machine)
+    isa = ISA_NAMES[kernels().isa] if kernels().available else "none (fallback)"
+    wanted = [f"{here}|{m}|{s}|{t}" for m in args.models.split(",") for s in args.settings.split(",")
               for t in args.threads.split(",")]  # fmt: skip
-    if any(key not in results["runs"] for key in wanted) or "roofline" not in results:  # else: render only
-        results["roofline"] = {}
+    roofline: dict[str, float] = {}
+    if any(key not in results["runs"] for key in wanted):  # else: render only
         for threads in args.threads.split(","):
             torch.set_num_threads(int(threads))
-            results["roofline"][threads] = copy_bandwidth(args.repeats + 2)
+            roofline[threads] = copy_bandwidth(args.repeats + 2)
     if args.redo_prefill:
         redo_prefill(results, args)
-    for model in args.models.split(","):
-        for setting in args.settings.split(","):
-            for threads in args.threads.split(","):
-                key = f"{model}|{setting}|{threads}"
-                if key in results["runs"]:
-                    continue
-                print(f"measuring {key}", flush=True)
-                run = measure(_folder(args.work, model, setting), int(threads), args)
-                results["runs"][key] = {**run, "isa": results["isa"], "roofline": results["roofline"]}
-                RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    for key in wanted:
+        if key in results["runs"]:
+            continue
+        _, model, setting, threads = _split(key)
+        print(f"measuring {key}", flush=True)
+        run = measure(_folder(args.work, model, setting), int(threads), args)
+        results["runs"][key] = {**run, "machine": machine, "isa": isa, "roofline": roofline}
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     plot(results)
     write_markdown(results, args.markdown)
 

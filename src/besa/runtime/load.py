@@ -15,7 +15,7 @@ from besa.formats.quant import QuantSpec
 from besa.formats.sparse import is_sparse_folder, read_sparse_folder
 from besa.runtime.kernels import kernels
 from besa.runtime.layout import PackedWeight, from_saved, pack_codes, quantize
-from besa.runtime.linear import SparseLinear, measure_crossover
+from besa.runtime.linear import Plan, SparseLinear, measure_plan
 
 __all__ = ["load_sparse", "sparse_bytes"]
 
@@ -37,9 +37,10 @@ def load_sparse(
 ) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` of a folder written by ``besa prune --save-format sparse``, in eval mode, every pruned
     ``nn.Linear`` a ``SparseLinear`` holding its kept values in ``dtype`` (float32 or bfloat16; the rest of the model
-    too). ``crossover``: the token count from which a forward unpacks the weight for a dense product instead of the
-    kernel (``None``: measured now, once per weight shape). Without the kernels it says so, once, and runs
-    every product dense.
+    too). Each forward runs the kernel, the prefill kernel or a dense product of the unpacked weight, whichever was
+    fastest at its token count (``besa.runtime.linear.measure_plan``, measured now, once per weight shape), unless
+    ``crossover`` is given: the kernel below that many tokens, the unpacked weight from it on (0: the kernel always).
+    Without the kernels it says so, once, and runs every product dense.
 
     ``bits`` 8 or 4 holds integer codes instead, with a scale and zero point per row and group of columns: the
     folder's own ``--wbits`` codes where it has codes of that many bits (``--save-quantized``), else the values
@@ -86,13 +87,17 @@ def load_sparse(
     found = kernels()
     if not found.available:
         print(f"besa: {found.reason}", file=sys.stderr)
-    elif swapped:  # one crossover per weight shape, measured on the first linear of that shape
-        cuts: dict[tuple[int, int], int] = {}
+    elif swapped:  # one plan per weight shape, measured on the first linear of that shape
+        plans: dict[tuple[int, int], Plan] = {}
         for layer in swapped:
             shape = (layer.out_features, layer.in_features)
-            if shape not in cuts:
-                cuts[shape] = measure_crossover(layer, dtype=dtype) if crossover is None else crossover
-            layer.crossover = cuts[shape]
+            if shape not in plans:
+                if crossover is None:
+                    plans[shape] = measure_plan(layer, dtype=dtype)
+                else:
+                    layer.crossover = crossover
+                    plans[shape] = layer.plan
+            layer.plan = plans[shape]
     model.config.use_cache = True  # older besa folders saved it off
     if getattr(model, "generation_config", None) is not None:
         if (folder / "generation_config.json").is_file():

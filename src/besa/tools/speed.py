@@ -35,8 +35,8 @@ def is_two_four(w: torch.Tensor) -> bool:
     return cols % 4 == 0 and bool(((w == 0).reshape(rows, cols // 4, 4).sum(-1) >= 2).all())
 
 
-_CROSSOVERS: dict[tuple, int] = {}
-"""The bitmask twins' prefill crossover by (weight shape, input dtype, threads), measured on the first linear of
+_PLANS: dict[tuple, tuple] = {}
+"""The bitmask twins' plans (``besa.runtime.linear.measure_plan``) by (weight shape, input dtype, threads), measured on the first linear of
 that shape at that thread count."""
 
 
@@ -65,16 +65,16 @@ class SparseTwin(nn.Module):
             self.weight_csr = w.to_sparse_csr()
 
     def tune(self, dtype: torch.dtype) -> None:
-        """Set the bitmask twin's prefill crossover for inputs of ``dtype`` at torch's current thread count (measured
-        once per weight shape, dtype and thread count)."""
-        from besa.runtime.linear import measure_crossover
+        """Set the bitmask twin's plan for inputs of ``dtype`` at torch's current thread count (measured once per
+        weight shape, dtype and thread count)."""
+        from besa.runtime.linear import measure_plan
 
         if self.kind != "bitmask":
             return
         key = (self.out_features, self.in_features, dtype, torch.get_num_threads())
-        if key not in _CROSSOVERS:
-            _CROSSOVERS[key] = measure_crossover(self.bitmask, counts=(1, 8, 32, 128), dtype=dtype)
-        self.bitmask.crossover = _CROSSOVERS[key]
+        if key not in _PLANS:
+            _PLANS[key] = measure_plan(self.bitmask, counts=(1, 8, 32, 128), dtype=dtype)
+        self.bitmask.plan = _PLANS[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "bitmask":
