@@ -308,7 +308,8 @@ def measure(folder: Path, threads: int, args: argparse.Namespace) -> dict:
 
 
 def prefill(dense: torch.nn.Module, sparse: torch.nn.Module, args: argparse.Namespace) -> dict:
-    """Seconds of one forward of ``--prefill`` tokens, dense fp32 and sparse fp32 (with its measured crossover)."""
+    """Seconds of one forward of ``--prefill`` tokens, dense fp32 and sparse fp32 (on the plans measured at load,
+    kept per weight shape)."""
     prompt = torch.randint(0, 1000, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {"dense_fp32": [], "sparse_fp32": []}
     with torch.no_grad():
@@ -319,7 +320,8 @@ def prefill(dense: torch.nn.Module, sparse: torch.nn.Module, args: argparse.Name
                 t = time.perf_counter()
                 model(prompt, use_cache=False)
                 times[name].append(time.perf_counter() - t)
-    return {**{name: median(t[1:]) for name, t in times.items()},
+    plans = {f"{m.out_features}x{m.in_features}": m.plan for m in sparse.modules() if hasattr(m, "plan")}
+    return {**{name: median(t[1:]) for name, t in times.items()}, "plans": plans,
             "crossover": next(m.crossover for m in sparse.modules() if hasattr(m, "packed"))}  # fmt: skip
 
 
