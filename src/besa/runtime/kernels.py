@@ -20,17 +20,12 @@ SOURCE = Path(__file__).with_name("csrc") / "bitmask.cpp"
 
 @dataclass(frozen=True)
 class Kernels:
-    """The compiled module (``None`` when it could not be built: ``reason`` says why), the instruction set products
-    run on (``ISA_NAMES``: the fastest on this CPU) and the best one it can run (``best``, which tests go up to)."""
+    """The compiled module (``None`` when it could not be built: ``reason`` says why) and the best instruction set
+    of this CPU (``ISA_NAMES``)."""
 
     module: Any
     isa: int
     reason: str = ""
-    best: int = -1
-
-    def __post_init__(self) -> None:
-        if self.best < 0:
-            object.__setattr__(self, "best", self.isa)
 
     @property
     def available(self) -> bool:
@@ -68,14 +63,13 @@ def kernels() -> Kernels:
         return Kernels(
             None, 0, f"besa's sparse kernels could not be built ({first}): sparse products run dense"
         )
-    return Kernels(module, int(module.fastest_isa()), best=int(module.best_isa()))
+    return Kernels(module, int(module.best_isa()))
 
 
 def main() -> int:
     found = kernels()
     if found.available:
-        also = f"; the CPU also runs {ISA_NAMES[found.best]}" if found.best != found.isa else ""
-        print(f"besa sparse kernels: built ({ISA_NAMES[found.isa]}{also})")
+        print(f"besa sparse kernels: built ({ISA_NAMES[found.isa]})")
     else:
         print(found.reason)
     return 0

@@ -701,19 +701,9 @@ torch::Tensor bitmask_unpack(torch::Tensor mask, torch::Tensor values, torch::Te
     return out;
 }
 
-// The instruction set products run on: the best, except that Intel CPUs keep ``vexpandps`` for float values (level 3
-// rather than 4): there it is the faster spread (SmolLM2's linears at 70%, Sapphire Rapids, one thread: level 4 took
-// 1.04-1.07x level 3's time), where on AMD Zen 4 it is the slow one. Both give the same floats, bit for bit.
-int64_t fastest_isa() {
-    __builtin_cpu_init();
-    const int64_t best = best_isa();
-    return best == kAvx512Popcnt && !__builtin_cpu_is("amd") ? kAvx512Vbmi2 : best;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("best_isa", &best_isa,
           "the best instruction set this CPU runs (0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 with VBMI2, 4 and VPOPCNTDQ)");
-    m.def("fastest_isa", &fastest_isa, "the instruction set products run on (best_isa, or 3 for 4 on Intel)");
     m.def("bitmask_linear", &bitmask_linear, "x . W^T + bias for a bitmask weight, any leading shape and dtype");
     m.def("bitmask_spmm", &bitmask_spmm, "bitmask_linear for many tokens (AVX-512): one multiply-add per kept weight");
     m.def("bitmask_unpack", &bitmask_unpack, "the dense (N, kpad) float32 weight of a bitmask weight");
