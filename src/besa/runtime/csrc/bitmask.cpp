@@ -32,6 +32,16 @@ namespace {
 
 constexpr int kGroup = 8;      // rows per group
 constexpr int kMaxTokens = 8;  // tokens multiplied per pass over a group's values
+// How far ahead of the product the values and the mask are prefetched, in bytes. The hardware prefetchers alone
+// kept a decode product at about half the speed it ran from the cache: on Intel Sapphire Rapids, one thread, weights
+// from memory, random masks of SmolLM2's shapes ran 1.2x faster at 50% and 1.6-1.7x at 70% with these distances (1 and 2 KiB ahead:
+// 1.2x and 1.4x).
+constexpr int kAheadValues = 4096;
+constexpr int kAheadMask = 2048;
+
+__attribute__((always_inline)) inline void prefetch(const void* p, int ahead) {
+    _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0);
+}
 
 enum Codec : int64_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3 };
 
@@ -236,7 +246,9 @@ __attribute__((target("avx2,fma,popcnt"))) void tile_avx2(const Operands& o, int
         const uint16_t* words = mg + c * kGroup;
         const auto* p = RS == kGroup ? chunk : chunk + span<C>(words, 0, i0);
         const float* xc = x + c * 16;
+        prefetch(words, kAheadMask);
         for (int i = 0; i < RS; ++i) {
+            prefetch(p, kAheadValues);
             const uint32_t bits = words[i0 + i];
             const int low = __builtin_popcount(bits & 0xff);
             float s, z;
@@ -319,6 +331,7 @@ spread16_popcnt(uint32_t bits, __m512 v) {
         const auto* chunk = values_of<C>(o, g);                                                                       \
         for (int64_t c = 0; c < o.chunks; ++c) {                                                                      \
             const uint16_t* words = mg + c * kGroup;                                                                  \
+            prefetch(words, kAheadMask);                                                                              \
             const auto* p = RS == kGroup ? chunk : chunk + span<C>(words, 0, i0);                                     \
             __m512 xv[NT];                                                                                            \
             for (int t = 0; t < NT; ++t) xv[t] = _mm512_loadu_ps(x + t * o.kpad + c * 16);                           \
@@ -326,6 +339,7 @@ spread16_popcnt(uint32_t bits, __m512 v) {
                 const uint32_t bits = words[i0 + i];                                                                  \
                 float s, z;                                                                                           \
                 grid<C>(o, g * kGroup + i0 + i, c, s, z);                                                             \
+                prefetch(p, kAheadValues);                                                                            \
                 const __m512 w = SPREAD(bits, load16<C>(p, _mm512_set1_ps(s), _mm512_set1_ps(z)));                   \
                 p += Traits<C>::units(_mm_popcnt_u32(bits));                                                          \
                 for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_fmadd_ps(w, xv[t], acc[i][t]);                        \
@@ -367,6 +381,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"))) void til
     for (int64_t c = 0, cg = 0, left = 0; c < o.chunks; ++c, --left) {
         const uint16_t* words = mg + c * kGroup;
         const uint8_t* p = RS == kGroup ? chunk : chunk + span<kInt4>(words, 0, i0);
+        prefetch(words, kAheadMask);
+        prefetch(p, kAheadValues);
         if (left == 0) {  // a new column group: counted, not divided, at every chunk
             for (int i = 0; i < RS; ++i) {
                 const int64_t at = first + i * o.col_groups + cg;
