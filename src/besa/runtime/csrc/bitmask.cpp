@@ -34,8 +34,8 @@ constexpr int kGroup = 8;      // rows per group
 constexpr int kMaxTokens = 8;  // tokens multiplied per pass over a group's values
 // How far ahead of the product the values and the mask are prefetched, in bytes. The hardware prefetchers alone
 // kept a decode product at about half the speed it ran from the cache: on Intel Sapphire Rapids, one thread, weights
-// from memory, random masks of SmolLM2's shapes ran 1.2x faster at 50% and 1.6-1.7x at 70% with these distances (1 and 2 KiB ahead:
-// 1.2x and 1.4x).
+// from memory, random masks of SmolLM2's shapes ran 1.2x faster at 50% and 1.6-1.7x at 70% with these distances
+// (1 and 2 KiB ahead: 1.2x and 1.4x).
 constexpr int kAheadValues = 4096;
 constexpr int kAheadMask = 2048;
 
