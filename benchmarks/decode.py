@@ -53,6 +53,8 @@ from unseen import model_spec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "decode.json"
 PLOT = ROOT / "benchmarks" / "results" / "decode_speedup.png"
+OLD_ROWS = "19490db or earlier (kernels without the prefetch; prefill without the prefill kernel)"
+"""What rows measured before runs kept their commit ran."""
 PROMPT = list(range(100, 116))  # 16 fixed token ids: every variant decodes the same steps
 INT4_GROUP = (
     64  # columns per scale of the 4-bit rows: torch's int4 kernel needs it to divide every linear's width
@@ -379,13 +381,15 @@ def write_markdown(results: dict, markdown: Path) -> None:
 def _cpu_tables(cpu: str, runs: dict) -> list[str]:
     """The three tables of one CPU's runs."""
     machines = sorted({r["machine"] for r in runs.values()})
+    commits = sorted({r.get("commit", OLD_ROWS) for r in runs.values()})
     roofs = sorted({f"{r['isa']}: " + ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in r["roofline"].items())
                     for r in runs.values()})  # fmt: skip
     lines = [
         "",
         f"### {cpu}",
         "",
-        f"Machine: {'; '.join(machines)}. Each row names the kernels it ran (`besa.runtime.kernels`: the "
+        f"Machine: {'; '.join(machines)}. Code: commit {', '.join(commits)}. Each row names the kernels it ran "
+        "(`besa.runtime.kernels`: the "
         "instruction set) and is held against the copy roofline measured in its own invocation: "
         + "; ".join(roofs)
         + ".",
@@ -507,6 +511,8 @@ def main() -> None:
     wanted = [f"{here}|{m}|{s}|{t}" for m in args.models.split(",") for s in args.settings.split(",")
               for t in args.threads.split(",")]  # fmt: skip
     roofline: dict[str, float] = {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = commit.stdout.strip() or "unknown"
     if any(key not in results["runs"] for key in wanted):  # else: render only
         for threads in args.threads.split(","):
             torch.set_num_threads(int(threads))
@@ -519,7 +525,7 @@ def main() -> None:
         _, model, setting, threads = _split(key)
         print(f"measuring {key}", flush=True)
         run = measure(_folder(args.work, model, setting), int(threads), args)
-        results["runs"][key] = {**run, "machine": machine, "isa": isa, "roofline": roofline}
+        results["runs"][key] = {**run, "machine": machine, "isa": isa, "roofline": roofline, "commit": commit}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     plot(results)
     write_markdown(results, args.markdown)
