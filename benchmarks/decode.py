@@ -361,7 +361,8 @@ def write_markdown(results: dict, markdown: Path) -> None:
         "what the bytes read per token allow (dense bytes / sparse bytes: blocks alone, and with the head). "
         "Per-linear `bandwidth` is the bytes the kernel reads per second, every pruned linear once per pass in "
         "model order, against the copy roofline. `prefill` is one forward of 128 tokens, sparse over dense fp32 "
-        "(below the crossover measured at load the kernel, from it on the weight unpacked for dense products). "
+        "on each linear's plan measured at load (the decode kernel, the prefill kernel or the weight unpacked for a dense "
+        "product, whichever was fastest at that many tokens; `plans` in the results file). "
         "Models pruned by BESA's defaults from 16 x 256 calibration tokens "
         "(speed depends on where the zeros are, not on how well they were chosen). Medians of "
         f"{results['repeats']} repeats of {results['tokens']} tokens, the variants taking turns run by run.",
