@@ -13,7 +13,7 @@ For each model folder (written by ``besa prune --save-format sparse``) and threa
   of ``INT4_GROUP`` columns) against dense 4-bit, torch's own CPU int4 weight-only kernel
   (``_weight_int4pack_mm_for_cpu``, what torchao's int4 weight-only runs on the CPU) on the same codes, both in a
   bfloat16 model; per linear also sparse 8-bit codes;
-- a prefill of ``--prefill`` tokens, sparse (with its measured crossover) against dense;
+- a prefill of ``--prefill`` tokens, sparse (each linear on the plan measured at load) against dense;
 - what the pruned linears hold against their dense bytes.
 
 Medians of ``--repeats``, the variants taking turns run by run (a drift of the machine's speed moves them alike).
@@ -117,7 +117,8 @@ def copy_bandwidth(repeats: int) -> float:
 
 
 def cpu_tag(machine: str) -> str:
-    """A short name of the CPU in ``machine`` (``baselines._machine()``): "AMD EPYC", "Intel Xeon"."""
+    """A short name of the CPU in ``machine`` (``baselines._machine()``): "AMD EPYC", "Intel Xeon" (the machines
+    here name no generation, so two generations of one brand would share their rows)."""
     cpu = machine.split("(", 1)[1].rsplit(")", 1)[0] if "(" in machine else machine
     for noise in ("(R)", "(TM)", " Processor", " CPU"):
         cpu = cpu.replace(noise, "")
@@ -139,6 +140,14 @@ def _migrate(results: dict) -> dict:
     for stale in ("machine", "isa", "roofline"):
         results.pop(stale, None)
     return results
+
+
+def _commit() -> str:
+    """The checkout's commit, ``-dirty`` when it has changes."""
+    done = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+    )
+    return done.stdout.strip() or "unknown"
 
 
 def _folder(work: Path, model: str, setting: str) -> Path:
@@ -341,6 +350,7 @@ def redo_prefill(results: dict, args: argparse.Namespace) -> None:
         folder = _folder(args.work, model, setting)
         print(f"prefill again: {key}", flush=True)
         row["prefill"] = prefill(load_model(str(folder))[0], load_sparse(folder)[0], args)
+        row["commit"] = _commit()  # the prefill now measures this code (the rest of the row may not)
         row["crossover"] = row["prefill"]["crossover"]
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
@@ -512,8 +522,7 @@ def main() -> None:
     wanted = [f"{here}|{m}|{s}|{t}" for m in args.models.split(",") for s in args.settings.split(",")
               for t in args.threads.split(",")]  # fmt: skip
     roofline: dict[str, float] = {}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    commit = commit.stdout.strip() or "unknown"
+    commit = _commit()
     if any(key not in results["runs"] for key in wanted):  # else: render only
         for threads in args.threads.split(","):
             torch.set_num_threads(int(threads))

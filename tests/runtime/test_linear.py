@@ -36,8 +36,8 @@ def _close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     assert ((got - expected).abs() <= bound).all(), (got - expected).abs().max()
 
 
-# odd widths (a last chunk and a last span partly empty, a last group of fewer than 8 rows), 0 to 95% sparse, and
-# more than one span of 64 columns
+# odd widths (a last chunk and a last span of 32 columns partly empty, a last group of fewer than 8 rows), 0 to 95%
+# sparse, and more than one span
 SHAPES = [
     (1, 1, 0.0),
     (7, 13, 0.5),
@@ -47,7 +47,17 @@ SHAPES = [
     (96, 256, 0.7),
     (19, 129, 0.3),
 ]
-TOKENS = [1, 15, 16, 33, 48, 64, 100, 130]  # blocks of 64 tokens, then a last block of 16, 32 or 48
+TOKENS = [
+    1,
+    15,
+    16,
+    33,
+    100,
+    128,
+    130,
+    256,
+    300,
+]  # blocks of 128 tokens, then a last one of fewer, a multiple of 16
 
 
 @needs_spmm
@@ -82,12 +92,12 @@ def test_the_prefill_kernel_multiplies_codes_as_their_dequantized_weights(
 ):
     packed = quantize(pack(_pruned(rows, cols, sparsity, seed=cols)), QuantSpec(bits, group_size))
     layer = SparseLinear(packed)
-    x = torch.randn(50, cols, generator=torch.Generator().manual_seed(bits))
+    x = torch.randn(150, cols, generator=torch.Generator().manual_seed(bits))
     _close(layer.spmm(x, kernels().isa), x, packed.dense())
 
 
 @needs_spmm
-def test_a_forward_follows_its_plan_and_every_path_gives_the_same_product():
+def test_a_forward_follows_its_plan_and_every_path_gives_the_same_product(monkeypatch):
     torch.manual_seed(0)
     dense = torch.nn.Linear(40, 24)
     with torch.no_grad():
@@ -97,9 +107,27 @@ def test_a_forward_follows_its_plan_and_every_path_gives_the_same_product():
     assert [layer.path(t) for t in (1, 3, 4, 8, 9, 29, 30, 500)] == ["kernel", "kernel", "spmm", "spmm", "dense",
                                                                       "dense", "spmm", "spmm"]  # fmt: skip
     assert layer.crossover == 4
-    for tokens in (1, 5, 12, 31):
+    found, called = kernels(), []
+
+    class Spy:  # the compiled module, each call recorded
+        def __getattr__(self, name):
+            def call(*args):
+                called.append(name)
+                return getattr(found.module, name)(*args)
+
+            return call
+
+    monkeypatch.setattr(linear_module, "kernels", lambda: Kernels(Spy(), found.isa))
+    for tokens, expected in (
+        (1, "bitmask_linear"),
+        (5, "bitmask_spmm"),
+        (12, "bitmask_unpack"),
+        (31, "bitmask_spmm"),
+    ):
+        called.clear()
         x = torch.randn(1, tokens, 40)
         torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+        assert called == [expected], tokens
         assert layer(x.to(torch.bfloat16)).dtype == torch.bfloat16
     layer.crossover = 7  # a crossover alone: the unpacked weight from there on
     assert layer.plan == ((7, "dense"),) and layer.path(100) == "dense"

@@ -37,8 +37,8 @@ _SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
 
 class SparseLinear(nn.Module):
     """``y = x W^T + b`` for a weight in the bitmask layout, each forward on the path its ``plan`` names for its
-    token count; ``crossover``: the plan "from this many tokens on, the weight unpacked for one dense product" (0:
-    always the kernel)."""
+    token count. The constructor's ``crossover`` sets the plan "from this many tokens on, the weight unpacked for one
+    dense product" (0: the kernel always); ``besa.load_sparse`` measures a plan instead."""
 
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, crossover: int = 0) -> None:
         super().__init__()
@@ -50,7 +50,7 @@ class SparseLinear(nn.Module):
 
     @property
     def crossover(self) -> int:
-        """The fewest tokens that leave the kernel (0: none do)."""
+        """Where the plan's first entry starts (0: an empty plan, the kernel at every count)."""
         return self.plan[0][0] if self.plan else 0
 
     @crossover.setter
