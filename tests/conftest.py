@@ -268,3 +268,31 @@ def one_line_error(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
     return lines[0]
+
+
+def pruned_weight(
+    rows: int, cols: int, sparsity: float, seed: int, nm: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """A random (rows, cols) weight with ``sparsity`` of it zero at random, or the smallest ``n`` of every ``m``
+    consecutive inputs of a row zero (``nm``)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    if nm is not None:
+        n, m = nm
+        drop = w.abs().reshape(rows, cols // m, m).argsort(dim=-1)[..., :n]
+        keep = torch.ones(rows, cols // m, m, dtype=torch.bool).scatter_(-1, drop, False)
+        return w * keep.reshape(rows, cols)
+    return w.masked_fill(torch.rand(rows, cols, generator=g) < sparsity, 0.0)
+
+
+KERNEL_SHAPES = [
+    (1, 1, 0.0),
+    (7, 13, 0.5),
+    (33, 17, 0.0),
+    (5, 40, 0.95),
+    (64, 100, 0.9),
+    (96, 256, 0.7),
+    (19, 129, 0.3),
+]
+"""(rows, cols, sparsity) for the sparse kernels' tests: odd widths (a last chunk of 16 columns and a last span of 32
+partly empty, a last group of fewer than 8 rows), 0 to 95% sparse, more than one span."""

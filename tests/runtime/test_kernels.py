@@ -11,39 +11,15 @@ from besa.runtime import kernels as kernels_module
 from besa.runtime.kernels import kernels
 from besa.runtime.layout import PAD, from_saved, pack, pack_codes, quantize
 from besa.runtime.linear import SparseLinear, measure_crossover
+from conftest import KERNEL_SHAPES, pruned_weight
 
 needs_kernels = pytest.mark.skipif(not kernels().available, reason=kernels().reason or "no kernels")
 
 
-def _pruned(
-    rows: int, cols: int, sparsity: float, seed: int, nm: tuple[int, int] | None = None
-) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g)
-    if nm is not None:
-        n, m = nm
-        groups = w.abs().reshape(rows, cols // m, m)
-        drop = groups.argsort(dim=-1)[..., :n]
-        keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
-        return w * keep.reshape(rows, cols)
-    return w.masked_fill(torch.rand(rows, cols, generator=g) < sparsity, 0.0)
-
-
-SHAPES = [
-    (1, 1, 0.0),
-    (7, 13, 0.5),
-    (33, 17, 0.0),
-    (5, 40, 0.95),
-    (64, 100, 0.9),
-    (96, 256, 0.7),
-    (19, 129, 0.3),
-]
-
-
-@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), KERNEL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_layout_holds_exactly_the_kept_values(rows, cols, sparsity, dtype):
-    w = _pruned(rows, cols, sparsity, seed=rows).to(dtype)
+    w = pruned_weight(rows, cols, sparsity, seed=rows).to(dtype)
     packed = pack(w)
     assert torch.equal(packed.dense(), w)
     nnz = int((w != 0).sum())
@@ -59,13 +35,13 @@ def test_the_layout_holds_exactly_the_kept_values(rows, cols, sparsity, dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), KERNEL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 13, 18])
 def test_every_instruction_set_gives_the_dense_product_of_the_masked_weight(
     rows, cols, sparsity, dtype, tokens
 ):
-    w = _pruned(rows, cols, sparsity, seed=cols)
+    w = pruned_weight(rows, cols, sparsity, seed=cols)
     layer = SparseLinear(pack(w, dtype))
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
     expected = (x.double() @ w.to(dtype).double().T).float()
@@ -77,13 +53,13 @@ def test_every_instruction_set_gives_the_dense_product_of_the_masked_weight(
 
 
 @pytest.mark.skipif(kernels().isa < 3, reason="needs two AVX-512 paths (this CPU runs fewer)")
-@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), KERNEL_SHAPES)
 @pytest.mark.parametrize("values", ["float32", "bfloat16", 8, 4])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_the_avx512_paths_agree_bit_for_bit(rows, cols, sparsity, values, tokens):
     """``vexpandps`` and the bit-count ``vpermps`` (and VBMI2's byte spread for 4-bit codes) place the same weights
     in the same lanes and add them in the same order: the same floats, not merely close ones."""
-    w = _pruned(rows, cols, sparsity, seed=rows * cols)
+    w = pruned_weight(rows, cols, sparsity, seed=rows * cols)
     if isinstance(values, int):
         packed = quantize(pack(w), QuantSpec(values, 16))
     else:
@@ -96,10 +72,10 @@ def test_the_avx512_paths_agree_bit_for_bit(rows, cols, sparsity, values, tokens
 
 
 @needs_kernels
-@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), KERNEL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_unpacked_weight_is_the_dense_weight_bit_for_bit(rows, cols, sparsity, dtype):
-    w = _pruned(rows, cols, sparsity, seed=rows + cols).to(dtype)
+    w = pruned_weight(rows, cols, sparsity, seed=rows + cols).to(dtype)
     packed = pack(w)
     layer = SparseLinear(packed)
     assert torch.equal(layer.unpacked(), w.float())
@@ -117,7 +93,7 @@ def test_the_unpacked_weight_is_the_dense_weight_bit_for_bit(rows, cols, sparsit
 @needs_kernels
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
 def test_n_m_weights_multiply_exactly_as_dense(nm):
-    w = _pruned(48, 64, 0.5, seed=3, nm=nm)
+    w = pruned_weight(48, 64, 0.5, seed=3, nm=nm)
     assert (w.reshape(48, -1, nm[1]) == 0).sum(-1).eq(nm[0]).all()
     layer = SparseLinear(pack(w))
     x = torch.randn(4, 64)
@@ -146,7 +122,7 @@ def test_without_kernels_every_product_runs_dense_and_says_why(monkeypatch):
         off = kernels()
         assert not off.available and "BESA_KERNELS=0" in off.reason and "\n" not in off.reason
         torch.manual_seed(1)
-        w = _pruned(24, 40, 0.5, seed=1)
+        w = pruned_weight(24, 40, 0.5, seed=1)
         layer = SparseLinear(pack(w))
         x = torch.randn(3, 40)
         torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-6, atol=1e-6)
@@ -159,7 +135,7 @@ def test_without_kernels_every_product_runs_dense_and_says_why(monkeypatch):
 def test_the_crossover_is_the_first_token_count_where_another_path_wins(monkeypatch):
     from besa.runtime import linear as linear_module
 
-    layer = SparseLinear(pack(_pruned(24, 40, 0.5, seed=4)))
+    layer = SparseLinear(pack(pruned_weight(24, 40, 0.5, seed=4)))
 
     def timings(layer_, count, dtype, paths):  # the kernel costs 1 + tokens / 4, every other path 4
         return {name: 1.0 + count / 4 if name == "kernel" else 4.0 for name in paths}
@@ -187,7 +163,7 @@ def _codes_of(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("bits", [8, 4])
 def test_integer_codes_hold_exactly_the_dequantized_weights(rows, cols, sparsity, group_size, bits):
     spec = QuantSpec(bits, group_size)
-    w = _pruned(rows, cols, sparsity, seed=rows + bits)
+    w = pruned_weight(rows, cols, sparsity, seed=rows + bits)
     codes, scale, zero = _codes_of(w, spec)
     packed = pack_codes(codes, w != 0, scale, zero, spec)
     expected = dequantize_codes(codes, scale, zero, spec) * (w != 0)  # pruned codes sit on the zero point
@@ -212,7 +188,7 @@ def test_every_instruction_set_multiplies_codes_as_their_dequantized_weights(
     rows, cols, sparsity, group_size, bits, tokens
 ):
     spec = QuantSpec(bits, group_size)
-    w = _pruned(rows, cols, sparsity, seed=cols + bits)
+    w = pruned_weight(rows, cols, sparsity, seed=cols + bits)
     packed = pack_codes(*_codes_of(w, spec)[:1], w != 0, *_codes_of(w, spec)[1:], spec)
     dense = packed.dense()
     layer = SparseLinear(packed)
@@ -225,7 +201,7 @@ def test_every_instruction_set_multiplies_codes_as_their_dequantized_weights(
 
 
 def test_codes_the_kernels_cannot_hold_are_refused_in_one_line():
-    w = _pruned(8, 32, 0.5, seed=0)
+    w = pruned_weight(8, 32, 0.5, seed=0)
     codes, scale, zero = _codes_of(w, QuantSpec(4, 8))
     with pytest.raises(BesaError, match="multiple of 16"):
         pack_codes(codes, w != 0, scale, zero, QuantSpec(4, 8))

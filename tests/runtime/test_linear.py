@@ -9,23 +9,11 @@ from besa.runtime import linear as linear_module
 from besa.runtime.kernels import Kernels, kernels
 from besa.runtime.layout import pack, quantize
 from besa.runtime.linear import SPMM_ISA, SparseLinear, fastest_paths, measure_plan
+from conftest import KERNEL_SHAPES, pruned_weight
 
 needs_spmm = pytest.mark.skipif(
     kernels().isa < SPMM_ISA, reason=kernels().reason or "the prefill kernel needs AVX-512"
 )
-
-
-def _pruned(
-    rows: int, cols: int, sparsity: float, seed: int, nm: tuple[int, int] | None = None
-) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g)
-    if nm is not None:
-        n, m = nm
-        drop = w.abs().reshape(rows, cols // m, m).argsort(dim=-1)[..., :n]
-        keep = torch.ones(rows, cols // m, m, dtype=torch.bool).scatter_(-1, drop, False)
-        return w * keep.reshape(rows, cols)
-    return w.masked_fill(torch.rand(rows, cols, generator=g) < sparsity, 0.0)
 
 
 def _close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -36,17 +24,6 @@ def _close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     assert ((got - expected).abs() <= bound).all(), (got - expected).abs().max()
 
 
-# odd widths (a last chunk and a last span of 32 columns partly empty, a last group of fewer than 8 rows), 0 to 95%
-# sparse, and more than one span
-SHAPES = [
-    (1, 1, 0.0),
-    (7, 13, 0.5),
-    (33, 17, 0.0),
-    (5, 40, 0.95),
-    (64, 100, 0.9),
-    (96, 256, 0.7),
-    (19, 129, 0.3),
-]
 TOKENS = [
     1,
     15,
@@ -61,11 +38,11 @@ TOKENS = [
 
 
 @needs_spmm
-@pytest.mark.parametrize(("rows", "cols", "sparsity"), SHAPES)
+@pytest.mark.parametrize(("rows", "cols", "sparsity"), KERNEL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", TOKENS)
 def test_the_prefill_kernel_gives_the_dense_product_of_the_masked_weight(rows, cols, sparsity, dtype, tokens):
-    w = _pruned(rows, cols, sparsity, seed=rows * 7 + cols)
+    w = pruned_weight(rows, cols, sparsity, seed=rows * 7 + cols)
     layer = SparseLinear(pack(w, dtype))
     x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
     _close(layer.spmm(x, kernels().isa), x, w.to(dtype).float())
@@ -75,7 +52,7 @@ def test_the_prefill_kernel_gives_the_dense_product_of_the_masked_weight(rows, c
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
 @pytest.mark.parametrize("tokens", [16, 70])
 def test_the_prefill_kernel_on_n_m_weights(nm, tokens):
-    w = _pruned(40, 96, 0.5, seed=5, nm=nm)
+    w = pruned_weight(40, 96, 0.5, seed=5, nm=nm)
     layer = SparseLinear(pack(w))
     x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(1))
     _close(layer.spmm(x, kernels().isa), x, w)
@@ -90,7 +67,7 @@ def test_the_prefill_kernel_on_n_m_weights(nm, tokens):
 def test_the_prefill_kernel_multiplies_codes_as_their_dequantized_weights(
     rows, cols, sparsity, group_size, bits
 ):
-    packed = quantize(pack(_pruned(rows, cols, sparsity, seed=cols)), QuantSpec(bits, group_size))
+    packed = quantize(pack(pruned_weight(rows, cols, sparsity, seed=cols)), QuantSpec(bits, group_size))
     layer = SparseLinear(packed)
     x = torch.randn(150, cols, generator=torch.Generator().manual_seed(bits))
     _close(layer.spmm(x, kernels().isa), x, packed.dense())
@@ -138,7 +115,7 @@ def test_a_forward_follows_its_plan_and_every_path_gives_the_same_product(monkey
 def test_without_avx512_a_planned_prefill_kernel_runs_dense(monkeypatch):
     found = kernels()
     monkeypatch.setattr(linear_module, "kernels", lambda: Kernels(found.module, 1))
-    layer = SparseLinear(pack(_pruned(8, 16, 0.5, seed=2)))
+    layer = SparseLinear(pack(pruned_weight(8, 16, 0.5, seed=2)))
     layer.plan = ((2, "spmm"),)
     assert layer.path(1) == ("kernel" if found.available else "dense") and layer.path(5) == "dense"
 
@@ -158,10 +135,10 @@ def test_the_plan_is_the_fastest_path_at_each_count_measured():
 def test_measuring_a_plan_times_every_path_this_cpu_runs(monkeypatch):
     found = kernels()
     if not found.available:
-        assert measure_plan(SparseLinear(pack(_pruned(8, 16, 0.5, seed=2)))) == ()
+        assert measure_plan(SparseLinear(pack(pruned_weight(8, 16, 0.5, seed=2)))) == ()
         return
     timed: list[tuple[int, str]] = []
-    layer = SparseLinear(pack(_pruned(24, 40, 0.5, seed=4)))
+    layer = SparseLinear(pack(pruned_weight(24, 40, 0.5, seed=4)))
     costs = {"kernel": lambda t: 1 + t / 4, "spmm": lambda t: 2 + t / 16, "dense": lambda t: 5.0}
 
     def timings_of(layer_, count, dtype, calls):
